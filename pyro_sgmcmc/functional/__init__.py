@@ -1,0 +1,22 @@
+"""Layer 1: the update math of every sampler, pure torch over lists of tensors.
+
+Each algorithm is written once (one module each) against a small table of list operations with
+a multi-tensor (``torch._foreach_*``) and a per-tensor path; both give the same numbers. The
+optimizers of :mod:`pyro_sgmcmc.optim` and every Pyro adapter call these functions.
+"""
+
+from ._common import Diagnostics, NonFiniteError, check_finite
+from ._noise import DEFAULT_CHUNK_NUMEL, NoisePlan, NoisePlanCache
+from .sgld import sgld
+from .sgnht import sgnht
+
+__all__ = [
+    "DEFAULT_CHUNK_NUMEL",
+    "Diagnostics",
+    "NoisePlan",
+    "NoisePlanCache",
+    "NonFiniteError",
+    "check_finite",
+    "sgld",
+    "sgnht",
+]

@@ -1,0 +1,225 @@
+"""Pieces shared by every update rule: the drift buffer, the bounding box, finiteness checks,
+device/dtype buckets and per-step diagnostics. Pure torch; no Pyro here."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._noise import Chunk, NoisePlan, NoisePlanCache
+from ._ops import PER_TENSOR, PerTensorOps, ForeachOps, select_ops, supports_foreach
+
+Ops = PerTensorOps | ForeachOps
+
+
+class NonFiniteError(FloatingPointError):
+    """A gradient (or the update built from it) holds NaN or Inf; nothing was changed.
+
+    :param index: index of the offending tensor in the list handed to the update.
+    """
+
+    def __init__(self, index: int, message: str | None = None):
+        self.index = index
+        super().__init__(message or f"non-finite gradient or update for tensor {index}")
+
+
+def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
+    """Index of the first tensor with a NaN or Inf entry, or ``None``."""
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            return i
+    return None
+
+
+def check_finite(tensors: Sequence[Tensor], offset: int = 0) -> None:
+    """Raise :class:`NonFiniteError` if any tensor holds NaN or Inf.
+
+    A sum per tensor is the fast test (one cheap reduction; NaN and Inf propagate through it).
+    Only when a sum is not finite is each tensor inspected entry by entry, so that a sum that
+    merely overflowed is not mistaken for a bad gradient.
+    """
+    if not tensors:
+        return
+    if len(tensors) == 1:
+        total = tensors[0].sum()
+    elif tensors[0].device.type == "cpu":
+        total = torch.stack([t.sum(dtype=_acc(t)) for t in tensors]).sum()
+    else:  # one fused kernel on accelerators
+        total = torch.stack(torch._foreach_norm(tensors)).sum()
+    if math.isfinite(total):
+        return
+    index = first_nonfinite(tensors)
+    if index is not None:
+        raise NonFiniteError(offset + index)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def buckets(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` split by (device, dtype), in order of first appearance."""
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    if all(t.dtype is dtype and t.device == device for t in tensors):
+        return [list(range(len(tensors)))]
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def resolve_ops(tensors: Sequence[Tensor], foreach: bool | None) -> Ops:
+    """The operation table: multi-tensor unless asked otherwise or unsupported."""
+    if foreach is None:
+        foreach = supports_foreach(tensors)
+    return select_ops(foreach)
+
+
+def take(indices: list[int], tensors: Sequence[Tensor | None] | None) -> list | None:
+    """``tensors`` restricted to ``indices`` (``None`` stays ``None``)."""
+    if tensors is None:
+        return None
+    if len(indices) == len(tensors):
+        return list(tensors)
+    return [tensors[i] for i in indices]
+
+
+def plan_buckets(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    plans: NoisePlanCache | None,
+    check: bool,
+) -> list[tuple[list[int], NoisePlan, bool]]:
+    """Split the work into buckets, plan their noise and decide where finiteness is checked.
+
+    Returns ``(indices, plan, check_in_buffer)`` for each bucket. When ``check`` is set and the
+    step spans more than one chunk, all gradients are checked here, before anything changes.
+    """
+    plans = plans or NoisePlanCache()
+    work = []
+    for indices in buckets(params):
+        work.append((indices, plans.plan(take(indices, params))))
+    single_chunk = len(work) == 1 and len(work[0][1]) == 1
+    if check and not single_chunk:
+        check_finite(grads)
+    return [(indices, plan, check and single_chunk) for indices, plan in work]
+
+
+def fill_drift(
+    ops: Ops,
+    chunk: Chunk,
+    grads: list[Tensor],
+    thetas: list[Tensor],
+    anchors: list[Tensor] | None,
+    grad_scale: float,
+    localization: float,
+    weight_decay: float,
+) -> None:
+    r"""Add the gradient of the tempered, localized potential to the chunk's noise buffer.
+
+    .. math:: b \leftarrow b + s\,\nabla U + (\gamma + \lambda)\,\theta - \gamma\,\theta_0
+              = b + \nabla \tilde U(\theta)
+
+    with ``s = 1/T`` (or ``nbeta``), ``\gamma`` the localization and ``\lambda`` the weight decay.
+    """
+    buf = chunk.noise
+    ops.add_(buf, grads, alpha=grad_scale)
+    shrink = localization + weight_decay
+    if shrink:
+        ops.add_(buf, thetas, alpha=shrink)
+    if localization:
+        ops.add_(buf, anchors, alpha=-localization)
+
+
+def check_buffer(chunk: Chunk) -> None:
+    """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite."""
+    if not math.isfinite(chunk.flat.sum()):
+        index = first_nonfinite(chunk.noise)
+        if index is not None:
+            raise NonFiniteError(chunk.start + index)
+
+
+def clamp_to_box(ops: Ops, thetas: list[Tensor], anchors: list[Tensor], size: float, scratch: list[Tensor]) -> None:
+    """Clamp each ``theta`` into ``[theta0 - size, theta0 + size]``, using ``scratch`` (the spent
+    noise buffer) for the bounds, so no full-size temporary is made."""
+    ops.copy_(scratch, anchors)
+    ops.add_scalar_(scratch, -size)
+    ops.maximum_(thetas, scratch)
+    ops.copy_(scratch, anchors)
+    ops.add_scalar_(scratch, size)
+    ops.minimum_(thetas, scratch)
+
+
+def reflect_at_box(momenta: list[Tensor], thetas: list[Tensor], anchors: list[Tensor], size: float) -> None:
+    """Reverse the momentum components whose coordinate left the box (an elastic wall)."""
+    for p, theta, theta0 in zip(momenta, thetas, anchors):
+        outside = (theta - theta0).abs_() > size
+        p.mul_(outside.to(p.dtype).mul_(-2.0).add_(1.0))
+
+
+def masked(tensors: list[Tensor], masks: list[Tensor | None] | None) -> list[Tensor]:
+    if masks is None:
+        return tensors
+    return [t if m is None else t * m for t, m in zip(tensors, masks)]
+
+
+class Diagnostics:
+    """Accumulates squared norms of the parts of an update over chunks, buckets and groups.
+
+    Keys (after :meth:`result`, as 0-dim tensors): ``grad_norm`` (the raw stochastic gradient),
+    ``drift_norm``, ``localization_norm``, ``weight_decay_norm``, ``noise_norm`` (the parts of the
+    update, each with its step-size factor) and ``distance`` (``||theta - theta0||`` after the step).
+    """
+
+    PARTS = ("grad_norm", "drift_norm", "localization_norm", "weight_decay_norm", "noise_norm", "distance")
+
+    def __init__(self) -> None:
+        self.squares: dict[str, Tensor] = {}
+        self.values: dict[str, list[Tensor]] = {}
+
+    def add_square(self, key: str, value: Tensor, factor: float = 1.0) -> None:
+        value = value.detach().cpu().double() * (factor * factor)
+        self.squares[key] = self.squares[key] + value if key in self.squares else value
+
+    def add_value(self, key: str, value: Tensor | float) -> None:
+        self.values.setdefault(key, []).append(torch.as_tensor(value).detach().cpu().double())
+
+    def before_update(
+        self,
+        chunk: Chunk,
+        noise_factor: float,
+        grads: list[Tensor],
+        thetas: list[Tensor],
+        anchors: list[Tensor] | None,
+        masks: list[Tensor | None] | None,
+        step_size: float,
+        grad_scale: float,
+        localization: float,
+        weight_decay: float,
+    ) -> None:
+        """Record the parts of the update about to be made (the buffer holds only noise yet)."""
+        sos = PER_TENSOR.sum_of_squares
+        grad_sq = sos(masked(grads, masks))
+        self.add_square("grad_norm", grad_sq)
+        self.add_square("drift_norm", grad_sq, step_size * grad_scale)
+        self.add_square("noise_norm", sos(masked(chunk.noise, masks)), noise_factor)
+        self.add_square("weight_decay_norm", sos(masked(thetas, masks)), step_size * weight_decay)
+        if anchors is not None:
+            offsets = [t - t0 for t, t0 in zip(thetas, anchors)]
+            self.add_square("localization_norm", sos(masked(offsets, masks)), step_size * localization)
+        else:
+            self.add_square("localization_norm", grad_sq, 0.0)
+
+    def after_update(self, thetas: list[Tensor], anchors: list[Tensor] | None) -> None:
+        if anchors is not None:
+            self.add_square("distance", PER_TENSOR.sum_of_squares([t - t0 for t, t0 in zip(thetas, anchors)]))
+
+    def result(self) -> dict[str, Tensor]:
+        out = {k: v.sqrt() for k, v in self.squares.items()}
+        for k, vs in self.values.items():
+            out[k] = torch.stack(vs) if len(vs) > 1 else vs[0]
+        return out

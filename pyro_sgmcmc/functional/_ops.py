@@ -1,0 +1,138 @@
+"""Elementwise list operations with a multi-tensor (``torch._foreach_*``) and a per-tensor path.
+
+Every update rule in :mod:`pyro_sgmcmc.functional` is written once against this small table of
+operations, so the two execution paths cannot drift apart: :data:`FOREACH` hands each list to
+one ``torch._foreach_*`` call, :data:`PER_TENSOR` loops over the tensors in Python. On the CPU
+both end in the same ATen kernels, so they give the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = Sequence[Tensor]
+Scalar = float | Tensor
+
+
+class PerTensorOps:
+    """The per-tensor fallback: a Python loop of in-place tensor methods."""
+
+    @staticmethod
+    def add_(selves: TensorList, others: TensorList, alpha: float = 1.0) -> None:
+        for self, other in zip(selves, others):
+            self.add_(other, alpha=alpha)
+
+    @staticmethod
+    def mul_(selves: TensorList, factor: Scalar) -> None:
+        for self in selves:
+            self.mul_(factor)
+
+    @staticmethod
+    def mul_lists_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            self.mul_(other)
+
+    @staticmethod
+    def addcmul_(selves: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> None:
+        for self, a, b in zip(selves, t1, t2):
+            self.addcmul_(a, b, value=value)
+
+    @staticmethod
+    def copy_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            self.copy_(other)
+
+    @staticmethod
+    def maximum_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            torch.maximum(self, other, out=self)
+
+    @staticmethod
+    def minimum_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            torch.minimum(self, other, out=self)
+
+    @staticmethod
+    def add_scalar_(selves: TensorList, value: float) -> None:
+        for self in selves:
+            self.add_(value)
+
+    @staticmethod
+    def sub_(selves: TensorList, a: TensorList, b: TensorList) -> list[Tensor]:
+        """Out of place ``a - b`` (used by diagnostics only)."""
+        return [x - y for x, y in zip(a, b)]
+
+    @staticmethod
+    def sum_of_squares(tensors: TensorList) -> Tensor:
+        """``sum_i ||t_i||^2`` as a 0-dim tensor, accumulated in at least float32."""
+        total = None
+        for t in tensors:
+            sq = torch.linalg.vector_norm(t, dtype=_acc_dtype(t)).square()
+            total = sq if total is None else total + sq
+        return total
+
+
+class ForeachOps:
+    """The multi-tensor fast path: one ``torch._foreach_*`` call per list."""
+
+    @staticmethod
+    def add_(selves: TensorList, others: TensorList, alpha: float = 1.0) -> None:
+        torch._foreach_add_(selves, others, alpha=alpha)
+
+    @staticmethod
+    def mul_(selves: TensorList, factor: Scalar) -> None:
+        torch._foreach_mul_(selves, factor)
+
+    @staticmethod
+    def mul_lists_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_mul_(selves, others)
+
+    @staticmethod
+    def addcmul_(selves: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> None:
+        torch._foreach_addcmul_(selves, t1, t2, value=value)
+
+    @staticmethod
+    def copy_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_copy_(selves, others)
+
+    @staticmethod
+    def maximum_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_maximum_(selves, others)
+
+    @staticmethod
+    def minimum_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_minimum_(selves, others)
+
+    @staticmethod
+    def add_scalar_(selves: TensorList, value: float) -> None:
+        torch._foreach_add_(selves, value)
+
+    @staticmethod
+    def sub_(selves: TensorList, a: TensorList, b: TensorList) -> list[Tensor]:
+        return torch._foreach_sub(a, b)
+
+    @staticmethod
+    def sum_of_squares(tensors: TensorList) -> Tensor:
+        # The per-tensor path's reduction, so that both paths agree exactly.
+        return PerTensorOps.sum_of_squares(tensors)
+
+
+PER_TENSOR = PerTensorOps()
+FOREACH = ForeachOps()
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def select_ops(foreach: bool) -> PerTensorOps | ForeachOps:
+    """The operation table for ``foreach`` (True: multi-tensor, False: per-tensor)."""
+    return FOREACH if foreach else PER_TENSOR
+
+
+def supports_foreach(tensors: TensorList) -> bool:
+    """Whether the multi-tensor path applies: plain dense tensors, no subclasses."""
+    return all(type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided for t in tensors)

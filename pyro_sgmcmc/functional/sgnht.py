@@ -1,0 +1,132 @@
+r"""Stochastic gradient Nosé–Hoover thermostat: the update rule, written once.
+
+Ding et al. (2014), Algorithm 1, with momentum :math:`p`, one scalar thermostat :math:`\xi` per
+parameter group of :math:`d` free entries, step size :math:`h` and diffusion factor :math:`A`:
+
+.. math::
+
+    p &\leftarrow p - \xi\,p\,h - h\,\nabla\tilde U(\theta) + \sigma\sqrt{2 A h}\;\mathcal N(0, I) \\
+    \theta &\leftarrow \theta + h\,p \\
+    \xi &\leftarrow \xi + h\,\big(p^\top p / d - 1\big)
+
+where the new :math:`p` is used in the second and third lines (the order of the paper), and
+:math:`\nabla\tilde U = \nabla U / T + \gamma(\theta - \theta_0) + \lambda\theta` is the gradient of
+the tempered, localized potential. The dynamics leave
+:math:`\exp(-\tilde U(\theta) - p^\top p/2 - \tfrac{d}{2}(\xi - A)^2)` invariant in continuous time, so
+:math:`\theta` samples :math:`\exp(-\tilde U)` whatever the (unknown, constant) variance of the
+gradient noise: the thermostat absorbs it by settling where the kinetic energy per entry is 1/2.
+:math:`\xi` starts at :math:`A` and :math:`p` at a draw from :math:`\mathcal N(0, I)`, its stationary law.
+
+The step size :math:`h` moves :math:`\theta` by about :math:`h` per step (unit-variance momentum),
+so it plays the role of :math:`\sqrt{\epsilon}` of SGLD.
+
+Reference:
+    N. Ding, Y. Fang, R. Babbush, C. Chen, R. D. Skeel and H. Neven, "Bayesian sampling using
+    stochastic gradient thermostats", NeurIPS 2014.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    Diagnostics,
+    check_buffer,
+    clamp_to_box,
+    fill_drift,
+    plan_buckets,
+    reflect_at_box,
+    resolve_ops,
+    take,
+)
+from ._noise import NoisePlanCache
+from ._ops import PER_TENSOR
+
+
+def sgnht(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    thermostat: Tensor,
+    *,
+    lr: float,
+    diffusion_factor: float,
+    grad_scale: float = 1.0,
+    localization: float = 0.0,
+    weight_decay: float = 0.0,
+    noise_level: float = 1.0,
+    anchors: Sequence[Tensor] | None = None,
+    masks: Sequence[Tensor] | None = None,
+    num_free: float | None = None,
+    bounding_box_size: float | None = None,
+    generator: torch.Generator | None = None,
+    foreach: bool | None = None,
+    noise_plans: NoisePlanCache | None = None,
+    check_finite: bool = True,
+    diagnostics: Diagnostics | None = None,
+) -> None:
+    r"""Apply one SGNHT step in place to ``params``, ``momenta`` and the 0-dim ``thermostat``.
+
+    :param params: the parameters :math:`\theta` of one group.
+    :param grads: :math:`\nabla U(\theta)` (not modified).
+    :param momenta: :math:`p`, shaped like ``params`` (zero where a mask is 0).
+    :param thermostat: :math:`\xi`, a 0-dim tensor shared by the whole list.
+    :param lr: the step size :math:`h \ge 0`; 0 leaves everything untouched.
+    :param diffusion_factor: :math:`A > 0`, the strength of the injected noise (and friction).
+    :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
+    :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
+    :param noise_level: :math:`\sigma`, scales the injected noise (1 samples the target).
+    :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
+    :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
+    :param num_free: :math:`d`, the number of free entries (default: all entries of ``params``).
+    :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
+        momentum of the entries that hit the wall.
+    :param generator: source of the noise (torch's global generator if ``None``).
+    :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
+    :param noise_plans: a cache of noise layouts to reuse between steps.
+    :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
+    :param diagnostics: accumulates norms of the parts of the momentum update when given.
+    """
+    if lr == 0.0 or not params:
+        return
+    ops = resolve_ops(params, foreach)
+    h = lr
+    noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the buffer is applied with factor h
+    if num_free is None:
+        num_free = float(sum(p.numel() for p in params))
+    friction = 1.0 - h * thermostat
+    kinetic = torch.zeros((), dtype=thermostat.dtype, device=thermostat.device)
+    for indices, plan, check_in_buffer in plan_buckets(params, grads, noise_plans, check_finite):
+        ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
+        theta0_all, masks_all = take(indices, anchors), take(indices, masks)
+        bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
+        for chunk in plan:
+            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all), chunk.pieces(moms)
+            theta0 = chunk.pieces(theta0_all) if theta0_all is not None else None
+            ms = chunk.pieces(masks_all) if masks_all is not None else None
+            plan.fill(chunk, noise_std, generator)
+            if diagnostics is not None:
+                diagnostics.before_update(chunk, h, gs, thetas, theta0, ms, h, grad_scale, localization, weight_decay)
+            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
+            if check_in_buffer:
+                check_buffer(chunk)
+            ops.mul_(p, bucket_friction)
+            if ms is None:
+                ops.add_(p, chunk.noise, alpha=-h)
+            else:
+                ops.addcmul_(p, chunk.noise, ms, value=-h)
+            ops.add_(thetas, p, alpha=h)
+            if bounding_box_size is not None:
+                reflect_at_box(p, thetas, theta0, bounding_box_size)
+                clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
+            kinetic += PER_TENSOR.sum_of_squares(p).to(kinetic)
+            if diagnostics is not None:
+                diagnostics.after_update(thetas, theta0)
+    thermostat.add_(h * (kinetic / num_free - 1.0))
+    if diagnostics is not None:
+        diagnostics.add_value("thermostat", thermostat)
+        diagnostics.add_value("kinetic_temperature", kinetic / num_free)

@@ -1,0 +1,345 @@
+"""The base of every torch sampler: options, validation, parameter groups, schedules, state.
+
+A sampler subclass only declares its own options and calls its update function from
+:mod:`pyro_sgmcmc.functional` in :meth:`SGMCMCOptimizer._update_group`; everything a Pyro
+adapter needs (``param_groups[i]["lr"]``, ``step()``, ``state_dict()``) is common and lives here,
+so an adapter drives any sampler without knowing which one it is.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import Diagnostics, NoisePlanCache, NonFiniteError, check_finite
+
+#: Options that may be given as a callable ``step -> float`` (``step`` counts the group's steps).
+SCHEDULABLE = ("lr", "temperature", "nbeta")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, allow_low: bool = False, none_ok: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number above ``low`` (or equal, if allowed)."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    accepted = f"a finite number {'>=' if allow_low else '>'} {low:g}" + (" or None" if none_ok else "")
+    if not _is_number(value) or not math.isfinite(value) or value < low or (value == low and not allow_low):
+        raise ValueError(f"Invalid {name}: {value!r} (must be {accepted})")
+
+
+class SGMCMCOptimizer(Optimizer):
+    r"""Shared machinery of the stochastic-gradient MCMC samplers.
+
+    Every sampler targets
+
+    .. math:: \pi(\theta) \propto \exp\Big(-\frac{U(\theta)}{T} - \frac{\gamma}{2}\|\theta-\theta_0\|^2
+              - \frac{\lambda}{2}\|\theta\|^2\Big)
+
+    where ``U`` is the potential whose stochastic gradient is in ``p.grad``.
+
+    Group options common to all samplers (each may differ between parameter groups):
+
+    :param lr: step size, ``>= 0`` (0 freezes the group, noise included), or a callable
+        ``step -> float``. Lives in ``param_groups[i]["lr"]``, so torch's lr schedulers drive it.
+    :param temperature: :math:`T > 0`, or a callable of the step. The gradient is divided by it.
+    :param nbeta: alternative to ``temperature`` for mean-reduced losses: the gradient is
+        multiplied by it (``nbeta = n / T`` for a loss averaged over ``n`` terms). Giving both is
+        an error; giving neither means ``T = 1``.
+    :param localization: :math:`\gamma \ge 0`, pull toward :math:`\theta_0`, the parameter's value
+        at the first step that updates it.
+    :param weight_decay: :math:`\lambda \ge 0`, pull toward 0.
+    :param noise_level: scale of the injected noise; anything but 1 does not sample the target
+        (a warning says so).
+    :param bounding_box_size: if set, :math:`\theta` is clamped into :math:`\theta_0 \pm` this.
+    :param mask: ``None``, or one 0/1 tensor (or ``None``) per parameter of the group, shaped like
+        it: entries where the mask is 0 are never changed.
+
+    Optimizer-wide options:
+
+    :param generator: a ``torch.Generator`` for the noise (default: torch's global generator, so
+        ``torch.manual_seed`` / ``pyro.set_rng_seed`` make a run reproducible). Its state is saved
+        in ``state_dict()`` and restored by ``load_state_dict()``.
+    :param foreach: ``True`` for the multi-tensor path, ``False`` for the per-tensor loop, ``None``
+        (default) for the multi-tensor path wherever it is supported. Both give the same numbers.
+    :param diagnostics: if true, each ``step()`` leaves the norms of the parts of its update in
+        :attr:`step_diagnostics`; off, it costs nothing.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+        diagnostics: bool = False,
+    ) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} (must be True, False or None)")
+        # Set before Optimizer.__init__, which calls add_param_group.
+        self.generator = generator
+        self.foreach = foreach
+        self.track_diagnostics = bool(diagnostics)
+        self.step_diagnostics: dict[str, Tensor] = {}
+        self._schedules: list[dict[str, Callable[[int], float]]] = []
+        self._noise_plans = NoisePlanCache()
+        defaults = {"mask": None, **defaults}
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- groups and validation
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, validating its options (see the class docstring) with clear errors."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._schedules.append(self._extract_schedules(group))
+            self._validate_group(group)
+            group["mask"] = self._validate_mask(group)
+            group.setdefault("step", 0)
+            self._init_group(group)
+        except Exception:
+            self.param_groups.pop()
+            if len(self._schedules) > len(self.param_groups):
+                self._schedules.pop()
+            raise
+
+    def _extract_schedules(self, group: dict[str, Any]) -> dict[str, Callable[[int], float]]:
+        """Move callable options out of the group (so ``state_dict()`` stays picklable) and put
+        their value at the group's current step in their place."""
+        schedules = {}
+        for key in SCHEDULABLE:
+            if callable(group.get(key)):
+                schedules[key] = group[key]
+                group[key] = self._evaluate(key, group[key], group.get("step", 0))
+        return schedules
+
+    @staticmethod
+    def _evaluate(key: str, schedule: Callable[[int], float], step: int) -> float:
+        value = schedule(step)
+        if isinstance(value, Tensor):
+            value = value.item()
+        if not _is_number(value):
+            raise ValueError(f"Invalid {key} schedule: returned {value!r} at step {step} (must return a number)")
+        return float(value)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Check the common options; subclasses extend this for their own."""
+        check_number("lr", group["lr"], allow_low=True)
+        if group.get("temperature") is not None and group.get("nbeta") is not None:
+            raise ValueError(
+                f"Give either temperature or nbeta, not both (got temperature={group['temperature']!r}, "
+                f"nbeta={group['nbeta']!r}): nbeta multiplies the gradient of a mean-reduced loss, "
+                "temperature divides the gradient of a summed one"
+            )
+        check_number("temperature", group.get("temperature"), none_ok=True)
+        check_number("nbeta", group.get("nbeta"), none_ok=True)
+        check_number("localization", group["localization"], allow_low=True)
+        check_number("weight_decay", group["weight_decay"], allow_low=True)
+        check_number("noise_level", group["noise_level"], allow_low=True)
+        check_number("bounding_box_size", group["bounding_box_size"], none_ok=True)
+        if group["noise_level"] != 1.0:
+            warnings.warn(
+                f"noise_level={group['noise_level']} is not 1: the sampler no longer samples its target "
+                "distribution (use temperature to change the spread of the posterior)",
+                UserWarning,
+                stacklevel=4,
+            )
+        if self.generator is not None:
+            for i, p in enumerate(group["params"]):
+                if p.device.type != self.generator.device.type:
+                    raise ValueError(
+                        f"Invalid generator: it is on device {self.generator.device} but parameter {i} of "
+                        f"group {len(self.param_groups) - 1} is on {p.device} (must be on the parameters' device)"
+                    )
+
+    @staticmethod
+    def _validate_mask(group: dict[str, Any]) -> list[Tensor] | None:
+        """The mask as one 0/1 tensor per parameter, in the parameter's dtype and device."""
+        mask, params = group["mask"], group["params"]
+        if mask is None:
+            return None
+        if isinstance(mask, Tensor):
+            mask = [mask]
+        if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
+            raise ValueError(
+                f"Invalid mask: expected a list of {len(params)} tensors (one per parameter of the group, "
+                f"or None), got {type(mask).__name__}" + (f" of length {len(mask)}" if hasattr(mask, "__len__") else "")
+            )
+        out = []
+        for i, (m, p) in enumerate(zip(mask, params)):
+            if m is None:
+                out.append(torch.ones_like(p, memory_format=torch.contiguous_format).detach())
+                continue
+            m = torch.as_tensor(m)
+            if m.shape != p.shape:
+                raise ValueError(
+                    f"Invalid mask[{i}]: shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}"
+                )
+            m = m.to(device=p.device, dtype=p.dtype)
+            if not bool(((m == 0) | (m == 1)).all()):
+                raise ValueError(f"Invalid mask[{i}]: entries must be 0/1 or boolean")
+            out.append(m)
+        return out
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Per-group state a sampler needs from the start (e.g. a thermostat)."""
+
+    # ------------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one sampling step with the gradients in ``p.grad``.
+
+        :param closure: optional, re-evaluates the model and returns the loss (as in torch).
+        :raises NonFiniteError: if a gradient holds NaN or Inf, naming the parameter; nothing is
+            changed then.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for index, group in enumerate(self.param_groups):
+            schedules = self._schedules[index]
+            if schedules:
+                for key, schedule in schedules.items():
+                    group[key] = self._evaluate(key, schedule, group["step"])
+                self._validate_scheduled(group)
+            params, grads, masks = self._gather(index, group)
+            if params:
+                work.append((index, group, params, grads, masks))
+        if not work:
+            return loss
+        check_each = len(work) == 1  # else: all gradients are checked here, before any update
+        if not check_each:
+            self._check_all([w[3] for w in work], [w[:3] for w in work])
+        diagnostics = Diagnostics() if self.track_diagnostics else None
+        for index, group, params, grads, masks in work:
+            try:
+                self._update_group(group, params, grads, masks, check_finite=check_each, diagnostics=diagnostics)
+            except NonFiniteError as error:
+                raise self._named_error(index, group, params[error.index]) from None
+            group["step"] += 1
+        if diagnostics is not None:
+            self.step_diagnostics = diagnostics.result()
+        return loss
+
+    def _validate_scheduled(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"], allow_low=True)
+        check_number("temperature", group.get("temperature"), none_ok=True)
+        check_number("nbeta", group.get("nbeta"), none_ok=True)
+
+    @staticmethod
+    def _gather(index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
+        params, grads = [], []
+        mask = group["mask"]
+        masks = [] if mask is not None else None
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"Sparse gradients are not supported (param_groups[{index}]['params'][{i}])")
+            params.append(p)
+            grads.append(grad)
+            if masks is not None:
+                masks.append(mask[i])
+        return params, grads, masks
+
+    def _check_all(self, grad_lists: list[list[Tensor]], where: list[tuple]) -> None:
+        flat = [g for grads in grad_lists for g in grads]
+        try:
+            check_finite(flat)
+        except NonFiniteError as error:
+            offset = error.index
+            for (index, group, params), grads in zip(where, grad_lists):
+                if offset < len(grads):
+                    raise self._named_error(index, group, params[offset]) from None
+                offset -= len(grads)
+            raise
+
+    @staticmethod
+    def _named_error(index: int, group: dict[str, Any], param: Tensor) -> NonFiniteError:
+        position = next(i for i, p in enumerate(group["params"]) if p is param)
+        names = group.get("param_names")
+        name = f"{names[position]!r} " if names else ""
+        return NonFiniteError(
+            position,
+            f"step() refused: the gradient of parameter {name}(param_groups[{index}]['params'][{position}], "
+            f"shape {tuple(param.shape)}) holds NaN or Inf; no parameter was changed",
+        )
+
+    # ------------------------------------------------------------------- helpers for samplers
+
+    @staticmethod
+    def grad_scale(group: dict[str, Any]) -> float:
+        """The factor on the gradient: ``nbeta`` if given, else ``1 / temperature`` (1 if neither)."""
+        if group.get("nbeta") is not None:
+            return float(group["nbeta"])
+        if group.get("temperature") is not None:
+            return 1.0 / group["temperature"]
+        return 1.0
+
+    def anchors(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
+        """:math:`\\theta_0` for ``params``, kept only when an option needs it, captured at the
+        first step that needs it."""
+        if not (group["localization"] or group["bounding_box_size"] is not None or self.track_diagnostics):
+            return None
+        anchors = []
+        for p in params:
+            state = self.state[p]
+            anchor = state.get("anchor")
+            if anchor is None:
+                anchor = state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
+            anchors.append(anchor)
+        return anchors
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        masks: list[Tensor] | None,
+        check_finite: bool,
+        diagnostics: Diagnostics | None,
+    ) -> None:
+        """Apply the sampler's update to one group (``params`` are those with a gradient)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus, when a generator was given, the generator's state."""
+        state = super().state_dict()
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, generator state included, so that the chain
+        continues exactly as it would have. Group tensors (masks, thermostats) move to the
+        parameters' device."""
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+        for group in self.param_groups:
+            self._after_load(group)
+
+    def _after_load(self, group: dict[str, Any]) -> None:
+        if group.get("mask") is not None:
+            group["mask"] = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(group["mask"], group["params"])]

@@ -1,0 +1,137 @@
+"""SGNHT as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ..functional import Diagnostics, sgnht
+from .base import SGMCMCOptimizer, check_number
+
+__all__ = ["SGNHT"]
+
+
+class SGNHT(SGMCMCOptimizer):
+    r"""Stochastic gradient Nosé–Hoover thermostat (Ding et al. 2014).
+
+    Momentum :math:`p`, one scalar thermostat :math:`\xi` per parameter group (:math:`d` free
+    entries), step size :math:`h` (``lr``) and diffusion factor :math:`A`:
+
+    .. math::
+
+        p &\leftarrow p - \xi p h - h\nabla\tilde U(\theta) + \sqrt{2Ah}\,\mathcal N(0, I), \qquad
+        \theta \leftarrow \theta + h p, \qquad
+        \xi \leftarrow \xi + h(p^\top p/d - 1),
+
+    with the new :math:`p` in the last two updates, as in the paper's Algorithm 1, and
+    :math:`\tilde U = U/T + \frac{\gamma}{2}\|\theta-\theta_0\|^2 + \frac{\lambda}{2}\|\theta\|^2`.
+    :math:`\xi` starts at :math:`A`, :math:`p` at a draw from :math:`\mathcal N(0, I)`. The
+    thermostat adapts the friction to the (unknown) gradient noise, so :math:`\theta` samples
+    :math:`\exp(-\tilde U)`. Because :math:`\theta` moves about :math:`h` per step, :math:`h` is
+    comparable to :math:`\sqrt{\epsilon}` of SGLD, not to :math:`\epsilon`.
+
+    ``state_dict()`` holds the momenta (per parameter), the thermostats and step counts (per
+    group) and the anchors, so a reloaded chain continues exactly.
+
+    :param params: parameters or parameter groups.
+    :param lr: the step size :math:`h` (or a callable of the step).
+    :param diffusion_factor: :math:`A > 0`, the injected noise and the thermostat's start.
+    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
+        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer`.
+        With a bounding box, the momentum of an entry that hits the wall is reversed.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Callable[[int], float],
+        *,
+        diffusion_factor: float = 1.0,
+        temperature: float | Callable[[int], float] | None = None,
+        nbeta: float | Callable[[int], float] | None = None,
+        localization: float = 0.0,
+        weight_decay: float = 0.0,
+        noise_level: float = 1.0,
+        bounding_box_size: float | None = None,
+        mask: list[Tensor | None] | None = None,
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            diffusion_factor=diffusion_factor,
+            temperature=temperature,
+            nbeta=nbeta,
+            localization=localization,
+            weight_decay=weight_decay,
+            noise_level=noise_level,
+            bounding_box_size=bounding_box_size,
+            mask=mask,
+        )
+        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_number("diffusion_factor", group["diffusion_factor"])
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        if "thermostat" not in group:
+            first = group["params"][0]
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            group["thermostat"] = torch.tensor(float(group["diffusion_factor"]), dtype=dtype, device=first.device)
+
+    def _after_load(self, group: dict[str, Any]) -> None:
+        super()._after_load(group)
+        group["thermostat"] = group["thermostat"].to(group["params"][0].device)
+
+    def _momenta(self, params: list[Tensor], masks: list[Tensor] | None) -> list[Tensor]:
+        """Each parameter's momentum, drawn from N(0, I) (0 where masked) at its first step."""
+        momenta = []
+        for i, p in enumerate(params):
+            state = self.state[p]
+            momentum = state.get("momentum")
+            if momentum is None:
+                momentum = torch.empty_like(p, memory_format=torch.contiguous_format)
+                momentum.normal_(generator=self.generator)
+                if masks is not None:
+                    momentum.mul_(masks[i])
+                state["momentum"] = momentum
+            momenta.append(momentum)
+        return momenta
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        masks: list[Tensor] | None,
+        check_finite: bool,
+        diagnostics: Diagnostics | None,
+    ) -> None:
+        num_free = None
+        if masks is not None:
+            num_free = float(sum(float(m.sum()) for m in masks))
+        sgnht(
+            params,
+            grads,
+            self._momenta(params, masks),
+            group["thermostat"],
+            lr=group["lr"],
+            diffusion_factor=group["diffusion_factor"],
+            grad_scale=self.grad_scale(group),
+            localization=group["localization"],
+            weight_decay=group["weight_decay"],
+            noise_level=group["noise_level"],
+            anchors=self.anchors(group, params),
+            masks=masks,
+            num_free=num_free,
+            bounding_box_size=group["bounding_box_size"],
+            generator=self.generator,
+            foreach=self.foreach,
+            noise_plans=self._noise_plans,
+            check_finite=check_finite,
+            diagnostics=diagnostics,
+        )
