@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pyro_sgmcmc.functional import NoisePlan, NoisePlanCache, NonFiniteError, sgld
+from pyro_sgmcmc.functional import NUM_STREAMS, NoisePlan, NoisePlanCache, NonFiniteError, sgld
 from pyro_sgmcmc.optim import SAMPLERS
 from pyro_sgmcmc.optim.sgld import SGLD
 from pyro_sgmcmc.optim.sgnht import SGNHT
@@ -378,7 +378,8 @@ def test_noise_plan_packs_whole_tensors_and_splits_only_large_ones():
     layout = [(c.start, c.stop, c.span, c.flat.numel()) for c in plan]
     assert layout == [(0, 2, None, 7), (2, 3, None, 4), (3, 4, (0, 10), 10), (3, 4, (10, 20), 10),
                       (3, 4, (20, 25), 5), (4, 5, None, 2)]
-    assert plan.buffer.numel() == 10  # the only temporary, however large the tensors
+    # the only temporaries, however large the tensors: one chunk-sized buffer per noise stream
+    assert [b.numel() for b in plan.buffers] == [10] * NUM_STREAMS
 
 
 def test_noise_buffer_is_bounded_for_large_models():
@@ -387,7 +388,7 @@ def test_noise_buffer_is_bounded_for_large_models():
     big.grad = torch.zeros_like(big)
     sampler.step()
     (plan,) = sampler._noise_plans._plans.values()
-    assert plan.buffer.numel() == 1 << 20
+    assert [b.numel() for b in plan.buffers] == [1 << 20] * 3
     # and the noise has the right size: sqrt(lr) per entry
     assert float(big.detach().std()) == pytest.approx(1e-2, rel=1e-2)
 
@@ -397,3 +398,31 @@ def test_functional_sgld_runs_without_an_optimizer():
     grads = [torch.ones(4), torch.ones(2, 3)]
     sgld(theta, grads, lr=0.1, noise_level=0.0)
     assert torch.allclose(theta[0], torch.full((4,), -0.05))
+
+
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+def test_noise_does_not_depend_on_the_thread_count(name):
+    """The CPU noise streams are tied to chunks, not threads: 1 or 2 threads, same chain."""
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            theta = torch.nn.Parameter(torch.zeros(3 * 1000 + 7))
+            sampler = SAMPLERS[name]([theta], lr=1e-2, generator=torch.Generator().manual_seed(0))
+            sampler._noise_plans = NoisePlanCache(1000)  # 4 chunks: all streams busy
+            for _ in range(3):
+                theta.grad = theta.detach().clone()
+                sampler.step()
+            out.append(theta.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*out)
+
+
+def test_sparse_gradients_are_refused_clearly():
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    sampler = SGLD(embedding.parameters(), lr=1e-3)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="Sparse gradients are not supported"):
+        sampler.step()

@@ -6,7 +6,7 @@ optimizers of :mod:`pyro_sgmcmc.optim` and every Pyro adapter call these functio
 """
 
 from ._common import Diagnostics, NonFiniteError, check_finite
-from ._noise import DEFAULT_CHUNK_NUMEL, NoisePlan, NoisePlanCache
+from ._noise import DEFAULT_CHUNK_NUMEL, NUM_STREAMS, NoisePlan, NoisePlanCache, NoiseSource
 from .sgld import sgld
 from .sgnht import sgnht
 
@@ -15,6 +15,8 @@ __all__ = [
     "Diagnostics",
     "NoisePlan",
     "NoisePlanCache",
+    "NoiseSource",
+    "NUM_STREAMS",
     "NonFiniteError",
     "check_finite",
     "sgld",

@@ -4,12 +4,12 @@ device/dtype buckets and per-step diagnostics. Pure torch; no Pyro here."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._noise import Chunk, NoisePlan, NoisePlanCache
+from ._noise import GRAIN, Chunk, Layout, NoisePlan, NoisePlanCache
 from ._ops import PER_TENSOR, PerTensorOps, ForeachOps, select_ops, supports_foreach
 
 Ops = PerTensorOps | ForeachOps
@@ -37,16 +37,22 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
 def check_finite(tensors: Sequence[Tensor], offset: int = 0) -> None:
     """Raise :class:`NonFiniteError` if any tensor holds NaN or Inf.
 
-    A sum per tensor is the fast test (one cheap reduction; NaN and Inf propagate through it).
-    Only when a sum is not finite is each tensor inspected entry by entry, so that a sum that
-    merely overflowed is not mistaken for a bad gradient.
+    A sum is the fast test (one cheap reduction; NaN and Inf propagate through it). Only when a
+    sum is not finite is each tensor inspected entry by entry, so that a sum that merely
+    overflowed is not mistaken for a bad gradient. On the CPU the sums run over ``GRAIN``-sized
+    pieces, each on one thread: this check runs while the noise threads draw, and an OpenMP
+    team woken here would fight them for the cores.
     """
     if not tensors:
         return
-    if len(tensors) == 1:
-        total = tensors[0].sum()
-    elif tensors[0].device.type == "cpu":
-        total = torch.stack([t.sum(dtype=_acc(t)) for t in tensors]).sum()
+    if tensors[0].device.type == "cpu":
+        sums = []
+        for t in tensors:
+            if t.numel() > GRAIN and t.is_contiguous():
+                sums.extend(piece.sum(dtype=_acc(t)) for piece in t.view(-1).split(GRAIN))
+            else:
+                sums.append(t.sum(dtype=_acc(t)))
+        total = torch.stack(sums).sum()
     else:  # one fused kernel on accelerators
         total = torch.stack(torch._foreach_norm(tensors)).sum()
     if math.isfinite(total):
@@ -72,13 +78,6 @@ def buckets(tensors: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def resolve_ops(tensors: Sequence[Tensor], foreach: bool | None) -> Ops:
-    """The operation table: multi-tensor unless asked otherwise or unsupported."""
-    if foreach is None:
-        foreach = supports_foreach(tensors)
-    return select_ops(foreach)
-
-
 def take(indices: list[int], tensors: Sequence[Tensor | None] | None) -> list | None:
     """``tensors`` restricted to ``indices`` (``None`` stays ``None``)."""
     if tensors is None:
@@ -93,20 +92,31 @@ def plan_buckets(
     grads: Sequence[Tensor],
     plans: NoisePlanCache | None,
     check: bool,
-) -> list[tuple[list[int], NoisePlan, bool]]:
+    foreach: bool | None,
+) -> tuple[Ops, list[tuple[list[int], NoisePlan, bool, Callable[[], None] | None]]]:
     """Split the work into buckets, plan their noise and decide where finiteness is checked.
 
-    Returns ``(indices, plan, check_in_buffer)`` for each bucket. When ``check`` is set and the
-    step spans more than one chunk, all gradients are checked here, before anything changes.
+    Returns the operation table and ``(indices, plan, check_in_buffer, gate)`` for each bucket.
+    When ``check`` is set: a step of a single chunk checks its assembled update in the buffer
+    (``check_in_buffer``); a larger step checks all gradients in ``gate``, which the first
+    bucket runs while its first noise is being drawn and before anything changes.
     """
     plans = plans or NoisePlanCache()
-    work = []
-    for indices in buckets(params):
-        work.append((indices, plans.plan(take(indices, params))))
-    single_chunk = len(work) == 1 and len(work[0][1]) == 1
-    if check and not single_chunk:
-        check_finite(grads)
-    return [(indices, plan, check and single_chunk) for indices, plan in work]
+
+    def make() -> Layout:
+        for i, g in enumerate(grads):
+            if g.layout != torch.strided:
+                raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
+        bucket_plans = [(indices, plans.plan(take(indices, params))) for indices in buckets(params)]
+        return Layout(bucket_plans, supports_foreach(params))
+
+    layout = plans.layout(params, make)
+    ops = select_ops(layout.foreach_ok if foreach is None else foreach)
+    single_chunk = layout.single_chunk
+    gate = (lambda: check_finite(grads)) if check and not single_chunk else None
+    work = [(indices, plan, check and single_chunk, gate if i == 0 else None)
+            for i, (indices, plan) in enumerate(layout.buckets)]
+    return ops, work
 
 
 def fill_drift(
@@ -140,7 +150,7 @@ def check_buffer(chunk: Chunk) -> None:
     if not math.isfinite(chunk.flat.sum()):
         index = first_nonfinite(chunk.noise)
         if index is not None:
-            raise NonFiniteError(chunk.start + index)
+            raise NonFiniteError(chunk.owners[index])
 
 
 def clamp_to_box(ops: Ops, thetas: list[Tensor], anchors: list[Tensor], size: float, scratch: list[Tensor]) -> None:
@@ -161,10 +171,11 @@ def reflect_at_box(momenta: list[Tensor], thetas: list[Tensor], anchors: list[Te
         p.mul_(outside.to(p.dtype).mul_(-2.0).add_(1.0))
 
 
-def masked(tensors: list[Tensor], masks: list[Tensor | None] | None) -> list[Tensor]:
+def masked(tensors: list[Tensor], masks: list[Tensor] | None) -> list[Tensor]:
+    """``tensors`` times their masks (diagnostics only: allocates)."""
     if masks is None:
         return tensors
-    return [t if m is None else t * m for t, m in zip(tensors, masks)]
+    return [t * m for t, m in zip(tensors, masks)]
 
 
 class Diagnostics:
@@ -172,51 +183,60 @@ class Diagnostics:
 
     Keys (after :meth:`result`, as 0-dim tensors): ``grad_norm`` (the raw stochastic gradient),
     ``drift_norm``, ``localization_norm``, ``weight_decay_norm``, ``noise_norm`` (the parts of the
-    update, each with its step-size factor) and ``distance`` (``||theta - theta0||`` after the step).
-    """
+    update, each with its step-size factor) and ``distance`` (``||theta - theta0||`` after the
+    step); samplers may add values of their own (e.g. ``thermostat``).
 
-    PARTS = ("grad_norm", "drift_norm", "localization_norm", "weight_decay_norm", "noise_norm", "distance")
+    The per-chunk parts are computed by :meth:`before_update` / :meth:`after_update` (pure, so
+    they can run in the noise threads) and added up with :meth:`add` in chunk order.
+    """
 
     def __init__(self) -> None:
         self.squares: dict[str, Tensor] = {}
         self.values: dict[str, list[Tensor]] = {}
 
-    def add_square(self, key: str, value: Tensor, factor: float = 1.0) -> None:
-        value = value.detach().cpu().double() * (factor * factor)
-        self.squares[key] = self.squares[key] + value if key in self.squares else value
+    def add(self, parts: dict[str, Tensor]) -> None:
+        """Add squared norms (as returned by :meth:`before_update` and :meth:`after_update`)."""
+        for key, value in parts.items():
+            value = value.detach().cpu().double()
+            self.squares[key] = self.squares[key] + value if key in self.squares else value
 
     def add_value(self, key: str, value: Tensor | float) -> None:
         self.values.setdefault(key, []).append(torch.as_tensor(value).detach().cpu().double())
 
+    @staticmethod
     def before_update(
-        self,
         chunk: Chunk,
-        noise_factor: float,
         grads: list[Tensor],
         thetas: list[Tensor],
         anchors: list[Tensor] | None,
-        masks: list[Tensor | None] | None,
+        masks: list[Tensor] | None,
         step_size: float,
         grad_scale: float,
         localization: float,
         weight_decay: float,
-    ) -> None:
-        """Record the parts of the update about to be made (the buffer holds only noise yet)."""
+    ) -> dict[str, Tensor]:
+        """Squared norms of the parts of the update about to be made (the buffer holds only the
+        noise yet, in the units of the drift: the update is ``-step_size * buffer``)."""
         sos = PER_TENSOR.sum_of_squares
         grad_sq = sos(masked(grads, masks))
-        self.add_square("grad_norm", grad_sq)
-        self.add_square("drift_norm", grad_sq, step_size * grad_scale)
-        self.add_square("noise_norm", sos(masked(chunk.noise, masks)), noise_factor)
-        self.add_square("weight_decay_norm", sos(masked(thetas, masks)), step_size * weight_decay)
+        parts = {
+            "grad_norm": grad_sq,
+            "drift_norm": grad_sq * (step_size * grad_scale) ** 2,
+            "noise_norm": sos(masked(chunk.noise, masks)) * step_size**2,
+            "weight_decay_norm": sos(masked(thetas, masks)) * (step_size * weight_decay) ** 2,
+        }
         if anchors is not None:
             offsets = [t - t0 for t, t0 in zip(thetas, anchors)]
-            self.add_square("localization_norm", sos(masked(offsets, masks)), step_size * localization)
+            parts["localization_norm"] = sos(masked(offsets, masks)) * (step_size * localization) ** 2
         else:
-            self.add_square("localization_norm", grad_sq, 0.0)
+            parts["localization_norm"] = grad_sq * 0.0
+        return parts
 
-    def after_update(self, thetas: list[Tensor], anchors: list[Tensor] | None) -> None:
+    @staticmethod
+    def after_update(parts: dict[str, Tensor], thetas: list[Tensor], anchors: list[Tensor] | None) -> dict[str, Tensor]:
         if anchors is not None:
-            self.add_square("distance", PER_TENSOR.sum_of_squares([t - t0 for t, t0 in zip(thetas, anchors)]))
+            parts["distance"] = PER_TENSOR.sum_of_squares([t - t0 for t, t0 in zip(thetas, anchors)])
+        return parts
 
     def result(self) -> dict[str, Tensor]:
         out = {k: v.sqrt() for k, v in self.squares.items()}

@@ -11,14 +11,27 @@ used while it is still in cache:
 * each chunk is filled by exactly one ``normal_`` call.
 
 Because this plan, not the execution path, decides which ``normal_`` calls are made, the
-multi-tensor and per-tensor paths draw identical noise from the same generator. The buffer is
+multi-tensor and per-tensor paths draw identical noise from the same generator. Each buffer is
 at most ``chunk_numel`` elements (4 MiB of float32), however large the model: no full-size
 temporary is ever allocated for the noise.
+
+Where the numbers come from (:class:`NoiseSource`): torch's CPU generator is a Mersenne twister
+that one thread steps through, so one generator cannot fill a buffer faster than ~3 ns per
+number. On the CPU the noise therefore comes from :data:`NUM_STREAMS` generators ("streams"),
+seeded from the root generator (torch's global one, or the one the caller passed) when first
+used: chunk ``i`` of a plan is drawn from stream ``i % NUM_STREAMS``, so the numbers do not
+depend on how many threads draw them. The streams fill their buffers in a thread pool (torch
+ops release the GIL) and each chunk's update is applied right there, while the noise is still
+in cache. The streams' states are part of the sampler's state, so a saved chain resumes exactly. On other devices the
+root generator fills the chunks in order: there, drawing noise is cheap.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +39,15 @@ from torch import Tensor
 #: Elements per noise chunk. Large enough that ``normal_`` call overhead vanishes, small enough to
 #: stay in the L2/L3 cache between drawing the noise and adding it to the parameters.
 DEFAULT_CHUNK_NUMEL = 1 << 20
+
+#: Independent CPU noise streams: the most threads that can draw noise at once.
+NUM_STREAMS = 4
+
+
+#: Pieces handed to one elementwise op on the CPU while noise streams run are cut to torch's
+#: own parallel grain (32768), so that each op runs on its own thread instead of waking an
+#: OpenMP team that would fight the noise threads for the cores.
+GRAIN = 32768
 
 
 class Chunk:
@@ -35,25 +57,61 @@ class Chunk:
     :param stop: one past the index of the last tensor.
     :param span: ``(lo, hi)`` flat element range when the chunk is a slice of tensor ``start``,
         else ``None`` (the chunk holds tensors ``start:stop`` whole).
-    :param flat: the chunk's 1-d view of the noise buffer.
-    :param noise: views of ``flat`` shaped like the chunk's pieces.
+    :param flat: the chunk's 1-d view of its noise buffer.
+    :param cut: per tensor of the chunk, whether it is handed out as ``GRAIN``-sized flat
+        pieces; ``None`` when every tensor is handed out whole.
     """
 
-    __slots__ = ("start", "stop", "span", "flat", "noise")
+    __slots__ = ("start", "stop", "span", "flat", "cut", "noise", "owners")
 
-    def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, noise: list[Tensor]):
-        self.start = start
-        self.stop = stop
-        self.span = span
-        self.flat = flat
-        self.noise = noise
+    def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, cut: list[bool] | None,
+                 shapes: list[torch.Size]):
+        self.start, self.stop, self.span, self.flat, self.cut = start, stop, span, flat, cut
+        #: views of ``flat`` matching :meth:`pieces`, and the tensor index each piece belongs to
+        self.noise: list[Tensor] = []
+        self.owners: list[int] = []
+        if span is not None:
+            pieces = flat.split(GRAIN) if cut else [flat]
+            self.noise, self.owners = list(pieces), [start] * len(pieces)
+            return
+        offset = 0
+        for k, shape in enumerate(shapes):
+            n = shape.numel()
+            view = flat[offset : offset + n]
+            offset += n
+            pieces = view.split(GRAIN) if cut and cut[k] else [view.view(shape)]
+            self.noise.extend(pieces)
+            self.owners.extend([start + k] * len(pieces))
 
-    def pieces(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The parts of ``tensors`` (aligned with the planned list) that this chunk covers."""
-        if self.span is None:
+    def pieces(self, tensors: Sequence[Tensor], readonly: bool = False) -> list[Tensor]:
+        """The parts of ``tensors`` (aligned with the planned list) that this chunk covers, as
+        views (flattened where the plan cuts), matching :attr:`noise` one to one.
+
+        :param readonly: the pieces are only read, so a non-contiguous tensor may be copied
+            to flatten it; pieces that are written to are always views (or an error).
+        """
+        flatten = _flat_copy_ok if readonly else _flat_view
+        if self.span is not None:
+            lo, hi = self.span
+            flat = flatten(tensors[self.start])[lo:hi]
+            return list(flat.split(GRAIN)) if self.cut else [flat]
+        if self.cut is None:
             return list(tensors[self.start : self.stop])
-        lo, hi = self.span
-        return [tensors[self.start].view(-1)[lo:hi]]
+        out: list[Tensor] = []
+        for t, cut in zip(tensors[self.start : self.stop], self.cut):
+            if cut:
+                out.extend(flatten(t).split(GRAIN))
+            else:
+                out.append(t)
+        return out
+
+
+def _flat_view(t: Tensor) -> Tensor:
+    return t.view(-1)
+
+
+def _flat_copy_ok(t: Tensor) -> Tensor:
+    return t.reshape(-1)
 
 
 class NoisePlan:
@@ -71,17 +129,21 @@ class NoisePlan:
         self.dtype = first.dtype
         layout = _layout(tensors, chunk_numel)
         buffer_numel = max((numel for _, _, _, numel in layout), default=0)
-        self.buffer = torch.empty(buffer_numel, device=self.device, dtype=self.dtype)
+        on_cpu = self.device.type == "cpu"
+        # one buffer per stream that can be drawing at once (CPU), else a single one
+        slots = min(NUM_STREAMS if on_cpu else 1, max(len(layout), 1))
+        self.buffers = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)]
+        threaded = on_cpu and len(layout) > 1  # chunks will be worked on in the noise threads
         self.chunks: list[Chunk] = []
-        for start, stop, span, numel in layout:
-            flat = self.buffer[:numel]
-            if span is None:
-                shapes = [t.shape for t in tensors[start:stop]]
-                views = flat.split([t.numel() for t in tensors[start:stop]])
-                noise = [v.view(shape) for v, shape in zip(views, shapes)]
+        for index, (start, stop, span, numel) in enumerate(layout):
+            flat = self.buffers[index % slots][:numel]
+            shapes = [t.shape for t in tensors[start:stop]]
+            if span is not None:
+                cut = threaded
             else:
-                noise = [flat]
-            self.chunks.append(Chunk(start, stop, span, flat, noise))
+                cut = [threaded and t.numel() > GRAIN and t.is_contiguous() for t in tensors[start:stop]]
+                cut = cut if any(cut) else None
+            self.chunks.append(Chunk(start, stop, span, flat, cut, shapes))
 
     def __iter__(self) -> Iterator[Chunk]:
         return iter(self.chunks)
@@ -89,13 +151,150 @@ class NoisePlan:
     def __len__(self) -> int:
         return len(self.chunks)
 
-    @staticmethod
-    def fill(chunk: Chunk, std: float, generator: torch.Generator | None) -> None:
-        """Fill ``chunk``'s noise with ``N(0, std^2)`` draws (zeros when ``std == 0``)."""
-        if std == 0.0:
-            chunk.flat.zero_()
+
+def _fill_then(body: Callable[[Chunk], Any] | None, chunk: Chunk, std: float, generator: torch.Generator | None) -> Any:
+    """Fill ``chunk``'s noise with ``N(0, std^2)`` draws (zeros, drawing nothing, when
+    ``std == 0``), then hand it to ``body`` (if any)."""
+    if std == 0.0:
+        chunk.flat.zero_()
+    else:
+        chunk.flat.normal_(0.0, std, generator=generator)
+    return None if body is None else body(chunk)
+
+
+class NoiseSource:
+    """Where a sampler's noise comes from (see the module docstring).
+
+    :param generator: the root generator; ``None`` for torch's global generator of each device.
+    :param num_streams: CPU streams (fixes the numbers drawn, whatever the thread count).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None, num_streams: int = NUM_STREAMS):
+        self.generator = generator
+        self.num_streams = num_streams
+        self._streams: list[torch.Generator] | None = None
+
+    def streams(self) -> list[torch.Generator]:
+        """The CPU streams, seeded from the root generator on first use."""
+        if self._streams is None:
+            seeds = torch.randint(0, 2**32, (self.num_streams,), generator=self._root("cpu"), dtype=torch.int64)
+            self._streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return self._streams
+
+    def _root(self, device_type: str) -> torch.Generator | None:
+        if self.generator is not None and self.generator.device.type != device_type:
+            raise ValueError(
+                f"Invalid generator: it is on device {self.generator.device} but the parameters are on "
+                f"{device_type} (must be on the parameters' device)"
+            )
+        return self.generator
+
+    def run(
+        self,
+        plan: NoisePlan,
+        std: float,
+        body: Callable[[Chunk], Any],
+        gate: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """Draw each chunk's noise (``N(0, std^2)``) and call ``body(chunk)`` on it; return the
+        results in chunk order. ``gate`` (e.g. a finiteness check), if given, runs in the
+        calling thread while the first chunks' noise is drawn; no ``body`` runs before it has
+        returned, and none at all if it raises.
+
+        On the CPU, with more than one chunk and more than one torch thread, chunks are drawn
+        and worked on in the noise threads, at most one per stream at a time. ``body`` must then
+        only touch its own chunk's pieces (chunks are disjoint), and anything it sums is
+        returned, to be added up in chunk order, so the result does not depend on timing.
+        """
+        if plan.device.type != "cpu":
+            root = self._root(plan.device.type)
+            if gate is not None:
+                gate()
+            return [_fill_then(body, chunk, std, root) for chunk in plan]
+        streams = self.streams()
+        chunks = plan.chunks
+        slots = len(plan.buffers)
+        if len(chunks) == 1 or torch.get_num_threads() <= 1:
+            if gate is not None:
+                gate()
+            return [_fill_then(body, chunk, std, streams[i % self.num_streams]) for i, chunk in enumerate(chunks)]
+        pool = _thread_pool()
+        grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
+        opened = threading.Event()
+        refused: list[bool] = []
+        pending: dict[int, Future] = {}
+        results: list[Any] = []
+
+        def job(index: int) -> Any:
+            chunk = chunks[index]
+            _fill_then(None, chunk, std, streams[index % self.num_streams])
+            opened.wait()
+            if refused:
+                return None
+            with torch.set_grad_enabled(grad_mode):
+                return body(chunk)
+
+        def submit(index: int) -> None:
+            if index < len(chunks):
+                pending[index] = pool.submit(job, index)
+
+        try:
+            for index in range(slots):
+                submit(index)
+            try:
+                if gate is not None:
+                    gate()
+            except BaseException:
+                refused.append(True)
+                raise
+            finally:
+                opened.set()
+            for index in range(len(chunks)):
+                results.append(pending.pop(index).result())
+                submit(index + slots)  # the same stream and buffer as the chunk just finished
+        finally:  # an abandoned step: let the streams finish before anyone uses them again
+            for future in pending.values():
+                future.exception()
+        return results
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"streams": None if self._streams is None else [g.get_state() for g in self._streams]}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        streams = state.get("streams")
+        if streams is None:
+            self._streams = None
         else:
-            chunk.flat.normal_(0.0, std, generator=generator)
+            self._streams = [torch.Generator() for _ in streams]
+            for g, s in zip(self._streams, streams):
+                g.set_state(s)
+            self.num_streams = len(streams)
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=NUM_STREAMS, thread_name_prefix="pyro_sgmcmc-noise")
+        return _POOL
+
+
+def _forget_pool_after_fork() -> None:  # threads do not survive fork(); the child makes its own
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _layout(tensors: Sequence[Tensor], chunk_numel: int) -> list[tuple[int, int, tuple[int, int] | None, int]]:
@@ -123,22 +322,49 @@ def _layout(tensors: Sequence[Tensor], chunk_numel: int) -> list[tuple[int, int,
     return layout
 
 
+class Layout:
+    """How one list of tensors is worked on: its (device, dtype) buckets with their noise plans,
+    and whether the multi-tensor path supports it."""
+
+    __slots__ = ("buckets", "foreach_ok", "single_chunk")
+
+    def __init__(self, buckets: list[tuple[list[int], NoisePlan]], foreach_ok: bool):
+        self.buckets = buckets
+        self.foreach_ok = foreach_ok
+        self.single_chunk = len(buckets) == 1 and len(buckets[0][1]) == 1
+
+
 class NoisePlanCache:
-    """Reuses a :class:`NoisePlan` (and its buffer) while the shapes it was built for recur.
+    """Reuses noise plans (and their buffers) and layouts between steps.
+
+    A layout is remembered by the identity of the tensors it was made for, as a torch optimizer
+    remembers its state: like there, a parameter's shape, dtype and device must not change
+    between steps (if they do, the next elementwise op fails loudly).
 
     :param chunk_numel: passed to every plan.
-    :param max_plans: how many distinct layouts to keep before starting afresh.
+    :param max_plans: how many distinct plans (and layouts) to keep before starting afresh.
     """
 
     def __init__(self, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_plans: int = 16):
         self.chunk_numel = chunk_numel
         self.max_plans = max_plans
         self._plans: dict[tuple, NoisePlan] = {}
+        self._layouts: dict[tuple, Layout] = {}
+
+    def layout(self, tensors: Sequence[Tensor], make: Callable[[], Layout]) -> Layout:
+        """The cached layout of ``tensors`` (by identity), made by ``make()`` on first sight."""
+        key = tuple(map(id, tensors))
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= self.max_plans:
+                self._layouts.clear()
+            layout = self._layouts[key] = make()
+        return layout
 
     def plan(self, tensors: Sequence[Tensor]) -> NoisePlan:
         """The plan for ``tensors`` (all of one device and dtype)."""
         first = tensors[0]
-        key = (first.device, first.dtype, tuple(t.shape for t in tensors))
+        key = (first.device, first.dtype, tuple((t.shape, t.is_contiguous()) for t in tensors))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= self.max_plans:

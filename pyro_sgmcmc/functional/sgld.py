@@ -10,7 +10,7 @@ which for small :math:`\epsilon` samples
 :math:`\pi(\theta) \propto \exp(-U(\theta)/T - \tfrac{\gamma}{2}\|\theta-\theta_0\|^2 - \tfrac{\lambda}{2}\|\theta\|^2)`
 when the noise level :math:`\sigma` is 1 (Welling & Teh 2011; the localized form of Lau et al. 2023).
 
-How it is computed: the noise is drawn in chunks (:mod:`._noise`) into a small buffer already
+How it is computed: the noise is drawn in chunks (:mod:`._noise`) into small buffers already
 scaled by :math:`2\sigma/\sqrt{\epsilon}`, the gradient of the tempered, localized potential is
 added to it, and the buffer is applied as :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`.
 That is two passes over memory besides the unavoidable ``normal_``, and with :math:`\sigma = 0`,
@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, resolve_ops, take
-from ._noise import NoisePlan, NoisePlanCache
+from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, take
+from ._noise import Chunk, NoisePlan, NoisePlanCache, NoiseSource
 
 
 def sgld(
@@ -47,6 +47,7 @@ def sgld(
     masks: Sequence[Tensor | None] | None = None,
     bounding_box_size: float | None = None,
     generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     foreach: bool | None = None,
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
@@ -64,7 +65,9 @@ def sgld(
     :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
     :param masks: 0/1 tensors (or ``None``) shaped like each parameter; 0 freezes an entry.
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b` after the step.
-    :param generator: source of the noise (torch's global generator if ``None``).
+    :param generator: root of the noise (torch's global generator if ``None``).
+    :param noise: a persistent :class:`~pyro_sgmcmc.functional.NoiseSource` (built from
+        ``generator`` if not given); keep one across steps for a long chain.
     :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
     :param noise_plans: a cache of noise layouts to reuse between steps.
     :param check_finite: raise :class:`~pyro_sgmcmc.functional.NonFiniteError` before changing
@@ -73,30 +76,31 @@ def sgld(
     """
     if lr == 0.0 or not params:
         return
-    ops = resolve_ops(params, foreach)
     step_size = lr / 2
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
-    for indices, plan, check_in_buffer in plan_buckets(params, grads, noise_plans, check_finite):
+    noise = noise or NoiseSource(generator)
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    for indices, plan, check_in_buffer, gate in work:
         _sgld_bucket(
             ops, plan, take(indices, params), take(indices, grads), take(indices, anchors), take(indices, masks),
-            step_size, noise_std, grad_scale, localization, weight_decay, bounding_box_size, generator,
-            check_in_buffer, diagnostics,
+            step_size, noise_std, grad_scale, localization, weight_decay, bounding_box_size, noise,
+            check_in_buffer, gate, diagnostics,
         )
 
 
 def _sgld_bucket(
     ops, plan: NoisePlan, params, grads, anchors, masks, step_size, noise_std, grad_scale,
-    localization, weight_decay, bounding_box_size, generator, check_in_buffer, diagnostics,
+    localization, weight_decay, bounding_box_size, noise: NoiseSource, check_in_buffer, gate, diagnostics,
 ) -> None:
-    for chunk in plan:
+    def update(chunk: Chunk) -> dict | None:
         thetas = chunk.pieces(params)
-        gs = chunk.pieces(grads)
-        theta0 = chunk.pieces(anchors) if anchors is not None else None
-        ms = chunk.pieces(masks) if masks is not None else None
-        plan.fill(chunk, noise_std, generator)
+        gs = chunk.pieces(grads, readonly=True)
+        theta0 = chunk.pieces(anchors, readonly=True) if anchors is not None else None
+        ms = chunk.pieces(masks, readonly=True) if masks is not None else None
+        parts = None
         if diagnostics is not None:
-            diagnostics.before_update(chunk, step_size, gs, thetas, theta0, ms, step_size, grad_scale,
-                                      localization, weight_decay)
+            parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, step_size, grad_scale,
+                                              localization, weight_decay)
         fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
         if check_in_buffer:
             check_buffer(chunk)
@@ -106,5 +110,8 @@ def _sgld_bucket(
             ops.addcmul_(thetas, chunk.noise, ms, value=-step_size)
         if bounding_box_size is not None:
             clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
-        if diagnostics is not None:
-            diagnostics.after_update(thetas, theta0)
+        return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
+
+    for parts in noise.run(plan, noise_std, update, gate):
+        if parts is not None:
+            diagnostics.add(parts)

@@ -40,10 +40,9 @@ from ._common import (
     fill_drift,
     plan_buckets,
     reflect_at_box,
-    resolve_ops,
     take,
 )
-from ._noise import NoisePlanCache
+from ._noise import Chunk, NoisePlanCache, NoiseSource
 from ._ops import PER_TENSOR
 
 
@@ -64,6 +63,7 @@ def sgnht(
     num_free: float | None = None,
     bounding_box_size: float | None = None,
     generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     foreach: bool | None = None,
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
@@ -85,7 +85,9 @@ def sgnht(
     :param num_free: :math:`d`, the number of free entries (default: all entries of ``params``).
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
         momentum of the entries that hit the wall.
-    :param generator: source of the noise (torch's global generator if ``None``).
+    :param generator: root of the noise (torch's global generator if ``None``).
+    :param noise: a persistent :class:`~pyro_sgmcmc.functional.NoiseSource` (built from
+        ``generator`` if not given); keep one across steps for a long chain.
     :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
     :param noise_plans: a cache of noise layouts to reuse between steps.
     :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
@@ -93,24 +95,27 @@ def sgnht(
     """
     if lr == 0.0 or not params:
         return
-    ops = resolve_ops(params, foreach)
     h = lr
     noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the buffer is applied with factor h
+    noise = noise or NoiseSource(generator)
     if num_free is None:
         num_free = float(sum(p.numel() for p in params))
     friction = 1.0 - h * thermostat
     kinetic = torch.zeros((), dtype=thermostat.dtype, device=thermostat.device)
-    for indices, plan, check_in_buffer in plan_buckets(params, grads, noise_plans, check_finite):
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    for indices, plan, check_in_buffer, gate in work:
         ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
         theta0_all, masks_all = take(indices, anchors), take(indices, masks)
         bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
-        for chunk in plan:
-            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all), chunk.pieces(moms)
-            theta0 = chunk.pieces(theta0_all) if theta0_all is not None else None
-            ms = chunk.pieces(masks_all) if masks_all is not None else None
-            plan.fill(chunk, noise_std, generator)
+
+        def update(chunk: Chunk) -> tuple[Tensor, dict | None]:
+            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all, readonly=True), chunk.pieces(moms)
+            theta0 = chunk.pieces(theta0_all, readonly=True) if theta0_all is not None else None
+            ms = chunk.pieces(masks_all, readonly=True) if masks_all is not None else None
+            parts = None
             if diagnostics is not None:
-                diagnostics.before_update(chunk, h, gs, thetas, theta0, ms, h, grad_scale, localization, weight_decay)
+                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, h, grad_scale, localization,
+                                                  weight_decay)
             fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
             if check_in_buffer:
                 check_buffer(chunk)
@@ -123,9 +128,14 @@ def sgnht(
             if bounding_box_size is not None:
                 reflect_at_box(p, thetas, theta0, bounding_box_size)
                 clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
-            kinetic += PER_TENSOR.sum_of_squares(p).to(kinetic)
-            if diagnostics is not None:
-                diagnostics.after_update(thetas, theta0)
+            if parts is not None:
+                parts = Diagnostics.after_update(parts, thetas, theta0)
+            return PER_TENSOR.sum_of_squares(p), parts
+
+        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gate):
+            kinetic += chunk_kinetic.to(kinetic)
+            if parts is not None:
+                diagnostics.add(parts)
     thermostat.add_(h * (kinetic / num_free - 1.0))
     if diagnostics is not None:
         diagnostics.add_value("thermostat", thermostat)

@@ -96,7 +96,7 @@ class SGLD(SGMCMCOptimizer):
             anchors=self.anchors(group, params),
             masks=masks,
             bounding_box_size=group["bounding_box_size"],
-            generator=self.generator,
+            noise=self._noise,
             foreach=self.foreach,
             noise_plans=self._noise_plans,
             check_finite=check_finite,

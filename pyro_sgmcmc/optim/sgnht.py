@@ -129,7 +129,7 @@ class SGNHT(SGMCMCOptimizer):
             masks=masks,
             num_free=num_free,
             bounding_box_size=group["bounding_box_size"],
-            generator=self.generator,
+            noise=self._noise,
             foreach=self.foreach,
             noise_plans=self._noise_plans,
             check_finite=check_finite,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install pyro_sgmcmc into it, with a CPU-only torch.
+#
+#   bash scripts/install.sh            # the package
+#   bash scripts/install.sh test       # ... with the test extras (likewise bench, tutorials)
+#
+# torch is installed first, CPU build: a bare "torch" requirement resolved by pip on Linux pulls
+# several GB of CUDA wheels. A local CPU wheel is used where pip can find one (find-links),
+# otherwise the PyTorch CPU index. Set PYTHON to choose the interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+"${PYTHON:-python3}" -m venv .venv
+py=.venv/bin/python
+"$py" -m pip install --quiet --upgrade pip
+local_wheels=()
+[ -d /opt/wheels ] && local_wheels=(--find-links /opt/wheels)
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if ! "$py" -m pip install --quiet "${local_wheels[@]}" "torch==2.13.0+cpu" 2>/dev/null; then
+    "$py" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"$py" -m pip install --quiet -e ".${extras:+[$extras]}"
+"$py" -c "import torch, pyro, pyro_sgmcmc; print('installed: torch', torch.__version__, '| pyro', pyro.__version__, '| pyro_sgmcmc', pyro_sgmcmc.__version__)"
