@@ -134,7 +134,7 @@ def main():
     results = {}
     for key in args.cases:
         label, sizes = CASES[key]
-        rounds = 5 if args.quick else (15 if key != "c" else 30)
+        rounds = 5 if args.quick else (21 if key != "c" else 30)
         reps = 1 if key != "c" else (50 if args.quick else 300)
         results[key] = time_case(sizes, rounds, reps)
         print(f"{label}: done", flush=True)

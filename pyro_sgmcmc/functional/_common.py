@@ -4,12 +4,13 @@ device/dtype buckets and per-step diagnostics. Pure torch; no Pyro here."""
 from __future__ import annotations
 
 import math
+import functools
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._noise import GRAIN, Chunk, Layout, NoisePlan, NoisePlanCache
+from ._noise import GRAIN, NUM_STREAMS, Chunk, Layout, NoisePlan, NoisePlanCache
 from ._ops import PER_TENSOR, PerTensorOps, ForeachOps, select_ops, supports_foreach
 
 Ops = PerTensorOps | ForeachOps
@@ -93,13 +94,13 @@ def plan_buckets(
     plans: NoisePlanCache | None,
     check: bool,
     foreach: bool | None,
-) -> tuple[Ops, list[tuple[list[int], NoisePlan, bool, Callable[[], None] | None]]]:
+) -> tuple[Ops, list[tuple[list[int], NoisePlan, bool, list[Callable[[], None]]]]]:
     """Split the work into buckets, plan their noise and decide where finiteness is checked.
 
-    Returns the operation table and ``(indices, plan, check_in_buffer, gate)`` for each bucket.
+    Returns the operation table and ``(indices, plan, check_in_buffer, gates)`` for each bucket.
     When ``check`` is set: a step of a single chunk checks its assembled update in the buffer
-    (``check_in_buffer``); a larger step checks all gradients in ``gate``, which the first
-    bucket runs while its first noise is being drawn and before anything changes.
+    (``check_in_buffer``); a larger step checks all gradients in ``gates`` (a few callables that
+    split the work), which the first bucket runs in its noise threads, before anything changes.
     """
     plans = plans or NoisePlanCache()
 
@@ -113,10 +114,35 @@ def plan_buckets(
     layout = plans.layout(params, make)
     ops = select_ops(layout.foreach_ok if foreach is None else foreach)
     single_chunk = layout.single_chunk
-    gate = (lambda: check_finite(grads)) if check and not single_chunk else None
-    work = [(indices, plan, check and single_chunk, gate if i == 0 else None)
+    gates = gradient_checks(layout.buckets, grads) if check and not single_chunk else []
+    work = [(indices, plan, check and single_chunk, gates if i == 0 else [])
             for i, (indices, plan) in enumerate(layout.buckets)]
     return ops, work
+
+
+def gradient_checks(
+    bucket_plans: list[tuple[list[int], NoisePlan]], grads: Sequence[Tensor], parts: int = NUM_STREAMS
+) -> list[Callable[[], None]]:
+    """``parts`` callables that together check every gradient, chunk by chunk, each raising
+    :class:`NonFiniteError` (with the gradient's index in ``grads``) on a NaN or Inf.
+
+    A sum per piece is the fast test (pieces are at most ``GRAIN`` long on the CPU, so each sum
+    runs on one thread and the callables can run side by side in the noise threads); only a
+    non-finite sum is inspected entry by entry, so an overflowing sum is not a false alarm.
+    """
+    jobs = [(indices, plan, chunk) for indices, plan in bucket_plans for chunk in plan]
+
+    def check(share: list) -> None:
+        for indices, plan, chunk in share:
+            pieces = chunk.pieces(take(indices, grads), readonly=True)
+            sums = [p.sum(dtype=_acc(p)) for p in pieces]
+            total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+            if not math.isfinite(total):
+                index = first_nonfinite(pieces)
+                if index is not None:
+                    raise NonFiniteError(indices[chunk.owners[index]])
+
+    return [functools.partial(check, jobs[k::parts]) for k in range(min(parts, len(jobs)))]
 
 
 def fill_drift(

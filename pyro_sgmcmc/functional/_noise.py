@@ -194,12 +194,12 @@ class NoiseSource:
         plan: NoisePlan,
         std: float,
         body: Callable[[Chunk], Any],
-        gate: Callable[[], None] | None = None,
+        gates: Sequence[Callable[[], None]] = (),
     ) -> list[Any]:
         """Draw each chunk's noise (``N(0, std^2)``) and call ``body(chunk)`` on it; return the
-        results in chunk order. ``gate`` (e.g. a finiteness check), if given, runs in the
-        calling thread while the first chunks' noise is drawn; no ``body`` runs before it has
-        returned, and none at all if it raises.
+        results in chunk order. ``gates`` (e.g. finiteness checks) run first, side by side in
+        the noise threads where there are any; no ``body`` runs before all have returned, and
+        none at all if one raises (its exception is raised here).
 
         On the CPU, with more than one chunk and more than one torch thread, chunks are drawn
         and worked on in the noise threads, at most one per stream at a time. ``body`` must then
@@ -208,17 +208,18 @@ class NoiseSource:
         """
         if plan.device.type != "cpu":
             root = self._root(plan.device.type)
-            if gate is not None:
+            for gate in gates:
                 gate()
             return [_fill_then(body, chunk, std, root) for chunk in plan]
         streams = self.streams()
         chunks = plan.chunks
         slots = len(plan.buffers)
-        if len(chunks) == 1 or torch.get_num_threads() <= 1:
-            if gate is not None:
+        workers = min(slots, torch.get_num_threads())
+        if len(chunks) == 1 or workers <= 1:
+            for gate in gates:
                 gate()
             return [_fill_then(body, chunk, std, streams[i % self.num_streams]) for i, chunk in enumerate(chunks)]
-        pool = _thread_pool()
+        pool = _thread_pool(workers)
         grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
         opened = threading.Event()
         refused: list[bool] = []
@@ -239,11 +240,12 @@ class NoiseSource:
                 pending[index] = pool.submit(job, index)
 
         try:
+            checks = [pool.submit(gate) for gate in gates]  # queued first: run before the fills
             for index in range(slots):
                 submit(index)
             try:
-                if gate is not None:
-                    gate()
+                for check in checks:
+                    check.result()
             except BaseException:
                 refused.append(True)
                 raise
@@ -276,25 +278,27 @@ class NoiseSource:
             self.generator.set_state(state["generator"])
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _thread_pool() -> ThreadPoolExecutor:
-    global _POOL
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool of ``workers`` threads (one per core torch may use: more only contend)."""
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=NUM_STREAMS, thread_name_prefix="pyro_sgmcmc-noise")
-        return _POOL
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyro_sgmcmc-noise")
+        return pool
 
 
-def _forget_pool_after_fork() -> None:  # threads do not survive fork(); the child makes its own
-    global _POOL
-    _POOL = None
+def _forget_pools_after_fork() -> None:  # threads do not survive fork(); the child makes its own
+    global _POOL_LOCK
+    _POOLS.clear()
+    _POOL_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def _layout(tensors: Sequence[Tensor], chunk_numel: int) -> list[tuple[int, int, tuple[int, int] | None, int]]:

@@ -61,18 +61,14 @@ class PerTensorOps:
             self.add_(value)
 
     @staticmethod
-    def sub_(selves: TensorList, a: TensorList, b: TensorList) -> list[Tensor]:
-        """Out of place ``a - b`` (used by diagnostics only)."""
-        return [x - y for x, y in zip(a, b)]
+    def norms(tensors: TensorList) -> list[Tensor]:
+        """The 2-norm of each tensor, computed in at least float32."""
+        return [torch.linalg.vector_norm(t, dtype=_acc_dtype(t)) for t in tensors]
 
-    @staticmethod
-    def sum_of_squares(tensors: TensorList) -> Tensor:
+    @classmethod
+    def sum_of_squares(cls, tensors: TensorList) -> Tensor:
         """``sum_i ||t_i||^2`` as a 0-dim tensor, accumulated in at least float32."""
-        total = None
-        for t in tensors:
-            sq = torch.linalg.vector_norm(t, dtype=_acc_dtype(t)).square()
-            total = sq if total is None else total + sq
-        return total
+        return torch.stack(cls.norms(tensors)).square().sum()
 
 
 class ForeachOps:
@@ -111,13 +107,14 @@ class ForeachOps:
         torch._foreach_add_(selves, value)
 
     @staticmethod
-    def sub_(selves: TensorList, a: TensorList, b: TensorList) -> list[Tensor]:
-        return torch._foreach_sub(a, b)
+    def norms(tensors: TensorList) -> list[Tensor]:
+        if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+            return list(torch._foreach_norm(tensors))
+        return PerTensorOps.norms(tensors)  # half precisions: accumulate in float32
 
-    @staticmethod
-    def sum_of_squares(tensors: TensorList) -> Tensor:
-        # The per-tensor path's reduction, so that both paths agree exactly.
-        return PerTensorOps.sum_of_squares(tensors)
+    @classmethod
+    def sum_of_squares(cls, tensors: TensorList) -> Tensor:
+        return torch.stack(cls.norms(tensors)).square().sum()
 
 
 PER_TENSOR = PerTensorOps()

@@ -80,17 +80,17 @@ def sgld(
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
     noise = noise or NoiseSource(generator)
     ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
-    for indices, plan, check_in_buffer, gate in work:
+    for indices, plan, check_in_buffer, gates in work:
         _sgld_bucket(
             ops, plan, take(indices, params), take(indices, grads), take(indices, anchors), take(indices, masks),
             step_size, noise_std, grad_scale, localization, weight_decay, bounding_box_size, noise,
-            check_in_buffer, gate, diagnostics,
+            check_in_buffer, gates, diagnostics,
         )
 
 
 def _sgld_bucket(
     ops, plan: NoisePlan, params, grads, anchors, masks, step_size, noise_std, grad_scale,
-    localization, weight_decay, bounding_box_size, noise: NoiseSource, check_in_buffer, gate, diagnostics,
+    localization, weight_decay, bounding_box_size, noise: NoiseSource, check_in_buffer, gates, diagnostics,
 ) -> None:
     def update(chunk: Chunk) -> dict | None:
         thetas = chunk.pieces(params)
@@ -112,6 +112,6 @@ def _sgld_bucket(
             clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
         return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
 
-    for parts in noise.run(plan, noise_std, update, gate):
+    for parts in noise.run(plan, noise_std, update, gates):
         if parts is not None:
             diagnostics.add(parts)

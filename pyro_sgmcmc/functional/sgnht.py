@@ -43,7 +43,6 @@ from ._common import (
     take,
 )
 from ._noise import Chunk, NoisePlanCache, NoiseSource
-from ._ops import PER_TENSOR
 
 
 def sgnht(
@@ -103,7 +102,7 @@ def sgnht(
     friction = 1.0 - h * thermostat
     kinetic = torch.zeros((), dtype=thermostat.dtype, device=thermostat.device)
     ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
-    for indices, plan, check_in_buffer, gate in work:
+    for indices, plan, check_in_buffer, gates in work:
         ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
         theta0_all, masks_all = take(indices, anchors), take(indices, masks)
         bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
@@ -130,9 +129,9 @@ def sgnht(
                 clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
             if parts is not None:
                 parts = Diagnostics.after_update(parts, thetas, theta0)
-            return PER_TENSOR.sum_of_squares(p), parts
+            return ops.sum_of_squares(p), parts
 
-        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gate):
+        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gates):
             kinetic += chunk_kinetic.to(kinetic)
             if parts is not None:
                 diagnostics.add(parts)
