@@ -4,8 +4,8 @@
     python benchmarks/step_cost.py --quick    # fewer rounds, for a smoke run
 
 Cases: (a) one 10M-element tensor, (b) 500 tensors of 20k, (c) 20 tensors of 100.
-Methods, each timed on its own copy of the parameters, round-robin so that drifts in machine
-load hit all of them alike; the figure is the median over rounds:
+Methods, each timed on its own copy of the parameters, in rounds (in a shuffled order each round)
+so that drifts in machine load hit all of them alike; the figure is the median over rounds:
 
 * floor            -- one in-place ``normal_`` into a preallocated buffer + one foreach axpy
                       (the least any SGLD step can do: draw the noise, touch every parameter once)
@@ -23,6 +23,7 @@ Ratios are printed against the floor and against torch SGD, with the issue's tar
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 import warnings
@@ -110,8 +111,12 @@ def time_case(sizes, rounds, reps):
         for _ in range(2):
             m.step()
     times = {name: [] for name in methods}
+    order = random.Random(0)
+    names = list(methods)
     for _ in range(rounds):
-        for name, m in methods.items():
+        order.shuffle(names)  # no method always runs after the same neighbour
+        for name in names:
+            m = methods[name]
             start = time.perf_counter()
             for _ in range(reps):
                 m.step()
