@@ -426,3 +426,53 @@ def test_sparse_gradients_are_refused_clearly():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="Sparse gradients are not supported"):
         sampler.step()
+
+
+def test_step_hooks_and_closure_work_like_torch():
+    theta = torch.nn.Parameter(torch.zeros(3))
+    sampler = SGLD([theta], lr=1e-2)
+    calls = []
+    sampler.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    sampler.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda opt, a, k: calls.append("global"))
+    try:
+        def closure():
+            sampler.zero_grad()
+            loss = (theta**2).sum()
+            loss.backward()
+            return loss
+        assert float(sampler.step(closure).detach()) == 0.0
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post", "global"]
+    assert not torch.equal(theta.detach(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+def test_mixed_dtypes_in_one_group(name):
+    """Parameters of several dtypes in one group are updated in per-dtype buckets, each with
+    noise of its own dtype, and both paths still agree."""
+    out = []
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(50, dtype=dtype)) for dtype in (torch.float32, torch.float64, torch.bfloat16)]
+        sampler = SAMPLERS[name](params, lr=1e-2, generator=torch.Generator().manual_seed(0), foreach=foreach)
+        for _ in range(3):
+            for p in params:
+                p.grad = p.detach() + 1
+            sampler.step()
+        assert [p.dtype for p in params] == [torch.float32, torch.float64, torch.bfloat16]
+        assert all(bool(torch.isfinite(p).all()) and float(p.detach().float().std()) > 0 for p in params)
+        out.append([p.detach().clone() for p in params])
+    assert_same(*out)
+
+
+def test_worker_threads_follow_the_callers_grad_mode():
+    """Large steps run in the noise threads; the update must not be recorded by autograd."""
+    theta = torch.nn.Parameter(torch.zeros(5000))
+    sampler = SGLD([theta], lr=1e-2)
+    sampler._noise_plans = NoisePlanCache(1000)
+    theta.grad = torch.ones(5000)
+    sampler.step()
+    assert theta.grad_fn is None and theta.is_leaf
