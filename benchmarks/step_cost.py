@@ -121,7 +121,7 @@ def time_case(sizes, rounds, reps):
             for _ in range(reps):
                 m.step()
             times[name].append((time.perf_counter() - start) / reps)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def fmt(seconds):
@@ -136,12 +136,13 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    results = {}
+    results, rounds_of = {}, {}
     for key in args.cases:
         label, sizes = CASES[key]
         rounds = 5 if args.quick else (21 if key != "c" else 30)
         reps = 1 if key != "c" else (50 if args.quick else 300)
-        results[key] = time_case(sizes, rounds, reps)
+        rounds_of[key] = time_case(sizes, rounds, reps)
+        results[key] = {name: statistics.median(ts) for name, ts in rounds_of[key].items()}
         print(f"{label}: done", flush=True)
 
     names = list(next(iter(results.values())))
@@ -156,17 +157,19 @@ def main():
             row.append(f"{fmt(t)} ({t / floor:.2f}x floor, {t / sgd:.2f}x SGD)")
         print(f"| {name} | " + " | ".join(row) + " |")
 
-    print("\nTargets:")
+    def paired(k, a, b):
+        """Median over rounds of time(a) / time(b) within the same round (robust to drift)."""
+        return statistics.median(x / y for x, y in zip(rounds_of[k][a], rounds_of[k][b]))
+
+    print("\nTargets (median over rounds of the ratio within a round):")
     for k in results:
-        r = results[k]
-        ours = r["ours SGLD"]
         if k in "ab":
-            print(f"  {CASES[k][0]}: ours / floor = {ours / r['floor']:.3f} (target <= 1.15)", end="")
-            if "devinterp SGLD" in r:
-                print(f"; devinterp SGLD / ours = {r['devinterp SGLD'] / ours:.2f} (target >= 2)", end="")
+            print(f"  {CASES[k][0]}: ours / floor = {paired(k, 'ours SGLD', 'floor'):.3f} (target <= 1.15)", end="")
+            if "devinterp SGLD" in results[k]:
+                print(f"; devinterp SGLD / ours = {paired(k, 'devinterp SGLD', 'ours SGLD'):.2f} (target >= 2)", end="")
             print()
         else:
-            print(f"  {CASES[k][0]}: ours / torch SGD = {ours / r['torch SGD']:.3f} (target <= 1.0)")
+            print(f"  {CASES[k][0]}: ours / torch SGD = {paired(k, 'ours SGLD', 'torch SGD'):.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":
