@@ -255,29 +255,57 @@ class SGMCMCOptimizer(Optimizer):
                 loss = closure()
         work = []
         for index, group in enumerate(self.param_groups):
-            schedules = self._schedules[index]
-            if schedules:
-                for key, schedule in schedules.items():
-                    group[key] = self._evaluate(key, schedule, group["step"])
-                self._validate_scheduled(group)
+            self._apply_schedules(index, group)
             params, grads, masks = self._gather(index, group)
             if params:
-                work.append((index, group, params, grads, masks))
+                work.append((index, group, params, grads, masks, None))
+        self._run(work)
+        return loss
+
+    def step_tensors(self, targets: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
+        """One step in which the new value of each parameter ``p`` is written into
+        ``targets[p]`` (e.g. a differentiable clone of ``p``) from the gradient ``grads[p]``.
+        The sampler's state advances as in :meth:`step`; the parameters themselves are unchanged.
+        This is how a Pyro ``MultiOptimizer.get_step`` reuses the sampler's math."""
+        work = []
+        for index, group in enumerate(self.param_groups):
+            self._apply_schedules(index, group)
+            keep = [i for i, p in enumerate(group["params"]) if p in grads]
+            if keep:
+                params = [group["params"][i] for i in keep]
+                masks = None if group["mask"] is None else [group["mask"][i] for i in keep]
+                work.append((index, group, params, [grads[p] for p in params], masks, [targets[p] for p in params]))
+        # fresh noise buffers: the update may carry autograd history, which must not reach the
+        # buffers that later steps refill in place
+        plans, self._noise_plans = self._noise_plans, NoisePlanCache()
+        try:
+            self._run(work)
+        finally:
+            self._noise_plans = plans
+
+    def _apply_schedules(self, index: int, group: dict[str, Any]) -> None:
+        schedules = self._schedules[index]
+        if schedules:
+            for key, schedule in schedules.items():
+                group[key] = self._evaluate(key, schedule, group["step"])
+            self._validate_scheduled(group)
+
+    def _run(self, work: list[tuple]) -> None:
+        """Update every group of ``work``, all or nothing as far as finiteness goes."""
         if not work:
-            return loss
+            return
         check_each = len(work) == 1  # else: all gradients are checked here, before any update
         if not check_each:
             self._check_all([w[3] for w in work], [w[:3] for w in work])
         diagnostics = Diagnostics() if self.track_diagnostics else None
-        for index, group, params, grads, masks in work:
+        for index, group, params, grads, masks, targets in work:
             try:
-                self._update_group(group, params, grads, masks, check_finite=check_each, diagnostics=diagnostics)
+                self._update_group(group, params, grads, masks, check_each, diagnostics, targets)
             except NonFiniteError as error:
                 raise self._named_error(index, group, params[error.index]) from None
             group["step"] += 1
         if diagnostics is not None:
             self.step_diagnostics = diagnostics.result()
-        return loss
 
     def _validate_scheduled(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"], allow_low=True)
@@ -353,8 +381,10 @@ class SGMCMCOptimizer(Optimizer):
         masks: list[Tensor] | None,
         check_finite: bool,
         diagnostics: Diagnostics | None,
+        targets: list[Tensor] | None = None,
     ) -> None:
-        """Apply the sampler's update to one group (``params`` are those with a gradient)."""
+        """Apply the sampler's update to one group (``params`` are those with a gradient; the
+        new values go into ``targets`` if given, else into ``params``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ state

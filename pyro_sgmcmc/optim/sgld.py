@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from ..functional import Diagnostics, sgld
+from torch.optim.optimizer import required
+
 from .base import SGMCMCOptimizer
 
 __all__ = ["SGLD"]
@@ -51,7 +53,7 @@ class SGLD(SGMCMCOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Callable[[int], float],
+        lr: float | Callable[[int], float] = required,
         *,
         temperature: float | Callable[[int], float] | None = None,
         nbeta: float | Callable[[int], float] | None = None,
@@ -84,9 +86,10 @@ class SGLD(SGMCMCOptimizer):
         masks: list[Tensor] | None,
         check_finite: bool,
         diagnostics: Diagnostics | None,
+        targets: list[Tensor] | None = None,
     ) -> None:
         sgld(
-            params,
+            params if targets is None else targets,
             grads,
             lr=group["lr"],
             grad_scale=self.grad_scale(group),

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from ..functional import Diagnostics, sgnht
+from torch.optim.optimizer import required
+
 from .base import SGMCMCOptimizer, check_number
 
 __all__ = ["SGNHT"]
@@ -46,7 +48,7 @@ class SGNHT(SGMCMCOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Callable[[int], float],
+        lr: float | Callable[[int], float] = required,
         *,
         diffusion_factor: float = 1.0,
         temperature: float | Callable[[int], float] | None = None,
@@ -110,14 +112,16 @@ class SGNHT(SGMCMCOptimizer):
         masks: list[Tensor] | None,
         check_finite: bool,
         diagnostics: Diagnostics | None,
+        targets: list[Tensor] | None = None,
     ) -> None:
         num_free = None
         if masks is not None:
             num_free = float(sum(float(m.sum()) for m in masks))
+        momenta = self._momenta(params, masks)
         sgnht(
-            params,
+            params if targets is None else targets,
             grads,
-            self._momenta(params, masks),
+            momenta,
             group["thermostat"],
             lr=group["lr"],
             diffusion_factor=group["diffusion_factor"],
@@ -135,3 +139,7 @@ class SGNHT(SGMCMCOptimizer):
             check_finite=check_finite,
             diagnostics=diagnostics,
         )
+        if targets is not None:  # a differentiable step: keep the sampler's own state plain
+            for momentum in momenta:
+                momentum.detach_()
+            group["thermostat"].detach_()

@@ -1,0 +1,236 @@
+"""Pyro adapters: any torch sampler of :mod:`pyro_sgmcmc.optim` as a Pyro optimizer.
+
+``pyro_sgmcmc.optim.SGLD({"lr": 1e-4})`` is accepted wherever ``pyro.optim.Adam({...})`` is
+(``SVI``, ``MixedMultiOptimizer``) and is a :class:`~pyro.optim.multi.MultiOptimizer` too. It owns
+no math: it routes parameters into one torch sampler and steps it.
+
+Unlike Pyro's stock :class:`~pyro.optim.optim.PyroOptim`, which builds one torch optimizer per
+tensor and steps them in the order of a Python ``set``, all parameters of a step are updated by
+one sampler, together, in the order of their param-store names. So the multi-tensor path spans the
+whole model, an SGNHT thermostat is shared by a parameter group, and a run draws the same noise
+every time (and again after a save and load).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import pyro
+import torch
+from pyro.optim.multi import MultiOptimizer
+from pyro.optim.optim import PyroOptim
+from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
+from torch import Tensor
+
+from .base import SGMCMCOptimizer
+
+OptimArgs = dict[str, Any] | Callable[..., dict[str, Any]]
+
+
+class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
+    """Wraps a torch sampler class for Pyro (see the module docstring).
+
+    :param sampler_constructor: a subclass of :class:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer`.
+    :param optim_args: the sampler's options as a dict, or a callable of the parameter name
+        (``fn(name)`` or ``fn(module_name, param_name)``, as in Pyro) returning such a dict, for
+        per-parameter step sizes, temperatures, localization... ``lr=0`` freezes a parameter.
+    :param clip_args: ``clip_norm`` and/or ``clip_value`` (a dict or a callable, as in Pyro),
+        applied to each parameter's gradient before the step.
+    :param generator: optional root ``torch.Generator`` of the noise.
+    :param foreach: passed to the sampler.
+    :param diagnostics: passed to the sampler; read them from ``.sampler.step_diagnostics``.
+
+    Parameters seen for the first time in a step join the sampler as a new parameter group
+    (one per distinct set of options). ``get_state()``/``save()`` hold the sampler's whole state
+    (noise streams included) and its group layout by parameter name, so ``set_state()``/
+    ``load()`` into a fresh wrapper continue the chain bit for bit.
+    """
+
+    def __init__(
+        self,
+        sampler_constructor: type[SGMCMCOptimizer],
+        optim_args: OptimArgs,
+        clip_args: OptimArgs | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+        diagnostics: bool = False,
+    ) -> None:
+        if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
+            raise TypeError(
+                f"Invalid sampler_constructor: {sampler_constructor!r} (must be a pyro_sgmcmc sampler class, "
+                "e.g. pyro_sgmcmc.optim.sgld.SGLD)"
+            )
+        if not (callable(optim_args) or isinstance(optim_args, dict)):
+            raise TypeError(f"Invalid optim_args: {optim_args!r} (must be a dict or a callable returning one)")
+        if clip_args is not None and not (callable(clip_args) or isinstance(clip_args, dict)):
+            raise TypeError(f"Invalid clip_args: {clip_args!r} (must be a dict, a callable returning one, or None)")
+        super().__init__(sampler_constructor, optim_args, clip_args)
+        self.sampler_options = dict(generator=generator, foreach=foreach, diagnostics=diagnostics)
+        self.sampler: SGMCMCOptimizer | None = None
+        self._by_name: dict[str, Tensor] = {}
+        self._saved: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ stepping
+
+    def __call__(self, params: Iterable[Tensor], *args: Any, **kwargs: Any) -> None:
+        """Take one sampling step for ``params`` (the unconstrained tensors of the param store,
+        as ``SVI`` passes them)."""
+        store = pyro.get_param_store()
+        self._step_named({store.param_name(p): p for p in params})
+
+    def step(self, loss: Tensor, params: dict[str, Tensor]) -> None:
+        """:class:`~pyro.optim.multi.MultiOptimizer` step: differentiate ``loss`` and take one
+        sampling step for the named ``params``."""
+        values = list(params.values())
+        grads = torch.autograd.grad(loss, values)
+        for value, grad in zip(values, grads):
+            value.grad = grad
+        self._step_named(params)
+
+    def get_step(self, loss: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The updated values of ``params`` after one sampling step, differentiable in ``params``
+        (the noise is a reparameterised draw). The sampler's state (momenta, thermostats, step
+        counts, noise streams) advances as in :meth:`step`; ``params`` themselves are unchanged."""
+        values = list(params.values())
+        grads = torch.autograd.grad(loss, values, create_graph=True)
+        names = sorted(params)
+        self._register(names, params)
+        order = {name: i for i, name in enumerate(params)}
+        targets = {params[name]: params[name].clone() for name in names}
+        by_param = {params[name]: grads[order[name]] for name in names}
+        self._clip({params[name]: by_param[params[name]] for name in names})
+        self.sampler.step_tensors(targets, by_param)
+        return {name: targets[params[name]] for name in params}
+
+    def _step_named(self, named: dict[str, Tensor]) -> None:
+        names = sorted(named)
+        self._register(names, named)
+        stepping = {id(named[name]) for name in names}
+        self._clip({named[name]: named[name].grad for name in names if named[name].grad is not None})
+        # Parameters the sampler knows but this step does not carry must not move (SVI leaves
+        # zeroed gradients on them, which would let the noise drift them).
+        hidden = []
+        for group in self.sampler.param_groups:
+            for p in group["params"]:
+                if id(p) not in stepping and p.grad is not None:
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            self.sampler.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+
+    # ------------------------------------------------------------------------------ layout
+
+    def _register(self, names: list[str], named: dict[str, Tensor]) -> None:
+        """Create the sampler, or add parameter groups, for parameters not seen before."""
+        new = [name for name in names if self._by_name.get(name) is not named[name]]
+        if not new:
+            return
+        for name in new:
+            if name in self._by_name:
+                raise RuntimeError(
+                    f"Parameter {name!r} was replaced by a new tensor after the sampler started "
+                    "(was the param store cleared?); make a new optimizer for a new run"
+                )
+            self._by_name[name] = named[name]
+        layout = self._saved["layout"] if self._saved is not None else None
+        groups = self._groups_for(new, named, layout)
+        if self.sampler is None:
+            self.sampler = self.pt_optim_constructor(groups, **self.sampler_options)
+        else:
+            for group in groups:
+                self.sampler.add_param_group(group)
+        if self._saved is not None and self._layout() == self._saved["layout"]:
+            self.sampler.load_state_dict(self._saved["sampler"])
+            self._saved = None
+
+    def _groups_for(self, names: list[str], named: dict[str, Tensor], layout: list[list[str]] | None) -> list[dict]:
+        """Groups for new parameters: the saved layout where there is one, else one group per
+        distinct set of options, in name order."""
+        if layout is not None:
+            known = set(names)
+            plan = [[n for n in group if n in known] for group in layout]
+            placed = {n for group in plan for n in group}
+            plan = [group for group in plan if group] + [[n] for n in names if n not in placed]
+        else:
+            plan, keys = [], {}
+            for name in names:
+                key = _options_key(self._options(name))
+                if key not in keys:
+                    keys[key] = len(plan)
+                    plan.append([])
+                plan[keys[key]].append(name)
+        return [{"params": [(n, named[n]) for n in group], **self._options(group[0])} for group in plan]
+
+    def _layout(self) -> list[list[str]]:
+        return [list(group["param_names"]) for group in self.sampler.param_groups]
+
+    def _options(self, name: str) -> dict[str, Any]:
+        if not callable(self.pt_optim_args):
+            return dict(self.pt_optim_args)
+        if self.pt_optim_args_argc == 1:
+            options = self.pt_optim_args(normalize_param_name(name))
+        else:
+            options = self.pt_optim_args(module_from_param_with_module_name(name), user_param_name(name))
+        if not isinstance(options, dict):
+            raise TypeError(f"Invalid optim_args: the callable returned {options!r} for {name!r} (must return a dict)")
+        return dict(options)
+
+    def _clip(self, grads: dict[Tensor, Tensor]) -> None:
+        if not self.pt_clip_args:
+            return
+        store = pyro.get_param_store()
+        for p, grad in grads.items():
+            if p not in self.grad_clip:
+                self.grad_clip[p] = self._get_grad_clip(p) if p in store._param_to_name else None
+            if self.grad_clip[p] is not None:
+                self.grad_clip[p](p)
+
+    # ------------------------------------------------------------------------------- state
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything needed to continue the chain: the sampler's ``state_dict()`` and its
+        group layout by parameter name."""
+        if self.sampler is None:
+            return dict(self._saved) if self._saved is not None else {}
+        return {"layout": self._layout(), "sampler": self.sampler.state_dict()}
+
+    def set_state(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`get_state`'s result, now or (for parameters not seen yet) as soon as
+        they are."""
+        if not state_dict:
+            return
+        if set(state_dict) != {"layout", "sampler"}:
+            raise ValueError(
+                "Invalid state: expected the result of get_state() of a pyro_sgmcmc optimizer "
+                f"(keys 'layout' and 'sampler'), got keys {sorted(state_dict)}"
+            )
+        self._saved = dict(state_dict)
+        if self.sampler is not None and self._layout() == state_dict["layout"]:
+            self.sampler.load_state_dict(state_dict["sampler"])
+            self._saved = None
+
+
+def _options_key(options: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v if not callable(v) else id(v)) for k, v in options.items()))
+
+
+def pyro_wrapper(sampler_constructor: type[SGMCMCOptimizer]) -> Callable[..., SGMCMCPyroOptim]:
+    """``fn(optim_args, clip_args=None, **options)`` making an :class:`SGMCMCPyroOptim` of
+    ``sampler_constructor``, named like it (as Pyro names its wrapped torch optimizers)."""
+
+    def wrapper(optim_args: OptimArgs, clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroOptim:
+        return SGMCMCPyroOptim(sampler_constructor, optim_args, clip_args, **options)
+
+    name = sampler_constructor.__name__
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = (
+        f"Wraps :class:`{sampler_constructor.__module__}.{name}` with "
+        ":class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroOptim`."
+    )
+    wrapper.__signature__ = inspect.signature(wrapper)  # type: ignore[attr-defined]
+    return wrapper
