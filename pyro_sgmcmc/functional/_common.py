@@ -50,12 +50,12 @@ def check_finite(tensors: Sequence[Tensor], offset: int = 0) -> None:
         sums = []
         for t in tensors:
             if t.numel() > GRAIN and t.is_contiguous():
-                sums.extend(piece.sum(dtype=_acc(t)) for piece in t.view(-1).split(GRAIN))
+                sums.extend(piece.detach().sum(dtype=_acc(t)) for piece in t.view(-1).split(GRAIN))
             else:
-                sums.append(t.sum(dtype=_acc(t)))
+                sums.append(t.detach().sum(dtype=_acc(t)))
         total = torch.stack(sums).sum()
     else:  # one fused kernel on accelerators
-        total = torch.stack(torch._foreach_norm(tensors)).sum()
+        total = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).sum()
     if math.isfinite(total):
         return
     index = first_nonfinite(tensors)
@@ -135,7 +135,7 @@ def gradient_checks(
     def check(share: list) -> None:
         for indices, plan, chunk in share:
             pieces = chunk.pieces(take(indices, grads), readonly=True)
-            sums = [p.sum(dtype=_acc(p)) for p in pieces]
+            sums = [p.detach().sum(dtype=_acc(p)) for p in pieces]
             total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
             if not math.isfinite(total):
                 index = first_nonfinite(pieces)
@@ -173,7 +173,7 @@ def fill_drift(
 
 def check_buffer(chunk: Chunk) -> None:
     """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite."""
-    if not math.isfinite(chunk.flat.sum()):
+    if not math.isfinite(chunk.flat.detach().sum()):
         index = first_nonfinite(chunk.noise)
         if index is not None:
             raise NonFiniteError(chunk.owners[index])
