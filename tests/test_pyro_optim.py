@@ -265,3 +265,62 @@ def test_bayesian_nn_with_pyro_sample_priors():
     assert samples["layer.weight"].shape == (20, 8, 2) and bool((samples["sigma"] > 0).all())
     predictive = Predictive(bnn, posterior_samples=samples, return_sites=["y"])
     assert predictive(x)["y"].shape == (20, 50)
+
+
+def test_our_scheduler_wrapper_drives_one_sampler_and_resumes(tmp_path):
+    def make():
+        return optim.ExponentialLR({"optimizer": TorchSGLD, "optim_args": {"lr": 1e-2}, "gamma": 0.5})
+
+    scheduler = make()
+    assert optim.ExponentialLR.__name__ == "ExponentialLR"
+    svi, _ = make_svi(scheduler)
+    for _ in range(2):
+        svi.step(DATA)
+        scheduler.step()
+    assert scheduler.sampler.param_groups[0]["lr"] == 2.5e-3  # one sampler, one scheduler
+    path = tmp_path / "sched.pt"
+    scheduler.save(str(path))
+    store = copy.deepcopy(pyro.get_param_store().get_state())
+    for _ in range(2):
+        svi.step(DATA)
+        scheduler.step()
+    uninterrupted = params()
+
+    resumed_scheduler = make()
+    svi2, _ = make_svi(resumed_scheduler, seed=5)
+    pyro.get_param_store().set_state(store)
+    resumed_scheduler.load(str(path))
+    for _ in range(2):
+        svi2.step(DATA)
+        resumed_scheduler.step()
+    assert resumed_scheduler.sampler.param_groups[0]["lr"] == scheduler.sampler.param_groups[0]["lr"] == 6.25e-4
+    resumed = params()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_reduce_on_plateau_takes_the_loss():
+    scheduler = optim.ReduceLROnPlateau({"optimizer": TorchSGLD, "optim_args": {"lr": 1e-2}, "patience": 0})
+    svi, _ = make_svi(scheduler)
+    svi.step(DATA)
+    for _ in range(3):
+        scheduler.step(1.0)  # no improvement: the lr drops
+    assert scheduler.sampler.param_groups[0]["lr"] < 1e-2
+
+
+def test_our_scheduler_refuses_parameters_appearing_later():
+    def growing(extra):
+        pyro.sample("a", dist.Delta(pyro.param("a_u", torch.tensor(0.0))))
+        if extra:
+            pyro.sample("b", dist.Delta(pyro.param("b_u", torch.tensor(0.0))))
+
+    def model(extra):
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        if extra:
+            pyro.sample("b", dist.Normal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    scheduler = optim.StepLR({"optimizer": TorchSGLD, "optim_args": {"lr": 1e-2}, "step_size": 1})
+    svi = SVI(model, growing, scheduler, Trace_ELBO())
+    svi.step(False)
+    with pytest.raises(NotImplementedError, match="appeared after the lr scheduler was built"):
+        svi.step(True)

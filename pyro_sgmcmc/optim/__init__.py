@@ -9,11 +9,15 @@ Pyro optimizers (layer 3), one generic wrapper for every sampler:
 
 * ``pyro_sgmcmc.optim.SGLD(optim_args, clip_args=None)``, ``pyro_sgmcmc.optim.SGNHT(...)`` --
   :class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroOptim` instances, accepted by ``SVI`` and
-  usable as a ``MultiOptimizer``.
+  usable as a ``MultiOptimizer``;
+* ``pyro_sgmcmc.optim.ExponentialLR({"optimizer": SGLD, "optim_args": {...}, "gamma": ...})`` and
+  every other torch lr scheduler, around one sampler, called as Pyro's scheduler wrappers are.
 """
 
 from .base import SGMCMCOptimizer
-from .pyro_optim import SGMCMCPyroOptim, pyro_wrapper
+import torch as _torch
+
+from .pyro_optim import SGMCMCPyroOptim, SGMCMCPyroScheduler, pyro_wrapper, scheduler_wrapper
 from .sgld import SGLD as _SGLD
 from .sgnht import SGNHT as _SGNHT
 
@@ -24,4 +28,17 @@ SAMPLERS = {"SGLD": _SGLD, "SGNHT": _SGNHT}
 for _name, _sampler in SAMPLERS.items():
     globals()[_name] = pyro_wrapper(_sampler)
 
-__all__ = ["SAMPLERS", "SGMCMCOptimizer", "SGMCMCPyroOptim", "pyro_wrapper", *SAMPLERS]
+# lr schedulers around one sampler: pyro_sgmcmc.optim.ExponentialLR({"optimizer": ..., ...}) as in pyro.optim
+_SCHEDULERS = [
+    _name
+    for _name, _cls in vars(_torch.optim.lr_scheduler).items()
+    if isinstance(_cls, type)
+    and (issubclass(_cls, _torch.optim.lr_scheduler.LRScheduler) or _name == "ReduceLROnPlateau")
+    and not _name.startswith("_")
+    and _name != "LRScheduler"
+]
+for _name in _SCHEDULERS:
+    globals()[_name] = scheduler_wrapper(getattr(_torch.optim.lr_scheduler, _name))
+
+__all__ = ["SAMPLERS", "SGMCMCOptimizer", "SGMCMCPyroOptim", "SGMCMCPyroScheduler", "pyro_wrapper",
+           "scheduler_wrapper", *SAMPLERS, *_SCHEDULERS]

@@ -204,7 +204,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         they are."""
         if not state_dict:
             return
-        if set(state_dict) != {"layout", "sampler"}:
+        if not {"layout", "sampler"} <= set(state_dict) <= {"layout", "sampler", "scheduler"}:
             raise ValueError(
                 "Invalid state: expected the result of get_state() of a pyro_sgmcmc optimizer "
                 f"(keys 'layout' and 'sampler'), got keys {sorted(state_dict)}"
@@ -233,4 +233,96 @@ def pyro_wrapper(sampler_constructor: type[SGMCMCOptimizer]) -> Callable[..., SG
         ":class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroOptim`."
     )
     wrapper.__signature__ = inspect.signature(wrapper)  # type: ignore[attr-defined]
+    return wrapper
+
+
+class SGMCMCPyroScheduler(SGMCMCPyroOptim):
+    """A torch lr scheduler driving one wrapped sampler, with the calling convention of Pyro's
+    :class:`~pyro.optim.lr_scheduler.PyroLRScheduler`::
+
+        scheduler = pyro_sgmcmc.optim.ExponentialLR(
+            {"optimizer": pyro_sgmcmc.optim.sgld.SGLD, "optim_args": {"lr": 1e-3}, "gamma": 0.99})
+        svi = SVI(model, guide, scheduler, Trace_ELBO())
+        for epoch in range(epochs):
+            svi.step(data)
+            scheduler.step()
+
+    Unlike Pyro's, which builds one optimizer and one scheduler per parameter, all parameters
+    are stepped together by one sampler, in param-store name order, and one scheduler drives it;
+    its state is part of :meth:`get_state`. The scheduler is built at the first step, so every
+    parameter must exist by then (a parameter appearing later is refused with an error).
+
+    :param scheduler_constructor: a ``torch.optim.lr_scheduler`` class.
+    :param optim_args: ``{"optimizer": sampler class, "optim_args": sampler options, **scheduler
+        options}``.
+    :param clip_args: as for :class:`SGMCMCPyroOptim`.
+    """
+
+    def __init__(self, scheduler_constructor: type, optim_args: dict[str, Any], clip_args: OptimArgs | None = None,
+                 **options: Any) -> None:
+        optim_args = dict(optim_args)
+        try:
+            sampler_constructor = optim_args.pop("optimizer")
+            sampler_args = optim_args.pop("optim_args")
+        except KeyError as missing:
+            raise ValueError(f"Invalid optim_args: missing key {missing} (needs 'optimizer' and 'optim_args')") from None
+        super().__init__(sampler_constructor, sampler_args, clip_args, **options)
+        self.scheduler_constructor = scheduler_constructor
+        self.scheduler_args = optim_args
+        self.scheduler = None
+        self._saved_scheduler: dict[str, Any] | None = None
+
+    def _register(self, names: list[str], named: dict[str, Tensor]) -> None:
+        if self.scheduler is not None:
+            new = [name for name in names if self._by_name.get(name) is not named[name]]
+            if new:
+                raise NotImplementedError(
+                    f"Parameters {new} appeared after the lr scheduler was built; with a scheduler, every "
+                    "parameter must exist at the first step"
+                )
+            return
+        super()._register(names, named)
+        self.scheduler = self.scheduler_constructor(self.sampler, **self.scheduler_args)
+        if self._saved_scheduler is not None:
+            self.scheduler.load_state_dict(self._saved_scheduler)
+            self._saved_scheduler = None
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the scheduler (arguments as torch's scheduler takes, e.g. a loss for
+        ``ReduceLROnPlateau``)."""
+        if self.scheduler is not None:
+            self.scheduler.step(*args, **kwargs)
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        elif self._saved_scheduler is not None:
+            state["scheduler"] = self._saved_scheduler
+        return state
+
+    def set_state(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        scheduler_state = state_dict.pop("scheduler", None)
+        super().set_state(state_dict)
+        if scheduler_state is not None:
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(scheduler_state)
+            else:
+                self._saved_scheduler = scheduler_state
+
+
+def scheduler_wrapper(scheduler_constructor: type) -> Callable[..., SGMCMCPyroScheduler]:
+    """``fn(optim_args, clip_args=None, **options)`` making an :class:`SGMCMCPyroScheduler` of
+    ``scheduler_constructor``, named like it."""
+
+    def wrapper(optim_args: dict[str, Any], clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroScheduler:
+        return SGMCMCPyroScheduler(scheduler_constructor, optim_args, clip_args, **options)
+
+    name = scheduler_constructor.__name__
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = (
+        f"Wraps :class:`torch.optim.lr_scheduler.{name}` around one pyro_sgmcmc sampler with "
+        ":class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroScheduler`."
+    )
     return wrapper
