@@ -3,8 +3,8 @@ device/dtype buckets and per-step diagnostics. Pure torch; no Pyro here."""
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -36,31 +36,40 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
 
 
 def check_finite(tensors: Sequence[Tensor], offset: int = 0) -> None:
-    """Raise :class:`NonFiniteError` if any tensor holds NaN or Inf.
-
-    A sum is the fast test (one cheap reduction; NaN and Inf propagate through it). Only when a
-    sum is not finite is each tensor inspected entry by entry, so that a sum that merely
-    overflowed is not mistaken for a bad gradient. On the CPU the sums run over ``GRAIN``-sized
-    pieces, each on one thread: this check runs while the noise threads draw, and an OpenMP
-    team woken here would fight them for the cores.
-    """
+    """Raise :class:`NonFiniteError` (with the tensor's index plus ``offset``) if any tensor
+    holds NaN or Inf. On the CPU, large tensors are checked in ``GRAIN``-sized pieces (see
+    :func:`first_bad_piece`); on accelerators, with one fused norm kernel."""
     if not tensors:
         return
     if tensors[0].device.type == "cpu":
-        sums = []
-        for t in tensors:
-            if t.numel() > GRAIN and t.is_contiguous():
-                sums.extend(piece.detach().sum(dtype=_acc(t)) for piece in t.view(-1).split(GRAIN))
-            else:
-                sums.append(t.detach().sum(dtype=_acc(t)))
-        total = torch.stack(sums).sum()
-    else:  # one fused kernel on accelerators
-        total = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).sum()
-    if math.isfinite(total):
+        pieces, owners = [], []
+        for i, t in enumerate(tensors):
+            parts = t.view(-1).split(GRAIN) if t.numel() > GRAIN and t.is_contiguous() else [t]
+            pieces.extend(parts)
+            owners.extend([i] * len(parts))
+        bad = first_bad_piece(pieces)
+        if bad is not None:
+            raise NonFiniteError(offset + owners[bad])
         return
-    index = first_nonfinite(tensors)
-    if index is not None:
-        raise NonFiniteError(offset + index)
+    if not math.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in tensors])).sum()):
+        index = first_nonfinite(tensors)
+        if index is not None:
+            raise NonFiniteError(offset + index)
+
+
+def first_bad_piece(pieces: Sequence[Tensor]) -> int | None:
+    """Index of the first piece holding NaN or Inf, or ``None``.
+
+    A sum per piece is the fast test (NaN and Inf propagate through it); only when the total is
+    not finite are the pieces inspected entry by entry, so a sum that merely overflowed is not a
+    false alarm. Pieces of at most ``GRAIN`` elements are summed on one thread each, so checks
+    can run beside the noise threads without waking an OpenMP team that would fight them.
+    """
+    sums = [p.detach().sum(dtype=_acc(p)) for p in pieces]
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    if math.isfinite(total):
+        return None
+    return first_nonfinite(pieces)
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -123,24 +132,16 @@ def plan_buckets(
 def gradient_checks(
     bucket_plans: list[tuple[list[int], NoisePlan]], grads: Sequence[Tensor], parts: int = NUM_STREAMS
 ) -> list[Callable[[], None]]:
-    """``parts`` callables that together check every gradient, chunk by chunk, each raising
-    :class:`NonFiniteError` (with the gradient's index in ``grads``) on a NaN or Inf.
-
-    A sum per piece is the fast test (pieces are at most ``GRAIN`` long on the CPU, so each sum
-    runs on one thread and the callables can run side by side in the noise threads); only a
-    non-finite sum is inspected entry by entry, so an overflowing sum is not a false alarm.
-    """
+    """``parts`` callables that together check every gradient, chunk by chunk (with
+    :func:`first_bad_piece`), each raising :class:`NonFiniteError` (with the gradient's index in
+    ``grads``) on a NaN or Inf; they can run side by side in the noise threads."""
     jobs = [(indices, plan, chunk) for indices, plan in bucket_plans for chunk in plan]
 
     def check(share: list) -> None:
         for indices, plan, chunk in share:
-            pieces = chunk.pieces(take(indices, grads), readonly=True)
-            sums = [p.detach().sum(dtype=_acc(p)) for p in pieces]
-            total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-            if not math.isfinite(total):
-                index = first_nonfinite(pieces)
-                if index is not None:
-                    raise NonFiniteError(indices[chunk.owners[index]])
+            bad = first_bad_piece(chunk.pieces(take(indices, grads), readonly=True))
+            if bad is not None:
+                raise NonFiniteError(indices[chunk.owners[bad]])
 
     return [functools.partial(check, jobs[k::parts]) for k in range(min(parts, len(jobs)))]
 
