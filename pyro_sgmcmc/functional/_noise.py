@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -197,14 +197,16 @@ class NoiseSource:
         gates: Sequence[Callable[[], None]] = (),
     ) -> list[Any]:
         """Draw each chunk's noise (``N(0, std^2)``) and call ``body(chunk)`` on it; return the
-        results in chunk order. ``gates`` (e.g. finiteness checks) run first, side by side in
-        the noise threads where there are any; no ``body`` runs before all have returned, and
-        none at all if one raises (its exception is raised here).
+        results in chunk order. ``gates`` (e.g. finiteness checks) run in the calling thread
+        while the first noise is drawn; no ``body`` runs before all have returned, and none at
+        all if one raises (its exception is raised here).
 
         On the CPU, with more than one chunk and more than one torch thread, chunks are drawn
-        and worked on in the noise threads, at most one per stream at a time. ``body`` must then
-        only touch its own chunk's pieces (chunks are disjoint), and anything it sums is
-        returned, to be added up in chunk order, so the result does not depend on timing.
+        and worked on in the noise threads: one "lane" per buffer takes chunks ``slot,
+        slot + slots, ...`` in order, so a stream and its buffer are never used by two threads
+        at once. ``body`` must then only touch its own chunk's pieces (chunks are disjoint), and
+        anything it sums is returned, to be added up in chunk order, so the result does not
+        depend on timing.
         """
         if plan.device.type != "cpu":
             root = self._root(plan.device.type)
@@ -223,40 +225,37 @@ class NoiseSource:
         grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
         opened = threading.Event()
         refused: list[bool] = []
-        pending: dict[int, Future] = {}
-        results: list[Any] = []
 
-        def job(index: int) -> Any:
-            chunk = chunks[index]
-            _fill_then(None, chunk, std, streams[index % self.num_streams])
-            opened.wait()
-            if refused:
-                return None
-            with torch.set_grad_enabled(grad_mode):
-                return body(chunk)
+        def lane(slot: int) -> list[tuple[int, Any]]:
+            """Chunks slot, slot + slots, ... in order: one stream and one buffer, no hand-offs."""
+            done = []
+            for index in range(slot, len(chunks), slots):
+                chunk = chunks[index]
+                _fill_then(None, chunk, std, streams[index % self.num_streams])
+                opened.wait()
+                if refused:
+                    break
+                with torch.set_grad_enabled(grad_mode):
+                    done.append((index, body(chunk)))
+            return done
 
-        def submit(index: int) -> None:
-            if index < len(chunks):
-                pending[index] = pool.submit(job, index)
-
+        lanes = [pool.submit(lane, slot) for slot in range(slots)]
+        results: list[Any] = [None] * len(chunks)
         try:
-            checks = [pool.submit(gate) for gate in gates]  # queued first: run before the fills
-            for index in range(slots):
-                submit(index)
             try:
-                for check in checks:
-                    check.result()
+                for gate in gates:  # here, while the lanes draw their first noise
+                    gate()
             except BaseException:
                 refused.append(True)
                 raise
             finally:
                 opened.set()
-            for index in range(len(chunks)):
-                results.append(pending.pop(index).result())
-                submit(index + slots)  # the same stream and buffer as the chunk just finished
+            for finished in lanes:
+                for index, value in finished.result():
+                    results[index] = value
         finally:  # an abandoned step: let the streams finish before anyone uses them again
-            for future in pending.values():
-                future.exception()
+            for finished in lanes:
+                finished.exception()
         return results
 
     def state_dict(self) -> dict[str, Any]:
