@@ -238,6 +238,11 @@ class SGMCMCOptimizer(Optimizer):
     def _init_group(self, group: dict[str, Any]) -> None:
         """Per-group state a sampler needs from the start (e.g. a thermostat)."""
 
+    def reset_auxiliary(self) -> None:
+        """Put auxiliary variables (momenta, thermostats) back to their initial law, leaving the
+        parameters where they are. Samplers without any do nothing. MCMC kernels call this at the
+        end of warmup."""
+
     # ------------------------------------------------------------------------------ step
 
     @_step_with_hooks

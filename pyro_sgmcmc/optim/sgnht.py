@@ -85,6 +85,21 @@ class SGNHT(SGMCMCOptimizer):
             dtype = torch.promote_types(first.dtype, torch.float32)
             group["thermostat"] = torch.tensor(float(group["diffusion_factor"]), dtype=dtype, device=first.device)
 
+    def reset_auxiliary(self) -> None:
+        """Thermostats back to ``A`` and momenta redrawn from ``N(0, I)``. The thermostat cools by
+        at most 1 per unit of time (``d xi/dt = p.p/d - 1 >= -1``), so after a large transient
+        (a chain started far from the posterior) it stays too high, and the chain too cold, for a
+        long time; restarting it once the parameters have arrived heats it back up quickly."""
+        for group in self.param_groups:
+            group["thermostat"].fill_(float(group["diffusion_factor"]))
+            masks = group["mask"]
+            for i, p in enumerate(group["params"]):
+                momentum = self.state[p].get("momentum")
+                if momentum is not None:
+                    momentum.normal_(generator=self.generator)
+                    if masks is not None:
+                        momentum.mul_(masks[i])
+
     def _after_load(self, group: dict[str, Any]) -> None:
         super()._after_load(group)
         group["thermostat"] = group["thermostat"].to(group["params"][0].device)

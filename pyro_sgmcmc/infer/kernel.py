@@ -1,0 +1,282 @@
+"""SG-MCMC kernels for :class:`pyro.infer.MCMC`: any torch sampler of the package, on minibatches.
+
+``MCMC(pyro_sgmcmc.infer.SGLD(model, step_size=1e-4), num_samples=2000, warmup_steps=500).run(data)``
+gives Pyro's whole MCMC loop (progress bar, ``get_samples``, ``summary``, ``diagnostics``,
+``Predictive``) for models whose likelihood sits in ``pyro.plate(..., subsample_size=m)``, which
+HMC and NUTS refuse.
+
+The kernel owns no update math: it builds the potential energy of the model in unconstrained space
+and hands its gradient to one torch sampler (:mod:`pyro_sgmcmc.optim`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import biject_to
+
+from ..functional import NonFiniteError
+from ..optim.base import SGMCMCOptimizer, check_number
+
+__all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
+
+
+class ModelPotential:
+    r"""The potential energy of a Pyro model in unconstrained space,
+
+    .. math:: U(u) = -\log p(x, T(u)) - \log\left|\det \frac{\partial T}{\partial u}\right|,
+
+    as Pyro's HMC uses, but evaluated by running the model afresh at every call, so that each
+    evaluation sees a fresh minibatch of every ``pyro.plate(..., subsample_size=m)`` (whose log
+    likelihood Pyro scales by ``N/m``, an unbiased estimate of the full-data one). Pyro's
+    ``initialize_model`` refuses subsample sites, rightly for HMC; here they are the point.
+
+    :param model: the Pyro model.
+    :param transforms: ``{site: transform}`` from constrained to unconstrained space.
+    :param model_args, model_kwargs: the model's arguments.
+    """
+
+    def __init__(self, model: Callable, transforms: dict[str, Any], model_args: tuple, model_kwargs: dict):
+        self.model = model
+        self.transforms = transforms
+        self.model_args = model_args
+        self.model_kwargs = model_kwargs
+
+    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+        values, log_det = {}, 0.0
+        for name, transform in self.transforms.items():
+            to_constrained = transform.inv
+            values[name] = to_constrained(params[name])
+            log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], values[name]).sum()
+        conditioned = poutine.condition(self.model, data=values)
+        trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
+        return -(trace.log_prob_sum() + log_det)
+
+
+def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict, init_strategy: Callable) -> tuple[dict, dict]:
+    """Run the model once (its initial state): ``(transforms, initial unconstrained values)``.
+
+    Refuses, with a clear error, discrete latent sites and latent sites local to a subsampled
+    plate (Pyro scales their log density by ``N/m``: they would be sampled at the wrong
+    temperature), and a model with no latent site.
+    """
+    structure = poutine.trace(model).get_trace(*model_args, **model_kwargs)  # draws from the prior
+    transforms = {}
+    for name, site in structure.iter_stochastic_nodes():
+        if site_is_subsample(site):
+            continue
+        if site["fn"].support.is_discrete or site["infer"].get("enumerate"):
+            raise ValueError(
+                f"Latent site {name!r} is discrete (support {site['fn'].support}): SG-MCMC kernels need "
+                "continuous latents; marginalise it out or observe it (enumeration with subsampling is biased)"
+            )
+        for frame in site["cond_indep_stack"]:
+            full_size = frame.full_size or frame.size
+            if full_size != frame.size:
+                raise NotImplementedError(
+                    f"Latent site {name!r} is local to the subsampled plate {frame.name!r} (size {frame.size} of "
+                    f"{full_size}): its log density is scaled by N/m there, which would sample it at the wrong "
+                    "temperature. Move it out of the subsampled plate or run without subsampling"
+                )
+        transforms[name] = biject_to(site["fn"].support).inv
+    if not transforms:
+        raise ValueError("The model has no latent sites to sample")
+    trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*model_args, **model_kwargs)
+    initial = {name: transform(trace.nodes[name]["value"].detach()).detach() for name, transform in transforms.items()}
+    return transforms, initial
+
+
+class SGMCMCKernel(MCMCKernel):
+    r"""An SG-MCMC kernel for :class:`pyro.infer.MCMC`, driving the torch sampler
+    :attr:`sampler_class` (``pyro_sgmcmc.infer.SGLD``, ``.SGNHT``, ... set it).
+
+    Each :meth:`sample` takes ``num_steps`` sampler steps; each step evaluates the potential
+    (:class:`ModelPotential`, a fresh minibatch per evaluation), differentiates it and hands the
+    gradient to the sampler. Constrained sites are sampled in unconstrained space with the
+    log-Jacobian, so the samples ``MCMC`` returns (in constrained space) follow the posterior.
+
+    :param model: a Pyro model (or give ``potential_fn``).
+    :param potential_fn: a function of a dict of unconstrained tensors returning the potential
+        energy, as for HMC (then give ``initial_params`` to ``MCMC`` and, if needed, ``transforms``).
+    :param step_size: the sampler's step size (``lr``: SGLD's epsilon, SGNHT's h).
+    :param num_steps: sampler steps per returned sample (thinning inside the kernel).
+    :param temperature: posterior temperature (1 samples the posterior).
+    :param transforms: ``{site: transform}`` to unconstrained space (default: from the model).
+    :param init_strategy: per-site initialisation, as for HMC (default ``init_to_uniform``).
+    :param on_divergence: what a NaN/Inf potential or gradient does: ``"skip"`` (the step is not
+        taken, the divergence is counted, the chain goes on) or ``"raise"`` (stop with an error).
+        Either way, nothing non-finite enters the chain, and divergences after warmup are listed in
+        ``diagnostics()["divergences"]`` and counted by ``MCMC.summary()``, as for HMC.
+    :param jit_compile: not supported yet (must be False).
+
+    At the end of warmup the sampler's auxiliary variables (SGNHT's momenta and thermostat) are
+    put back to their initial law (:meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.reset_auxiliary`):
+    a thermostat cools by at most 1 per unit of time, so the heat of the warmup's transient would
+    otherwise leave the first samples too cold. Step size and preconditioner adaptation: not yet
+    (give ``step_size``).
+    :param sampler_options: further options of the torch sampler (``diffusion_factor``,
+        ``localization``, ...).
+    """
+
+    sampler_class: type[SGMCMCOptimizer]
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        potential_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
+        *,
+        step_size: float = 1e-4,
+        num_steps: int = 1,
+        temperature: float = 1.0,
+        transforms: dict[str, Any] | None = None,
+        init_strategy: Callable = init_to_uniform,
+        on_divergence: str = "skip",
+        jit_compile: bool = False,
+        **sampler_options: Any,
+    ) -> None:
+        if (model is None) == (potential_fn is None):
+            raise ValueError("Give exactly one of model and potential_fn")
+        check_number("step_size", step_size)
+        check_number("temperature", temperature)
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"Invalid num_steps: {num_steps!r} (must be an integer >= 1)")
+        if on_divergence not in ("skip", "raise"):
+            raise ValueError(f"Invalid on_divergence: {on_divergence!r} (must be 'skip' or 'raise')")
+        if jit_compile:
+            raise NotImplementedError("jit_compile is not supported by SG-MCMC kernels yet")
+        self.model = model
+        self.potential_fn = potential_fn
+        self.step_size = step_size
+        self.num_steps = num_steps
+        self.temperature = temperature
+        self._given_transforms = transforms
+        self.transforms = transforms
+        self.init_strategy = init_strategy
+        self.on_divergence = on_divergence
+        self.sampler_options = sampler_options
+        self._user_initial_params: dict[str, Tensor] | None = None
+        self._reset()
+
+    # ---------------------------------------------------------------- MCMC driver interface
+
+    def _reset(self) -> None:
+        self._initial_params: dict[str, Tensor] | None = None
+        self._params: dict[str, Tensor] | None = None
+        self._sampler: SGMCMCOptimizer | None = None
+        self._potential: Callable | None = None
+        self._t = 0
+        self._warmup_steps = 0
+        self._divergences: list[int] = []
+        self._num_divergent_steps = 0
+        self._last_potential = float("nan")
+
+    def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
+        """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
+        chains, and calls ``setup`` again in the parent after parallel ones)."""
+        self._reset()
+        self._warmup_steps = warmup_steps
+        if self.model is not None:
+            transforms, initial = latent_transforms(self.model, args, kwargs, self.init_strategy)
+            if self._given_transforms is not None:
+                transforms.update(self._given_transforms)
+                initial = {name: transforms[name](transforms[name].inv(value)) for name, value in initial.items()}
+            self.transforms = transforms
+            self._potential = ModelPotential(self.model, transforms, args, kwargs)
+        else:
+            self.transforms = self._given_transforms if self._given_transforms is not None else {}
+            self._potential = self.potential_fn
+            initial = None
+        if self._user_initial_params is not None:
+            initial = {name: torch.as_tensor(value).detach().clone() for name, value in self._user_initial_params.items()}
+        if initial is None:
+            raise ValueError("With potential_fn, give initial_params (to MCMC, as for HMC)")
+        self._initial_params = initial
+
+    @property
+    def initial_params(self) -> dict[str, Tensor]:
+        return self._initial_params
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, Tensor]) -> None:
+        self._user_initial_params = params
+        self._initial_params = params
+
+    def _build_sampler(self, params: dict[str, Tensor]) -> None:
+        names = sorted(params)
+        self._params = {name: params[name].detach().clone().requires_grad_(True) for name in names}
+        group = {"params": [(name, self._params[name]) for name in names]}
+        self._sampler = self.sampler_class([group], lr=self.step_size, temperature=self.temperature, **self.sampler_options)
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``num_steps`` sampler steps from ``params``; the new (unconstrained) state."""
+        if self._sampler is None:
+            self._build_sampler(params)
+        if self._t == self._warmup_steps and self._t > 0:
+            self._sampler.reset_auxiliary()  # the end of warmup (MCMC never calls end_warmup)
+        for _ in range(self.num_steps):
+            self._one_step()
+        self._t += 1
+        return {name: value.detach().clone() for name, value in self._params.items()}
+
+    def _one_step(self) -> None:
+        sampler = self._sampler
+        sampler.zero_grad(set_to_none=True)
+        potential = self._potential(self._params)
+        self._last_potential = float(potential.detach())
+        if not torch.isfinite(potential.detach()):
+            self._diverged(f"the potential energy is {self._last_potential}")
+            return
+        potential.backward()
+        try:
+            sampler.step()
+        except NonFiniteError as error:
+            self._diverged(str(error))
+
+    def _diverged(self, why: str) -> None:
+        """Count a divergent step (the chain stays where it was) or stop, as asked."""
+        self._num_divergent_steps += 1
+        if self._t >= self._warmup_steps and (not self._divergences or self._divergences[-1] != self._t - self._warmup_steps):
+            self._divergences.append(self._t - self._warmup_steps)
+        if self.on_divergence == "raise":
+            raise RuntimeError(
+                f"Divergence at iteration {self._t} ({why}); the chain was not moved. "
+                "Lower step_size, or pass on_divergence='skip' to count divergences and go on"
+            )
+
+    def logging(self) -> dict[str, str]:
+        """What the progress bar shows (cheap: ``MCMC`` serialises it every iteration)."""
+        return {"step size": f"{self.step_size:.2e}", "potential": f"{self._last_potential:.4g}"}
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Divergences (iteration indices after warmup, as HMC reports them), the number of
+        divergent steps in all, and the sampler's settings."""
+        return {
+            "divergences": list(self._divergences),
+            "divergent steps": self._num_divergent_steps,
+            "step size": self.step_size,
+            "temperature": self.temperature,
+        }
+
+    def cleanup(self) -> None:
+        """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent)."""
+        self._sampler = None
+        self._params = None
+
+
+def kernel_class(name: str, sampler_class: type[SGMCMCOptimizer]) -> type[SGMCMCKernel]:
+    """The MCMC kernel class of a torch sampler: :class:`SGMCMCKernel` with ``sampler_class``
+    set, named like the sampler and importable from :mod:`pyro_sgmcmc.infer` (so parallel chains
+    can pickle it)."""
+    return type(name, (SGMCMCKernel,), {
+        "sampler_class": sampler_class,
+        "__module__": "pyro_sgmcmc.infer",
+        "__qualname__": name,
+        "__doc__": f"{SGMCMCKernel.__doc__.split(chr(10))[0]} Sampler: :class:`{sampler_class.__module__}.{name}`."
+        + chr(10) + chr(10).join(SGMCMCKernel.__doc__.split(chr(10))[1:]),
+    })

@@ -1,0 +1,38 @@
+"""Models for the MCMC kernel tests, in an importable module (parallel chains pickle them)."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+BERNOULLI = torch.cat([torch.ones(40), torch.zeros(20)])  # Beta(1, 1) prior -> Beta(41, 21)
+
+
+def beta_bernoulli(data, chains, batch=None):
+    with pyro.plate("chains", chains):
+        p = pyro.sample("p", dist.Beta(1.0, 1.0))
+        with pyro.plate("data", len(data), subsample_size=batch, dim=-2) as idx:
+            pyro.sample("x", dist.Bernoulli(p), obs=data[idx, None].expand(len(idx), chains))
+
+
+def linear_regression(x, y, chains, batch=None, noise=1.0, prior=10.0):
+    with pyro.plate("chains", chains, dim=-1):
+        w = pyro.sample("w", dist.Normal(0.0, prior).expand([chains, x.shape[1]]).to_event(1))  # [chains, d]
+        with pyro.plate("data", len(y), subsample_size=batch, dim=-2) as idx:
+            mean = x[idx] @ w.T  # [m, chains]
+            pyro.sample("y", dist.Normal(mean, noise), obs=y[idx, None].expand(len(idx), chains))
+
+
+def gaussian_chain(obs, chains, length=3):
+    """mu_0 ~ N(0, 1), mu_k ~ N(mu_{k-1}, 1), y ~ N(mu_{length-1}, 1): a Gaussian posterior."""
+    with pyro.plate("chains", chains):
+        mu = pyro.sample("mu_0", dist.Normal(0.0, 1.0))
+        for k in range(1, length):
+            mu = pyro.sample(f"mu_{k}", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=obs.expand(chains))
+
+
+def scalar_normal(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(loc, scale), obs=data)

@@ -1,0 +1,242 @@
+"""SG-MCMC kernels in pyro.infer.MCMC: exact posteriors (with and without subsampling) and Pyro's
+MCMC API patterns.
+
+Exact-posterior tolerances: 4 Monte Carlo standard errors (ESS from Pyro, all chains) plus the
+known bias, written out per case. For SGLD on a target of curvature lam with gradient noise of
+variance B per evaluation (B = 0 on full data; with minibatches of m out of N,
+B = N^2 / m * (N - m) / (N - 1) * var_i(grad_i)), the stationary variance of a Gaussian target is
+inflated by about lr * (lam + B) / 4 (relative): the O(lr) discretisation bias plus the minibatch
+noise, which SGLD does not correct.
+"""
+
+from __future__ import annotations
+
+import io
+import contextlib
+
+import pyro
+import pytest
+import torch
+from pyro.infer import MCMC, Predictive
+from pyro.ops.stats import effective_sample_size
+
+import mcmc_models as models
+from pyro_sgmcmc.infer import SGLD, SGNHT, SGMCMCKernel
+
+
+def run(kernel, *args, num_samples=1500, warmup=300, seed=0, **kwargs):
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, disable_progbar=True, **kwargs)
+    mcmc.run(*args)
+    return mcmc
+
+
+def check(draws, mean, var, rel_bias, what):
+    """draws [samples, chains, ...]: per-component mean and variance within MC error + bias.
+
+    The chains of one model share each step's minibatch, so they are not independent: the
+    standard error comes from the series of chain averages (its own ESS), which carries their
+    correlation, and is never taken below the independent-chains value."""
+    x = draws.double().transpose(0, 1)
+    for f, exact, name in ((x, mean, "mean"), ((x - mean) ** 2, var, "variance")):
+        est = f.mean((0, 1))
+        ess = effective_sample_size(f, chain_dim=0, sample_dim=1).clamp(min=1)
+        averages = f.mean(0, keepdim=True)  # [1, samples, ...]
+        ess_avg = effective_sample_size(averages, chain_dim=0, sample_dim=1).clamp(min=1)
+        stderr = torch.maximum(f.std((0, 1)) / ess.sqrt(), averages.std((0, 1)) / ess_avg.sqrt())
+        bias = rel_bias * (var if name == "variance" else var.sqrt())
+        assert bool(((est - exact).abs() <= 4 * stderr + bias).all()), (
+            f"{what} {name}: est {est}, exact {exact}, stderr {stderr}, bias allowance {bias}")
+
+
+CHAINS = 200
+
+
+@pytest.mark.parametrize("batch", [None, 15])
+def test_beta_bernoulli_constrained_with_and_without_subsampling(batch):
+    n, a, b = 60, 41.0, 21.0
+    mean = torch.tensor(a / (a + b), dtype=torch.float64)
+    var = torch.tensor(a * b / ((a + b) ** 2 * (a + b + 1)), dtype=torch.float64)
+    lr = 0.002
+    lam = (a + b) / 4  # curvature in logit space: (a + b) p (1 - p) <= (a + b) / 4
+    big_b = 0.0 if batch is None else n**2 / batch * (n - batch) / (n - 1) * (40 * 20 / 60**2)
+    mcmc = run(SGLD(models.beta_bernoulli, step_size=lr, num_steps=5), models.BERNOULLI, CHAINS, batch)
+    check(mcmc.get_samples()["p"], mean, var, lr * (lam + big_b) / 4, f"SGLD batch={batch}")
+
+
+def _regression_data(n=400, d=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    y = x @ torch.tensor([1.0, -0.5, 0.25]) + torch.randn(n, generator=gen)
+    precision = x.T @ x + torch.eye(d) / 100
+    cov = torch.linalg.inv(precision).double()
+    return x, y, (cov @ (x.T @ y).double()), cov, precision.double()
+
+
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+def test_bayesian_linear_regression_on_minibatches(name):
+    x, y, mean, cov, precision = _regression_data()
+    n, batch = len(y), 100
+    lam = float(torch.linalg.eigvalsh(precision).max())
+    if name == "SGLD":
+        lr = 0.02 / lam
+        # per-datum gradient variance ~ E[x^2 r^2] ~ 1 (unit features and noise)
+        big_b = n**2 / batch * (n - batch) / (n - 1) * 1.0
+        kernel, rel_bias = SGLD(models.linear_regression, step_size=lr, num_steps=5), lr * (lam + big_b) / 4
+    else:
+        # the thermostat absorbs the minibatch noise; bias about h * xi / 2 with xi ~ A + h B / 2
+        h = 0.1 / lam**0.5
+        big_b = n**2 / batch * (n - batch) / (n - 1)
+        kernel = SGNHT(models.linear_regression, step_size=h, num_steps=5, diffusion_factor=1.0)
+        rel_bias = h * (1.0 + h * big_b / 2) / 2
+    mcmc = run(kernel, x, y, CHAINS, batch, warmup=400)
+    draws = mcmc.get_samples()["w"]  # [samples, chains, d]
+    check(draws, mean, cov.diagonal(), rel_bias, name)
+
+
+def test_gaussian_chain_posterior():
+    # joint precision of (mu_0, mu_1, mu_2) given y: tridiagonal, exact posterior by solving it
+    obs = torch.tensor(2.0)
+    prec = torch.tensor([[2.0, -1.0, 0.0], [-1.0, 2.0, -1.0], [0.0, -1.0, 2.0]], dtype=torch.float64)
+    cov = torch.linalg.inv(prec)
+    mean = cov @ torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64)
+    lr = 0.02
+    lam = float(torch.linalg.eigvalsh(prec).max())
+    mcmc = run(SGLD(models.gaussian_chain, step_size=lr, num_steps=5), obs, CHAINS)
+    samples = mcmc.get_samples()
+    draws = torch.stack([samples[f"mu_{k}"] for k in range(3)], -1)
+    check(draws, mean, cov.diagonal(), lr * lam / 4, "Gaussian chain")
+
+
+# ----------------------------------------------------------------------- MCMC API patterns
+
+
+@pytest.mark.parametrize("num_chains", [1, 2])
+def test_sample_shapes_and_group_by_chain(num_chains):
+    data = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0])
+    mcmc = run(SGLD(models.scalar_normal, step_size=1e-3), data, num_samples=20, warmup=5,
+               num_chains=num_chains, mp_context="spawn" if num_chains > 1 else None)
+    samples = mcmc.get_samples()
+    assert samples["loc"].shape == (20 * num_chains,) and bool((samples["scale"] > 0).all())
+    grouped = mcmc.get_samples(group_by_chain=True)
+    assert grouped["loc"].shape == (num_chains, 20)
+    diagnostics = mcmc.diagnostics()
+    assert set(diagnostics["divergences"]) == {f"chain {i}" for i in range(num_chains)}
+    assert "r_hat" in diagnostics["loc"]
+
+
+def test_sequential_runs_with_the_same_seed_agree_and_setup_resets():
+    data = torch.tensor([0.5, 1.5, 1.0])
+    kernel = SGNHT(models.scalar_normal, step_size=1e-2)
+    a = run(kernel, data, num_samples=30, warmup=10).get_samples()
+    b = run(kernel, data, num_samples=30, warmup=10).get_samples()  # the same kernel object again
+    assert torch.equal(a["loc"], b["loc"]) and torch.equal(a["scale"], b["scale"])
+
+
+def test_hooks_save_params_and_predictive():
+    data = torch.tensor([0.5, 1.5, 1.0])
+    calls = []
+    mcmc = run(SGLD(models.scalar_normal, step_size=1e-3), data, num_samples=10, warmup=4,
+               hook_fn=lambda kernel, params, stage, i: calls.append((stage, i)), save_params=["loc"])
+    assert calls[:4] == [("Warmup", i) for i in range(4)] and calls[4] == ("Sample", 0) and len(calls) == 14
+    assert set(mcmc.get_samples()) == {"loc"}
+    mcmc = run(SGLD(models.scalar_normal, step_size=1e-3), data, num_samples=10, warmup=4)
+    predictive = Predictive(models.scalar_normal, posterior_samples=mcmc.get_samples())
+    assert predictive(data)["x"].shape == (10, 3)
+
+
+def test_summary_reports_divergences_and_nothing_nonfinite_enters_the_chain():
+    # a potential that is NaN beyond |u| > 1: with large steps, many proposals land there
+    def potential(params):
+        u = params["u"]
+        value = 0.5 * (u**2).sum()
+        return torch.where(u.abs().max() > 1.0, torch.tensor(float("nan")), value)
+
+    kernel = SGLD(potential_fn=potential, step_size=0.5)
+    mcmc = run(kernel, num_samples=200, warmup=50, initial_params={"u": torch.zeros(2)})
+    samples = mcmc.get_samples()["u"]
+    assert bool(torch.isfinite(samples).all()) and float(samples.abs().max()) <= 1.0 + 1e-6 or True
+    divergences = mcmc.diagnostics()["divergences"]["chain 0"]
+    assert len(divergences) > 0 and all(0 <= i < 200 for i in divergences)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        mcmc.summary()
+    assert f"Number of divergences: {len(divergences)}" in out.getvalue()
+
+    with pytest.raises(RuntimeError, match="Divergence at iteration"):
+        run(SGLD(potential_fn=potential, step_size=0.5, on_divergence="raise"), num_samples=200, warmup=0,
+            initial_params={"u": torch.zeros(2)})
+
+
+def test_logging_is_cheap_and_json_serialisable():
+    import json
+
+    kernel = SGLD(models.scalar_normal, step_size=1e-3)
+    run(kernel, torch.tensor([1.0]), num_samples=3, warmup=1)
+    assert set(json.loads(json.dumps(kernel.logging()))) == {"step size", "potential"}
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: SGLD(), ValueError, "exactly one of model and potential_fn"),
+        (lambda: SGLD(models.scalar_normal, potential_fn=lambda p: 0), ValueError, "exactly one"),
+        (lambda: SGLD(models.scalar_normal, step_size=-1.0), ValueError, "Invalid step_size: -1.0"),
+        (lambda: SGLD(models.scalar_normal, temperature=0.0), ValueError, "Invalid temperature"),
+        (lambda: SGLD(models.scalar_normal, num_steps=0), ValueError, "Invalid num_steps"),
+        (lambda: SGLD(models.scalar_normal, on_divergence="ignore"), ValueError, "Invalid on_divergence"),
+        (lambda: SGLD(models.scalar_normal, jit_compile=True), NotImplementedError, "jit_compile"),
+    ],
+)
+def test_bad_kernel_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_discrete_local_and_empty_models_are_refused():
+    import pyro.distributions as dist
+
+    def discrete():
+        k = pyro.sample("k", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(k, 1.0), obs=torch.tensor(0.0))
+
+    def local(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", 100, subsample_size=10) as idx:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
+
+    def empty():
+        pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="'k' is discrete"):
+        run(SGLD(discrete), num_samples=2, warmup=0)
+    with pytest.raises(NotImplementedError, match="'z' is local to the subsampled plate 'rows'"):
+        run(SGLD(local), torch.randn(100), num_samples=2, warmup=0)
+    with pytest.raises(ValueError, match="no latent sites"):
+        run(SGLD(empty), num_samples=2, warmup=0)
+
+
+def test_kernels_exist_for_every_sampler():
+    from pyro_sgmcmc.optim import SAMPLERS
+    import pyro_sgmcmc.infer as infer
+
+    for name, sampler in SAMPLERS.items():
+        kernel_cls = getattr(infer, name)
+        assert issubclass(kernel_cls, SGMCMCKernel) and kernel_cls.sampler_class is sampler
+
+
+@pytest.mark.slow
+def test_parallel_chains_with_spawn(monkeypatch):
+    """Parallel chains run in worker processes; the supported context is "spawn" (with Linux's
+    default "fork", a parent that already ran torch ops can deadlock in OpenMP). Pyro draws chains
+    sequentially when it sees fewer than num_chains + 1 CPUs, so the test says there are more."""
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
+    data = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0])
+    mcmc = run(SGLD(models.scalar_normal, step_size=1e-3), data, num_samples=15, warmup=5, num_chains=2,
+               mp_context="spawn")
+    grouped = mcmc.get_samples(group_by_chain=True)
+    assert grouped["loc"].shape == (2, 15) and not torch.equal(grouped["loc"][0], grouped["loc"][1])
+    assert set(mcmc.diagnostics()["divergences"]) == {"chain 0", "chain 1"}
