@@ -9,6 +9,8 @@ so that drifts in machine load hit all of them alike; the figure is the median o
 
 * floor            -- one in-place ``normal_`` into a preallocated buffer + one foreach axpy
                       (the least any SGLD step can do: draw the noise, touch every parameter once)
+* floor (sampler step, inline) -- what a correct SGLD step must do at least, inline: the noise,
+                      the gradient added into it, a finiteness check, one pass over the parameters
 * torch SGD        -- ``torch.optim.SGD(foreach=True)``, no noise at all
 * ours SGLD        -- ``pyro_sgmcmc.optim.sgld.SGLD`` (multi-tensor path), and ``foreach=False``
 * ours SGNHT       -- ``pyro_sgmcmc.optim.sgnht.SGNHT``, for reference
@@ -23,6 +25,7 @@ Ratios are printed against the floor and against torch SGD, with the issue's tar
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -62,6 +65,25 @@ class Floor:
         torch._foreach_add_(self.params, self.views, alpha=LR**0.5)
 
 
+class SamplerFloor:
+    """The least a correct SGLD step does, written inline with no optimizer around it: noise into a
+    flat buffer, the gradient added into it, a finiteness check, one pass over the parameters."""
+
+    def __init__(self, params):
+        self.params = params
+        self.buffer = torch.empty(sum(p.numel() for p in params))
+        self.views = [v.view_as(p) for v, p in zip(self.buffer.split([p.numel() for p in params]), params)]
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        self.buffer.normal_(0.0, 2 / LR**0.5)
+        torch._foreach_add_(self.views, grads)
+        if not math.isfinite(self.buffer.sum()):
+            raise FloatingPointError
+        torch._foreach_add_(self.params, self.views, alpha=-LR / 2)
+
+
 class Posteriors:
     def __init__(self, params):
         import posteriors
@@ -83,6 +105,7 @@ class Posteriors:
 def builders():
     out = {
         "floor": Floor,
+        "floor (sampler step, inline)": SamplerFloor,
         "torch SGD": lambda ps: torch.optim.SGD(ps, lr=LR, foreach=True),
         "ours SGLD": lambda ps: SGLD(ps, lr=LR),
         "ours SGLD per-tensor": lambda ps: SGLD(ps, lr=LR, foreach=False),
