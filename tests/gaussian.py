@@ -133,8 +133,14 @@ def moments(samples: torch.Tensor, mean_ref: torch.Tensor) -> tuple[Estimate, Es
     return mean, cov
 
 
-def assert_close_mc(estimate: Estimate, reference: torch.Tensor, bias: torch.Tensor | float = 0.0, z: float = 4.0, what=""):
-    """|estimate - reference| <= z * stderr + |bias|, entry by entry, with a readable failure."""
+def assert_close_mc(estimate: Estimate, reference: torch.Tensor, bias: torch.Tensor | float = 0.0, z: float = 4.0,
+                    what="", scale: torch.Tensor | None = None):
+    """|estimate - reference| <= z * stderr + |bias|, entry by entry, with a readable failure.
+
+    :param scale: if given, the standard errors must be below 10% of it (the run must be able to
+        see a 10% error; otherwise any error would pass)."""
+    if scale is not None:
+        assert bool((estimate.stderr <= 0.1 * scale).all()), f"{what}: too little information ({estimate.stderr})"
     bias = torch.as_tensor(bias, dtype=torch.float64).abs()
     err = (estimate.value - reference).abs()
     tol = z * estimate.stderr + bias

@@ -46,6 +46,9 @@ def check_moments(draws, mean, var, rel_bias, what):
         est = f.mean((0, 1))
         ess = effective_sample_size(f, chain_dim=0, sample_dim=1)
         stderr = f.std((0, 1)) / ess.clamp(min=1).sqrt()
+        scale = var.sqrt() if name == "mean" else var
+        # the run must carry enough information to see a 10% error (else any error would pass)
+        assert bool((stderr <= 0.1 * scale).all()), f"{what} {name}: too little information (stderr {stderr})"
         # O(lr) bias: relative to the variance, and (in sd units) to the mean
         bias = rel_bias * (var if name == "variance" else var.sqrt())
         err = (est - exact).abs()

@@ -11,6 +11,8 @@ and hands its gradient to one torch sampler (:mod:`pyro_sgmcmc.optim`).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import pyro.poutine as poutine
@@ -23,6 +25,7 @@ from torch.distributions import biject_to
 
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
+from .adaptation import Whitening, curvature, measure_scales, whitening_from_curvature, window_ends
 
 __all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
 
@@ -104,7 +107,17 @@ class SGMCMCKernel(MCMCKernel):
     :param model: a Pyro model (or give ``potential_fn``).
     :param potential_fn: a function of a dict of unconstrained tensors returning the potential
         energy, as for HMC (then give ``initial_params`` to ``MCMC`` and, if needed, ``transforms``).
-    :param step_size: the sampler's step size (``lr``: SGLD's epsilon, SGNHT's h).
+    :param step_size: the sampler's step size (``lr``: SGLD's epsilon, SGNHT's h); with
+        ``adapt_step_size`` only the first one (default: measured).
+    :param adapt_step_size: during warmup, set the step size from the sampler's bias rule
+        (``suggest_lr``) and the measured curvature and minibatch-gradient noise (see
+        :mod:`pyro_sgmcmc.infer.adaptation`), then freeze it.
+    :param adapt_mass_matrix: during warmup, estimate a preconditioner (the inverse Hessian of
+        the potential, at the start and at the ends of doubling windows) and freeze it: the chain
+        then runs on whitened coordinates (see :mod:`pyro_sgmcmc.infer.adaptation`).
+    :param full_mass: a dense preconditioner (for correlated posteriors, e.g. collinear
+        regressors) instead of a diagonal one.
+    :param target_bias: the relative bias on posterior variances the step-size rule aims at.
     :param num_steps: sampler steps per returned sample (thinning inside the kernel).
     :param temperature: posterior temperature (1 samples the posterior).
     :param transforms: ``{site: transform}`` to unconstrained space (default: from the model).
@@ -118,8 +131,7 @@ class SGMCMCKernel(MCMCKernel):
     At the end of warmup the sampler's auxiliary variables (SGNHT's momenta and thermostat) are
     put back to their initial law (:meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.reset_auxiliary`):
     a thermostat cools by at most 1 per unit of time, so the heat of the warmup's transient would
-    otherwise leave the first samples too cold. Step size and preconditioner adaptation: not yet
-    (give ``step_size``).
+    otherwise leave the first samples too cold.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...).
     """
@@ -131,7 +143,11 @@ class SGMCMCKernel(MCMCKernel):
         model: Callable | None = None,
         potential_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
         *,
-        step_size: float = 1e-4,
+        step_size: float | None = None,
+        adapt_step_size: bool = True,
+        adapt_mass_matrix: bool = True,
+        full_mass: bool = False,
+        target_bias: float = 0.02,
         num_steps: int = 1,
         temperature: float = 1.0,
         transforms: dict[str, Any] | None = None,
@@ -142,8 +158,11 @@ class SGMCMCKernel(MCMCKernel):
     ) -> None:
         if (model is None) == (potential_fn is None):
             raise ValueError("Give exactly one of model and potential_fn")
-        check_number("step_size", step_size)
+        if step_size is None and not adapt_step_size:
+            raise ValueError("Invalid step_size: None (give a step size, or leave adapt_step_size=True)")
+        check_number("step_size", step_size, none_ok=True)
         check_number("temperature", temperature)
+        check_number("target_bias", target_bias)
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"Invalid num_steps: {num_steps!r} (must be an integer >= 1)")
         if on_divergence not in ("skip", "raise"):
@@ -153,6 +172,10 @@ class SGMCMCKernel(MCMCKernel):
         self.model = model
         self.potential_fn = potential_fn
         self.step_size = step_size
+        self.adapt_step_size = adapt_step_size
+        self.adapt_mass_matrix = adapt_mass_matrix
+        self.full_mass = full_mass
+        self.target_bias = target_bias
         self.num_steps = num_steps
         self.temperature = temperature
         self._given_transforms = transforms
@@ -167,7 +190,13 @@ class SGMCMCKernel(MCMCKernel):
 
     def _reset(self) -> None:
         self._initial_params: dict[str, Tensor] | None = None
-        self._params: dict[str, Tensor] | None = None
+        self._z: Tensor | None = None
+        self._whitening: Whitening | None = None
+        self._layout: list[tuple[str, torch.Size, int]] = []
+        self._lr = self.step_size
+        self._scales = (float("nan"), float("nan"))
+        self._adapt_at: list[int] = []
+        self._hessians: list[Tensor] = []
         self._sampler: SGMCMCOptimizer | None = None
         self._potential: Callable | None = None
         self._t = 0
@@ -207,36 +236,108 @@ class SGMCMCKernel(MCMCKernel):
         self._user_initial_params = params
         self._initial_params = params
 
-    def _build_sampler(self, params: dict[str, Tensor]) -> None:
-        names = sorted(params)
-        self._params = {name: params[name].detach().clone().requires_grad_(True) for name in names}
-        group = {"params": [(name, self._params[name]) for name in names]}
-        self._sampler = self.sampler_class([group], lr=self.step_size, temperature=self.temperature, **self.sampler_options)
+    # -------------------------------------------------------------------------- sampling
+
+    def _flatten(self, params: dict[str, Tensor]) -> Tensor:
+        return torch.cat([params[name].reshape(-1) for name, _, _ in self._layout])
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        out, offset = {}, 0
+        for name, shape, size in self._layout:
+            out[name] = flat[offset : offset + size].view(shape)
+            offset += size
+        return out
+
+    def _potential_z(self, z: Tensor) -> Tensor:
+        return self._potential(self._unflatten(self._whitening.to_theta(z)))
+
+    def _gradient_z(self, z: Tensor) -> Tensor:
+        z = z.detach().requires_grad_(True)
+        return torch.autograd.grad(self._potential_z(z), z)[0]
+
+    def _theta(self) -> Tensor:
+        return self._whitening.to_theta(self._z.detach())
+
+    def _start(self, params: dict[str, Tensor]) -> None:
+        """The chain's first step: coordinates, schedule, step size and sampler."""
+        self._layout = [(name, params[name].shape, params[name].numel()) for name in sorted(params)]
+        theta = self._flatten({k: torch.as_tensor(v).detach() for k, v in params.items()})
+        self._whitening = Whitening.identity(theta.numel(), theta)
+        adapting = (self.adapt_mass_matrix or self.adapt_step_size) and self._warmup_steps > 0
+        # the first 15% of warmup is arrival: bias does not matter yet, so steps are as large as
+        # stability allows (minibatch noise ignored); then windows with the accurate rule
+        arrival = int(0.15 * self._warmup_steps)
+        self._adapt_at = sorted({arrival, *window_ends(self._warmup_steps)} - {0}) if adapting else []
+        if self.adapt_mass_matrix and self._warmup_steps > 0:
+            self._update_preconditioner(theta)
+        self._restart(theta, measure=self.adapt_step_size and self._warmup_steps > 0, arrival=arrival > 0)
+
+    def _update_preconditioner(self, theta: Tensor) -> None:
+        """Add the curvature at ``theta`` to the running mean and whiten with the mean."""
+        hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
+        if torch.isfinite(hessian).all():
+            self._hessians.append(hessian)
+            mean = torch.stack(self._hessians).mean(0)
+            self._whitening = whitening_from_curvature(mean, self.temperature, theta.dtype)
+
+    def _restart(self, theta: Tensor, measure: bool, arrival: bool = False) -> None:
+        """Put the chain at ``theta`` in the current coordinates, with a fresh sampler (warmup
+        only) and, if asked, a step size measured there: from the sampler's bias rule, or, while
+        arriving, the largest stable one."""
+        self._z = self._whitening.to_z(theta).detach().clone().requires_grad_(True)
+        if measure:
+            curvature, noise = measure_scales(self._gradient_z, self._z.detach())
+            self._scales = (curvature, noise)
+            if math.isfinite(curvature) and math.isfinite(noise) and curvature > 0:
+                self._lr = self.sampler_class.suggest_lr(curvature, noise, self.target_bias, self.temperature,
+                                                         arrival=arrival, **self.sampler_options)
+        if self._lr is None:
+            raise RuntimeError("Could not measure a step size at the initial point; give step_size")
+        group = {"params": [("z", self._z)]}
+        self._sampler = self.sampler_class([group], lr=self._lr, temperature=self.temperature, **self.sampler_options)
+
+    def _adapt(self) -> None:
+        """The end of a warmup window: the preconditioner with the curvature here, then the step
+        size in the new coordinates; a fresh sampler (its state belongs to the old ones)."""
+        theta = self._theta()
+        if self.adapt_mass_matrix:
+            self._update_preconditioner(theta)
+        self._restart(theta, measure=self.adapt_step_size)
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """``num_steps`` sampler steps from ``params``; the new (unconstrained) state."""
         if self._sampler is None:
-            self._build_sampler(params)
-        if self._t == self._warmup_steps and self._t > 0:
+            self._start(params)
+        elif self._t in self._adapt_at:
+            self._adapt()
+        elif self._t == self._warmup_steps and self._t > 0:
             self._sampler.reset_auxiliary()  # the end of warmup (MCMC never calls end_warmup)
         for _ in range(self.num_steps):
             self._one_step()
+        theta = self._theta()
         self._t += 1
-        return {name: value.detach().clone() for name, value in self._params.items()}
+        return {name: value.clone() for name, value in self._unflatten(theta).items()}
 
     def _one_step(self) -> None:
         sampler = self._sampler
         sampler.zero_grad(set_to_none=True)
-        potential = self._potential(self._params)
+        potential = self._potential_z(self._z)
         self._last_potential = float(potential.detach())
         if not torch.isfinite(potential.detach()):
             self._diverged(f"the potential energy is {self._last_potential}")
             return
         potential.backward()
+        before = self._z.detach().clone()
         try:
             sampler.step()
         except NonFiniteError as error:
             self._diverged(str(error))
+            return
+        if not bool(torch.isfinite(self._z).all()):  # the dynamics blew up (e.g. a thermostat overflow)
+            with torch.no_grad():
+                self._z.copy_(before)
+            self._sampler.reset_auxiliary()
+            self._diverged("the sampler's update is not finite")
 
     def _diverged(self, why: str) -> None:
         """Count a divergent step (the chain stays where it was) or stop, as asked."""
@@ -251,22 +352,26 @@ class SGMCMCKernel(MCMCKernel):
 
     def logging(self) -> dict[str, str]:
         """What the progress bar shows (cheap: ``MCMC`` serialises it every iteration)."""
-        return {"step size": f"{self.step_size:.2e}", "potential": f"{self._last_potential:.4g}"}
+        return {"step size": f"{self._lr:.2e}", "potential": f"{self._last_potential:.4g}"}
 
     def diagnostics(self) -> dict[str, Any]:
         """Divergences (iteration indices after warmup, as HMC reports them), the number of
-        divergent steps in all, and the sampler's settings."""
+        divergent steps in all, and what warmup adapted: the step size, the preconditioner and
+        the curvature and gradient-noise variance last measured (in whitened coordinates)."""
         return {
             "divergences": list(self._divergences),
             "divergent steps": self._num_divergent_steps,
-            "step size": self.step_size,
+            "step size": self._lr,
+            "preconditioner": None if self._whitening is None else self._whitening.kind,
+            "curvature": self._scales[0],
+            "gradient noise": self._scales[1],
             "temperature": self.temperature,
         }
 
     def cleanup(self) -> None:
-        """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent)."""
+        """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent). What
+        ``diagnostics()`` reports stays."""
         self._sampler = None
-        self._params = None
 
 
 def kernel_class(name: str, sampler_class: type[SGMCMCOptimizer]) -> type[SGMCMCKernel]:

@@ -238,6 +238,16 @@ class SGMCMCOptimizer(Optimizer):
     def _init_group(self, group: dict[str, Any]) -> None:
         """Per-group state a sampler needs from the start (e.g. a thermostat)."""
 
+    @staticmethod
+    def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
+                   arrival: bool = False, **options: Any) -> float:
+        """A step size whose bias on a target of this largest ``curvature`` (of ``U``), with
+        gradient noise of this largest per-coordinate variance, is about ``target_bias``
+        (relative, on variances); with ``arrival``, the largest step that is still stable (for
+        the first part of warmup, where bias does not matter). Each sampler gives its own rule;
+        adaptation uses it."""
+        raise NotImplementedError
+
     def reset_auxiliary(self) -> None:
         """Put auxiliary variables (momenta, thermostats) back to their initial law, leaving the
         parameters where they are. Samplers without any do nothing. MCMC kernels call this at the

@@ -78,6 +78,19 @@ class SGLD(SGMCMCOptimizer):
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
 
+    @staticmethod
+    def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
+                   arrival: bool = False, **options: Any) -> float:
+        r"""``4 t / (lambda + B)``: on a Gaussian of curvature :math:`\lambda` (tempered:
+        ``curvature / T``), with gradient noise of variance :math:`B` (``noise_variance / T^2``),
+        SGLD's stationary variance is :math:`(1 + \epsilon B/4)/(\lambda(1 - \epsilon\lambda/4))`,
+        a relative excess of about :math:`\epsilon(\lambda + B)/4`. Arriving: ``1 / lambda``
+        (stable below ``4 / lambda``; gradient noise costs accuracy, not stability)."""
+        lam = max(curvature / temperature, 1e-12)
+        if arrival:
+            return 1.0 / lam
+        return 4.0 * target_bias / (lam + noise_variance / temperature**2)
+
     def _update_group(
         self,
         group: dict[str, Any],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -84,6 +85,25 @@ class SGNHT(SGMCMCOptimizer):
             first = group["params"][0]
             dtype = torch.promote_types(first.dtype, torch.float32)
             group["thermostat"] = torch.tensor(float(group["diffusion_factor"]), dtype=dtype, device=first.device)
+
+    @staticmethod
+    def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
+                   arrival: bool = False, diffusion_factor: float = 1.0, **options: Any) -> float:
+        r"""The largest ``h`` with: :math:`h\,\xi/2 \le t` (theta's variance comes out low by
+        about that, measured on Gaussians and conjugate models), where the thermostat settles
+        near :math:`\xi = A + hB/2` (``B = noise_variance / T^2``); :math:`h\,\xi \le 1/2`
+        (the friction factor :math:`1 - \xi h` stays well inside (0, 1)); and
+        :math:`h\sqrt{\lambda} \le 1/2` (``lambda = curvature / T``). Arriving, ``t = 1/4``."""
+        noise = noise_variance / temperature**2
+        a = diffusion_factor
+
+        def largest(bound: float) -> float:  # the h with h (A + h B / 2) = bound
+            if noise <= 0:
+                return bound / a
+            return (-a + math.sqrt(a * a + 2 * noise * bound)) / noise
+
+        t = 0.25 if arrival else target_bias
+        return min(largest(2 * t), largest(0.5), 0.5 / math.sqrt(max(curvature / temperature, 1e-12)))
 
     def reset_auxiliary(self) -> None:
         """Thermostats back to ``A`` and momenta redrawn from ``N(0, I)``. The thermostat cools by
