@@ -124,7 +124,7 @@ def test_discrete_latents_and_models_without_latents_are_refused():
         pyro.sample("x", dist.Normal(k.float(), 1.0), obs=data)
 
     pyro.clear_param_store()
-    with pytest.raises(ValueError, match="discrete latent site 'k'"):
+    with pytest.raises(ValueError, match="'k' is discrete"):
         AutoUnconstrainedDelta(discrete)(torch.tensor(0.0))
 
     def no_latents(data):

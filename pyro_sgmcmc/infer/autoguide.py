@@ -29,6 +29,8 @@ from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn.module import PyroModule, PyroParam
 from torch.distributions import biject_to
 
+from .sites import check_latent_site
+
 __all__ = ["AutoUnconstrainedDelta"]
 
 
@@ -69,21 +71,8 @@ class AutoUnconstrainedDelta(AutoGuide):
         found = False
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             found = True
+            check_latent_site(name, site)
             support = site["fn"].support
-            if support.is_discrete:
-                raise ValueError(
-                    f"AutoUnconstrainedDelta cannot sample the discrete latent site {name!r} (support {support}); "
-                    "SG-MCMC needs continuous latents: marginalise it out (e.g. with enumeration) or observe it"
-                )
-            for frame in site["cond_indep_stack"]:
-                full_size = frame.full_size or frame.size
-                if full_size != frame.size:
-                    raise NotImplementedError(
-                        f"Latent site {name!r} is local to the subsampled plate {frame.name!r} "
-                        f"(size {frame.size} of {full_size}): its log density is scaled by N/m there, "
-                        "which would sample it at the wrong temperature. Move it out of the subsampled plate, "
-                        "marginalise it, or run without subsampling"
-                    )
             with helpful_support_errors(site):
                 unconstrained = biject_to(support).inv(site["value"].detach()).detach()
             self._event_dims[name] = site["fn"].event_dim + unconstrained.dim() - site["value"].dim()

@@ -25,6 +25,7 @@ from torch.distributions import biject_to
 
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
+from .sites import check_latent_site
 from .adaptation import Whitening, curvature, measure_scales, whitening_from_curvature, window_ends
 
 __all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
@@ -63,30 +64,15 @@ class ModelPotential:
 
 
 def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict, init_strategy: Callable) -> tuple[dict, dict]:
-    """Run the model once (its initial state): ``(transforms, initial unconstrained values)``.
-
-    Refuses, with a clear error, discrete latent sites and latent sites local to a subsampled
-    plate (Pyro scales their log density by ``N/m``: they would be sampled at the wrong
-    temperature), and a model with no latent site.
-    """
+    """Run the model (its structure, then its initial state): ``(transforms, initial
+    unconstrained values)``. Refuses, with a clear error, the latent sites SG-MCMC cannot sample
+    (:func:`~pyro_sgmcmc.infer.sites.check_latent_site`) and a model with no latent site."""
     structure = poutine.trace(model).get_trace(*model_args, **model_kwargs)  # draws from the prior
     transforms = {}
     for name, site in structure.iter_stochastic_nodes():
         if site_is_subsample(site):
             continue
-        if site["fn"].support.is_discrete or site["infer"].get("enumerate"):
-            raise ValueError(
-                f"Latent site {name!r} is discrete (support {site['fn'].support}): SG-MCMC kernels need "
-                "continuous latents; marginalise it out or observe it (enumeration with subsampling is biased)"
-            )
-        for frame in site["cond_indep_stack"]:
-            full_size = frame.full_size or frame.size
-            if full_size != frame.size:
-                raise NotImplementedError(
-                    f"Latent site {name!r} is local to the subsampled plate {frame.name!r} (size {frame.size} of "
-                    f"{full_size}): its log density is scaled by N/m there, which would sample it at the wrong "
-                    "temperature. Move it out of the subsampled plate or run without subsampling"
-                )
+        check_latent_site(name, site)
         transforms[name] = biject_to(site["fn"].support).inv
     if not transforms:
         raise ValueError("The model has no latent sites to sample")

@@ -13,7 +13,6 @@ every time (and again after a save and load).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Iterable
 
 import pyro
@@ -226,13 +225,14 @@ def pyro_wrapper(sampler_constructor: type[SGMCMCOptimizer]) -> Callable[..., SG
     def wrapper(optim_args: OptimArgs, clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroOptim:
         return SGMCMCPyroOptim(sampler_constructor, optim_args, clip_args, **options)
 
-    name = sampler_constructor.__name__
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = (
-        f"Wraps :class:`{sampler_constructor.__module__}.{name}` with "
-        ":class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroOptim`."
-    )
-    wrapper.__signature__ = inspect.signature(wrapper)  # type: ignore[attr-defined]
+    return _named(wrapper, sampler_constructor, f"{sampler_constructor.__module__}.{sampler_constructor.__name__}",
+                  "SGMCMCPyroOptim")
+
+
+def _named(wrapper: Callable, wrapped: type, target: str, via: str) -> Callable:
+    """Name ``wrapper`` like the class it wraps, with Pyro's docstring pattern."""
+    wrapper.__name__ = wrapper.__qualname__ = wrapped.__name__
+    wrapper.__doc__ = f"Wraps :class:`{target}` with :class:`~pyro_sgmcmc.optim.pyro_optim.{via}`."
     return wrapper
 
 
@@ -319,10 +319,5 @@ def scheduler_wrapper(scheduler_constructor: type) -> Callable[..., SGMCMCPyroSc
     def wrapper(optim_args: dict[str, Any], clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroScheduler:
         return SGMCMCPyroScheduler(scheduler_constructor, optim_args, clip_args, **options)
 
-    name = scheduler_constructor.__name__
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = (
-        f"Wraps :class:`torch.optim.lr_scheduler.{name}` around one pyro_sgmcmc sampler with "
-        ":class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroScheduler`."
-    )
-    return wrapper
+    return _named(wrapper, scheduler_constructor, f"torch.optim.lr_scheduler.{scheduler_constructor.__name__}",
+                  "SGMCMCPyroScheduler")
