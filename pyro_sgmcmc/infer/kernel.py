@@ -251,7 +251,7 @@ class SGMCMCKernel(MCMCKernel):
         self._whitening = Whitening.identity(theta.numel(), theta)
         adapting = (self.adapt_mass_matrix or self.adapt_step_size) and self._warmup_steps > 0
         # the first 15% of warmup is arrival: bias does not matter yet, so steps are as large as
-        # stability allows (minibatch noise ignored); then windows with the accurate rule
+        # stability allows; then windows with the accurate rule
         arrival = int(0.15 * self._warmup_steps)
         self._adapt_at = sorted({arrival, *window_ends(self._warmup_steps)} - {0}) if adapting else []
         if self.adapt_mass_matrix and self._warmup_steps > 0:
@@ -272,10 +272,10 @@ class SGMCMCKernel(MCMCKernel):
         arriving, the largest stable one."""
         self._z = self._whitening.to_z(theta).detach().clone().requires_grad_(True)
         if measure:
-            curvature, noise = measure_scales(self._gradient_z, self._z.detach())
-            self._scales = (curvature, noise)
-            if math.isfinite(curvature) and math.isfinite(noise) and curvature > 0:
-                self._lr = self.sampler_class.suggest_lr(curvature, noise, self.target_bias, self.temperature,
+            largest_curvature, noise = measure_scales(self._gradient_z, self._z.detach())
+            self._scales = (largest_curvature, noise)
+            if math.isfinite(largest_curvature) and math.isfinite(noise) and largest_curvature > 0:
+                self._lr = self.sampler_class.suggest_lr(largest_curvature, noise, self.target_bias, self.temperature,
                                                          arrival=arrival, **self.sampler_options)
         if self._lr is None:
             raise RuntimeError("Could not measure a step size at the initial point; give step_size")
