@@ -1,0 +1,100 @@
+"""Time to an accurate posterior: our MCMC kernels on minibatches against Pyro's NUTS on full data.
+
+    python benchmarks/vs_nuts.py [--sizes 10000 100000] [--reference-samples 2000]
+
+Bayesian logistic regression, d = 20, synthetic data (N rows). The reference posterior (mean and
+sd of every coefficient) is a long NUTS run. Each method then runs with growing budgets (NUTS:
+more warmup and samples; ours: more samples, minibatches of ``--batch``), and the figure is the
+wall time of the first run whose posterior means are all within 0.1 posterior sd of the reference
+and whose sds are all within 10% of it (the accuracy of issue 4's target). Our kernels run with
+no tuning (warmup adaptation on, diagonal preconditioner). 2 threads, CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS
+
+from pyro_sgmcmc.infer import SGLD, SGNHT
+
+D = 20
+
+
+def model(x, y, batch_size=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+    with pyro.plate("data", len(y), subsample_size=batch_size) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+
+def data(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    w = torch.randn(D, generator=gen) / D**0.5
+    y = torch.bernoulli(torch.sigmoid(x @ w), generator=gen)
+    return x, y
+
+
+def run(kernel, x, y, warmup, samples, batch=None, seed=1):
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup, disable_progbar=True)
+    start = time.perf_counter()
+    mcmc.run(x, y, batch)
+    return time.perf_counter() - start, mcmc.get_samples()["w"]
+
+
+def accuracy(draws, ref_mean, ref_sd):
+    mean_error = float(((draws.mean(0) - ref_mean).abs() / ref_sd).max())
+    sd_error = float((draws.std(0) / ref_sd - 1).abs().max())
+    return mean_error, sd_error
+
+
+def time_to_accuracy(name, make, budgets, x, y, ref_mean, ref_sd, batch=None):
+    for warmup, samples in budgets:
+        seconds, draws = run(make(), x, y, warmup, samples, batch)
+        mean_error, sd_error = accuracy(draws, ref_mean, ref_sd)
+        ok = mean_error <= 0.1 and sd_error <= 0.1
+        print(f"  {name:<28} warmup {warmup:>5} samples {samples:>6}: {seconds:7.1f} s  "
+              f"mean error {mean_error:.3f} sd, sd error {sd_error:.3f}  {'OK' if ok else ''}", flush=True)
+        if ok:
+            return seconds
+    return float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--reference-samples", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for n in args.sizes:
+        x, y = data(n)
+        print(f"N = {n}: reference NUTS run ({args.reference_samples} samples)...", flush=True)
+        ref_seconds, ref = run(NUTS(model), x, y, 500, args.reference_samples, seed=123)
+        ref_mean, ref_sd = ref.mean(0), ref.std(0)
+        print(f"  reference took {ref_seconds:.1f} s", flush=True)
+        nuts_budgets = [(50, 100), (100, 200), (200, 400), (300, 800), (500, 1600)]
+        ours_budgets = [(300, 500), (500, 1000), (500, 2000), (1000, 4000), (1000, 8000)]
+        nuts = time_to_accuracy("NUTS (full data)", lambda: NUTS(model), nuts_budgets, x, y, ref_mean, ref_sd)
+        sgld = time_to_accuracy(f"SGLD (batch {args.batch})", lambda: SGLD(model, num_steps=5), ours_budgets,
+                                x, y, ref_mean, ref_sd, args.batch)
+        sgnht = time_to_accuracy(f"SGNHT (batch {args.batch})", lambda: SGNHT(model, num_steps=5), ours_budgets,
+                                 x, y, ref_mean, ref_sd, args.batch)
+        rows.append((n, nuts, sgld, sgnht))
+    print("\n| N | NUTS | SGLD | SGNHT | NUTS / best of ours |")
+    print("|---|---|---|---|---|")
+    for n, nuts, sgld, sgnht in rows:
+        best = min(t for t in (sgld, sgnht) if t == t) if (sgld == sgld or sgnht == sgnht) else float("nan")
+        print(f"| {n} | {nuts:.1f} s | {sgld:.1f} s | {sgnht:.1f} s | {nuts / best:.2f}x |")
+    print("\n(nan: no budget reached the accuracy)")
+
+
+if __name__ == "__main__":
+    main()
