@@ -77,7 +77,8 @@ def sgld_stationary_cov(precision: torch.Tensor, lr: float) -> torch.Tensor:
 
 def _sgnht_direction(omega2: float, h: float, friction: float, diffusion: float) -> np.ndarray:
     """Stationary covariance of (theta, p) for one eigen-direction at fixed friction."""
-    m = np.array([[1 - h * h * omega2, h * (1 - friction * h)], [-h * omega2, 1 - friction * h]])
+    decay = np.exp(-friction * h)  # the sampler's friction factor
+    m = np.array([[1 - h * h * omega2, h * decay], [-h * omega2, decay]])
     b = np.array([h, 1.0])
     q = 2 * diffusion * h * np.outer(b, b)
     v = np.linalg.solve(np.eye(4) - np.kron(m, m), q.reshape(-1))

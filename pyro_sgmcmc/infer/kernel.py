@@ -279,8 +279,12 @@ class SGMCMCKernel(MCMCKernel):
                                                          arrival=arrival, **self.sampler_options)
         if self._lr is None:
             raise RuntimeError("Could not measure a step size at the initial point; give step_size")
+        self._new_sampler()
+
+    def _new_sampler(self) -> None:
         group = {"params": [("z", self._z)]}
         self._sampler = self.sampler_class([group], lr=self._lr, temperature=self.temperature, **self.sampler_options)
+        self._last_good = self._z.detach().clone()
 
     def _adapt(self) -> None:
         """The end of a warmup window: the preconditioner with the curvature here, then the step
@@ -310,24 +314,33 @@ class SGMCMCKernel(MCMCKernel):
         potential = self._potential_z(self._z)
         self._last_potential = float(potential.detach())
         if not torch.isfinite(potential.detach()):
+            # the last step landed where the potential is not finite: back to where it was
+            self._revert()
             self._diverged(f"the potential energy is {self._last_potential}")
             return
+        self._last_good = self._z.detach().clone()
         potential.backward()
-        before = self._z.detach().clone()
         try:
             sampler.step()
         except NonFiniteError as error:
             self._diverged(str(error))
             return
-        if not bool(torch.isfinite(self._z).all()):  # the dynamics blew up (e.g. a thermostat overflow)
-            with torch.no_grad():
-                self._z.copy_(before)
-            self._sampler.reset_auxiliary()
+        if not bool(torch.isfinite(self._z).all()):  # the dynamics blew up
+            self._revert()
             self._diverged("the sampler's update is not finite")
 
+    def _revert(self) -> None:
+        with torch.no_grad():
+            self._z.copy_(self._last_good)
+        self._sampler.reset_auxiliary()
+
     def _diverged(self, why: str) -> None:
-        """Count a divergent step (the chain stays where it was) or stop, as asked."""
+        """Count a divergent step (the chain stays where it was) or stop, as asked. During warmup,
+        with step-size adaptation, the step size is also halved (a fresh sampler takes over)."""
         self._num_divergent_steps += 1
+        if self._t < self._warmup_steps and self.adapt_step_size:
+            self._lr *= 0.5
+            self._new_sampler()
         if self._t >= self._warmup_steps and (not self._divergences or self._divergences[-1] != self._t - self._warmup_steps):
             self._divergences.append(self._t - self._warmup_steps)
         if self.on_divergence == "raise":

@@ -24,11 +24,13 @@ class SGNHT(SGMCMCOptimizer):
 
     .. math::
 
-        p &\leftarrow p - \xi p h - h\nabla\tilde U(\theta) + \sqrt{2Ah}\,\mathcal N(0, I), \qquad
+        p &\leftarrow e^{-\xi h} p - h\nabla\tilde U(\theta) + \sqrt{2Ah}\,\mathcal N(0, I), \qquad
         \theta \leftarrow \theta + h p, \qquad
         \xi \leftarrow \xi + h(p^\top p/d - 1),
 
-    with the new :math:`p` in the last two updates, as in the paper's Algorithm 1, and
+    with the new :math:`p` in the last two updates, as in the paper's Algorithm 1 (whose friction
+    factor :math:`1 - \xi h` is the first-order expansion of the exact :math:`e^{-\xi h}` used
+    here, which stays stable when the thermostat runs hot), and
     :math:`\tilde U = U/T + \frac{\gamma}{2}\|\theta-\theta_0\|^2 + \frac{\lambda}{2}\|\theta\|^2`.
     :math:`\xi` starts at :math:`A`, :math:`p` at a draw from :math:`\mathcal N(0, I)`. The
     thermostat adapts the friction to the (unknown) gradient noise, so :math:`\theta` samples
