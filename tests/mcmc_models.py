@@ -36,3 +36,9 @@ def scalar_normal(data):
     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
     with pyro.plate("data", len(data)):
         pyro.sample("x", dist.Normal(loc, scale), obs=data)
+
+
+def logistic_regression(x, y, batch=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", len(y), subsample_size=batch) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])

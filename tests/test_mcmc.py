@@ -306,3 +306,23 @@ def test_step_size_is_frozen_after_warmup():
         hook_fn=lambda kernel, params, stage, i: sizes.append((stage, kernel.logging()["step size"])))
     after = {size for stage, size in sizes if stage == "Sample"}
     assert len(after) == 1
+
+
+@pytest.mark.parametrize("kernel_cls", [SGLD, SGNHT])
+def test_untuned_kernels_start_far_and_stay_finite_on_logistic_regression(kernel_cls):
+    """From Pyro's default initialisation (uniform in (-2, 2), some 20 posterior sds away, where
+    the logistic likelihood is saturated and its curvature underestimates the mode's), an untuned
+    kernel arrives without a divergence (NUTS as the reference). A short run: this checks the
+    arrival (within 3 posterior sds of the mean, from ~20), not the accuracy, which the exact tests
+    above check."""
+    from pyro.infer import NUTS
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 5, generator=gen)
+    y = torch.bernoulli(torch.sigmoid(x @ torch.tensor([0.5, -0.3, 0.2, 0.0, 0.1])), generator=gen)
+    reference = run(NUTS(models.logistic_regression), x, y, num_samples=300, warmup=200).get_samples()["w"]
+    mcmc = run(kernel_cls(models.logistic_regression, num_steps=2), x, y, 200, num_samples=400, warmup=300)
+    draws = mcmc.get_samples()["w"]
+    assert mcmc.diagnostics()["divergent steps"]["chain 0"] == 0
+    assert float(((draws.mean(0) - reference.mean(0)).abs() / reference.std(0)).max()) < 3.0
+    assert bool(torch.isfinite(draws).all())
