@@ -48,7 +48,7 @@ def make_params(sizes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
     for p in params:
-        p.grad = torch.randn(n := p.numel(), generator=gen).view_as(p) * 1e-3
+        p.grad = torch.randn(p.numel(), generator=gen).view_as(p) * 1e-3
     return params
 
 

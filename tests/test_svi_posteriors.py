@@ -10,8 +10,6 @@ curvature at most ``lam`` in unconstrained space, SGLD's bias is about ``lr * la
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest

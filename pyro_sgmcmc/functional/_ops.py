@@ -31,11 +31,6 @@ class PerTensorOps:
             self.mul_(factor)
 
     @staticmethod
-    def mul_lists_(selves: TensorList, others: TensorList) -> None:
-        for self, other in zip(selves, others):
-            self.mul_(other)
-
-    @staticmethod
     def addcmul_(selves: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> None:
         for self, a, b in zip(selves, t1, t2):
             self.addcmul_(a, b, value=value)
@@ -81,10 +76,6 @@ class ForeachOps:
     @staticmethod
     def mul_(selves: TensorList, factor: Scalar) -> None:
         torch._foreach_mul_(selves, factor)
-
-    @staticmethod
-    def mul_lists_(selves: TensorList, others: TensorList) -> None:
-        torch._foreach_mul_(selves, others)
 
     @staticmethod
     def addcmul_(selves: TensorList, t1: TensorList, t2: TensorList, value: float = 1.0) -> None:
