@@ -152,14 +152,12 @@ class NoisePlan:
         return len(self.chunks)
 
 
-def _fill_then(body: Callable[[Chunk], Any] | None, chunk: Chunk, std: float, generator: torch.Generator | None) -> Any:
-    """Fill ``chunk``'s noise with ``N(0, std^2)`` draws (zeros, drawing nothing, when
-    ``std == 0``), then hand it to ``body`` (if any)."""
+def _fill(chunk: Chunk, std: float, generator: torch.Generator | None) -> None:
+    """Fill ``chunk``'s noise with ``N(0, std^2)`` draws (zeros, drawing nothing, when ``std == 0``)."""
     if std == 0.0:
         chunk.flat.zero_()
     else:
         chunk.flat.normal_(0.0, std, generator=generator)
-    return None if body is None else body(chunk)
 
 
 class NoiseSource:
@@ -208,19 +206,23 @@ class NoiseSource:
         anything it sums is returned, to be added up in chunk order, so the result does not
         depend on timing.
         """
-        if plan.device.type != "cpu":
-            root = self._root(plan.device.type)
-            for gate in gates:
-                gate()
-            return [_fill_then(body, chunk, std, root) for chunk in plan]
-        streams = self.streams()
         chunks = plan.chunks
         slots = len(plan.buffers)
-        workers = min(slots, torch.get_num_threads())
+        if plan.device.type == "cpu":
+            streams = self.streams()
+            generators = [streams[i % self.num_streams] for i in range(len(chunks))]
+            workers = min(slots, torch.get_num_threads())
+        else:  # drawing noise is cheap there: the root generator, in order, in this thread
+            generators = [self._root(plan.device.type)] * len(chunks)
+            workers = 1
         if len(chunks) == 1 or workers <= 1:
             for gate in gates:
                 gate()
-            return [_fill_then(body, chunk, std, streams[i % self.num_streams]) for i, chunk in enumerate(chunks)]
+            results = []
+            for chunk, generator in zip(chunks, generators):
+                _fill(chunk, std, generator)
+                results.append(body(chunk))
+            return results
         pool = _thread_pool(workers)
         grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
         opened = threading.Event()
@@ -231,7 +233,7 @@ class NoiseSource:
             done = []
             for index in range(slot, len(chunks), slots):
                 chunk = chunks[index]
-                _fill_then(None, chunk, std, streams[index % self.num_streams])
+                _fill(chunk, std, generators[index])
                 opened.wait()
                 if refused:
                     break

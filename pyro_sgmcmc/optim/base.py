@@ -178,15 +178,13 @@ class SGMCMCOptimizer(Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Check the common options; subclasses extend this for their own."""
-        check_number("lr", group["lr"], allow_low=True)
+        self._validate_scheduled(group)
         if group.get("temperature") is not None and group.get("nbeta") is not None:
             raise ValueError(
                 f"Give either temperature or nbeta, not both (got temperature={group['temperature']!r}, "
                 f"nbeta={group['nbeta']!r}): nbeta multiplies the gradient of a mean-reduced loss, "
                 "temperature divides the gradient of a summed one"
             )
-        check_number("temperature", group.get("temperature"), none_ok=True)
-        check_number("nbeta", group.get("nbeta"), none_ok=True)
         check_number("localization", group["localization"], allow_low=True)
         check_number("weight_decay", group["weight_decay"], allow_low=True)
         check_number("noise_level", group["noise_level"], allow_low=True)
@@ -323,6 +321,7 @@ class SGMCMCOptimizer(Optimizer):
             self.step_diagnostics = diagnostics.result()
 
     def _validate_scheduled(self, group: dict[str, Any]) -> None:
+        """The options a schedule may set: checked when the group is added and at every step."""
         check_number("lr", group["lr"], allow_low=True)
         check_number("temperature", group.get("temperature"), none_ok=True)
         check_number("nbeta", group.get("nbeta"), none_ok=True)
