@@ -326,3 +326,19 @@ def test_untuned_kernels_start_far_and_stay_finite_on_logistic_regression(kernel
     assert mcmc.diagnostics()["divergent steps"]["chain 0"] == 0
     assert float(((draws.mean(0) - reference.mean(0)).abs() / reference.std(0)).max()) < 3.0
     assert bool(torch.isfinite(draws).all())
+
+
+def test_given_transforms_express_the_initial_values_in_their_coordinates():
+    from pyro.distributions.transforms import SoftplusTransform
+
+    data = torch.tensor([0.5, 1.5, 1.0])
+    pyro.set_rng_seed(0)
+    default = SGLD(models.scalar_normal, step_size=1e-3)
+    default.setup(0, data)
+    pyro.set_rng_seed(0)
+    given = SGLD(models.scalar_normal, step_size=1e-3, transforms={"scale": SoftplusTransform().inv})
+    given.setup(0, data)
+    # the same constrained starting point, in softplus coordinates instead of log ones
+    start = default.transforms["scale"].inv(default.initial_params["scale"])
+    assert torch.allclose(given.transforms["scale"].inv(given.initial_params["scale"]), start)
+    assert not torch.allclose(given.initial_params["scale"], default.initial_params["scale"])

@@ -198,9 +198,9 @@ class SGMCMCKernel(MCMCKernel):
         self._warmup_steps = warmup_steps
         if self.model is not None:
             transforms, initial = latent_transforms(self.model, args, kwargs, self.init_strategy)
-            if self._given_transforms is not None:
-                transforms.update(self._given_transforms)
-                initial = {name: transforms[name](transforms[name].inv(value)) for name, value in initial.items()}
+            if self._given_transforms is not None:  # re-express the initial values in the given coordinates
+                defaults, transforms = transforms, {**transforms, **self._given_transforms}
+                initial = {name: transforms[name](defaults[name].inv(value)) for name, value in initial.items()}
             self.transforms = transforms
             self._potential = ModelPotential(self.model, transforms, args, kwargs)
         else:
