@@ -11,6 +11,9 @@ Both samplers are linear in :math:`\\theta` on such a target, so the stationary 
 * SGLD: :math:`\\theta' = (I - \\tfrac{\\epsilon}{2}P)\\theta + \\dots + \\sqrt\\epsilon\\,\\xi` has stationary
   covariance :math:`(P - \\epsilon P^2/4)^{-1}`: a relative bias of :math:`+\\epsilon\\lambda_i/4` in
   the eigen-direction of eigenvalue :math:`\\lambda_i` (the O(step size) bias).
+* preconditioned SGLD with a frozen diagonal preconditioner :math:`G`: the same recursion with
+  :math:`A = I - \\tfrac{\\epsilon}{2}GP` and noise covariance :math:`\\epsilon G`, a discrete Lyapunov equation;
+* SGHMC: the fixed-friction recursion below, with the friction :math:`C`;
 * SGNHT: for a fixed friction :math:`\\xi = c`, each eigen-direction is a 2-d linear recursion in
   :math:`(\\theta, p)` whose stationary covariance solves a discrete Lyapunov equation; the
   thermostat settles at the :math:`c` that makes the mean of :math:`p^2` over all entries 1. The
@@ -83,6 +86,26 @@ def _sgnht_direction(omega2: float, h: float, friction: float, diffusion: float)
     q = 2 * diffusion * h * np.outer(b, b)
     v = np.linalg.solve(np.eye(4) - np.kron(m, m), q.reshape(-1))
     return v.reshape(2, 2)
+
+
+def sghmc_stationary_cov(precision: torch.Tensor, h: float, friction: float, diffusion: float) -> torch.Tensor:
+    """Stationary covariance of SGHMC's theta on a Gaussian target: the fixed-friction recursion
+    of every eigen-direction, with total momentum diffusion ``diffusion`` (``C - B_hat + hV/2``
+    with gradient noise of variance ``V``)."""
+    evals, evecs = torch.linalg.eigh(precision)
+    var = torch.tensor([_sgnht_direction(w, h, friction, diffusion)[0, 0] for w in evals.tolist()], dtype=torch.float64)
+    return evecs @ torch.diag(var) @ evecs.T
+
+
+def preconditioned_sgld_stationary_cov(precision: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:
+    """Stationary covariance of SGLD with a fixed diagonal preconditioner ``g``:
+    theta' = A theta + ... + sqrt(lr g) xi with A = I - (lr/2) diag(g) P solves
+    Sigma = A Sigma A^T + lr diag(g)."""
+    d = precision.shape[0]
+    a = torch.eye(d, dtype=torch.float64) - lr / 2 * torch.diag(g) @ precision
+    q = lr * torch.diag(g)
+    v = torch.linalg.solve(torch.eye(d * d, dtype=torch.float64) - torch.kron(a, a), q.reshape(-1))
+    return v.reshape(d, d)
 
 
 def sgnht_stationary_cov(precision: torch.Tensor, h: float, diffusion: float) -> torch.Tensor:

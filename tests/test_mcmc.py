@@ -21,7 +21,7 @@ from pyro.infer import MCMC, Predictive
 from pyro.ops.stats import effective_sample_size
 
 import mcmc_models as models
-from pyro_sgmcmc.infer import SGLD, SGNHT, SGMCMCKernel
+from pyro_sgmcmc.infer import PSGLD, SGHMC, SGLD, SGNHT, SGMCMCKernel
 
 
 def run(kernel, *args, num_samples=1500, warmup=300, seed=0, **kwargs):
@@ -285,7 +285,7 @@ def test_dense_adaptation_samples_a_collinear_regression():
     assert float(ess(draws)) > 10 * float(ess(plain.get_samples()["w"]))
 
 
-@pytest.mark.parametrize("kernel_cls", [SGLD, SGNHT])
+@pytest.mark.parametrize("kernel_cls", [SGLD, SGNHT, SGHMC, PSGLD])
 def test_default_adaptation_on_minibatches(kernel_cls):
     """``SGLD(model)`` / ``SGNHT(model)`` with nothing tuned, started from Pyro's default
     initialisation tens of posterior sds away, on minibatches of 100 out of 400: an arrival phase
@@ -308,7 +308,7 @@ def test_step_size_is_frozen_after_warmup():
     assert len(after) == 1
 
 
-@pytest.mark.parametrize("kernel_cls", [SGLD, SGNHT])
+@pytest.mark.parametrize("kernel_cls", [SGLD, SGNHT, SGHMC, PSGLD])
 def test_untuned_kernels_start_far_and_stay_finite_on_logistic_regression(kernel_cls):
     """From Pyro's default initialisation (uniform in (-2, 2), some 20 posterior sds away, where
     the logistic likelihood is saturated and its curvature underestimates the mode's), an untuned

@@ -15,6 +15,10 @@ from pyro_sgmcmc.optim.sgld import SGLD
 from pyro_sgmcmc.optim.sgnht import SGNHT
 
 
+ALL_SAMPLERS = list(SAMPLERS)
+MOMENTUM_SAMPLERS = ("SGNHT", "SGHMC")
+
+
 def make_model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -62,6 +66,10 @@ def configure(name, params_groups, generator=None, foreach=None, **extra):
     options = dict(lr=1e-3, localization=0.5, weight_decay=0.1, bounding_box_size=0.05)
     if name == "SGNHT":
         options.update(lr=0.01, diffusion_factor=0.5)
+    if name == "SGHMC":
+        options.update(lr=0.01, friction=0.5, gradient_noise_variance=1.0)
+    if name == "PSGLD":
+        options.update(alpha=0.9)
     options.update(extra)
     return cls(params_groups, generator=generator, foreach=foreach, **options)
 
@@ -76,7 +84,7 @@ def groups_of(model):
     ]
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 @pytest.mark.parametrize("chunk_numel", [1 << 20, 7])  # one chunk / many chunks, split tensors
 def test_foreach_and_per_tensor_paths_agree_bit_for_bit(name, chunk_numel):
     results = []
@@ -88,7 +96,7 @@ def test_foreach_and_per_tensor_paths_agree_bit_for_bit(name, chunk_numel):
     assert_same(*results)
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_nbeta_path_equals_temperature_path(name):
     out = []
     for option in (dict(temperature=4.0), dict(nbeta=0.25)):
@@ -101,10 +109,10 @@ def test_nbeta_path_equals_temperature_path(name):
 # ------------------------------------------------------------------------------- resumption
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 @pytest.mark.parametrize("own_generator", [True, False])
 def test_resume_from_state_dict_is_bit_exact(name, own_generator):
-    schedule = lambda step: 1e-3 * 0.99**step if name == "SGLD" else 0.01 * 0.99**step  # noqa: E731
+    schedule = lambda step: 0.01 * 0.99**step if name in MOMENTUM_SAMPLERS else 1e-3 * 0.99**step  # noqa: E731
     def build(model):
         gen = torch.Generator().manual_seed(11) if own_generator else None
         return configure(name, groups_of(model), generator=gen, lr=schedule)
@@ -160,7 +168,7 @@ def test_lr_scheduler_drives_lr():
     assert ours.param_groups[0]["lr"] == 2 * sgd.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_callable_lr_and_temperature(name):
     lrs, temps = [], []
     lr = lambda step: (lrs.append(step), 1e-3 / (1 + step))[1]  # noqa: E731
@@ -180,11 +188,11 @@ def test_callable_lr_and_temperature(name):
     assert_same(*out)
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_bounding_box_holds(name):
     model = make_model()
     start = [p.detach().clone() for p in model.parameters()]
-    lr = 0.05 if name == "SGLD" else 0.3  # large steps, so the walls are hit often
+    lr = 0.3 if name in MOMENTUM_SAMPLERS else 0.05  # large steps, so the walls are hit often
     sampler = SAMPLERS[name](model.parameters(), lr=lr, bounding_box_size=0.01)
     x, y = make_data()
     hit = False
@@ -196,7 +204,7 @@ def test_bounding_box_holds(name):
     assert hit
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_mask_freezes_entries(name):
     model = make_model()
     weight = model[0].weight
@@ -208,7 +216,7 @@ def test_mask_freezes_entries(name):
     assert bool((after[mask] != before[mask]).all())
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_lr_zero_freezes_group_noise_included(name):
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -286,7 +294,7 @@ def test_sgnht_diagnostics_include_thermostat():
 # -------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 @pytest.mark.parametrize(
     "options, match",
     [
@@ -314,6 +322,32 @@ def test_bad_options_are_rejected_clearly(name, options, match):
         SAMPLERS[name]([torch.nn.Parameter(torch.zeros(3))], **options)
 
 
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("SGHMC", dict(friction=0.0), "Invalid friction: 0.0"),
+        ("SGHMC", dict(friction=float("nan")), "Invalid friction"),
+        ("SGHMC", dict(gradient_noise_variance=-1.0), "Invalid gradient_noise_variance: -1.0"),
+        ("PSGLD", dict(alpha=1.0), r"Invalid alpha: 1.0 \(must be a number in \[0, 1\)\)"),
+        ("PSGLD", dict(alpha=-0.1), "Invalid alpha"),
+        ("PSGLD", dict(eps=0.0), "Invalid eps: 0.0"),
+        ("PSGLD", dict(adapt_preconditioner="yes"), "Invalid adapt_preconditioner"),
+    ],
+)
+def test_bad_sampler_specific_options(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        SAMPLERS[name]([torch.nn.Parameter(torch.zeros(3))], lr=0.1, **options)
+
+
+def test_sghmc_noise_estimate_must_stay_below_the_friction():
+    theta = torch.nn.Parameter(torch.zeros(3))
+    sampler = SAMPLERS["SGHMC"]([theta], lr=0.1, friction=1.0, gradient_noise_variance=30.0)
+    theta.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="Invalid gradient_noise_variance: 30.0 gives B = .* 1.5 .* below friction=1.0"):
+        sampler.step()
+    assert torch.equal(theta.detach(), torch.zeros(3))
+
+
 def test_bad_diffusion_factor():
     for value in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="Invalid diffusion_factor"):
@@ -329,7 +363,7 @@ def test_bad_schedule_value_is_rejected_at_step():
         sampler.step()
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 @pytest.mark.parametrize("layout", ["one group", "two groups", "many chunks"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_is_refused_and_nothing_changes(name, layout, bad):
@@ -400,7 +434,7 @@ def test_functional_sgld_runs_without_an_optimizer():
     assert torch.allclose(theta[0], torch.full((4,), -0.05))
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_noise_does_not_depend_on_the_thread_count(name):
     """The CPU noise streams are tied to chunks, not threads: 1 or 2 threads, same chain."""
     threads = torch.get_num_threads()
@@ -450,7 +484,7 @@ def test_step_hooks_and_closure_work_like_torch():
     assert not torch.equal(theta.detach(), torch.zeros(3))
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_mixed_dtypes_in_one_group(name):
     """Parameters of several dtypes in one group are updated in per-dtype buckets, each with
     noise of its own dtype, and both paths still agree."""

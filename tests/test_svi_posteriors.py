@@ -34,6 +34,7 @@ def sample(model, data, guide_cls=AutoUnconstrainedDelta, sampler="SGLD", option
     svi = SVI(model, guide, getattr(optim, sampler)(options), Trace_ELBO())
     state = guide.current_sample if guide_cls is AutoUnconstrainedDelta else guide.median
     collector = run_svi(svi, burn_in + steps, SampleCollector(burn_in=burn_in), data, state=state, progress_bar=False)
+    sample.last_optim = svi.optim
     return collector.samples
 
 
@@ -118,12 +119,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("sampler", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("sampler", ["SGLD", "SGNHT", "SGHMC", "PSGLD"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_exact_posterior_through_svi(case, sampler):
     model, data, site, exact, lam, lr, h = CASES[case]
     if sampler == "SGLD":
         options, rel_bias = {"lr": lr}, lr * lam / 4
+    elif sampler == "PSGLD":
+        # G settles near 1 / sqrt(E[g^2]) ~ 1 / sqrt(lam): lr * sqrt(lam) makes the steps SGLD's;
+        # the preconditioner adapts during burn-in and is frozen after it (run_svi), so each chain
+        # is SGLD with its own fixed G: bias lr * G * lam / 4, taken below at the largest G
+        options = {"lr": lr * lam**0.5}
+    elif sampler == "SGHMC":
+        # fixed friction C = 1, exact gradients: variance low by about h C / 2
+        options, rel_bias = {"lr": h, "friction": 1.0}, h / 2
     else:
         # the thermostat settles near A = 1; theta's variance comes out low by about h * xi / 2
         # (measured: -2.5% at h = 0.05, -10% at h = 0.2 on the Beta posterior)
@@ -131,7 +140,16 @@ def test_exact_posterior_through_svi(case, sampler):
     # burn-in long in the sampler's own time (steps x step size): started in the prior's middle,
     # the chains' excess energy makes the shared thermostat ring for some 20 time units
     burn_in = BURN_IN if sampler == "SGLD" else int(40 / h)
+    if sampler == "PSGLD":
+        # far out, G ~ 1/|g| and PSGLD moves like sign-SGD, lr/2 per step: chains started from
+        # the prior (up to ~7 units away) need some 2 * 7 / lr steps, and V lags behind
+        burn_in = int(20 / options["lr"])
     draws = sample(model, data, sampler=sampler, options=options, burn_in=burn_in)[site]
+    if sampler == "PSGLD":
+        sgmcmc = sample.last_optim.sampler
+        (v,) = [sgmcmc.state[p]["square_avg"] for group in sgmcmc.param_groups for p in group["params"]]
+        assert not sgmcmc.param_groups[0]["adapt_preconditioner"]  # frozen after burn-in
+        rel_bias = options["lr"] * float((1 / (v.sqrt() + 1e-5)).max()) * lam / 4
     mean, var = exact()
     check_moments(draws, mean, var, rel_bias, f"{sampler} {case}")
 

@@ -7,6 +7,10 @@ optimizers of :mod:`pyro_sgmcmc.optim` and every Pyro adapter call these functio
 
 from ._common import Diagnostics, NonFiniteError, check_finite
 from ._noise import DEFAULT_CHUNK_NUMEL, NUM_STREAMS, NoisePlan, NoisePlanCache, NoiseSource
+from .control_variates import control_variate_gradient_
+from .mala import mala_log_acceptance
+from .psgld import psgld
+from .sghmc import sghmc
 from .sgld import sgld
 from .sgnht import sgnht
 
@@ -19,6 +23,10 @@ __all__ = [
     "NUM_STREAMS",
     "NonFiniteError",
     "check_finite",
+    "control_variate_gradient_",
+    "mala_log_acceptance",
+    "psgld",
+    "sghmc",
     "sgld",
     "sgnht",
 ]

@@ -51,6 +51,20 @@ class PerTensorOps:
             torch.minimum(self, other, out=self)
 
     @staticmethod
+    def mul_each_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            self.mul_(other)
+
+    @staticmethod
+    def div_each_(selves: TensorList, others: TensorList) -> None:
+        for self, other in zip(selves, others):
+            self.div_(other)
+
+    @staticmethod
+    def sqrt(tensors: TensorList) -> list[Tensor]:
+        return [t.sqrt() for t in tensors]
+
+    @staticmethod
     def add_scalar_(selves: TensorList, value: float) -> None:
         for self in selves:
             self.add_(value)
@@ -92,6 +106,18 @@ class ForeachOps:
     @staticmethod
     def minimum_(selves: TensorList, others: TensorList) -> None:
         torch._foreach_minimum_(selves, others)
+
+    @staticmethod
+    def mul_each_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_mul_(selves, others)
+
+    @staticmethod
+    def div_each_(selves: TensorList, others: TensorList) -> None:
+        torch._foreach_div_(selves, others)
+
+    @staticmethod
+    def sqrt(tensors: TensorList) -> list[Tensor]:
+        return list(torch._foreach_sqrt(tensors))
 
     @staticmethod
     def add_scalar_(selves: TensorList, value: float) -> None:

@@ -37,16 +37,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
-    Diagnostics,
-    check_buffer,
-    clamp_to_box,
-    fill_drift,
-    plan_buckets,
-    reflect_at_box,
-    take,
-)
-from ._noise import Chunk, NoisePlanCache, NoiseSource
+from ._common import Diagnostics
+from ._momentum import momentum_step
+from ._noise import NoisePlanCache, NoiseSource
 
 
 def sgnht(
@@ -104,41 +97,12 @@ def sgnht(
     if num_free is None:
         num_free = float(sum(p.numel() for p in params))
     friction = torch.exp(-h * thermostat)  # the friction flow dp = -xi p dt, solved exactly over h
-    kinetic = torch.zeros((), dtype=thermostat.dtype, device=thermostat.device)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
-    for indices, plan, check_in_buffer, gates in work:
-        ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
-        theta0_all, masks_all = take(indices, anchors), take(indices, masks)
-        bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
-
-        def update(chunk: Chunk) -> tuple[Tensor, dict | None]:
-            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all, readonly=True), chunk.pieces(moms)
-            theta0 = chunk.pieces(theta0_all, readonly=True) if theta0_all is not None else None
-            ms = chunk.pieces(masks_all, readonly=True) if masks_all is not None else None
-            parts = None
-            if diagnostics is not None:
-                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, h, grad_scale, localization,
-                                                  weight_decay)
-            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
-            if check_in_buffer:
-                check_buffer(chunk)
-            ops.mul_(p, bucket_friction)
-            if ms is None:
-                ops.add_(p, chunk.noise, alpha=-h)
-            else:
-                ops.addcmul_(p, chunk.noise, ms, value=-h)
-            ops.add_(thetas, p, alpha=h)
-            if bounding_box_size is not None:
-                reflect_at_box(p, thetas, theta0, bounding_box_size)
-                clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
-            if parts is not None:
-                parts = Diagnostics.after_update(parts, thetas, theta0)
-            return ops.sum_of_squares(p), parts
-
-        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gates):
-            kinetic += chunk_kinetic.to(kinetic)
-            if parts is not None:
-                diagnostics.add(parts)
+    kinetic = momentum_step(
+        params, grads, momenta, friction, lr=h, noise_std=noise_std, grad_scale=grad_scale,
+        localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
+        bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
+        check_finite=check_finite, diagnostics=diagnostics,
+    )
     thermostat.add_(h * (kinetic / num_free - 1.0))
     if diagnostics is not None:
         diagnostics.add_value("thermostat", thermostat)

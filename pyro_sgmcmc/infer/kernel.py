@@ -97,7 +97,8 @@ class SGMCMCKernel(MCMCKernel):
         ``adapt_step_size`` only the first one (default: measured).
     :param adapt_step_size: during warmup, set the step size from the sampler's bias rule
         (``suggest_lr``) and the measured curvature and minibatch-gradient noise (see
-        :mod:`pyro_sgmcmc.infer.adaptation`), then freeze it.
+        :mod:`pyro_sgmcmc.infer.adaptation`), then freeze it; with it, options that the sampler
+        sets from the same measurements (``adapted_options``: SGHMC's friction), unless given.
     :param adapt_mass_matrix: during warmup, estimate a preconditioner (the inverse Hessian of
         the potential, at the start and at the ends of doubling windows) and freeze it: the chain
         then runs on whitened coordinates (see :mod:`pyro_sgmcmc.infer.adaptation`).
@@ -112,9 +113,16 @@ class SGMCMCKernel(MCMCKernel):
         taken, the divergence is counted, the chain goes on) or ``"raise"`` (stop with an error).
         Either way, nothing non-finite enters the chain, and divergences after warmup are listed in
         ``diagnostics()["divergences"]`` and counted by ``MCMC.summary()``, as for HMC.
+    :param step_size_schedule: after warmup, the step size is the adapted one times
+        ``step_size_schedule(k)`` at the ``k``-th sampling step (e.g.
+        ``CyclicalSchedule(initial=1.0, num_steps=..., num_cycles=...)`` from
+        :mod:`pyro_sgmcmc.schedules`: cycles that start at the adapted step). If the schedule has
+        ``in_sampling_phase`` (as ``CyclicalSchedule`` does), every returned sample comes from the
+        sampling phase of a cycle: the kernel steps on through each exploration phase.
     :param jit_compile: not supported yet (must be False).
 
-    At the end of warmup the sampler's auxiliary variables (SGNHT's momenta and thermostat) are
+    At the end of warmup the sampler stops adapting anything of its own (PSGLD's preconditioner:
+    :meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables (SGNHT's momenta and thermostat) are
     put back to their initial law (:meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.reset_auxiliary`):
     a thermostat cools by at most 1 per unit of time, so the heat of the warmup's transient would
     otherwise leave the first samples too cold.
@@ -139,6 +147,7 @@ class SGMCMCKernel(MCMCKernel):
         transforms: dict[str, Any] | None = None,
         init_strategy: Callable = init_to_uniform,
         on_divergence: str = "skip",
+        step_size_schedule: Callable[[int], float] | None = None,
         jit_compile: bool = False,
         **sampler_options: Any,
     ) -> None:
@@ -153,6 +162,9 @@ class SGMCMCKernel(MCMCKernel):
             raise ValueError(f"Invalid num_steps: {num_steps!r} (must be an integer >= 1)")
         if on_divergence not in ("skip", "raise"):
             raise ValueError(f"Invalid on_divergence: {on_divergence!r} (must be 'skip' or 'raise')")
+        if step_size_schedule is not None and not callable(step_size_schedule):
+            raise ValueError(f"Invalid step_size_schedule: {step_size_schedule!r} (must be a callable of the step, "
+                             "e.g. pyro_sgmcmc.schedules.CyclicalSchedule, or None)")
         if jit_compile:
             raise NotImplementedError("jit_compile is not supported by SG-MCMC kernels yet")
         self.model = model
@@ -169,6 +181,7 @@ class SGMCMCKernel(MCMCKernel):
         self.init_strategy = init_strategy
         self.on_divergence = on_divergence
         self.sampler_options = sampler_options
+        self.step_size_schedule = step_size_schedule
         self._user_initial_params: dict[str, Tensor] | None = None
         self._reset()
 
@@ -184,12 +197,15 @@ class SGMCMCKernel(MCMCKernel):
         self._adapt_at: list[int] = []
         self._hessians: list[Tensor] = []
         self._sampler: SGMCMCOptimizer | None = None
+        self._adapted_options: dict[str, Any] = {}
         self._potential: Callable | None = None
         self._t = 0
+        self._sampling_steps = 0
         self._warmup_steps = 0
         self._divergences: list[int] = []
         self._num_divergent_steps = 0
         self._last_potential = float("nan")
+        self._mala_total, self._mala_count = 0.0, 0
 
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
@@ -275,15 +291,21 @@ class SGMCMCKernel(MCMCKernel):
             largest_curvature, noise = measure_scales(self._gradient_z, self._z.detach())
             self._scales = (largest_curvature, noise)
             if math.isfinite(largest_curvature) and math.isfinite(noise) and largest_curvature > 0:
+                self._adapted_options = self.sampler_class.adapted_options(
+                    largest_curvature, noise, self.temperature, self.sampler_options)
+                options = {**self.sampler_options, **self._adapted_options}
                 self._lr = self.sampler_class.suggest_lr(largest_curvature, noise, self.target_bias, self.temperature,
-                                                         arrival=arrival, **self.sampler_options)
+                                                         arrival=arrival, **options)
         if self._lr is None:
             raise RuntimeError("Could not measure a step size at the initial point; give step_size")
         self._new_sampler()
 
     def _new_sampler(self) -> None:
         group = {"params": [("z", self._z)]}
-        self._sampler = self.sampler_class([group], lr=self._lr, temperature=self.temperature, **self.sampler_options)
+        options = {**self.sampler_options, **self._adapted_options}
+        # the Langevin samplers score their steps with MALA's acceptance (cheap on the flat z)
+        self._sampler = self.sampler_class([group], lr=self._lr, temperature=self.temperature,
+                                           diagnostics=self.sampler_class.langevin, **options)
         self._last_good = self._z.detach().clone()
 
     def _adapt(self) -> None:
@@ -301,15 +323,27 @@ class SGMCMCKernel(MCMCKernel):
         elif self._t in self._adapt_at:
             self._adapt()
         elif self._t == self._warmup_steps and self._t > 0:
-            self._sampler.reset_auxiliary()  # the end of warmup (MCMC never calls end_warmup)
+            # the end of warmup (MCMC never calls end_warmup): a fixed-parameter chain from here on
+            self._sampler.freeze_adaptation()
+            self._sampler.reset_auxiliary()
         for _ in range(self.num_steps):
             self._one_step()
+        in_phase = getattr(self.step_size_schedule, "in_sampling_phase", None)
+        if in_phase is not None and self._t >= self._warmup_steps:
+            while not in_phase(self._sampling_steps - 1):  # through the exploration phase
+                self._one_step()
         theta = self._theta()
         self._t += 1
         return {name: value.clone() for name, value in self._unflatten(theta).items()}
 
     def _one_step(self) -> None:
         sampler = self._sampler
+        if self._t >= self._warmup_steps:
+            if self.step_size_schedule is not None:
+                factor = float(self.step_size_schedule(self._sampling_steps))
+                for group in sampler.param_groups:
+                    group["lr"] = self._lr * factor
+            self._sampling_steps += 1
         sampler.zero_grad(set_to_none=True)
         potential = self._potential_z(self._z)
         self._last_potential = float(potential.detach())
@@ -321,10 +355,14 @@ class SGMCMCKernel(MCMCKernel):
         self._last_good = self._z.detach().clone()
         potential.backward()
         try:
-            sampler.step()
+            sampler.step(loss=potential.detach())
         except NonFiniteError as error:
             self._diverged(str(error))
             return
+        acceptance = sampler.step_diagnostics.get("mala_acceptance")
+        if acceptance is not None and self._t >= self._warmup_steps:
+            self._mala_total += float(acceptance)
+            self._mala_count += 1
         if not bool(torch.isfinite(self._z).all()):  # the dynamics blew up
             self._revert()
             self._diverged("the sampler's update is not finite")
@@ -333,6 +371,7 @@ class SGMCMCKernel(MCMCKernel):
         with torch.no_grad():
             self._z.copy_(self._last_good)
         self._sampler.reset_auxiliary()
+        self._sampler.forget_last_step()
 
     def _diverged(self, why: str) -> None:
         """Count a divergent step (the chain stays where it was) or stop, as asked. During warmup,
@@ -355,8 +394,13 @@ class SGMCMCKernel(MCMCKernel):
 
     def diagnostics(self) -> dict[str, Any]:
         """Divergences (iteration indices after warmup, as HMC reports them), the number of
-        divergent steps in all, and what warmup adapted: the step size, the preconditioner and
-        the curvature and gradient-noise variance last measured (in whitened coordinates)."""
+        divergent steps in all, what warmup adapted (the step size, the preconditioner, the
+        curvature and gradient-noise variance last measured, in whitened coordinates, and any
+        option the sampler adapted), and, for the Langevin samplers (SGLD, PSGLD), the MALA
+        acceptance probability of the steps after warmup, averaged
+        (:mod:`pyro_sgmcmc.functional.mala`; ``None`` for the others): well below 1 means a step
+        size large enough to bias the samples. On minibatches it is computed from minibatch
+        potentials, a noisy and pessimistic estimate."""
         return {
             "divergences": list(self._divergences),
             "divergent steps": self._num_divergent_steps,
@@ -365,6 +409,8 @@ class SGMCMCKernel(MCMCKernel):
             "curvature": self._scales[0],
             "gradient noise": self._scales[1],
             "temperature": self.temperature,
+            "mala acceptance": self._mala_total / self._mala_count if self._mala_count else None,
+            **self._adapted_options,
         }
 
     def cleanup(self) -> None:

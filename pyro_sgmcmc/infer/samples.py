@@ -25,17 +25,24 @@ class SampleCollector:
     :param thin: keep every ``thin``-th step after burn-in.
     :param keep: ``"all"`` or ``"moments"``.
     :param sites: names of the sites to keep (default: all).
+    :param keep_if: a predicate of the (0-based) index of the step just taken; steps for which
+        it is false are not kept (e.g. ``CyclicalSchedule.in_sampling_phase``: samples from the
+        sampling phase of each cycle only). Thinning counts the steps it lets through.
     """
 
-    def __init__(self, burn_in: int = 0, thin: int = 1, keep: str = "all", sites: list[str] | None = None):
+    def __init__(self, burn_in: int = 0, thin: int = 1, keep: str = "all", sites: list[str] | None = None,
+                 keep_if: Callable[[int], bool] | None = None):
         if not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"Invalid burn_in: {burn_in!r} (must be an integer >= 0)")
         if not isinstance(thin, int) or thin < 1:
             raise ValueError(f"Invalid thin: {thin!r} (must be an integer >= 1)")
         if keep not in ("all", "moments"):
             raise ValueError(f"Invalid keep: {keep!r} (must be 'all' or 'moments')")
-        self.burn_in, self.thin, self.keep, self.sites = burn_in, thin, keep, sites
+        if keep_if is not None and not callable(keep_if):
+            raise ValueError(f"Invalid keep_if: {keep_if!r} (must be a callable of the step index, or None)")
+        self.burn_in, self.thin, self.keep, self.sites, self.keep_if = burn_in, thin, keep, sites, keep_if
         self.steps = 0
+        self._eligible = 0
         self.num_samples = 0
         self._draws: dict[str, list[Tensor]] = {}
         self._mean: dict[str, Tensor] = {}
@@ -44,7 +51,10 @@ class SampleCollector:
     def __call__(self, values: dict[str, Tensor]) -> bool:
         """Count one step and keep ``values`` if it is due; return whether it was kept."""
         self.steps += 1
-        if self.steps <= self.burn_in or (self.steps - self.burn_in - 1) % self.thin:
+        if self.steps <= self.burn_in or (self.keep_if is not None and not self.keep_if(self.steps - 1)):
+            return False
+        self._eligible += 1
+        if (self._eligible - 1) % self.thin:
             return False
         self.num_samples += 1
         for name, value in values.items():
@@ -100,12 +110,16 @@ def run_svi(
     *args: Any,
     state: Callable[..., dict[str, Tensor]] | None = None,
     progress_bar: bool = True,
+    freeze_after_burn_in: bool = True,
     **kwargs: Any,
 ) -> SampleCollector:
     """Run ``svi.step(*args, **kwargs)`` ``num_steps`` times, handing each state to ``collector``.
 
     :param state: returns the current constrained values (default: ``svi.guide.current_sample``).
     :param progress_bar: show a tqdm progress bar with the loss.
+    :param freeze_after_burn_in: at the end of the collector's burn-in, stop the sampler's own
+        adaptation (``svi.optim.freeze_adaptation()``, e.g. PSGLD's preconditioner), so that the
+        samples come from a fixed-parameter chain (see :class:`~pyro_sgmcmc.optim.psgld.PSGLD`).
     :return: ``collector``. A Ctrl-C stops the run early with a warning, keeping what was
         collected; any other exception propagates, and the collector still holds the samples.
     """
@@ -120,6 +134,8 @@ def run_svi(
         for _ in steps:
             loss = svi.step(*args, **kwargs)
             collector(state(*args, **kwargs))
+            if freeze_after_burn_in and collector.steps == collector.burn_in and hasattr(svi.optim, "freeze_adaptation"):
+                svi.optim.freeze_adaptation()
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
     except KeyboardInterrupt:

@@ -1,7 +1,9 @@
 """Layer 2: samplers as ``torch.optim.Optimizer`` classes.
 
 * :class:`pyro_sgmcmc.optim.sgld.SGLD` -- stochastic gradient Langevin dynamics;
-* :class:`pyro_sgmcmc.optim.sgnht.SGNHT` -- stochastic gradient Nosé-Hoover thermostat.
+* :class:`pyro_sgmcmc.optim.sgnht.SGNHT` -- stochastic gradient Nosé-Hoover thermostat;
+* :class:`pyro_sgmcmc.optim.sghmc.SGHMC` -- stochastic gradient Hamiltonian Monte Carlo;
+* :class:`pyro_sgmcmc.optim.psgld.PSGLD` -- SGLD with an RMSprop preconditioner.
 
 They run in a plain PyTorch loop (``loss.backward(); sampler.step()``) with no Pyro at all.
 
@@ -20,9 +22,11 @@ import torch as _torch
 from .pyro_optim import SGMCMCPyroOptim, SGMCMCPyroScheduler, pyro_wrapper, scheduler_wrapper
 from .sgld import SGLD as _SGLD
 from .sgnht import SGNHT as _SGNHT
+from .sghmc import SGHMC as _SGHMC
+from .psgld import PSGLD as _PSGLD
 
 #: Every torch sampler of the package, by name (the Pyro adapters iterate over this).
-SAMPLERS = {"SGLD": _SGLD, "SGNHT": _SGNHT}
+SAMPLERS = {"SGLD": _SGLD, "SGNHT": _SGNHT, "SGHMC": _SGHMC, "PSGLD": _PSGLD}
 
 # Pyro optimizers: pyro_sgmcmc.optim.SGLD({"lr": ...}) as pyro.optim.Adam({"lr": ...}).
 for _name, _sampler in SAMPLERS.items():

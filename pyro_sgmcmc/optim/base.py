@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError, check_finite
+from ._mala import MalaTracker
 
 #: Options that may be given as a callable ``step -> float`` (``step`` counts the group's steps).
 SCHEDULABLE = ("lr", "temperature", "nbeta")
@@ -112,8 +113,15 @@ class SGMCMCOptimizer(Optimizer):
     :param foreach: ``True`` for the multi-tensor path, ``False`` for the per-tensor loop, ``None``
         (default) for the multi-tensor path wherever it is supported. Both give the same numbers.
     :param diagnostics: if true, each ``step()`` leaves the norms of the parts of its update in
-        :attr:`step_diagnostics`; off, it costs nothing.
+        :attr:`step_diagnostics`; off, it costs nothing. For the Langevin samplers (SGLD,
+        PSGLD), when the step knows the potential (``step(closure)`` or ``step(loss=U)``), it also
+        leaves ``mala_acceptance``: the probability with which MALA would have accepted the
+        previous step (:mod:`pyro_sgmcmc.functional.mala`), and :attr:`mala_acceptance_mean`
+        averages it over the steps scored.
     """
+
+    #: Whether a step is a draw from a Langevin proposal (so MALA's acceptance can score it).
+    langevin = False
 
     def __init__(
         self,
@@ -136,6 +144,7 @@ class SGMCMCOptimizer(Optimizer):
         self._schedules: list[dict[str, Callable[[int], float]]] = []
         self._noise_plans = NoisePlanCache()
         self._noise = NoiseSource(generator)
+        self._mala = MalaTracker()
         defaults = {"mask": None, **defaults}
         super().__init__(params, defaults)
 
@@ -246,23 +255,37 @@ class SGMCMCOptimizer(Optimizer):
         adaptation uses it."""
         raise NotImplementedError
 
+    @staticmethod
+    def adapted_options(curvature: float, noise_variance: float, temperature: float = 1.0,
+                        given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Options of the sampler (other than ``lr``) that an adapting kernel should set from the
+        measured curvature and gradient-noise variance, unless the user gave them in ``given``.
+        None by default."""
+        return {}
+
     def reset_auxiliary(self) -> None:
         """Put auxiliary variables (momenta, thermostats) back to their initial law, leaving the
         parameters where they are. Samplers without any do nothing. MCMC kernels call this at the
         end of warmup."""
 
+    def freeze_adaptation(self) -> None:
+        """Stop any adaptation inside the sampler (e.g. PSGLD's preconditioner), so that from here
+        on it is a fixed-parameter Markov chain. Samplers that adapt nothing do nothing. MCMC
+        kernels call this at the end of warmup."""
+
     # ------------------------------------------------------------------------------ step
 
     @_step_with_hooks
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None) -> Any:
         """Take one sampling step with the gradients in ``p.grad``.
 
         :param closure: optional, re-evaluates the model and returns the loss (as in torch).
+        :param loss: optional, the potential ``U`` at the current parameters (the loss whose
+            gradient is in ``p.grad``), for the MALA diagnostic when a closure does not give it.
         :raises NonFiniteError: if a gradient holds NaN or Inf, naming the parameter; nothing is
             changed then.
         """
-        loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -272,8 +295,30 @@ class SGMCMCOptimizer(Optimizer):
             params, grads, masks = self._gather(index, group)
             if params:
                 work.append((index, group, params, grads, masks, None))
+        scoring = self.track_diagnostics and self.langevin
+        log_ratio = self._mala.before(self, work, loss) if scoring else None
         self._run(work)
+        if scoring:
+            self._mala.after(self, work)
+            if log_ratio is not None:
+                self.step_diagnostics["mala_log_ratio"] = log_ratio
+                self.step_diagnostics["mala_acceptance"] = log_ratio.clamp(max=0.0).exp()
         return loss
+
+    @property
+    def mala_acceptance_mean(self) -> float:
+        """The MALA acceptance probability averaged over the steps scored so far (NaN if none;
+        see ``diagnostics``)."""
+        return self._mala.mean
+
+    def forget_last_step(self) -> None:
+        """Do not score the last step for the MALA diagnostic (the caller moved the parameters
+        since, e.g. an MCMC kernel undoing a divergent step)."""
+        self._mala.pending = None
+
+    def proposal_preconditioner(self, param: Tensor) -> Tensor | None:
+        """The diagonal preconditioner of ``param``'s last Langevin proposal (``None``: identity)."""
+        return None
 
     def step_tensors(self, targets: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
         """One step in which the new value of each parameter ``p`` is written into
@@ -386,6 +431,25 @@ class SGMCMCOptimizer(Optimizer):
                 anchor = state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
             anchors.append(anchor)
         return anchors
+
+    def update_options(self, group: dict[str, Any], params: list[Tensor], masks: list[Tensor] | None,
+                       check_finite: bool, diagnostics: Diagnostics | None) -> dict[str, Any]:
+        """The keyword arguments every update function of :mod:`pyro_sgmcmc.functional` takes,
+        for ``params`` of ``group``: the common target options and the sampler's noise state."""
+        return dict(
+            grad_scale=self.grad_scale(group),
+            localization=group["localization"],
+            weight_decay=group["weight_decay"],
+            noise_level=group["noise_level"],
+            anchors=self.anchors(group, params),
+            masks=masks,
+            bounding_box_size=group["bounding_box_size"],
+            noise=self._noise,
+            foreach=self.foreach,
+            noise_plans=self._noise_plans,
+            check_finite=check_finite,
+            diagnostics=diagnostics,
+        )
 
     def _update_group(
         self,

@@ -70,6 +70,15 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}
         self._saved: dict[str, Any] | None = None
+        self._frozen = False
+
+    def freeze_adaptation(self) -> None:
+        """Stop the sampler's own adaptation (PSGLD's preconditioner), now and for parameters
+        that join later: from here on a fixed-parameter chain. :func:`~pyro_sgmcmc.infer.run_svi`
+        calls this at the end of the collector's burn-in."""
+        self._frozen = True
+        if self.sampler is not None:
+            self.sampler.freeze_adaptation()
 
     # ------------------------------------------------------------------------------ stepping
 
@@ -146,6 +155,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         if self._saved is not None and self._layout() == self._saved["layout"]:
             self.sampler.load_state_dict(self._saved["sampler"])
             self._saved = None
+        if self._frozen:
+            self.sampler.freeze_adaptation()
 
     def _groups_for(self, names: list[str], named: dict[str, Tensor], layout: list[list[str]] | None) -> list[dict]:
         """Groups for new parameters: the saved layout where there is one, else one group per

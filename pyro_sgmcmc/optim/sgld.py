@@ -50,6 +50,8 @@ class SGLD(SGMCMCOptimizer):
         generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer`.
     """
 
+    langevin = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -105,16 +107,5 @@ class SGLD(SGMCMCOptimizer):
             params if targets is None else targets,
             grads,
             lr=group["lr"],
-            grad_scale=self.grad_scale(group),
-            localization=group["localization"],
-            weight_decay=group["weight_decay"],
-            noise_level=group["noise_level"],
-            anchors=self.anchors(group, params),
-            masks=masks,
-            bounding_box_size=group["bounding_box_size"],
-            noise=self._noise,
-            foreach=self.foreach,
-            noise_plans=self._noise_plans,
-            check_finite=check_finite,
-            diagnostics=diagnostics,
+            **self.update_options(group, params, masks, check_finite, diagnostics),
         )

@@ -11,12 +11,13 @@ from torch import Tensor
 from ..functional import Diagnostics, sgnht
 from torch.optim.optimizer import required
 
-from .base import SGMCMCOptimizer, check_number
+from ._momentum import MomentumSampler
+from .base import check_number
 
 __all__ = ["SGNHT"]
 
 
-class SGNHT(SGMCMCOptimizer):
+class SGNHT(MomentumSampler):
     r"""Stochastic gradient Nosé–Hoover thermostat (Ding et al. 2014).
 
     Momentum :math:`p`, one scalar thermostat :math:`\xi` per parameter group (:math:`d` free
@@ -114,32 +115,11 @@ class SGNHT(SGMCMCOptimizer):
         long time; restarting it once the parameters have arrived heats it back up quickly."""
         for group in self.param_groups:
             group["thermostat"].fill_(float(group["diffusion_factor"]))
-            masks = group["mask"]
-            for i, p in enumerate(group["params"]):
-                momentum = self.state[p].get("momentum")
-                if momentum is not None:
-                    momentum.normal_(generator=self.generator)
-                    if masks is not None:
-                        momentum.mul_(masks[i])
+        super().reset_auxiliary()
 
     def _after_load(self, group: dict[str, Any]) -> None:
         super()._after_load(group)
         group["thermostat"] = group["thermostat"].to(group["params"][0].device)
-
-    def _momenta(self, params: list[Tensor], masks: list[Tensor] | None) -> list[Tensor]:
-        """Each parameter's momentum, drawn from N(0, I) (0 where masked) at its first step."""
-        momenta = []
-        for i, p in enumerate(params):
-            state = self.state[p]
-            momentum = state.get("momentum")
-            if momentum is None:
-                momentum = torch.empty_like(p, memory_format=torch.contiguous_format)
-                momentum.normal_(generator=self.generator)
-                if masks is not None:
-                    momentum.mul_(masks[i])
-                state["momentum"] = momentum
-            momenta.append(momentum)
-        return momenta
 
     def _update_group(
         self,
@@ -162,21 +142,9 @@ class SGNHT(SGMCMCOptimizer):
             group["thermostat"],
             lr=group["lr"],
             diffusion_factor=group["diffusion_factor"],
-            grad_scale=self.grad_scale(group),
-            localization=group["localization"],
-            weight_decay=group["weight_decay"],
-            noise_level=group["noise_level"],
-            anchors=self.anchors(group, params),
-            masks=masks,
             num_free=num_free,
-            bounding_box_size=group["bounding_box_size"],
-            noise=self._noise,
-            foreach=self.foreach,
-            noise_plans=self._noise_plans,
-            check_finite=check_finite,
-            diagnostics=diagnostics,
+            **self.update_options(group, params, masks, check_finite, diagnostics),
         )
         if targets is not None:  # a differentiable step: keep the sampler's own state plain
-            for momentum in momenta:
-                momentum.detach_()
+            self._detach(momenta)
             group["thermostat"].detach_()

@@ -1,0 +1,84 @@
+r"""The momentum step shared by the second-order samplers (SGHMC, SGNHT), written once.
+
+.. math::
+
+    p &\leftarrow f\,p - h\,\nabla\tilde U(\theta) + \sigma_p\,\mathcal N(0, I) \\
+    \theta &\leftarrow \theta + h\,p
+
+with a friction factor :math:`f` (a 0-dim tensor: :math:`e^{-Ch}` for SGHMC's fixed friction,
+:math:`e^{-\xi h}` for SGNHT's thermostat) and the momentum noise :math:`\sigma_p` given as
+``noise_std`` in the units of the drift (the buffer is applied with factor :math:`h`). Each sampler
+only decides :math:`f` and :math:`\sigma_p` and what it does with the kinetic energy returned.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, reflect_at_box, take
+from ._noise import Chunk, NoisePlanCache, NoiseSource
+
+
+def momentum_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    friction: Tensor,
+    *,
+    lr: float,
+    noise_std: float,
+    grad_scale: float,
+    localization: float,
+    weight_decay: float,
+    anchors: Sequence[Tensor] | None,
+    masks: Sequence[Tensor] | None,
+    bounding_box_size: float | None,
+    noise: NoiseSource,
+    foreach: bool | None,
+    noise_plans: NoisePlanCache | None,
+    check_finite: bool,
+    diagnostics: Diagnostics | None,
+) -> Tensor:
+    """Apply the step above in place; return :math:`p^\\top p` after it (a 0-dim tensor of
+    ``friction``'s dtype). With a bounding box, the momentum of an entry that hits a wall is
+    reversed (an elastic wall) and the entry clamped."""
+    h = lr
+    kinetic = torch.zeros((), dtype=friction.dtype, device=friction.device)
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    for indices, plan, check_in_buffer, gates in work:
+        ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
+        theta0_all, masks_all = take(indices, anchors), take(indices, masks)
+        bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
+
+        def update(chunk: Chunk) -> tuple[Tensor, dict | None]:
+            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all, readonly=True), chunk.pieces(moms)
+            theta0 = chunk.pieces(theta0_all, readonly=True) if theta0_all is not None else None
+            ms = chunk.pieces(masks_all, readonly=True) if masks_all is not None else None
+            parts = None
+            if diagnostics is not None:
+                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, h, grad_scale, localization,
+                                                  weight_decay)
+            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
+            if check_in_buffer:
+                check_buffer(chunk)
+            ops.mul_(p, bucket_friction)
+            if ms is None:
+                ops.add_(p, chunk.noise, alpha=-h)
+            else:
+                ops.addcmul_(p, chunk.noise, ms, value=-h)
+            ops.add_(thetas, p, alpha=h)
+            if bounding_box_size is not None:
+                reflect_at_box(p, thetas, theta0, bounding_box_size)
+                clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
+            if parts is not None:
+                parts = Diagnostics.after_update(parts, thetas, theta0)
+            return ops.sum_of_squares(p), parts
+
+        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gates):
+            kinetic += chunk_kinetic.to(kinetic)
+            if parts is not None:
+                diagnostics.add(parts)
+    return kinetic

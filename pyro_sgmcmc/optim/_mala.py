@@ -1,0 +1,94 @@
+"""Bookkeeping for the MALA acceptance diagnostic of the Langevin samplers (see
+:mod:`pyro_sgmcmc.functional.mala`): what a step must remember so that the next one, which
+brings the potential and its gradient at the new point, can score it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..functional import mala_log_acceptance
+
+
+@dataclass
+class _Pending:
+    params: list[Tensor]
+    thetas: list[Tensor]
+    drifts: list[Tensor]
+    energy: Tensor
+    lrs: list[float] | None = None
+    preconditioners: list[Tensor | None] | None = None
+
+
+class MalaTracker:
+    """Scores each Langevin step once the potential at its end is known.
+
+    ``before(work, loss)`` is called before a step with the step's groups and the potential
+    ``U`` at the current point (``None`` if unknown); it returns the log acceptance ratio of the
+    *previous* step, if that can be scored, and remembers the current point. ``after(work)``
+    records the step size and preconditioner the step used. The running mean of the acceptance
+    probability is over the steps actually scored (no step is counted unscored).
+    """
+
+    def __init__(self) -> None:
+        self.pending: _Pending | None = None
+        self.total = 0.0
+        self.count = 0
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    def before(self, sampler: Any, work: list[tuple], loss: Tensor | float | None) -> Tensor | None:
+        scales = {sampler.grad_scale(group) for _, group, *_ in work}
+        if loss is None or len(scales) != 1 or not work:
+            self.pending = None  # the target is not one tempered density, or U is unknown
+            return None
+        scale = scales.pop()
+        energy = torch.as_tensor(loss, dtype=torch.float64).detach() * scale
+        params, thetas, drifts = [], [], []
+        for _, group, ps, grads, masks, _ in work:
+            anchors = sampler.anchors(group, ps)
+            gamma, lam = group["localization"], group["weight_decay"]
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                theta = p.detach().double()
+                offset = theta - anchors[i].double() if anchors is not None else None
+                drift = g.detach().double() * scale + lam * theta
+                energy = energy + lam / 2 * theta.square().sum()
+                if gamma and offset is not None:
+                    drift = drift + gamma * offset
+                    energy = energy + gamma / 2 * offset.square().sum()
+                if masks is not None:
+                    drift = drift * masks[i]
+                params.append(p)
+                thetas.append(theta.clone())
+                drifts.append(drift)
+        log_ratio = None
+        previous = self.pending
+        if previous is not None and previous.lrs is not None and len(previous.params) == len(params) and all(
+            a is b for a, b in zip(previous.params, params)
+        ):
+            log_ratio = mala_log_acceptance(previous.thetas, thetas, previous.drifts, drifts, previous.energy, energy,
+                                            previous.lrs, previous.preconditioners)
+            if math.isfinite(float(log_ratio)):
+                self.total += min(1.0, math.exp(min(float(log_ratio), 0.0)))
+                self.count += 1
+        self.pending = _Pending(params, thetas, drifts, energy)
+        return log_ratio
+
+    def after(self, sampler: Any, work: list[tuple]) -> None:
+        if self.pending is None:
+            return
+        lrs, preconditioners = [], []
+        for _, group, ps, *_ in work:
+            for p in ps:
+                lrs.append(float(group["lr"]))
+                preconditioners.append(sampler.proposal_preconditioner(p))
+        if any(lr <= 0 for lr in lrs):
+            self.pending = None  # a frozen group: the step is not a Langevin proposal
+            return
+        self.pending.lrs, self.pending.preconditioners = lrs, preconditioners
