@@ -7,7 +7,11 @@ sd of every coefficient) is a long NUTS run. Each method then runs with growing 
 more warmup and samples; ours: more samples, minibatches of ``--batch``), and the figure is the
 wall time of the first run whose posterior means are all within 0.1 posterior sd of the reference
 and whose sds are all within 10% of it (the accuracy of issue 4's target). Our kernels run with
-no tuning (warmup adaptation on, diagonal preconditioner). 2 threads, CPU.
+no tuning (warmup adaptation on, diagonal preconditioner); the "+ CV" rows add control variates
+(``control_variates=True``: the anchor is the mode, found by L-BFGS on the full data, and the
+chain starts there; its cost is inside the wall time). 2 threads, CPU.
+
+    python benchmarks/vs_nuts.py --methods NUTS "SGLD + CV" "SGNHT + CV" --sizes 100000
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer import MCMC, NUTS
 
-from pyro_sgmcmc.infer import SGLD, SGNHT
+from pyro_sgmcmc.infer import SGHMC, SGLD, SGNHT
 
 D = 20
 
@@ -65,14 +69,30 @@ def time_to_accuracy(name, make, budgets, x, y, ref_mean, ref_sd, batch=None):
     return float("nan")
 
 
+def methods(batch: int) -> dict[str, tuple]:
+    """name -> (kernel factory, budgets of (warmup, samples), minibatch size)."""
+    ours = [(300, 500), (500, 1000), (500, 2000), (1000, 4000), (1000, 8000)]
+    with_cv = [(100, 250), (100, 500), (200, 1000), (200, 2000), (400, 4000), (400, 8000)]
+    return {
+        "NUTS": (lambda: NUTS(model), [(50, 100), (100, 200), (200, 400), (300, 800), (500, 1600)], None),
+        "SGLD": (lambda: SGLD(model, num_steps=5), ours, batch),
+        "SGNHT": (lambda: SGNHT(model, num_steps=5), ours, batch),
+        "SGLD + CV": (lambda: SGLD(model, control_variates=True), with_cv, batch),
+        "SGNHT + CV": (lambda: SGNHT(model, control_variates=True), with_cv, batch),
+        "SGHMC + CV": (lambda: SGHMC(model, control_variates=True), with_cv, batch),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--reference-samples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["NUTS", "SGLD", "SGNHT", "SGLD + CV", "SGNHT + CV"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    table = methods(args.batch)
     rows = []
     for n in args.sizes:
         x, y = data(n)
@@ -80,19 +100,18 @@ def main():
         ref_seconds, ref = run(NUTS(model), x, y, 500, args.reference_samples, seed=123)
         ref_mean, ref_sd = ref.mean(0), ref.std(0)
         print(f"  reference took {ref_seconds:.1f} s", flush=True)
-        nuts_budgets = [(50, 100), (100, 200), (200, 400), (300, 800), (500, 1600)]
-        ours_budgets = [(300, 500), (500, 1000), (500, 2000), (1000, 4000), (1000, 8000)]
-        nuts = time_to_accuracy("NUTS (full data)", lambda: NUTS(model), nuts_budgets, x, y, ref_mean, ref_sd)
-        sgld = time_to_accuracy(f"SGLD (batch {args.batch})", lambda: SGLD(model, num_steps=5), ours_budgets,
-                                x, y, ref_mean, ref_sd, args.batch)
-        sgnht = time_to_accuracy(f"SGNHT (batch {args.batch})", lambda: SGNHT(model, num_steps=5), ours_budgets,
-                                 x, y, ref_mean, ref_sd, args.batch)
-        rows.append((n, nuts, sgld, sgnht))
-    print("\n| N | NUTS | SGLD | SGNHT | NUTS / best of ours |")
-    print("|---|---|---|---|---|")
-    for n, nuts, sgld, sgnht in rows:
-        best = min(t for t in (sgld, sgnht) if t == t) if (sgld == sgld or sgnht == sgnht) else float("nan")
-        print(f"| {n} | {nuts:.1f} s | {sgld:.1f} s | {sgnht:.1f} s | {nuts / best:.2f}x |")
+        times = {}
+        for name in args.methods:
+            make, budgets, batch = table[name]
+            label = name if batch is None else f"{name} (batch {batch})"
+            times[name] = time_to_accuracy(label, make, budgets, x, y, ref_mean, ref_sd, batch)
+        rows.append((n, times))
+    print("\n| N | " + " | ".join(args.methods) + " | NUTS / best of ours |")
+    print("|---" * (len(args.methods) + 2) + "|")
+    for n, times in rows:
+        ours = [t for name, t in times.items() if name != "NUTS" and t == t]
+        ratio = times.get("NUTS", float("nan")) / min(ours) if ours else float("nan")
+        print(f"| {n} | " + " | ".join(f"{times[name]:.1f} s" for name in args.methods) + f" | {ratio:.2f}x |")
     print("\n(nan: no budget reached the accuracy)")
 
 

@@ -193,6 +193,9 @@ def test_logging_is_cheap_and_json_serialisable():
         (lambda: SGLD(models.scalar_normal, num_steps=0), ValueError, "Invalid num_steps"),
         (lambda: SGLD(models.scalar_normal, on_divergence="ignore"), ValueError, "Invalid on_divergence"),
         (lambda: SGLD(models.scalar_normal, jit_compile=True), NotImplementedError, "jit_compile"),
+        (lambda: SGLD(models.scalar_normal, mass_rank=-1), ValueError, r"Invalid mass_rank: -1 \(must be an integer >= 0\)"),
+        (lambda: SGLD(models.scalar_normal, mass_rank=2, full_mass=True), ValueError, "full_mass=True or mass_rank"),
+        (lambda: SGLD(models.scalar_normal, step_size_schedule=3), ValueError, "Invalid step_size_schedule"),
     ],
 )
 def test_bad_kernel_arguments(make, error, match):
@@ -342,3 +345,40 @@ def test_given_transforms_express_the_initial_values_in_their_coordinates():
     start = default.transforms["scale"].inv(default.initial_params["scale"])
     assert torch.allclose(given.transforms["scale"].inv(given.initial_params["scale"]), start)
     assert not torch.allclose(given.initial_params["scale"], default.initial_params["scale"])
+
+
+def test_low_rank_plus_diagonal_adaptation_whitens_collinear_pairs():
+    """A Gaussian posterior of 30 regression coefficients with two nearly collinear pairs
+    (condition number ~1700; a potential_fn, so that the test is cheap): the diagonal leaves the
+    two soft directions (and their stiff partners) unwhitened, so SGLD barely moves along them;
+    ``mass_rank=4`` finds those four directions by Lanczos on Hessian-vector products and whitens
+    them too: the posterior comes out right (2% bias target) with many times the effective sample
+    size of the diagonal run along the collinear pairs."""
+    d, n = 30, 500
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen)
+    x[:, 1] = x[:, 0] + 0.05 * torch.randn(n, generator=gen)
+    x[:, 3] = x[:, 2] + 0.05 * torch.randn(n, generator=gen)
+    precision = (x.T @ x + torch.eye(d) / 100).double()
+    cov = torch.linalg.inv(precision)
+    mean = cov @ torch.randn(d, generator=gen).double() * 10
+    p32, m32 = precision.float(), mean.float()
+
+    def potential(params):
+        r = params["w"] - m32
+        return 0.5 * r @ p32 @ r
+
+    def sample(num_samples, **options):
+        pyro.set_rng_seed(0)
+        kernel = SGLD(potential_fn=potential, num_steps=5, **options)
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=500, disable_progbar=True,
+                    initial_params={"w": torch.zeros(d)})
+        mcmc.run()
+        return mcmc, mcmc.get_samples()["w"].unsqueeze(1)  # [samples, 1, d]
+
+    low_rank, draws = sample(3000, mass_rank=4)
+    check(draws, mean, cov.diagonal(), 2 * 0.02, "low-rank-plus-diagonal SGLD")
+    assert low_rank.diagnostics()["preconditioner"]["chain 0"] == "diagonal + rank 4"
+    _, diagonal = sample(1000)
+    ess = lambda d: effective_sample_size(d[:, 0, :4].T.double().unsqueeze(0), chain_dim=0, sample_dim=2)  # noqa: E731
+    assert float(ess(draws).min()) / 3000 > 5 * float(ess(diagonal).min()) / 1000  # per draw

@@ -11,7 +11,8 @@ is a mass matrix). No update rule is written again: the kernel changes coordinat
 is unchanged.
 
 ``M`` is ``T H^-1``, with ``H`` the Hessian of the potential (its diagonal by default, all of it
-with ``full_mass``), measured at the start and at the end of warmup windows that double in length
+with ``full_mass``, or its diagonal corrected along the few directions where the diagonally
+whitened Hessian is furthest from the identity with ``mass_rank``), measured at the start and at the end of warmup windows that double in length
 (as in Stan), averaged over those points, and frozen after warmup. Stan estimates ``M`` from the
 draws of each window instead; that fails here: an SG-MCMC chain needs hundreds of steps to cross
 its posterior, far more than a window, so the draws under-spread, the estimate shrinks the slow
@@ -56,6 +57,98 @@ class Whitening:
     @property
     def kind(self) -> str:
         return "dense" if self.dense else "diagonal"
+
+
+class LowRankWhitening(Whitening):
+    """``theta = S (I + U (F - I) U^T) z``: a diagonal ``S`` and a correction along ``k``
+    orthonormal directions ``U`` (``[d, k]``) with factors ``F``; ``O(d k)`` per use. With
+    ``S^2 = T / diag(H)`` and ``(U, F^-2 T)`` the extreme eigenpairs of ``S H S``, the whitened
+    Hessian ``L^T H L`` is ``T I`` along ``U`` (and as close to it as the diagonal makes it elsewhere).
+    """
+
+    def __init__(self, scale: Tensor, vectors: Tensor, factors: Tensor):
+        super().__init__(scale)
+        self.vectors, self.factors = vectors, factors
+
+    def to_theta(self, z: Tensor) -> Tensor:
+        return self.scale * (z + self.vectors @ ((self.factors - 1) * (self.vectors.T @ z)))
+
+    def to_z(self, theta: Tensor) -> Tensor:
+        y = theta / self.scale
+        return y + self.vectors @ ((1 / self.factors - 1) * (self.vectors.T @ y))
+
+    @property
+    def kind(self) -> str:
+        return f"diagonal + rank {self.vectors.shape[1]}"
+
+
+def hutchinson_diagonal(hvp: Callable[[Tensor], Tensor], size: int, device: torch.device, probes: int = 16) -> Tensor:
+    """Hutchinson's estimate of the Hessian's diagonal, ``E[v * H v]`` over Rademacher ``v``."""
+    estimate = torch.zeros(size, dtype=torch.float64, device=device)
+    for _ in range(probes):
+        v = torch.randint(0, 2, (size,), device=device).to(torch.float64) * 2 - 1
+        estimate += v * hvp(v)
+    return estimate / probes
+
+
+def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: int, temperature: float,
+                       dtype: torch.dtype) -> LowRankWhitening:
+    """Whitening from the Hessian's ``diagonal`` (averaged by the caller) plus the ``rank``
+    eigen-directions of the diagonally whitened Hessian ``A = S H S`` whose eigenvalues are
+    furthest (in log) from ``T``: the stiffest directions limit the step size, the softest
+    (e.g. collinear regressors) mix slowest. Lanczos with full re-orthogonalisation, ``4 rank + 20``
+    products with ``hvp`` (``v -> H v`` in theta coordinates, float64, e.g. by double backward on
+    one minibatch: finite differences in float32 cannot resolve directions 1000x softer than the
+    stiffest), then one product per kept direction to check it (residual within 10% of its
+    eigenvalue)."""
+    diag = diagonal.abs().clamp(min=max(float(diagonal.abs().max()), 1e-12) * 1e-8)
+    scale = (temperature / diag).sqrt()
+    size = diagonal.numel()
+    device = diagonal.device
+    steps = min(size, 4 * rank + 20)
+    basis = torch.zeros(size, steps, dtype=torch.float64, device=device)
+    alphas, betas = [], []
+    v = torch.randn(size, dtype=torch.float64, device=device)
+    v /= v.norm()
+    for j in range(steps):
+        basis[:, j] = v
+        w = scale * hvp(scale * v)
+        alphas.append(float(w @ v))
+        w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)  # full re-orthogonalisation
+        w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+        beta = float(w.norm())
+        if j + 1 == steps or beta < 1e-10:
+            basis = basis[:, : j + 1]
+            break
+        betas.append(beta)
+        v = w / beta
+    k = len(alphas)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, ritz = torch.linalg.eigh(tridiagonal)
+    vectors = basis @ ritz.to(basis.device)
+    order = torch.argsort((values.clamp(min=1e-300) / temperature).log().abs(), descending=True)
+    # keep the most extreme Ritz pairs that are converged: checked with one more product each
+    # (finite-difference products are not exactly symmetric, and unconverged pairs of a short
+    # Lanczos run could put a near-zero value on a direction that is not soft at all)
+    kept_vectors, kept_values = [], []
+    for index in order.tolist():
+        if len(kept_vectors) == rank:
+            break
+        u = vectors[:, index]
+        au = scale * hvp(scale * u)
+        value = float(u @ au)
+        if value > 0 and float((au - value * u).norm()) <= 0.1 * value:
+            kept_vectors.append(u)
+            kept_values.append(value)
+    if not kept_vectors:
+        return LowRankWhitening(scale.to(dtype), torch.zeros(size, 0, dtype=dtype, device=device),
+                                torch.ones(0, dtype=dtype, device=device))
+    vectors = torch.stack(kept_vectors, 1)
+    factors = (torch.tensor(kept_values, dtype=torch.float64, device=device) / temperature).rsqrt()
+    return LowRankWhitening(scale.to(dtype), vectors.to(dtype), factors.to(dtype))
 
 
 def window_ends(warmup_steps: int) -> list[int]:

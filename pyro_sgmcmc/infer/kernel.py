@@ -26,7 +26,16 @@ from torch.distributions import biject_to
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
 from .sites import check_latent_site
-from .adaptation import Whitening, curvature, measure_scales, whitening_from_curvature, window_ends
+from .subsample import SubsampleControl, SubsampledPlate, full_data_potential, subsampled_plates
+from .adaptation import (
+    Whitening,
+    curvature,
+    hutchinson_diagonal,
+    low_rank_whitening,
+    measure_scales,
+    whitening_from_curvature,
+    window_ends,
+)
 
 __all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
 
@@ -52,20 +61,27 @@ class ModelPotential:
         self.model_args = model_args
         self.model_kwargs = model_kwargs
 
-    def __call__(self, params: dict[str, Tensor]) -> Tensor:
+    def __call__(self, params: dict[str, Tensor], control: SubsampleControl | None = None,
+                 jacobian: bool = True) -> Tensor:
+        """``U(params)``; under ``control`` (e.g. replaying a minibatch), and without the
+        log-Jacobian if ``jacobian`` is false (a piece of a full-data sum that counts it once)."""
         values, log_det = {}, 0.0
         for name, transform in self.transforms.items():
             to_constrained = transform.inv
             values[name] = to_constrained(params[name])
-            log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], values[name]).sum()
+            if jacobian:
+                log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], values[name]).sum()
         conditioned = poutine.condition(self.model, data=values)
+        if control is not None:
+            conditioned = control(conditioned)
         trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
         return -(trace.log_prob_sum() + log_det)
 
 
-def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict, init_strategy: Callable) -> tuple[dict, dict]:
+def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict,
+                      init_strategy: Callable) -> tuple[dict, dict, list[SubsampledPlate]]:
     """Run the model (its structure, then its initial state): ``(transforms, initial
-    unconstrained values)``. Refuses, with a clear error, the latent sites SG-MCMC cannot sample
+    unconstrained values, subsampled plates)``. Refuses, with a clear error, the latent sites SG-MCMC cannot sample
     (:func:`~pyro_sgmcmc.infer.sites.check_latent_site`) and a model with no latent site."""
     structure = poutine.trace(model).get_trace(*model_args, **model_kwargs)  # draws from the prior
     transforms = {}
@@ -78,7 +94,7 @@ def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict, in
         raise ValueError("The model has no latent sites to sample")
     trace = poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*model_args, **model_kwargs)
     initial = {name: transform(trace.nodes[name]["value"].detach()).detach() for name, transform in transforms.items()}
-    return transforms, initial
+    return transforms, initial, subsampled_plates(structure)
 
 
 class SGMCMCKernel(MCMCKernel):
@@ -104,6 +120,10 @@ class SGMCMCKernel(MCMCKernel):
         then runs on whitened coordinates (see :mod:`pyro_sgmcmc.infer.adaptation`).
     :param full_mass: a dense preconditioner (for correlated posteriors, e.g. collinear
         regressors) instead of a diagonal one.
+    :param mass_rank: a low-rank-plus-diagonal preconditioner (for models too big for a dense
+        one): the diagonal, corrected along the ``mass_rank`` directions where the diagonally
+        whitened Hessian is furthest from the identity (Lanczos on Hessian-vector products), so
+        the stiffest and the softest (collinear) directions are whitened too; ``O(d k)`` per step.
     :param target_bias: the relative bias on posterior variances the step-size rule aims at.
     :param num_steps: sampler steps per returned sample (thinning inside the kernel).
     :param temperature: posterior temperature (1 samples the posterior).
@@ -119,6 +139,15 @@ class SGMCMCKernel(MCMCKernel):
         :mod:`pyro_sgmcmc.schedules`: cycles that start at the adapted step). If the schedule has
         ``in_sampling_phase`` (as ``CyclicalSchedule`` does), every returned sample comes from the
         sampling phase of a cycle: the kernel steps on through each exploration phase.
+    :param control_variates: replace the minibatch gradient by the control-variate estimator
+        (:mod:`pyro_sgmcmc.functional.control_variates`; Baker et al. 2019), for a model with one
+        subsampled plate: ``True`` finds the anchor, the posterior mode, by L-BFGS on the
+        full-data potential (the data walked in minibatch-sized pieces) from the initial point;
+        a dict ``{site: constrained value}`` gives it (e.g. from ``AutoDelta`` after SVI). The
+        chain starts at the anchor (no arrival phase to pay for). Each step then evaluates the
+        model twice (at the point and, on the same minibatch, at the anchor), and its gradient
+        noise shrinks with the distance to the anchor: for big ``N``, far larger steps for the
+        same bias.
     :param jit_compile: not supported yet (must be False).
 
     At the end of warmup the sampler stops adapting anything of its own (PSGLD's preconditioner:
@@ -141,6 +170,7 @@ class SGMCMCKernel(MCMCKernel):
         adapt_step_size: bool = True,
         adapt_mass_matrix: bool = True,
         full_mass: bool = False,
+        mass_rank: int = 0,
         target_bias: float = 0.02,
         num_steps: int = 1,
         temperature: float = 1.0,
@@ -148,6 +178,7 @@ class SGMCMCKernel(MCMCKernel):
         init_strategy: Callable = init_to_uniform,
         on_divergence: str = "skip",
         step_size_schedule: Callable[[int], float] | None = None,
+        control_variates: bool | dict[str, Tensor] = False,
         jit_compile: bool = False,
         **sampler_options: Any,
     ) -> None:
@@ -160,11 +191,21 @@ class SGMCMCKernel(MCMCKernel):
         check_number("target_bias", target_bias)
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"Invalid num_steps: {num_steps!r} (must be an integer >= 1)")
+        if not isinstance(mass_rank, int) or isinstance(mass_rank, bool) or mass_rank < 0:
+            raise ValueError(f"Invalid mass_rank: {mass_rank!r} (must be an integer >= 0)")
+        if mass_rank and full_mass:
+            raise ValueError("Give either full_mass=True or mass_rank > 0, not both")
         if on_divergence not in ("skip", "raise"):
             raise ValueError(f"Invalid on_divergence: {on_divergence!r} (must be 'skip' or 'raise')")
         if step_size_schedule is not None and not callable(step_size_schedule):
             raise ValueError(f"Invalid step_size_schedule: {step_size_schedule!r} (must be a callable of the step, "
                              "e.g. pyro_sgmcmc.schedules.CyclicalSchedule, or None)")
+        if not isinstance(control_variates, (bool, dict)):
+            raise ValueError(f"Invalid control_variates: {control_variates!r} (must be True, False, or a dict "
+                             "{site: constrained value} giving the anchor)")
+        if control_variates is not False and potential_fn is not None:
+            raise ValueError("Invalid control_variates: needs a model (it replays the model's minibatches), "
+                             "not a potential_fn")
         if jit_compile:
             raise NotImplementedError("jit_compile is not supported by SG-MCMC kernels yet")
         self.model = model
@@ -173,6 +214,7 @@ class SGMCMCKernel(MCMCKernel):
         self.adapt_step_size = adapt_step_size
         self.adapt_mass_matrix = adapt_mass_matrix
         self.full_mass = full_mass
+        self.mass_rank = mass_rank
         self.target_bias = target_bias
         self.num_steps = num_steps
         self.temperature = temperature
@@ -182,6 +224,7 @@ class SGMCMCKernel(MCMCKernel):
         self.on_divergence = on_divergence
         self.sampler_options = sampler_options
         self.step_size_schedule = step_size_schedule
+        self.control_variates = control_variates
         self._user_initial_params: dict[str, Tensor] | None = None
         self._reset()
 
@@ -206,6 +249,12 @@ class SGMCMCKernel(MCMCKernel):
         self._num_divergent_steps = 0
         self._last_potential = float("nan")
         self._mala_total, self._mala_count = 0.0, 0
+        self._plate: SubsampledPlate | None = None
+        self._anchor_theta: Tensor | None = None
+        self._anchor_energy: Tensor | None = None
+        self._anchor_grad_theta: Tensor | None = None
+        self._anchor_grad_z: tuple[Any, Tensor] | None = None
+        self._map_evaluations = 0
 
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
@@ -213,7 +262,16 @@ class SGMCMCKernel(MCMCKernel):
         self._reset()
         self._warmup_steps = warmup_steps
         if self.model is not None:
-            transforms, initial = latent_transforms(self.model, args, kwargs, self.init_strategy)
+            transforms, initial, plates = latent_transforms(self.model, args, kwargs, self.init_strategy)
+            if self.control_variates is not False:
+                if not plates:
+                    raise ValueError("Invalid control_variates: the model has no subsampled plate "
+                                     "(pyro.plate(name, N, subsample_size=m)); there is no minibatch noise to reduce")
+                if len(plates) > 1:
+                    raise NotImplementedError(
+                        f"control_variates with more than one subsampled plate ({[p.name for p in plates]}) "
+                        "is not supported yet")
+                self._plate = plates[0]
             if self._given_transforms is not None:  # re-express the initial values in the given coordinates
                 defaults, transforms = transforms, {**transforms, **self._given_transforms}
                 initial = {name: transforms[name](defaults[name].inv(value)) for name, value in initial.items()}
@@ -250,12 +308,80 @@ class SGMCMCKernel(MCMCKernel):
             offset += size
         return out
 
-    def _potential_z(self, z: Tensor) -> Tensor:
-        return self._potential(self._unflatten(self._whitening.to_theta(z)))
+    def _potential_z(self, z: Tensor, control: SubsampleControl | None = None) -> Tensor:
+        params = self._unflatten(self._whitening.to_theta(z))
+        return self._potential(params) if control is None else self._potential(params, control)
+
+    def _estimate(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(potential, gradient)`` at ``z`` as the sampler sees them: on a fresh minibatch, or,
+        with control variates, the control-variate estimates (the same minibatch replayed at
+        the anchor, corrected by the anchor's full-data values)."""
+        z = z.detach().requires_grad_(True)
+        if self._plate is None:
+            potential = self._potential_z(z)
+            return potential.detach(), torch.autograd.grad(potential, z)[0]
+        record = SubsampleControl()
+        potential = self._potential_z(z, record)
+        anchor = self._whitening.to_z(self._anchor_theta).detach().requires_grad_(True)
+        at_anchor = self._potential_z(anchor, SubsampleControl(indices=record.recorded))
+        grad, grad_at_anchor = torch.autograd.grad(potential + at_anchor, [z, anchor])
+        energy = (potential - at_anchor).detach() + self._anchor_energy
+        return energy, grad - grad_at_anchor + self._full_gradient_z()
 
     def _gradient_z(self, z: Tensor) -> Tensor:
-        z = z.detach().requires_grad_(True)
-        return torch.autograd.grad(self._potential_z(z), z)[0]
+        return self._estimate(z)[1]
+
+    # ------------------------------------------------------------------ control variates
+
+    def _full_potential_theta(self, theta: Tensor) -> Tensor:
+        """The exact full-data potential (the data set walked in minibatch-sized pieces)."""
+        self._map_evaluations += 1
+        return full_data_potential(
+            lambda control, jacobian: self._potential(self._unflatten(theta), control, jacobian), self._plate)
+
+    def _set_anchor(self, theta: Tensor) -> Tensor:
+        """Choose the anchor (the mode found from ``theta``, or the one given), compute the
+        full-data potential and gradient there; the chain starts at the anchor."""
+        if isinstance(self.control_variates, dict):
+            given = {name: self.transforms[name](torch.as_tensor(value)).detach()
+                     for name, value in self.control_variates.items()}
+            missing = set(self.transforms) - set(given)
+            if missing:
+                raise ValueError(f"Invalid control_variates: the anchor misses the sites {sorted(missing)}")
+            anchor = self._flatten(given).to(theta)
+        else:
+            anchor = self._find_mode(theta)
+        anchor = anchor.detach().requires_grad_(True)
+        energy = self._full_potential_theta(anchor)
+        (grad,) = torch.autograd.grad(energy, anchor)
+        if not (torch.isfinite(energy) and bool(torch.isfinite(grad).all())):
+            raise RuntimeError("The full-data potential or its gradient at the control-variate anchor is not finite")
+        self._anchor_theta, self._anchor_energy, self._anchor_grad_theta = anchor.detach(), energy.detach(), grad
+        return self._anchor_theta.clone()
+
+    def _find_mode(self, theta: Tensor, max_iter: int = 100) -> Tensor:
+        """The posterior mode (in unconstrained space) by L-BFGS on the full-data potential."""
+        theta = theta.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20,
+                                      line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-12)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            value = self._full_potential_theta(theta)
+            value.backward()
+            return value
+
+        optimizer.step(closure)
+        return theta.detach()
+
+    def _full_gradient_z(self) -> Tensor:
+        """The anchor's full-data gradient in the current coordinates (``L^T grad U``), cached
+        per preconditioner."""
+        if self._anchor_grad_z is None or self._anchor_grad_z[0] is not self._whitening:
+            z = self._whitening.to_z(self._anchor_theta).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._whitening.to_theta(z), z, self._anchor_grad_theta)
+            self._anchor_grad_z = (self._whitening, grad)
+        return self._anchor_grad_z[1]
 
     def _theta(self) -> Tensor:
         return self._whitening.to_theta(self._z.detach())
@@ -264,6 +390,8 @@ class SGMCMCKernel(MCMCKernel):
         """The chain's first step: coordinates, schedule, step size and sampler."""
         self._layout = [(name, params[name].shape, params[name].numel()) for name in sorted(params)]
         theta = self._flatten({k: torch.as_tensor(v).detach() for k, v in params.items()})
+        if self._plate is not None:
+            theta = self._set_anchor(theta)
         self._whitening = Whitening.identity(theta.numel(), theta)
         adapting = (self.adapt_mass_matrix or self.adapt_step_size) and self._warmup_steps > 0
         # the first 15% of warmup is arrival: bias does not matter yet, so steps are as large as
@@ -275,12 +403,36 @@ class SGMCMCKernel(MCMCKernel):
         self._restart(theta, measure=self.adapt_step_size and self._warmup_steps > 0, arrival=arrival > 0)
 
     def _update_preconditioner(self, theta: Tensor) -> None:
-        """Add the curvature at ``theta`` to the running mean and whiten with the mean."""
+        """Add the curvature at ``theta`` to the running mean and whiten with the mean (and, with
+        ``mass_rank``, the extreme directions measured here)."""
+        if self.mass_rank:
+            hvp = self._hessian_vector_product(theta)
+            diagonal = hutchinson_diagonal(hvp, theta.numel(), theta.device)
+            if torch.isfinite(diagonal).all():
+                self._hessians.append(diagonal)
+                mean = torch.stack(self._hessians).mean(0)
+                whitening = low_rank_whitening(hvp, mean, self.mass_rank, self.temperature, theta.dtype)
+                if bool(torch.isfinite(whitening.vectors).all() and torch.isfinite(whitening.factors).all()):
+                    self._whitening = whitening
+            return
         hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
         if torch.isfinite(hessian).all():
             self._hessians.append(hessian)
             mean = torch.stack(self._hessians).mean(0)
             self._whitening = whitening_from_curvature(mean, self.temperature, theta.dtype)
+
+    def _hessian_vector_product(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
+        """``v -> H v`` at ``theta`` (theta coordinates, float64), by double backward through the
+        potential on one minibatch (drawn now, kept for every product)."""
+        theta = theta.detach().requires_grad_(True)
+        potential = self._potential(self._unflatten(theta))
+        (grad,) = torch.autograd.grad(potential, theta, create_graph=True)
+
+        def product(v: Tensor) -> Tensor:
+            (out,) = torch.autograd.grad(grad, theta, v.to(grad.dtype), retain_graph=True)
+            return out.detach().double()
+
+        return product
 
     def _restart(self, theta: Tensor, measure: bool, arrival: bool = False) -> None:
         """Put the chain at ``theta`` in the current coordinates, with a fresh sampler (warmup
@@ -345,17 +497,17 @@ class SGMCMCKernel(MCMCKernel):
                     group["lr"] = self._lr * factor
             self._sampling_steps += 1
         sampler.zero_grad(set_to_none=True)
-        potential = self._potential_z(self._z)
-        self._last_potential = float(potential.detach())
-        if not torch.isfinite(potential.detach()):
+        potential, grad = self._estimate(self._z)
+        self._last_potential = float(potential)
+        if not torch.isfinite(potential):
             # the last step landed where the potential is not finite: back to where it was
             self._revert()
             self._diverged(f"the potential energy is {self._last_potential}")
             return
         self._last_good = self._z.detach().clone()
-        potential.backward()
+        self._z.grad = grad
         try:
-            sampler.step(loss=potential.detach())
+            sampler.step(loss=potential)
         except NonFiniteError as error:
             self._diverged(str(error))
             return
@@ -410,6 +562,9 @@ class SGMCMCKernel(MCMCKernel):
             "gradient noise": self._scales[1],
             "temperature": self.temperature,
             "mala acceptance": self._mala_total / self._mala_count if self._mala_count else None,
+            "control variates": None if self._anchor_energy is None else {
+                "anchor potential": float(self._anchor_energy),
+                "full-data evaluations": self._map_evaluations},
             **self._adapted_options,
         }
 

@@ -1,0 +1,99 @@
+"""Control over the minibatches a Pyro model draws: record them, replay them, or walk the whole
+data set in minibatch-sized pieces (for full-data potentials and gradients)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SubsampledPlate:
+    """A ``pyro.plate(name, size, subsample_size=...)`` of a model."""
+
+    name: str
+    size: int
+    subsample_size: int
+    device: torch.device
+
+
+def subsampled_plates(trace: Any) -> list[SubsampledPlate]:
+    """The plates of a model trace that draw proper minibatches."""
+    plates = []
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and site_is_subsample(site):
+            fn = site["fn"]
+            m = fn.subsample_size
+            if m is not None and 0 < m < fn.size:
+                plates.append(SubsampledPlate(name, int(fn.size), int(m), site["value"].device))
+    return plates
+
+
+class SubsampleControl(Messenger):
+    """Records the subsample indices a model draws (:attr:`recorded`), or imposes given ones.
+
+    :param indices: ``{plate name: index tensor}`` to impose (else the plate draws its own).
+    :param weights: ``{plate name: tensor[m]}``: each row's log density inside the plate is
+        weighted by it *instead of* the plate's ``N/m`` (so a row counts once, or not at all).
+    :param keep_outside: with ``weights``, whether sites outside the weighted plate (priors,
+        global latents) count; walking the data set in pieces, only the first piece keeps them.
+    """
+
+    def __init__(self, indices: dict[str, Tensor] | None = None, weights: dict[str, Tensor] | None = None,
+                 keep_outside: bool = True):
+        super().__init__()
+        self.indices = indices or {}
+        self.weights = weights or {}
+        self.keep_outside = keep_outside
+        self.recorded: dict[str, Tensor] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg):
+            if msg["name"] in self.indices:
+                msg["value"] = self.indices[msg["name"]]
+                msg["done"] = True
+            return
+        if not self.weights:
+            return
+        for frame in msg["cond_indep_stack"]:
+            weight = self.weights.get(frame.name)
+            if weight is not None:
+                # the plate multiplied the scale by N/m (this handler runs after it): undo that
+                shape = (weight.shape[0],) + (1,) * (-frame.dim - 1)
+                msg["scale"] = msg["scale"] * (frame.size / frame.full_size) * weight.reshape(shape)
+                return
+        if not self.keep_outside:
+            msg["scale"] = msg["scale"] * 0.0
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg):
+            self.recorded[msg["name"]] = msg["value"]
+
+
+def full_data_potential(potential: Callable[[SubsampleControl, bool], Tensor], plate: SubsampledPlate) -> Tensor:
+    """The exact full-data potential of a model whose likelihood sits in ``plate``: the data set in
+    consecutive minibatch-sized pieces, each row weighted once (the last piece is padded with rows
+    of weight 0, since the plate only takes minibatches of its own size), priors and the Jacobian
+    counted with the first piece only.
+
+    :param potential: ``(control, with_jacobian) -> U`` evaluating the model under ``control``.
+    """
+    n, m = plate.size, plate.subsample_size
+    everything = torch.arange(n, device=plate.device)
+    total = None
+    for k in range(math.ceil(n / m)):
+        rows = everything[k * m : (k + 1) * m]
+        weight = torch.ones(m, device=plate.device)
+        if len(rows) < m:
+            weight[len(rows):] = 0.0
+            rows = torch.cat([rows, everything[: m - len(rows)]])
+        control = SubsampleControl({plate.name: rows}, {plate.name: weight}, keep_outside=k == 0)
+        piece = potential(control, k == 0)
+        total = piece if total is None else total + piece
+    return total
