@@ -13,7 +13,7 @@ so that drifts in machine load hit all of them alike; the figure is the median o
                       the gradient added into it, a finiteness check, one pass over the parameters
 * torch SGD        -- ``torch.optim.SGD(foreach=True)``, no noise at all
 * ours SGLD        -- ``pyro_sgmcmc.optim.sgld.SGLD`` (multi-tensor path), and ``foreach=False``
-* ours SGNHT       -- ``pyro_sgmcmc.optim.sgnht.SGNHT``, for reference
+* ours SGNHT, SGHMC, PSGLD -- ``pyro_sgmcmc.optim.sgnht.SGNHT`` etc., for reference
 * devinterp SGLD   -- ``devinterp.optim.sgld.SGLD`` and ``devinterp.optim.SGMCMC.sgld``
 * posteriors sgld  -- ``posteriors.sgmcmc.sgld`` (``inplace=True``). posteriors computes the
                       gradient itself, so it gets a linear log posterior whose gradient is the
@@ -34,6 +34,8 @@ import warnings
 import torch
 
 from pyro_sgmcmc.optim.sgld import SGLD
+from pyro_sgmcmc.optim.psgld import PSGLD
+from pyro_sgmcmc.optim.sghmc import SGHMC
 from pyro_sgmcmc.optim.sgnht import SGNHT
 
 CASES = {
@@ -110,6 +112,8 @@ def builders():
         "ours SGLD": lambda ps: SGLD(ps, lr=LR),
         "ours SGLD per-tensor": lambda ps: SGLD(ps, lr=LR, foreach=False),
         "ours SGNHT": lambda ps: SGNHT(ps, lr=LR**0.5),
+        "ours SGHMC": lambda ps: SGHMC(ps, lr=LR**0.5),
+        "ours PSGLD": lambda ps: PSGLD(ps, lr=LR),
     }
     try:
         from devinterp.optim import SGMCMC

@@ -141,3 +141,22 @@ def test_control_variates_bad_input():
     with pytest.raises(ValueError, match=r"Invalid control_variates: the anchor misses the sites \['w'\]"):
         MCMC(SGLD(models.linear_regression, control_variates={}), num_samples=2, warmup_steps=0,
              disable_progbar=True).run(x, y, 20, 20)
+
+
+def test_fast_minibatch_draws_are_uniform_distinct_rows():
+    """The kernels draw minibatches in O(m) (Pyro's plate uses an O(N) randperm): distinct rows
+    in range, each row in about m/N of the draws (a chi-square-sized check over 2000 draws)."""
+    from pyro_sgmcmc.infer.subsample import SubsampledPlate, draw_indices
+
+    plate = SubsampledPlate("data", 1000, 50, torch.device("cpu"))
+    torch.manual_seed(0)
+    counts = torch.zeros(1000)
+    for _ in range(2000):
+        rows = draw_indices(plate)
+        assert rows.shape == (50,) and rows.unique().numel() == 50 and 0 <= int(rows.min()) and int(rows.max()) < 1000
+        counts[rows] += 1
+    expected = 2000 * 50 / 1000  # 100 per row, binomial sd ~9.7
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert 1000 - 4 * (2 * 1000) ** 0.5 < chi2 < 1000 + 4 * (2 * 1000) ** 0.5  # chi-square(999): mean 999, sd ~45
+    small = SubsampledPlate("data", 10, 5, torch.device("cpu"))  # 4 m > N: randperm
+    assert draw_indices(small).unique().numel() == 5

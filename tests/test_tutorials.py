@@ -14,7 +14,8 @@ NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 
 @pytest.mark.tutorial
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path):
+def test_notebook_executes(path, monkeypatch):
+    monkeypatch.setenv("PYRO_SGMCMC_QUICK", "1")  # the notebooks' smaller sizes, to fit CI's time
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = nbformat.read(path, as_version=4)

@@ -26,7 +26,7 @@ from torch.distributions import biject_to
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
 from .sites import check_latent_site
-from .subsample import SubsampleControl, SubsampledPlate, full_data_potential, subsampled_plates
+from .subsample import SubsampleControl, SubsampledPlate, draw_indices, full_data_potential, subsampled_plates
 from .adaptation import (
     Whitening,
     curvature,
@@ -250,6 +250,7 @@ class SGMCMCKernel(MCMCKernel):
         self._last_potential = float("nan")
         self._mala_total, self._mala_count = 0.0, 0
         self._plate: SubsampledPlate | None = None
+        self._plates: list[SubsampledPlate] = []
         self._anchor_theta: Tensor | None = None
         self._anchor_energy: Tensor | None = None
         self._anchor_grad_theta: Tensor | None = None
@@ -263,6 +264,7 @@ class SGMCMCKernel(MCMCKernel):
         self._warmup_steps = warmup_steps
         if self.model is not None:
             transforms, initial, plates = latent_transforms(self.model, args, kwargs, self.init_strategy)
+            self._plates = plates
             if self.control_variates is not False:
                 if not plates:
                     raise ValueError("Invalid control_variates: the model has no subsampled plate "
@@ -317,19 +319,26 @@ class SGMCMCKernel(MCMCKernel):
         with control variates, the control-variate estimates (the same minibatch replayed at
         the anchor, corrected by the anchor's full-data values)."""
         z = z.detach().requires_grad_(True)
+        minibatch = self._minibatch()
+        potential = self._potential_z(z, minibatch)
         if self._plate is None:
-            potential = self._potential_z(z)
             return potential.detach(), torch.autograd.grad(potential, z)[0]
-        record = SubsampleControl()
-        potential = self._potential_z(z, record)
         anchor = self._whitening.to_z(self._anchor_theta).detach().requires_grad_(True)
-        at_anchor = self._potential_z(anchor, SubsampleControl(indices=record.recorded))
+        at_anchor = self._potential_z(anchor, minibatch)
         grad, grad_at_anchor = torch.autograd.grad(potential + at_anchor, [z, anchor])
         energy = (potential - at_anchor).detach() + self._anchor_energy
         return energy, grad - grad_at_anchor + self._full_gradient_z()
 
     def _gradient_z(self, z: Tensor) -> Tensor:
         return self._estimate(z)[1]
+
+    def _minibatch(self) -> SubsampleControl | None:
+        """Fresh minibatch indices for every subsampled plate, drawn here in O(m) (see
+        :func:`~pyro_sgmcmc.infer.subsample.draw_indices`) instead of by the plate's O(N)
+        ``randperm``; ``None`` for a model without subsampling or a ``potential_fn``."""
+        if not self._plates:
+            return None
+        return SubsampleControl(indices={plate.name: draw_indices(plate) for plate in self._plates})
 
     # ------------------------------------------------------------------ control variates
 
@@ -425,7 +434,9 @@ class SGMCMCKernel(MCMCKernel):
         """``v -> H v`` at ``theta`` (theta coordinates, float64), by double backward through the
         potential on one minibatch (drawn now, kept for every product)."""
         theta = theta.detach().requires_grad_(True)
-        potential = self._potential(self._unflatten(theta))
+        minibatch = self._minibatch()
+        params = self._unflatten(theta)
+        potential = self._potential(params) if minibatch is None else self._potential(params, minibatch)
         (grad,) = torch.autograd.grad(potential, theta, create_graph=True)
 
         def product(v: Tensor) -> Tensor:

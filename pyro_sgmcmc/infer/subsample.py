@@ -35,6 +35,24 @@ def subsampled_plates(trace: Any) -> list[SubsampledPlate]:
     return plates
 
 
+def draw_indices(plate: SubsampledPlate) -> Tensor:
+    """A uniformly random minibatch of ``plate`` (distinct rows, in random order) in ``O(m log m)``.
+
+    Pyro's plate draws ``torch.randperm(N)[:m]``, which is ``O(N)`` per minibatch: 150 ms at
+    ``N = 5e6``, a hundred times the rest of a step. Here: ``m`` and a few more uniform draws,
+    the distinct values among them (every set of distinct values of a given size is equally
+    likely, by symmetry), and a random ``m`` of those; drawn again in the rare case that fewer
+    than ``m`` are distinct. Small data sets (``4 m > N``) use ``randperm``.
+    """
+    n, m = plate.size, plate.subsample_size
+    if 4 * m > n:
+        return torch.randperm(n, device=plate.device)[:m]
+    while True:
+        distinct = torch.unique(torch.randint(n, (m + m // 8 + 16,), device=plate.device))
+        if distinct.numel() >= m:
+            return distinct[torch.randperm(distinct.numel(), device=plate.device)[:m]]
+
+
 class SubsampleControl(Messenger):
     """Records the subsample indices a model draws (:attr:`recorded`), or imposes given ones.
 
