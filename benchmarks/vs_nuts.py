@@ -80,6 +80,7 @@ def methods(batch: int) -> dict[str, tuple]:
         "SGLD + CV": (lambda: SGLD(model, control_variates=True), with_cv, batch),
         "SGNHT + CV": (lambda: SGNHT(model, control_variates=True), with_cv, batch),
         "SGHMC + CV": (lambda: SGHMC(model, control_variates=True), with_cv, batch),
+        "SGLD + CV (target_bias 0.1)": (lambda: SGLD(model, control_variates=True, target_bias=0.1), with_cv, batch),
     }
 
 

@@ -40,7 +40,7 @@ def params():
     return {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", list(optim.SAMPLERS))
 def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
     wrapper = getattr(optim, name)
     assert wrapper.__name__ == name and f"pyro_sgmcmc.optim.{name.lower()}.{name}" in wrapper.__doc__
@@ -55,7 +55,7 @@ def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
     assert names == sorted(names) == ["AutoUnconstrainedDelta.locs.loc", "AutoUnconstrainedDelta.locs.scale"]
 
 
-@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+@pytest.mark.parametrize("name", list(optim.SAMPLERS))
 def test_save_load_continues_identically(name, tmp_path):
     opt = getattr(optim, name)({"lr": 1e-3, "localization": 0.1})
     svi, _ = make_svi(opt)

@@ -65,6 +65,10 @@ class PerTensorOps:
         return [t.sqrt() for t in tensors]
 
     @staticmethod
+    def scaled(tensors: TensorList, factor: float) -> list[Tensor]:
+        return [t * factor for t in tensors]
+
+    @staticmethod
     def add_scalar_(selves: TensorList, value: float) -> None:
         for self in selves:
             self.add_(value)
@@ -118,6 +122,10 @@ class ForeachOps:
     @staticmethod
     def sqrt(tensors: TensorList) -> list[Tensor]:
         return list(torch._foreach_sqrt(tensors))
+
+    @staticmethod
+    def scaled(tensors: TensorList, factor: float) -> list[Tensor]:
+        return list(torch._foreach_mul(tensors, factor))
 
     @staticmethod
     def add_scalar_(selves: TensorList, value: float) -> None:

@@ -20,8 +20,9 @@ exactly SGLD with the fixed preconditioner :math:`M = \mathrm{diag}(G)`, which k
 while :math:`V` adapts, the bias measured on Gaussian targets is given in
 :class:`pyro_sgmcmc.optim.psgld.PSGLD`.
 
-How it is computed: per noise chunk, :math:`D = \lambda_G + \sqrt V` and :math:`\sqrt D` (two
-chunk-sized temporaries, never full-size), the noise buffer (scaled by :math:`2\sigma/\sqrt\epsilon`)
+How it is computed: per noise chunk, the new :math:`V`, :math:`D = \lambda_G + \sqrt V` and
+:math:`\sqrt D` (chunk-sized temporaries, never full-size; :math:`V` is written back after the
+finiteness check), the noise buffer (scaled by :math:`2\sigma/\sqrt\epsilon`)
 times :math:`\sqrt D`, plus the drift, over :math:`D`, applied as
 :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`.
 
@@ -38,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._common import Diagnostics, NonFiniteError, clamp_to_box, fill_drift, first_bad_piece, plan_buckets, take
+from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, take
 from ._noise import Chunk, NoisePlanCache, NoiseSource
 
 
@@ -99,18 +100,21 @@ def psgld(
             if diagnostics is not None:
                 parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, step_size, grad_scale,
                                                   localization, weight_decay)
-            if check_in_buffer:  # before V changes: a refused step changes nothing
-                bad = first_bad_piece(gs)
-                if bad is not None:
-                    raise NonFiniteError(chunk.owners[bad])
+            # the new V goes into temporaries and is written back only once the assembled update
+            # has passed the finiteness check: a refused step changes nothing
+            new_vs = vs
             if update_preconditioner:
-                ops.mul_(vs, alpha)
-                ops.addcmul_(vs, gs, gs, value=(1.0 - alpha) * grad_scale * grad_scale)
-            denominators = ops.sqrt(vs)  # D = eps + sqrt(V) = 1 / G
+                new_vs = ops.scaled(vs, alpha)
+                ops.addcmul_(new_vs, gs, gs, value=(1.0 - alpha) * grad_scale * grad_scale)
+            denominators = ops.sqrt(new_vs)  # D = eps + sqrt(V) = 1 / G
             ops.add_scalar_(denominators, eps)
             ops.mul_each_(chunk.noise, ops.sqrt(denominators))  # the noise becomes sqrt(D) xi
             fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
             ops.div_each_(chunk.noise, denominators)  # G (drift + sqrt(D) xi)
+            if check_in_buffer:
+                check_buffer(chunk)
+            if update_preconditioner:
+                ops.copy_(vs, new_vs)
             if ms is None:
                 ops.add_(thetas, chunk.noise, alpha=-step_size)
             else:
