@@ -15,6 +15,7 @@ import math
 
 from typing import Any, Callable
 
+import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
@@ -50,6 +51,11 @@ class ModelPotential:
     likelihood Pyro scales by ``N/m``, an unbiased estimate of the full-data one). Pyro's
     ``initialize_model`` refuses subsample sites, rightly for HMC; here they are the point.
 
+    The first evaluation runs with Pyro's validation as set (distribution arguments, supports);
+    later ones without it, which makes a step about 25% cheaper on a small model (measured: 2.39
+    -> 1.81 ms per control-variate step of a logistic regression). A value that would have failed
+    validation later shows up as a non-finite potential, which the kernels count as a divergence.
+
     :param model: the Pyro model.
     :param transforms: ``{site: transform}`` from constrained to unconstrained space.
     :param model_args, model_kwargs: the model's arguments.
@@ -60,6 +66,7 @@ class ModelPotential:
         self.transforms = transforms
         self.model_args = model_args
         self.model_kwargs = model_kwargs
+        self._validated = False
 
     def __call__(self, params: dict[str, Tensor], control: SubsampleControl | None = None,
                  jacobian: bool = True) -> Tensor:
@@ -74,8 +81,14 @@ class ModelPotential:
         conditioned = poutine.condition(self.model, data=values)
         if control is not None:
             conditioned = control(conditioned)
+        if self._validated:  # Pyro's argument/support checks once, not at every one of thousands of calls
+            with pyro.validation_enabled(False):
+                trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
+                return -(trace.log_prob_sum() + log_det)
         trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
-        return -(trace.log_prob_sum() + log_det)
+        potential = -(trace.log_prob_sum() + log_det)
+        self._validated = True
+        return potential
 
 
 def latent_transforms(model: Callable, model_args: tuple, model_kwargs: dict,
