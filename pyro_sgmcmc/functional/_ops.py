@@ -61,8 +61,13 @@ class PerTensorOps:
             self.div_(other)
 
     @staticmethod
-    def sqrt(tensors: TensorList) -> list[Tensor]:
-        return [t.sqrt() for t in tensors]
+    def rsqrt(tensors: TensorList) -> list[Tensor]:
+        return [t.rsqrt() for t in tensors]
+
+    @staticmethod
+    def reciprocal_(tensors: TensorList) -> None:
+        for t in tensors:
+            t.reciprocal_()
 
     @staticmethod
     def scaled(tensors: TensorList, factor: float) -> list[Tensor]:
@@ -120,8 +125,12 @@ class ForeachOps:
         torch._foreach_div_(selves, others)
 
     @staticmethod
-    def sqrt(tensors: TensorList) -> list[Tensor]:
-        return list(torch._foreach_sqrt(tensors))
+    def rsqrt(tensors: TensorList) -> list[Tensor]:
+        return list(torch._foreach_rsqrt(tensors))
+
+    @staticmethod
+    def reciprocal_(tensors: TensorList) -> None:
+        torch._foreach_reciprocal_(tensors)
 
     @staticmethod
     def scaled(tensors: TensorList, factor: float) -> list[Tensor]:
