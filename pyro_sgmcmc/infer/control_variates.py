@@ -14,7 +14,13 @@ from torch.distributions import biject_to
 
 from .autoguide import AutoUnconstrainedDelta
 from .kernel import ModelPotential
-from .subsample import SubsampleControl, draw_indices, full_data_potential, subsampled_plates
+from .subsample import (
+    SubsampleControl,
+    draw_indices,
+    full_data_value_and_grad,
+    subsampled_plates,
+    unconstrained_anchor,
+)
 
 __all__ = ["ControlVariateELBO"]
 
@@ -58,20 +64,14 @@ class ControlVariateELBO(ELBO):
             raise ValueError(f"ControlVariateELBO needs a model with exactly one subsampled plate (found {len(plates)})")
         potential = ModelPotential(model, transforms, args, kwargs)
         if self.anchor is not None:
-            missing = set(sites) - set(self.anchor)
-            if missing:
-                raise ValueError(f"Invalid anchor: it misses the sites {sorted(missing)}")
-            anchor = {name: transforms[name](torch.as_tensor(self.anchor[name])).detach() for name in sites}
+            anchor = unconstrained_anchor(self.anchor, transforms, "anchor")
         else:
             anchor = {name: operator.attrgetter(name)(guide.locs).detach().clone() for name in sites}
         anchor = {name: value.requires_grad_(True) for name, value in anchor.items()}
-        full = full_data_potential(lambda control, jacobian: potential(anchor, control, jacobian), plates[0])
         names = sorted(anchor)
-        grads = torch.autograd.grad(full, [anchor[n] for n in names])
-        if not (torch.isfinite(full) and all(bool(torch.isfinite(g).all()) for g in grads)):
-            raise RuntimeError("The full-data potential or its gradient at the anchor is not finite")
-        full_grad = dict(zip(names, grads))
-        return potential, plates[0], anchor, full.detach(), full_grad
+        full, grads = full_data_value_and_grad(lambda control, jacobian: potential(anchor, control, jacobian), plates[0],
+                                               [anchor[n] for n in names])
+        return potential, plates[0], anchor, full, dict(zip(names, grads))
 
     def _terms(self, model, guide, args, kwargs) -> tuple[Tensor, Tensor, dict, dict]:
         if self._prepared is None:

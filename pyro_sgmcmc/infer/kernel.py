@@ -27,7 +27,15 @@ from torch.distributions import biject_to
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
 from .sites import check_latent_site
-from .subsample import SubsampleControl, SubsampledPlate, draw_indices, full_data_potential, subsampled_plates
+from .subsample import (
+    SubsampleControl,
+    SubsampledPlate,
+    draw_indices,
+    full_data_potential,
+    full_data_value_and_grad,
+    subsampled_plates,
+    unconstrained_anchor,
+)
 from .adaptation import (
     Whitening,
     curvature,
@@ -267,7 +275,7 @@ class SGMCMCKernel(MCMCKernel):
         self._anchor_theta: Tensor | None = None
         self._anchor_energy: Tensor | None = None
         self._anchor_grad_theta: Tensor | None = None
-        self._anchor_grad_z: tuple[Any, Tensor] | None = None
+        self._anchor_grad_z: tuple[Any, Tensor, Tensor] | None = None
         self._map_evaluations = 0
 
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
@@ -336,11 +344,12 @@ class SGMCMCKernel(MCMCKernel):
         potential = self._potential_z(z, minibatch)
         if self._plate is None:
             return potential.detach(), torch.autograd.grad(potential, z)[0]
-        anchor = self._whitening.to_z(self._anchor_theta).detach().requires_grad_(True)
+        anchor_z, full_grad_z = self._anchor_z()
+        anchor = anchor_z.detach().requires_grad_(True)
         at_anchor = self._potential_z(anchor, minibatch)
         grad, grad_at_anchor = torch.autograd.grad(potential + at_anchor, [z, anchor])
         energy = (potential - at_anchor).detach() + self._anchor_energy
-        return energy, grad - grad_at_anchor + self._full_gradient_z()
+        return energy, grad - grad_at_anchor + full_grad_z
 
     def _gradient_z(self, z: Tensor) -> Tensor:
         return self._estimate(z)[1]
@@ -365,20 +374,15 @@ class SGMCMCKernel(MCMCKernel):
         """Choose the anchor (the mode found from ``theta``, or the one given), compute the
         full-data potential and gradient there; the chain starts at the anchor."""
         if isinstance(self.control_variates, dict):
-            given = {name: self.transforms[name](torch.as_tensor(value)).detach()
-                     for name, value in self.control_variates.items()}
-            missing = set(self.transforms) - set(given)
-            if missing:
-                raise ValueError(f"Invalid control_variates: the anchor misses the sites {sorted(missing)}")
+            given = unconstrained_anchor(self.control_variates, self.transforms, "control_variates")
             anchor = self._flatten(given).to(theta)
         else:
             anchor = self._find_mode(theta)
         anchor = anchor.detach().requires_grad_(True)
-        energy = self._full_potential_theta(anchor)
-        (grad,) = torch.autograd.grad(energy, anchor)
-        if not (torch.isfinite(energy) and bool(torch.isfinite(grad).all())):
-            raise RuntimeError("The full-data potential or its gradient at the control-variate anchor is not finite")
-        self._anchor_theta, self._anchor_energy, self._anchor_grad_theta = anchor.detach(), energy.detach(), grad
+        self._map_evaluations += 1
+        energy, (grad,) = full_data_value_and_grad(
+            lambda control, jacobian: self._potential(self._unflatten(anchor), control, jacobian), self._plate, [anchor])
+        self._anchor_theta, self._anchor_energy, self._anchor_grad_theta = anchor.detach(), energy, grad
         return self._anchor_theta.clone()
 
     def _find_mode(self, theta: Tensor, max_iter: int = 100) -> Tensor:
@@ -396,14 +400,14 @@ class SGMCMCKernel(MCMCKernel):
         optimizer.step(closure)
         return theta.detach()
 
-    def _full_gradient_z(self) -> Tensor:
-        """The anchor's full-data gradient in the current coordinates (``L^T grad U``), cached
-        per preconditioner."""
+    def _anchor_z(self) -> tuple[Tensor, Tensor]:
+        """The anchor and its full-data gradient (``L^T grad U``) in the current coordinates,
+        cached per preconditioner (the hot path needs both at every step)."""
         if self._anchor_grad_z is None or self._anchor_grad_z[0] is not self._whitening:
             z = self._whitening.to_z(self._anchor_theta).detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self._whitening.to_theta(z), z, self._anchor_grad_theta)
-            self._anchor_grad_z = (self._whitening, grad)
-        return self._anchor_grad_z[1]
+            self._anchor_grad_z = (self._whitening, z.detach(), grad)
+        return self._anchor_grad_z[1], self._anchor_grad_z[2]
 
     def _theta(self) -> Tensor:
         return self._whitening.to_theta(self._z.detach())

@@ -115,3 +115,23 @@ def full_data_potential(potential: Callable[[SubsampleControl, bool], Tensor], p
         piece = potential(control, k == 0)
         total = piece if total is None else total + piece
     return total
+
+
+def full_data_value_and_grad(potential: Callable[[SubsampleControl, bool], Tensor], plate: SubsampledPlate,
+                             inputs: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The exact full-data potential (:func:`full_data_potential`) and its gradient with respect
+    to ``inputs``: what a control-variate anchor needs. Raises if either is not finite."""
+    value = full_data_potential(potential, plate)
+    grads = torch.autograd.grad(value, inputs)
+    if not (torch.isfinite(value) and all(bool(torch.isfinite(g).all()) for g in grads)):
+        raise RuntimeError("The full-data potential or its gradient at the control-variate anchor is not finite")
+    return value.detach(), grads
+
+
+def unconstrained_anchor(values: dict[str, Any], transforms: dict[str, Any], argument: str) -> dict[str, Tensor]:
+    """A user's anchor ``{site: constrained value}`` in unconstrained coordinates; a clear error
+    naming ``argument`` if a site is missing."""
+    missing = set(transforms) - set(values)
+    if missing:
+        raise ValueError(f"Invalid {argument}: the anchor misses the sites {sorted(missing)}")
+    return {name: transform(torch.as_tensor(values[name])).detach() for name, transform in transforms.items()}

@@ -126,17 +126,20 @@ class PSGLD(SGMCMCOptimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return 1.0 / (square_avg.sqrt() + group["eps"])
 
-    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                     ) -> tuple[list[Tensor], list[Tensor]]:
         """Each parameter's :math:`V`, started at :math:`(g/T)^2` at its first step (so that the
-        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there)."""
+        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there), and the parameters
+        whose :math:`V` was started now."""
         scale = self.grad_scale(group)
-        out = []
+        out, fresh = [], []
         for p, g in zip(params, grads):
             state = self.state[p]
             if "square_avg" not in state:
                 state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
+                fresh.append(p)
             out.append(state["square_avg"])
-        return out
+        return out, fresh
 
     def _update_group(
         self,
@@ -148,8 +151,7 @@ class PSGLD(SGMCMCOptimizer):
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
     ) -> None:
-        fresh = [p for p in params if "square_avg" not in self.state[p]]
-        square_avgs = self._square_avgs(group, params, grads)
+        square_avgs, fresh = self._square_avgs(group, params, grads)
         try:
             self._psgld(group, params, grads, square_avgs, masks, check_finite, diagnostics, targets)
         except NonFiniteError:
