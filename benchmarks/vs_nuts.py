@@ -12,6 +12,15 @@ no tuning (warmup adaptation on, diagonal preconditioner); the "+ CV" rows add c
 chain starts there; its cost is inside the wall time). 2 threads, CPU.
 
     python benchmarks/vs_nuts.py --methods NUTS "SGLD + CV" "SGNHT + CV" --sizes 100000
+
+The "exact Gaussian" rows add ``full_mass=True, exact_gaussian=True`` (a dense preconditioner
+from the Hessian, and SGLD steps that are exact on the Laplace approximation it describes, so
+the step size is limited by how far the posterior is from Gaussian: near-independent draws on
+big data) and ``jit_compile=True`` (the potential traced, as for HMC); with them the chain needs
+only a short warmup (it starts at the mode). "NUTS (jit)" is NUTS with ``jit_compile=True``.
+
+    python benchmarks/vs_nuts.py --sizes 100000 --methods NUTS "NUTS (jit)" "SGLD + CV exact Gaussian" \
+        "SGLD + CV exact Gaussian (target_bias 0.1)"
 """
 
 from __future__ import annotations
@@ -73,14 +82,24 @@ def methods(batch: int) -> dict[str, tuple]:
     """name -> (kernel factory, budgets of (warmup, samples), minibatch size)."""
     ours = [(300, 500), (500, 1000), (500, 2000), (1000, 4000), (1000, 8000)]
     with_cv = [(100, 250), (100, 500), (200, 1000), (200, 2000), (400, 4000), (400, 8000)]
+    exact = [(20, 250), (20, 500), (20, 1000), (50, 2000), (100, 4000), (100, 8000)]
+    nuts = [(50, 100), (100, 200), (200, 400), (300, 800), (500, 1600)]
+
+    def exact_gaussian(**options):
+        return lambda: SGLD(model, control_variates=True, full_mass=True, exact_gaussian=True, jit_compile=True,
+                            ignore_jit_warnings=True, **options)
+
     return {
-        "NUTS": (lambda: NUTS(model), [(50, 100), (100, 200), (200, 400), (300, 800), (500, 1600)], None),
+        "NUTS": (lambda: NUTS(model), nuts, None),
+        "NUTS (jit)": (lambda: NUTS(model, jit_compile=True, ignore_jit_warnings=True), nuts, None),
         "SGLD": (lambda: SGLD(model, num_steps=5), ours, batch),
         "SGNHT": (lambda: SGNHT(model, num_steps=5), ours, batch),
         "SGLD + CV": (lambda: SGLD(model, control_variates=True), with_cv, batch),
         "SGNHT + CV": (lambda: SGNHT(model, control_variates=True), with_cv, batch),
         "SGHMC + CV": (lambda: SGHMC(model, control_variates=True), with_cv, batch),
         "SGLD + CV (target_bias 0.1)": (lambda: SGLD(model, control_variates=True, target_bias=0.1), with_cv, batch),
+        "SGLD + CV exact Gaussian": (exact_gaussian(), exact, batch),
+        "SGLD + CV exact Gaussian (target_bias 0.1)": (exact_gaussian(target_bias=0.1), exact, batch),
     }
 
 
@@ -110,7 +129,7 @@ def main():
     print("\n| N | " + " | ".join(args.methods) + " | NUTS / best of ours |")
     print("|---" * (len(args.methods) + 2) + "|")
     for n, times in rows:
-        ours = [t for name, t in times.items() if name != "NUTS" and t == t]
+        ours = [t for name, t in times.items() if not name.startswith("NUTS") and t == t]
         ratio = times.get("NUTS", float("nan")) / min(ours) if ours else float("nan")
         print(f"| {n} | " + " | ".join(f"{times[name]:.1f} s" for name in args.methods) + f" | {ratio:.2f}x |")
     print("\n(nan: no budget reached the accuracy)")

@@ -4,6 +4,7 @@ the running mean, and the kernels' report."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pytest
@@ -34,18 +35,19 @@ def test_hand_computed_cases():
     assert float(a) == pytest.approx(0.008 + 1.0 - 0.75, abs=1e-12)
 
 
-def direct_log_ratio(u, grad_u, theta, new_theta, lr, g):
+def direct_log_ratio(u, grad_u, theta, new_theta, lr, g, noise_variance=1.0):
     """MALA's log acceptance ratio from the densities themselves (torch.distributions)."""
-    sd = (lr * g).sqrt()
+    sd = (lr * noise_variance * g).sqrt()
     forward = Normal(theta - lr / 2 * g * grad_u(theta), sd).log_prob(new_theta).sum()
     backward = Normal(new_theta - lr / 2 * g * grad_u(new_theta), sd).log_prob(theta).sum()
     return float(u(theta) - u(new_theta) + backward - forward)
 
 
-@pytest.mark.parametrize("name", ["SGLD", "PSGLD"])
+@pytest.mark.parametrize("name", ["SGLD", "PSGLD", "SGLD reference curvature", "SGLD noise_level"])
 def test_matches_a_direct_computation_on_a_quadratic(name):
     """Tempered, localized, with weight decay: every step's reported acceptance is MALA's, computed
-    from the Gaussian proposal densities, to 1e-6; the mean is over the steps scored."""
+    from the Gaussian proposal densities, to 1e-6; the mean is over the steps scored. With a
+    reference curvature (or a noise level) the proposal's variance is ``lr * sigma^2``."""
     torch.manual_seed(0)
     precision = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 4.0]], dtype=torch.float64)
     temperature, gamma, lam, lr = 2.0, 0.3, 0.1, 0.4
@@ -61,8 +63,16 @@ def test_matches_a_direct_computation_on_a_quadratic(name):
     def grad_tilde(x):
         return precision @ x / temperature + gamma * (x - anchor) + lam * x
 
-    cls = SGLD if name == "SGLD" else PSGLD
-    sampler = cls([theta], lr=lr, temperature=temperature, localization=gamma, weight_decay=lam, diagnostics=True)
+    cls = PSGLD if name == "PSGLD" else SGLD
+    options, noise_variance = {}, 1.0
+    if name == "SGLD reference curvature":
+        options, noise_variance = dict(reference_curvature=2.0, gradient_noise_variance=0.4), 1 - lr * (2.0 + 0.1) / 4
+    elif name == "SGLD noise_level":
+        options, noise_variance = dict(noise_level=0.5), 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_level != 1 warns
+        sampler = cls([theta], lr=lr, temperature=temperature, localization=gamma, weight_decay=lam, diagnostics=True,
+                      **options)
     reported, direct, g_prev, theta_prev = [], [], None, None
     for _ in range(30):
         loss = u(theta)
@@ -71,7 +81,8 @@ def test_matches_a_direct_computation_on_a_quadratic(name):
         sampler.step(loss=loss.detach())
         if theta_prev is not None:
             reported.append(float(sampler.step_diagnostics["mala_acceptance"]))
-            direct.append(min(1.0, math.exp(direct_log_ratio(u_tilde, grad_tilde, theta_prev, x, lr, g_prev))))
+            direct.append(min(1.0, math.exp(direct_log_ratio(u_tilde, grad_tilde, theta_prev, x, lr, g_prev,
+                                                                       noise_variance))))
         theta_prev = x
         g_prev = sampler.proposal_preconditioner(theta) if name == "PSGLD" else torch.ones(3, dtype=torch.float64)
     assert reported == pytest.approx(direct, abs=1e-6)

@@ -192,7 +192,7 @@ def test_logging_is_cheap_and_json_serialisable():
         (lambda: SGLD(models.scalar_normal, temperature=0.0), ValueError, "Invalid temperature"),
         (lambda: SGLD(models.scalar_normal, num_steps=0), ValueError, "Invalid num_steps"),
         (lambda: SGLD(models.scalar_normal, on_divergence="ignore"), ValueError, "Invalid on_divergence"),
-        (lambda: SGLD(models.scalar_normal, jit_compile=True), NotImplementedError, "jit_compile"),
+        (lambda: SGLD(models.scalar_normal, jit_compile="yes"), ValueError, "jit_compile"),
         (lambda: SGLD(models.scalar_normal, mass_rank=-1), ValueError, r"Invalid mass_rank: -1 \(must be an integer >= 0\)"),
         (lambda: SGLD(models.scalar_normal, mass_rank=2, full_mass=True), ValueError, "full_mass=True or mass_rank"),
         (lambda: SGLD(models.scalar_normal, step_size_schedule=3), ValueError, "Invalid step_size_schedule"),

@@ -2,7 +2,8 @@ r"""The Metropolis-adjusted Langevin (MALA) acceptance probability of a Langevin
 diagnostic of the step size.
 
 A (preconditioned) SGLD step from :math:`\theta` is a draw from the Langevin proposal
-:math:`q(\theta'\mid\theta) = \mathcal N\big(\theta - \frac{\epsilon}{2}G\nabla\tilde U(\theta),\ \epsilon G\big)`.
+:math:`q(\theta'\mid\theta) = \mathcal N\big(\theta - \frac{\epsilon}{2}G\nabla\tilde U(\theta),\ \epsilon\sigma^2 G\big)`
+(:math:`\sigma^2`: the variance factor of the injected noise, 1 for plain SGLD).
 MALA would accept it with probability :math:`\min(1, e^{a})`,
 
 .. math::
@@ -10,7 +11,7 @@ MALA would accept it with probability :math:`\min(1, e^{a})`,
     a = \tilde U(\theta) - \tilde U(\theta') + \log q(\theta\mid\theta') - \log q(\theta'\mid\theta)
       = \tilde U(\theta) - \tilde U(\theta')
         + \frac{\|\theta' - \theta + \frac{\epsilon}{2}G\nabla\tilde U(\theta)\|^2_{G^{-1}}
-              - \|\theta - \theta' + \frac{\epsilon}{2}G\nabla\tilde U(\theta')\|^2_{G^{-1}}}{2\epsilon},
+              - \|\theta - \theta' + \frac{\epsilon}{2}G\nabla\tilde U(\theta')\|^2_{G^{-1}}}{2\epsilon\sigma^2},
 
 where :math:`\tilde U` is the tempered, localized potential the sampler targets and :math:`G` the
 (diagonal) preconditioner of the step, the same in both directions (the normalising constants
@@ -37,6 +38,7 @@ def mala_log_acceptance(
     new_energy: Tensor | float,
     lrs: Sequence[float],
     preconditioners: Sequence[Tensor | None] | None = None,
+    noise_variances: Sequence[float] | None = None,
 ) -> Tensor:
     r"""The log acceptance ratio :math:`a` above for one step, summed over a list of tensors.
 
@@ -47,16 +49,20 @@ def mala_log_acceptance(
     :param energy: :math:`\tilde U(\theta)`; :param new_energy: :math:`\tilde U(\theta')`.
     :param lrs: the step size :math:`\epsilon` of each tensor.
     :param preconditioners: :math:`G` of each tensor (``None``: identity).
+    :param noise_variances: :math:`\sigma^2` of each tensor (default 1).
     :return: a 0-dim float64 tensor; the acceptance probability is ``min(1, exp(a))``.
     """
     log_ratio = torch.as_tensor(energy, dtype=torch.float64) - torch.as_tensor(new_energy, dtype=torch.float64)
     if preconditioners is None:
         preconditioners = [None] * len(thetas)
-    for theta, new_theta, drift, new_drift, lr, g in zip(thetas, new_thetas, drifts, new_drifts, lrs, preconditioners):
+    if noise_variances is None:
+        noise_variances = [1.0] * len(thetas)
+    for theta, new_theta, drift, new_drift, lr, g, s2 in zip(thetas, new_thetas, drifts, new_drifts, lrs,
+                                                             preconditioners, noise_variances):
         theta, new_theta = theta.detach().double(), new_theta.detach().double()
         drift, new_drift = drift.detach().double(), new_drift.detach().double()
         g = torch.ones((), dtype=torch.float64) if g is None else g.detach().double()
         forward = new_theta - theta + lr / 2 * g * drift
         backward = theta - new_theta + lr / 2 * g * new_drift
-        log_ratio = log_ratio + ((forward.square() - backward.square()) / g).sum() / (2 * lr)
+        log_ratio = log_ratio + ((forward.square() - backward.square()) / g).sum() / (2 * lr * s2)
     return log_ratio

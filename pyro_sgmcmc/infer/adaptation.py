@@ -170,34 +170,66 @@ def window_ends(warmup_steps: int) -> list[int]:
     return ends
 
 
+def _same_batch_hvp(gradient: Callable[[Tensor], Tensor], z: Tensor) -> Callable[[Tensor], Tensor]:
+    """``v -> H v`` at ``z`` by a finite difference of ``gradient``, every call on the minibatch of
+    the first (the RNG state is replayed)."""
+    state = pyro.util.get_rng_state()
+    pyro.util.set_rng_state(state)
+    base = gradient(z)
+    eps = 1e-3 * max(1.0, float(z.norm())) / math.sqrt(z.numel())
+
+    def hvp(v: Tensor) -> Tensor:
+        pyro.util.set_rng_state(state)
+        return (gradient(z + eps * v) - base) / eps
+
+    return hvp
+
+
+def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int) -> float:
+    """The largest eigenvalue (in magnitude) of ``operator`` by ``iterations`` power steps."""
+    v = torch.randn_like(like)
+    v /= v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = operator(v)
+        value = float(w.norm())
+        if not math.isfinite(value) or value == 0.0:
+            break
+        v = w / value
+    return value
+
+
 def measure_scales(
-    gradient: Callable[[Tensor], Tensor], z: Tensor, power_iterations: int = 8, noise_draws: int = 12
-) -> tuple[float, float]:
-    """``(largest curvature, largest per-coordinate gradient-noise variance)`` at ``z``.
+    gradient: Callable[[Tensor], Tensor], z: Tensor, power_iterations: int = 8, noise_draws: int = 12,
+    smallest: bool = False, hvp: Callable[[Tensor], Tensor] | None = None, noise_point: Tensor | None = None,
+) -> tuple[float, float, float]:
+    """``(largest curvature, largest per-coordinate gradient-noise variance, smallest curvature)``
+    at ``z``; the smallest only with ``smallest`` (else 0): by power iteration on ``s I - H`` with
+    ``s`` a little above the largest.
 
     :param gradient: ``z -> grad U(z)`` (a fresh minibatch at each call, as the sampler sees it).
+    :param hvp: ``v -> H v`` at ``z`` for the curvatures (default: finite differences of
+        ``gradient`` on one minibatch).
+    :param noise_point: where to measure the gradient noise (default ``z``): a control-variate
+        gradient has no noise at its anchor, so a chain that starts there measures it a typical
+        distance away.
     """
     state = pyro.util.get_rng_state()
-
-    def same_batch_gradient(point: Tensor) -> Tensor:
-        pyro.util.set_rng_state(state)  # the same minibatch for every curvature probe
-        return gradient(point)
-
-    base = same_batch_gradient(z)
-    v = torch.randn_like(z)
-    v /= v.norm()
-    curvature = 0.0
-    for _ in range(power_iterations):
-        eps = 1e-3 * max(1.0, float(z.norm())) / math.sqrt(z.numel())
-        hv = (same_batch_gradient(z + eps * v) - base) / eps
-        curvature = float(hv.norm())
-        if not math.isfinite(curvature) or curvature == 0.0:
-            break
-        v = hv / curvature
+    if hvp is None:
+        hvp = _same_batch_hvp(gradient, z)  # the same minibatch for every curvature probe
+    else:
+        given = hvp
+        hvp = lambda v: given(v).to(z.dtype)  # noqa: E731
+    largest = _power_iteration(hvp, z, power_iterations)
+    least = 0.0
+    if smallest and math.isfinite(largest) and largest > 0:
+        shift = 1.1 * largest
+        least = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 2 * power_iterations)
     pyro.util.set_rng_state(state)
-    draws = torch.stack([gradient(z) for _ in range(noise_draws)])
+    at = z if noise_point is None else noise_point
+    draws = torch.stack([gradient(at) for _ in range(noise_draws)])
     noise = float(draws.var(0).max()) if noise_draws > 1 else 0.0
-    return curvature, noise
+    return largest, noise, least
 
 
 def curvature(gradient: Callable[[Tensor], Tensor], z: Tensor, whitening: Whitening, dense: bool,

@@ -11,8 +11,8 @@ and hands its gradient to one torch sampler (:mod:`pyro_sgmcmc.optim`).
 
 from __future__ import annotations
 
+import inspect
 import math
-
 from typing import Any, Callable
 
 import pyro
@@ -20,12 +20,15 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
 from ..functional import NonFiniteError
 from ..optim.base import SGMCMCOptimizer, check_number
+from .compiled import PotentialEvaluator
 from .sites import check_latent_site
 from .subsample import (
     SubsampleControl,
@@ -49,6 +52,33 @@ from .adaptation import (
 __all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
 
 
+class _LogJoint(Messenger):
+    """Conditions latent sites on ``values`` and sums the scaled, masked log density of every
+    sample site as the model runs: ``poutine.trace(poutine.condition(model, values)).log_prob_sum()``
+    without building the trace (15% of a small model's evaluation, measured)."""
+
+    def __init__(self, values: dict[str, Tensor]):
+        super().__init__()
+        self.values = values
+        self.total: Tensor | float = 0.0
+
+    def _pyro_sample(self, msg: dict) -> None:
+        value = self.values.get(msg["name"])
+        if value is not None:
+            msg["value"] = value
+            msg["is_observed"] = True
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if site_is_subsample(msg):
+            return
+        log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        self.total = self.total + scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+
+
+class _Converged(Exception):
+    """Raised from an L-BFGS closure to end the search (see ``SGMCMCKernel._lbfgs``)."""
+
+
 class ModelPotential:
     r"""The potential energy of a Pyro model in unconstrained space,
 
@@ -59,10 +89,13 @@ class ModelPotential:
     likelihood Pyro scales by ``N/m``, an unbiased estimate of the full-data one). Pyro's
     ``initialize_model`` refuses subsample sites, rightly for HMC; here they are the point.
 
-    The first evaluation runs with Pyro's validation as set (distribution arguments, supports);
-    later ones without it, which makes a step about 25% cheaper on a small model (measured: 2.39
-    -> 1.81 ms per control-variate step of a logistic regression). A value that would have failed
-    validation later shows up as a non-finite potential, which the kernels count as a divergence.
+    The first evaluation runs with Pyro's validation as set (distribution arguments, supports)
+    and records a full trace (which also checks the model's structure, e.g. duplicate sites);
+    later ones run without validation and sum the log densities as the sites go by, without a
+    trace: together about 35% of a small model's step (measured: 2.39 -> 1.81 ms per
+    control-variate step of a logistic regression from validation alone). A value that would
+    have failed validation later shows up as a non-finite potential, which the kernels count as
+    a divergence.
 
     :param model: the Pyro model.
     :param transforms: ``{site: transform}`` from constrained to unconstrained space.
@@ -86,13 +119,15 @@ class ModelPotential:
             values[name] = to_constrained(params[name])
             if jacobian:
                 log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], values[name]).sum()
+        if self._validated:  # Pyro's argument/support checks once, not at every one of thousands of calls
+            log_joint = _LogJoint(values)
+            model = self.model if control is None else control(self.model)
+            with pyro.validation_enabled(False), log_joint:
+                model(*self.model_args, **self.model_kwargs)
+            return -(log_joint.total + log_det)
         conditioned = poutine.condition(self.model, data=values)
         if control is not None:
             conditioned = control(conditioned)
-        if self._validated:  # Pyro's argument/support checks once, not at every one of thousands of calls
-            with pyro.validation_enabled(False):
-                trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
-                return -(trace.log_prob_sum() + log_det)
         trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
         potential = -(trace.log_prob_sum() + log_det)
         self._validated = True
@@ -146,6 +181,15 @@ class SGMCMCKernel(MCMCKernel):
         whitened Hessian is furthest from the identity (Lanczos on Hessian-vector products), so
         the stiffest and the softest (collinear) directions are whitened too; ``O(d k)`` per step.
     :param target_bias: the relative bias on posterior variances the step-size rule aims at.
+    :param exact_gaussian: make each step exact on the Gaussian the preconditioner describes (the
+        Laplace approximation, with ``full_mass`` or ``mass_rank``): the sampler is told that the
+        whitened posterior has curvature 1 (SGLD's ``reference_curvature``: the injected noise
+        shrinks to ``1 - lr/4`` of its variance; Cotter et al.'s Crank-Nicolson Langevin step), and
+        the step-size rule bounds the bias by how far the whitened curvature strays from 1 (its
+        largest and smallest values are measured, with the gradient noise) instead of by the
+        curvature itself. On big-data posteriors, which are nearly Gaussian, steps approach
+        ``lr = 2``, an almost independent draw per step (plain SGLD: ``4 t``). Langevin samplers
+        with a ``reference_curvature`` option only (SGLD).
     :param num_steps: sampler steps per returned sample (thinning inside the kernel).
     :param temperature: posterior temperature (1 samples the posterior).
     :param transforms: ``{site: transform}`` to unconstrained space (default: from the model).
@@ -169,7 +213,13 @@ class SGMCMCKernel(MCMCKernel):
         model twice (at the point and, on the same minibatch, at the anchor), and its gradient
         noise shrinks with the distance to the anchor: for big ``N``, far larger steps for the
         same bias.
-    :param jit_compile: not supported yet (must be False).
+    :param jit_compile: evaluate the potential through ``torch.jit.trace`` (as for HMC): one trace
+        per kind of evaluation (a minibatch, a control-variate pair, a piece of a full-data walk),
+        with the minibatch indices as inputs, replayed without Pyro's Python overhead (about 2x
+        cheaper on small models; see :mod:`pyro_sgmcmc.infer.compiled`). Only for models whose
+        operations do not depend on the values of their latent sites or minibatch.
+    :param jit_options: keyword arguments of ``torch.jit.trace`` (default ``{"check_trace": False}``).
+    :param ignore_jit_warnings: silence the tracer's warnings.
 
     At the end of warmup the sampler stops adapting anything of its own (PSGLD's preconditioner:
     :meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables (SGNHT's momenta and thermostat) are
@@ -193,6 +243,7 @@ class SGMCMCKernel(MCMCKernel):
         full_mass: bool = False,
         mass_rank: int = 0,
         target_bias: float = 0.02,
+        exact_gaussian: bool = False,
         num_steps: int = 1,
         temperature: float = 1.0,
         transforms: dict[str, Any] | None = None,
@@ -201,6 +252,8 @@ class SGMCMCKernel(MCMCKernel):
         step_size_schedule: Callable[[int], float] | None = None,
         control_variates: bool | dict[str, Tensor] = False,
         jit_compile: bool = False,
+        jit_options: dict[str, Any] | None = None,
+        ignore_jit_warnings: bool = False,
         **sampler_options: Any,
     ) -> None:
         if (model is None) == (potential_fn is None):
@@ -227,8 +280,15 @@ class SGMCMCKernel(MCMCKernel):
         if control_variates is not False and potential_fn is not None:
             raise ValueError("Invalid control_variates: needs a model (it replays the model's minibatches), "
                              "not a potential_fn")
-        if jit_compile:
-            raise NotImplementedError("jit_compile is not supported by SG-MCMC kernels yet")
+        if not isinstance(exact_gaussian, bool):
+            raise ValueError(f"Invalid exact_gaussian: {exact_gaussian!r} (must be True or False)")
+        if exact_gaussian and "reference_curvature" not in inspect.signature(self.sampler_class.__init__).parameters:
+            raise ValueError(f"Invalid exact_gaussian: {self.sampler_class.__name__} has no reference_curvature "
+                             "option (exact_gaussian=True needs a Langevin sampler with one: SGLD)")
+        if not isinstance(jit_compile, bool):
+            raise ValueError(f"Invalid jit_compile: {jit_compile!r} (must be True or False)")
+        if jit_options is not None and not isinstance(jit_options, dict):
+            raise ValueError(f"Invalid jit_options: {jit_options!r} (must be a dict of torch.jit.trace options, or None)")
         self.model = model
         self.potential_fn = potential_fn
         self.step_size = step_size
@@ -237,6 +297,9 @@ class SGMCMCKernel(MCMCKernel):
         self.full_mass = full_mass
         self.mass_rank = mass_rank
         self.target_bias = target_bias
+        self.exact_gaussian = exact_gaussian
+        # the whitened, tempered posterior has curvature 1 where the preconditioner fits it
+        self._gaussian_options = {"reference_curvature": 1.0} if exact_gaussian else {}
         self.num_steps = num_steps
         self.temperature = temperature
         self._given_transforms = transforms
@@ -246,6 +309,9 @@ class SGMCMCKernel(MCMCKernel):
         self.sampler_options = sampler_options
         self.step_size_schedule = step_size_schedule
         self.control_variates = control_variates
+        self.jit_compile = jit_compile
+        self.jit_options = jit_options
+        self.ignore_jit_warnings = ignore_jit_warnings
         self._user_initial_params: dict[str, Tensor] | None = None
         self._reset()
 
@@ -257,12 +323,13 @@ class SGMCMCKernel(MCMCKernel):
         self._whitening: Whitening | None = None
         self._layout: list[tuple[str, torch.Size, int]] = []
         self._lr = self.step_size
-        self._scales = (float("nan"), float("nan"))
+        self._scales = (float("nan"), float("nan"), float("nan"))
         self._adapt_at: list[int] = []
         self._hessians: list[Tensor] = []
         self._sampler: SGMCMCOptimizer | None = None
         self._adapted_options: dict[str, Any] = {}
         self._potential: Callable | None = None
+        self._evaluator: PotentialEvaluator | None = None
         self._t = 0
         self._sampling_steps = 0
         self._warmup_steps = 0
@@ -309,6 +376,9 @@ class SGMCMCKernel(MCMCKernel):
         if initial is None:
             raise ValueError("With potential_fn, give initial_params (to MCMC, as for HMC)")
         self._initial_params = initial
+        self._evaluator = PotentialEvaluator(self._potential, self._unflatten, is_model=self.model is not None,
+                                             jit_compile=self.jit_compile, jit_options=self.jit_options,
+                                             ignore_jit_warnings=self.ignore_jit_warnings)
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -332,8 +402,7 @@ class SGMCMCKernel(MCMCKernel):
         return out
 
     def _potential_z(self, z: Tensor, control: SubsampleControl | None = None) -> Tensor:
-        params = self._unflatten(self._whitening.to_theta(z))
-        return self._potential(params) if control is None else self._potential(params, control)
+        return self._evaluator([self._whitening.to_theta(z)], control)[0]
 
     def _estimate(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(potential, gradient)`` at ``z`` as the sampler sees them: on a fresh minibatch, or,
@@ -341,12 +410,13 @@ class SGMCMCKernel(MCMCKernel):
         the anchor, corrected by the anchor's full-data values)."""
         z = z.detach().requires_grad_(True)
         minibatch = self._minibatch()
-        potential = self._potential_z(z, minibatch)
         if self._plate is None:
+            potential = self._potential_z(z, minibatch)
             return potential.detach(), torch.autograd.grad(potential, z)[0]
         anchor_z, full_grad_z = self._anchor_z()
         anchor = anchor_z.detach().requires_grad_(True)
-        at_anchor = self._potential_z(anchor, minibatch)
+        to_theta = self._whitening.to_theta
+        potential, at_anchor = self._evaluator([to_theta(z), to_theta(anchor)], minibatch)
         grad, grad_at_anchor = torch.autograd.grad(potential + at_anchor, [z, anchor])
         energy = (potential - at_anchor).detach() + self._anchor_energy
         return energy, grad - grad_at_anchor + full_grad_z
@@ -364,41 +434,84 @@ class SGMCMCKernel(MCMCKernel):
 
     # ------------------------------------------------------------------ control variates
 
-    def _full_potential_theta(self, theta: Tensor) -> Tensor:
-        """The exact full-data potential (the data set walked in minibatch-sized pieces)."""
-        self._map_evaluations += 1
+    def _full_potential_theta(self, theta: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The exact full-data potential (the data set walked in minibatch-sized pieces), or its
+        estimate on ``rows`` only."""
+        if rows is None:
+            self._map_evaluations += 1
         return full_data_potential(
-            lambda control, jacobian: self._potential(self._unflatten(theta), control, jacobian), self._plate)
+            lambda control, jacobian: self._evaluator([theta], control, jacobian)[0], self._plate, rows)
 
     def _set_anchor(self, theta: Tensor) -> Tensor:
         """Choose the anchor (the mode found from ``theta``, or the one given), compute the
-        full-data potential and gradient there; the chain starts at the anchor."""
+        full-data potential and gradient there (or take them from the mode search's last
+        evaluation, when that was at the anchor); the chain starts at the anchor."""
+        known = None
         if isinstance(self.control_variates, dict):
             given = unconstrained_anchor(self.control_variates, self.transforms, "control_variates")
             anchor = self._flatten(given).to(theta)
         else:
-            anchor = self._find_mode(theta)
+            anchor, known = self._find_mode(theta)
         anchor = anchor.detach().requires_grad_(True)
-        self._map_evaluations += 1
-        energy, (grad,) = full_data_value_and_grad(
-            lambda control, jacobian: self._potential(self._unflatten(anchor), control, jacobian), self._plate, [anchor])
+        if known is not None and torch.isfinite(known[0]) and bool(torch.isfinite(known[1]).all()):
+            energy, grad = known
+        else:
+            self._map_evaluations += 1
+            energy, (grad,) = full_data_value_and_grad(
+                lambda control, jacobian: self._evaluator([anchor], control, jacobian)[0], self._plate, [anchor])
         self._anchor_theta, self._anchor_energy, self._anchor_grad_theta = anchor.detach(), energy, grad
         return self._anchor_theta.clone()
 
-    def _find_mode(self, theta: Tensor, max_iter: int = 100) -> Tensor:
-        """The posterior mode (in unconstrained space) by L-BFGS on the full-data potential."""
+    def _find_mode(self, theta: Tensor, max_iter: int = 100) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The posterior mode (in unconstrained space) by L-BFGS on the full-data potential, and
+        the potential and gradient there if known. On big data (more than 32 minibatches) a first
+        search runs on a fixed random subset of 16 minibatches' rows, weighted to the full size:
+        it does the long way in from the initial point at a fraction of the cost, and the
+        full-data search goes on from near the mode (measured: 10 posterior sds away at
+        ``N = 100k``) with the curvature pairs the first one collected (same scale)."""
         theta = theta.detach().clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20,
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-12)
+        plate = self._plate
+        if math.ceil(plate.size / plate.subsample_size) > 32:
+            rows = torch.randperm(plate.size, device=plate.device)[: 16 * plate.subsample_size]
+            self._lbfgs(optimizer, theta, lambda point: self._full_potential_theta(point, rows), stop_early=False)
+            # the next iteration must not pair the subset's last gradient with the full one: a
+            # zero last step makes L-BFGS skip that pair and keep the others
+            optimizer.state[theta]["t"] = 0.0
+        return self._lbfgs(optimizer, theta, self._full_potential_theta)
+
+    def _lbfgs(self, optimizer: torch.optim.LBFGS, theta: Tensor, objective: Callable[[Tensor], Tensor],
+               stop_early: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Minimise ``objective`` over ``theta`` (the optimizer's parameter). With ``stop_early``,
+        stop once two evaluations in a row come within ``0.01 T`` nats of the best value
+        (``U - U* = d^2 / 2`` for a point ``d`` posterior sds from the mode: a small fraction of
+        an sd, all a control-variate anchor needs; L-BFGS's own tolerances go on polishing
+        float32 rounding, and its step tolerance is not scale-free). Returns the point and, when
+        the last evaluation was there, its value and gradient."""
+        tolerance = 0.01 * self.temperature
+        best, streak, last = math.inf, 0, None
 
         def closure() -> Tensor:
+            nonlocal best, streak, last
             optimizer.zero_grad()
-            value = self._full_potential_theta(theta)
+            value = objective(theta)
             value.backward()
+            current = float(value)
+            streak = streak + 1 if abs(current - best) < tolerance else 0
+            best = min(best, current)
+            last = (theta.detach().clone(), value.detach(), theta.grad.detach().clone())
+            if stop_early and streak >= 2:
+                raise _Converged
             return value
 
-        optimizer.step(closure)
-        return theta.detach()
+        try:
+            optimizer.step(closure)
+        except _Converged:
+            pass
+        point = theta.detach().clone()
+        known = (last[1], last[2]) if last is not None and torch.equal(last[0], point) else None
+        return point, known
 
     def _anchor_z(self) -> tuple[Tensor, Tensor]:
         """The anchor and its full-data gradient (``L^T grad U``) in the current coordinates,
@@ -421,8 +534,9 @@ class SGMCMCKernel(MCMCKernel):
         self._whitening = Whitening.identity(theta.numel(), theta)
         adapting = (self.adapt_mass_matrix or self.adapt_step_size) and self._warmup_steps > 0
         # the first 15% of warmup is arrival: bias does not matter yet, so steps are as large as
-        # stability allows; then windows with the accurate rule
-        arrival = int(0.15 * self._warmup_steps)
+        # stability allows; then windows with the accurate rule. A chain that starts at the mode
+        # (control variates) has nowhere to arrive.
+        arrival = 0 if self._plate is not None else int(0.15 * self._warmup_steps)
         self._adapt_at = sorted({arrival, *window_ends(self._warmup_steps)} - {0}) if adapting else []
         if self.adapt_mass_matrix and self._warmup_steps > 0:
             self._update_preconditioner(theta)
@@ -441,24 +555,53 @@ class SGMCMCKernel(MCMCKernel):
                 if bool(torch.isfinite(whitening.vectors).all() and torch.isfinite(whitening.factors).all()):
                     self._whitening = whitening
             return
-        hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
+        if self.full_mass:
+            hessian = self._exact_hessian(theta)
+        else:
+            hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
         if torch.isfinite(hessian).all():
             self._hessians.append(hessian)
             mean = torch.stack(self._hessians).mean(0)
             self._whitening = whitening_from_curvature(mean, self.temperature, theta.dtype)
 
-    def _hessian_vector_product(self, theta: Tensor) -> Callable[[Tensor], Tensor]:
-        """``v -> H v`` at ``theta`` (theta coordinates, float64), by double backward through the
-        potential on one minibatch (drawn now, kept for every product)."""
-        theta = theta.detach().requires_grad_(True)
-        minibatch = self._minibatch()
-        params = self._unflatten(theta)
-        potential = self._potential(params) if minibatch is None else self._potential(params, minibatch)
-        (grad,) = torch.autograd.grad(potential, theta, create_graph=True)
+    def _exact_hessian(self, theta: Tensor) -> Tensor:
+        """The dense Hessian at ``theta`` (theta coordinates, float64) from exact products
+        (:meth:`_hessian_vector_product`); by finite differences of the gradient if the potential
+        cannot be differentiated twice."""
+        try:
+            hvp = self._hessian_vector_product(theta)
+            eye = torch.eye(theta.numel(), dtype=torch.float64, device=theta.device)
+            hessian = torch.stack([hvp(e) for e in eye], 1)
+            return (hessian + hessian.T) / 2
+        except RuntimeError:  # e.g. a custom autograd function without a double backward
+            return curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, True)
+
+    def _hessian_potential(self, point: Tensor, in_z: bool) -> Tensor:
+        """The potential whose Hessian the preconditioner and the curvature checks use: exact on
+        small data (one subsampled plate walked in at most 32 pieces), else averaged over
+        16 fresh minibatches. One minibatch's Hessian (``N/m`` times a sum over ``m`` rows) is off
+        by a relative ``~sqrt(d/m)`` (measured: the whitened Hessian of a ``d = 20`` logistic
+        regression spread over 0.81-1.16 at ``m = 1000``; 0.93-1.02 averaged)."""
+        params = lambda: self._unflatten(self._whitening.to_theta(point) if in_z else point)  # noqa: E731
+        if not self._plates:
+            return self._potential(params())
+        if len(self._plates) == 1 and math.ceil(self._plates[0].size / self._plates[0].subsample_size) <= 32:
+            return full_data_potential(lambda control, jacobian: self._potential(params(), control, jacobian),
+                                       self._plates[0])
+        return sum(self._potential(params(), self._minibatch()) for _ in range(16)) / 16
+
+    def _hessian_vector_product(self, point: Tensor, in_z: bool = False) -> Callable[[Tensor], Tensor]:
+        """``v -> H v`` at ``point`` (theta coordinates, or the current ``z`` ones with ``in_z``;
+        float64 out), exact, by double backward through :meth:`_hessian_potential` (its
+        minibatches drawn now, kept for every product)."""
+        point = point.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self._hessian_potential(point, in_z), point, create_graph=True)
 
         def product(v: Tensor) -> Tensor:
-            (out,) = torch.autograd.grad(grad, theta, v.to(grad.dtype), retain_graph=True)
-            return out.detach().double()
+            if not grad.requires_grad:  # a potential linear in the point: no curvature
+                return torch.zeros_like(v, dtype=torch.float64)
+            (out,) = torch.autograd.grad(grad, point, v.to(grad.dtype), retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v, dtype=torch.float64) if out is None else out.detach().double()
 
         return product
 
@@ -468,12 +611,23 @@ class SGMCMCKernel(MCMCKernel):
         arriving, the largest stable one."""
         self._z = self._whitening.to_z(theta).detach().clone().requires_grad_(True)
         if measure:
-            largest_curvature, noise = measure_scales(self._gradient_z, self._z.detach())
-            self._scales = (largest_curvature, noise)
+            # exact_gaussian's rule needs the whitened curvature's spread, which one minibatch's
+            # finite differences overstate (see _hessian_minibatches): exact, averaged products
+            hvp = self._hessian_vector_product(self._z, in_z=True) if self.exact_gaussian else None
+            # at the control-variate anchor the gradient has no noise: measure it a typical
+            # (whitened) distance away, where the chain will be
+            at_anchor = self._anchor_theta is not None and bool(torch.equal(theta, self._anchor_theta))
+            noise_point = self._z.detach() + torch.randn_like(self._z) if at_anchor else None
+            largest_curvature, noise, smallest = measure_scales(self._gradient_z, self._z.detach(),
+                                                                smallest=self.exact_gaussian, hvp=hvp,
+                                                                noise_point=noise_point)
+            self._scales = (largest_curvature, noise, smallest)
             if math.isfinite(largest_curvature) and math.isfinite(noise) and largest_curvature > 0:
                 self._adapted_options = self.sampler_class.adapted_options(
                     largest_curvature, noise, self.temperature, self.sampler_options)
-                options = {**self.sampler_options, **self._adapted_options}
+                options = {**self._gaussian_options, **self.sampler_options, **self._adapted_options}
+                if self.exact_gaussian:
+                    options["smallest_curvature"] = smallest if math.isfinite(smallest) else 0.0
                 self._lr = self.sampler_class.suggest_lr(largest_curvature, noise, self.target_bias, self.temperature,
                                                          arrival=arrival, **options)
         if self._lr is None:
@@ -482,10 +636,10 @@ class SGMCMCKernel(MCMCKernel):
 
     def _new_sampler(self) -> None:
         group = {"params": [("z", self._z)]}
-        options = {**self.sampler_options, **self._adapted_options}
+        options = {**self._gaussian_options, **self.sampler_options, **self._adapted_options}
         # the Langevin samplers score their steps with MALA's acceptance (cheap on the flat z)
         self._sampler = self.sampler_class([group], lr=self._lr, temperature=self.temperature,
-                                           diagnostics=self.sampler_class.langevin, **options)
+                                           diagnostics="mala" if self.sampler_class.langevin else False, **options)
         self._last_good = self._z.detach().clone()
 
     def _adapt(self) -> None:
@@ -524,10 +678,9 @@ class SGMCMCKernel(MCMCKernel):
                 for group in sampler.param_groups:
                     group["lr"] = self._lr * factor
             self._sampling_steps += 1
-        sampler.zero_grad(set_to_none=True)
         potential, grad = self._estimate(self._z)
         self._last_potential = float(potential)
-        if not torch.isfinite(potential):
+        if not math.isfinite(self._last_potential):
             # the last step landed where the potential is not finite: back to where it was
             self._revert()
             self._diverged(f"the potential energy is {self._last_potential}")
@@ -588,6 +741,7 @@ class SGMCMCKernel(MCMCKernel):
             "preconditioner": None if self._whitening is None else self._whitening.kind,
             "curvature": self._scales[0],
             "gradient noise": self._scales[1],
+            **({"smallest curvature": self._scales[2]} if self.exact_gaussian else {}),
             "temperature": self.temperature,
             "mala acceptance": self._mala_total / self._mala_count if self._mala_count else None,
             "control variates": None if self._anchor_energy is None else {

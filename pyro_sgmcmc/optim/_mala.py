@@ -22,6 +22,7 @@ class _Pending:
     energy: Tensor
     lrs: list[float] | None = None
     preconditioners: list[Tensor | None] | None = None
+    noise_variances: list[float] | None = None
 
 
 class MalaTracker:
@@ -55,17 +56,19 @@ class MalaTracker:
             anchors = sampler.anchors(group, ps)
             gamma, lam = group["localization"], group["weight_decay"]
             for i, (p, g) in enumerate(zip(ps, grads)):
-                theta = p.detach().double()
-                offset = theta - anchors[i].double() if anchors is not None else None
-                drift = g.detach().double() * scale + lam * theta
-                energy = energy + lam / 2 * theta.square().sum()
-                if gamma and offset is not None:
+                theta = p.detach().to(torch.float64, copy=True)  # kept: p moves in place
+                drift = g.detach().double() * scale
+                if lam:  # the terms below cost a few tensor ops each: only when present
+                    drift = drift + lam * theta
+                    energy = energy + lam / 2 * theta.square().sum()
+                if gamma and anchors is not None:
+                    offset = theta - anchors[i].double()
                     drift = drift + gamma * offset
                     energy = energy + gamma / 2 * offset.square().sum()
                 if masks is not None:
                     drift = drift * masks[i]
                 params.append(p)
-                thetas.append(theta.clone())
+                thetas.append(theta)
                 drifts.append(drift)
         log_ratio = None
         previous = self.pending
@@ -73,7 +76,7 @@ class MalaTracker:
             a is b for a, b in zip(previous.params, params)
         ):
             log_ratio = mala_log_acceptance(previous.thetas, thetas, previous.drifts, drifts, previous.energy, energy,
-                                            previous.lrs, previous.preconditioners)
+                                            previous.lrs, previous.preconditioners, previous.noise_variances)
             if math.isfinite(float(log_ratio)):
                 self.total += min(1.0, math.exp(min(float(log_ratio), 0.0)))
                 self.count += 1
@@ -83,12 +86,15 @@ class MalaTracker:
     def after(self, sampler: Any, work: list[tuple]) -> None:
         if self.pending is None:
             return
-        lrs, preconditioners = [], []
+        lrs, preconditioners, noise_variances = [], [], []
         for _, group, ps, *_ in work:
+            noise_variance = sampler.proposal_noise_variance(group)
             for p in ps:
                 lrs.append(float(group["lr"]))
                 preconditioners.append(sampler.proposal_preconditioner(p))
-        if any(lr <= 0 for lr in lrs):
-            self.pending = None  # a frozen group: the step is not a Langevin proposal
+                noise_variances.append(noise_variance)
+        if any(lr <= 0 for lr in lrs) or any(v <= 0 for v in noise_variances):
+            self.pending = None  # a frozen or noiseless group: the step is not a Langevin proposal
             return
         self.pending.lrs, self.pending.preconditioners = lrs, preconditioners
+        self.pending.noise_variances = noise_variances

@@ -117,7 +117,8 @@ class SGMCMCOptimizer(Optimizer):
         PSGLD), when the step knows the potential (``step(closure)`` or ``step(loss=U)``), it also
         leaves ``mala_acceptance``: the probability with which MALA would have accepted the
         previous step (:mod:`pyro_sgmcmc.functional.mala`), and :attr:`mala_acceptance_mean`
-        averages it over the steps scored.
+        averages it over the steps scored. ``diagnostics="mala"`` keeps only that score (what
+        the MCMC kernels use: a fraction of the cost of the norms on a small model).
     """
 
     #: Whether a step is a draw from a Langevin proposal (so MALA's acceptance can score it).
@@ -130,8 +131,10 @@ class SGMCMCOptimizer(Optimizer):
         *,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        diagnostics: bool = False,
+        diagnostics: bool | str = False,
     ) -> None:
+        if diagnostics not in (True, False, "mala"):
+            raise ValueError(f"Invalid diagnostics: {diagnostics!r} (must be True, False or 'mala')")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
         if foreach not in (None, True, False):
@@ -139,7 +142,8 @@ class SGMCMCOptimizer(Optimizer):
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
-        self.track_diagnostics = bool(diagnostics)
+        self.track_diagnostics = diagnostics is True
+        self._score_mala = bool(diagnostics) and self.langevin
         self.step_diagnostics: dict[str, Tensor] = {}
         self._schedules: list[dict[str, Callable[[int], float]]] = []
         self._noise_plans = NoisePlanCache()
@@ -295,7 +299,9 @@ class SGMCMCOptimizer(Optimizer):
             params, grads, masks = self._gather(index, group)
             if params:
                 work.append((index, group, params, grads, masks, None))
-        scoring = self.track_diagnostics and self.langevin
+        scoring = self._score_mala
+        if scoring and not self.track_diagnostics:
+            self.step_diagnostics = {}
         log_ratio = self._mala.before(self, work, loss) if scoring else None
         self._run(work)
         if scoring:
@@ -319,6 +325,11 @@ class SGMCMCOptimizer(Optimizer):
     def proposal_preconditioner(self, param: Tensor) -> Tensor | None:
         """The diagonal preconditioner of ``param``'s last Langevin proposal (``None``: identity)."""
         return None
+
+    def proposal_noise_variance(self, group: dict[str, Any]) -> float:
+        """The factor on the variance of the injected noise of ``group``'s last step: the
+        proposal is ``N(theta - (lr/2) G grad U, lr * factor * G)`` (``noise_level ** 2``)."""
+        return float(group["noise_level"]) ** 2
 
     def step_tensors(self, targets: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
         """One step in which the new value of each parameter ``p`` is written into

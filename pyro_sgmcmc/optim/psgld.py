@@ -75,7 +75,7 @@ class PSGLD(SGMCMCOptimizer):
         mask: list[Tensor | None] | None = None,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        diagnostics: bool = False,
+        diagnostics: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr,

@@ -64,7 +64,7 @@ class SGNHT(MomentumSampler):
         mask: list[Tensor | None] | None = None,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        diagnostics: bool = False,
+        diagnostics: bool | str = False,
     ) -> None:
         defaults = dict(
             lr=lr,
