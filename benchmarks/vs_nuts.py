@@ -1,12 +1,13 @@
 """Time to an accurate posterior: our MCMC kernels on minibatches against Pyro's NUTS on full data.
 
-    python benchmarks/vs_nuts.py [--sizes 10000 100000] [--reference-samples 2000]
+    python benchmarks/vs_nuts.py [--sizes 10000 100000] [--reference-samples 10000]
 
 Bayesian logistic regression, d = 20, synthetic data (N rows). The reference posterior (mean and
 sd of every coefficient) is a long NUTS run. Each method then runs with growing budgets (NUTS:
 more warmup and samples; ours: more samples, minibatches of ``--batch``), and the figure is the
 wall time of the first run whose posterior means are all within 0.1 posterior sd of the reference
-and whose sds are all within 10% of it (the accuracy of issue 4's target). Our kernels run with
+and whose sds are all within 10% of it (the accuracy of issue 4's target); with ``--seeds k``, the
+median time of the first budget at which all k seeded runs do (one lucky run does not count). Our kernels run with
 no tuning (warmup adaptation on, diagonal preconditioner); the "+ CV" rows add control variates
 (``control_variates=True``: the anchor is the mode, found by L-BFGS on the full data, and the
 chain starts there; its cost is inside the wall time). 2 threads, CPU.
@@ -66,15 +67,21 @@ def accuracy(draws, ref_mean, ref_sd):
     return mean_error, sd_error
 
 
-def time_to_accuracy(name, make, budgets, x, y, ref_mean, ref_sd, batch=None):
+def time_to_accuracy(name, make, budgets, x, y, ref_mean, ref_sd, batch=None, seeds=1):
+    """The median wall time over ``seeds`` runs of the first budget at which every seed's run
+    reaches the accuracy (one lucky run does not count)."""
     for warmup, samples in budgets:
-        seconds, draws = run(make(), x, y, warmup, samples, batch)
-        mean_error, sd_error = accuracy(draws, ref_mean, ref_sd)
-        ok = mean_error <= 0.1 and sd_error <= 0.1
-        print(f"  {name:<28} warmup {warmup:>5} samples {samples:>6}: {seconds:7.1f} s  "
-              f"mean error {mean_error:.3f} sd, sd error {sd_error:.3f}  {'OK' if ok else ''}", flush=True)
+        times, ok = [], True
+        for seed in range(1, seeds + 1):
+            seconds, draws = run(make(), x, y, warmup, samples, batch, seed=seed)
+            mean_error, sd_error = accuracy(draws, ref_mean, ref_sd)
+            passed = mean_error <= 0.1 and sd_error <= 0.1
+            ok = ok and passed
+            times.append(seconds)
+            print(f"  {name:<28} warmup {warmup:>5} samples {samples:>6} seed {seed}: {seconds:7.1f} s  "
+                  f"mean error {mean_error:.3f} sd, sd error {sd_error:.3f}  {'OK' if passed else ''}", flush=True)
         if ok:
-            return seconds
+            return sorted(times)[len(times) // 2]
     return float("nan")
 
 
@@ -107,8 +114,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--reference-samples", type=int, default=2000)
+    parser.add_argument("--reference-samples", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per budget (seeds 1..k); a budget counts when every run reaches the accuracy")
     parser.add_argument("--methods", nargs="+", default=["NUTS", "SGLD", "SGNHT", "SGLD + CV", "SGNHT + CV"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +133,7 @@ def main():
         for name in args.methods:
             make, budgets, batch = table[name]
             label = name if batch is None else f"{name} (batch {batch})"
-            times[name] = time_to_accuracy(label, make, budgets, x, y, ref_mean, ref_sd, batch)
+            times[name] = time_to_accuracy(label, make, budgets, x, y, ref_mean, ref_sd, batch, args.seeds)
         rows.append((n, times))
     print("\n| N | " + " | ".join(args.methods) + " | NUTS / best of ours |")
     print("|---" * (len(args.methods) + 2) + "|")

@@ -497,7 +497,7 @@ class SGMCMCKernel(MCMCKernel):
             optimizer.zero_grad()
             value = objective(theta)
             value.backward()
-            current = float(value)
+            current = float(value.detach())
             streak = streak + 1 if abs(current - best) < tolerance else 0
             best = min(best, current)
             last = (theta.detach().clone(), value.detach(), theta.grad.detach().clone())
