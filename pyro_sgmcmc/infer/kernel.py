@@ -559,7 +559,12 @@ class SGMCMCKernel(MCMCKernel):
             hessian = self._exact_hessian(theta)
         else:
             hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
-        if torch.isfinite(hessian).all():
+        usable = bool(torch.isfinite(hessian).all())
+        if usable and hessian.dim() == 2:
+            # a saddle (far from the mode, e.g. where a scale is tiny) is no preconditioner: its
+            # clamped negative directions would dominate the average from then on
+            usable = float(torch.linalg.eigvalsh(hessian).min()) > 0
+        if usable:
             self._hessians.append(hessian)
             mean = torch.stack(self._hessians).mean(0)
             self._whitening = whitening_from_curvature(mean, self.temperature, theta.dtype)
