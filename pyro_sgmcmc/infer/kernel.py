@@ -335,6 +335,7 @@ class SGMCMCKernel(MCMCKernel):
         self._warmup_steps = 0
         self._divergences: list[int] = []
         self._num_divergent_steps = 0
+        self._warmup_jumps = 0
         self._last_potential = float("nan")
         self._mala_total, self._mala_count = 0.0, 0
         self._plate: SubsampledPlate | None = None
@@ -684,11 +685,13 @@ class SGMCMCKernel(MCMCKernel):
                     group["lr"] = self._lr * factor
             self._sampling_steps += 1
         potential, grad = self._estimate(self._z)
-        self._last_potential = float(potential)
+        previous, self._last_potential = self._last_potential, float(potential)
         if not math.isfinite(self._last_potential):
             # the last step landed where the potential is not finite: back to where it was
             self._revert()
             self._diverged(f"the potential energy is {self._last_potential}")
+            return
+        if self._warmup_jump(previous):
             return
         self._last_good = self._z.detach().clone()
         self._z.grad = grad
@@ -704,6 +707,27 @@ class SGMCMCKernel(MCMCKernel):
         if not bool(torch.isfinite(self._z).all()):  # the dynamics blew up
             self._revert()
             self._diverged("the sampler's update is not finite")
+
+    def _warmup_jump(self, previous: float) -> bool:
+        """During warmup, with step-size adaptation and an exact (or control-variate) potential:
+        a step that raised the potential by more than ``1000 T`` nats (HMC's divergence threshold
+        on the energy error) is undone and the step size halved. Such a jump is an arrival step
+        thrown into a steep region by a preconditioner measured where the posterior is not (e.g.
+        along a nearly singular direction of the initial point's Hessian); from there the accurate
+        rule would give tiny steps for the rest of warmup. Warmup draws are discarded, so this
+        does not touch the samples; minibatch potentials are too noisy for the test."""
+        if not (self._t < self._warmup_steps and self.adapt_step_size and math.isfinite(previous)):
+            return False
+        if self._plates and self._plate is None:
+            return False
+        if self._last_potential - previous <= 1000 * self.temperature:
+            return False
+        self._revert()
+        self._last_potential = previous
+        self._warmup_jumps += 1
+        self._lr *= 0.5
+        self._new_sampler()
+        return True
 
     def _revert(self) -> None:
         with torch.no_grad():
@@ -742,6 +766,7 @@ class SGMCMCKernel(MCMCKernel):
         return {
             "divergences": list(self._divergences),
             "divergent steps": self._num_divergent_steps,
+            "warmup jumps undone": self._warmup_jumps,
             "step size": self._lr,
             "preconditioner": None if self._whitening is None else self._whitening.kind,
             "curvature": self._scales[0],
