@@ -384,18 +384,21 @@ def test_low_rank_plus_diagonal_adaptation_whitens_collinear_pairs():
     assert float(ess(draws).min()) / 3000 > 5 * float(ess(diagonal).min()) / 1000  # per draw
 
 
-def test_an_arrival_jump_into_a_steep_region_is_undone():
+@pytest.mark.parametrize("seed", [1, 3])
+def test_an_arrival_jump_into_a_steep_region_is_undone(seed):
     """From init_to_uniform the initial Hessian of this scale model can be nearly singular; the
-    first large arrival step then threw the chain into a steep region (the potential up 1000x),
-    where the accurate rule left a step of ~1e-6 for the rest of warmup (seed 3: measured). A
-    warmup step that raises an exact potential by more than 1000 nats is now undone and the
-    step halved, as HMC counts such an energy error as a divergence."""
+    first large arrival step then threw the chain into a steep region, where the accurate rule
+    left a step of ~1e-6 for the rest of warmup (seed 3, the potential up 1000x), or far out
+    where every step overflowed (seed 1, log-scale 95): measured. Now a warmup step that raises
+    an exact potential by more than 1000 nats is undone and the step halved (as HMC counts such
+    an energy error as a divergence), and after 3 divergences in a row warmup goes back to the
+    best point it has seen."""
     data = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0])
-    pyro.set_rng_seed(3)
+    pyro.set_rng_seed(seed)
     kernel = SGLD(models.scalar_normal, full_mass=True)
     mcmc = MCMC(kernel, num_samples=200, warmup_steps=50, disable_progbar=True)
     mcmc.run(data)
     diagnostics = kernel.diagnostics()
-    assert diagnostics["warmup jumps undone"] >= 1 and diagnostics["step size"] > 1e-3, diagnostics
+    assert diagnostics["warmup jumps undone"] >= 1 and diagnostics["step size"] > 1e-2, diagnostics
     loc = mcmc.get_samples()["loc"]
-    assert 0.0 < float(loc[-100:].mean()) < 2.0  # arrived near the data (2.2 over all 200: still arriving at first)
+    assert 0.0 < float(loc[-100:].mean()) < 2.0  # arrived near the data (still arriving over the first samples)

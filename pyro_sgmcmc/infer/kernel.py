@@ -336,6 +336,8 @@ class SGMCMCKernel(MCMCKernel):
         self._divergences: list[int] = []
         self._num_divergent_steps = 0
         self._warmup_jumps = 0
+        self._divergent_run = 0
+        self._best_warmup: tuple[float, Tensor | None] = (math.inf, None)
         self._last_potential = float("nan")
         self._mala_total, self._mala_count = 0.0, 0
         self._plate: SubsampledPlate | None = None
@@ -693,6 +695,9 @@ class SGMCMCKernel(MCMCKernel):
             return
         if self._warmup_jump(previous):
             return
+        self._divergent_run = 0
+        if self._t < self._warmup_steps and self._last_potential < self._best_warmup[0] and self._exact_potential():
+            self._best_warmup = (self._last_potential, self._theta())
         self._last_good = self._z.detach().clone()
         self._z.grad = grad
         try:
@@ -718,7 +723,7 @@ class SGMCMCKernel(MCMCKernel):
         does not touch the samples; minibatch potentials are too noisy for the test."""
         if not (self._t < self._warmup_steps and self.adapt_step_size and math.isfinite(previous)):
             return False
-        if self._plates and self._plate is None:
+        if not self._exact_potential():
             return False
         if self._last_potential - previous <= 1000 * self.temperature:
             return False
@@ -728,6 +733,11 @@ class SGMCMCKernel(MCMCKernel):
         self._lr *= 0.5
         self._new_sampler()
         return True
+
+    def _exact_potential(self) -> bool:
+        """Whether the potential the sampler sees is exact up to little noise (no subsampling,
+        or control variates), so that values at different points can be compared."""
+        return not self._plates or self._plate is not None
 
     def _revert(self) -> None:
         with torch.no_grad():
@@ -741,6 +751,13 @@ class SGMCMCKernel(MCMCKernel):
         self._num_divergent_steps += 1
         if self._t < self._warmup_steps and self.adapt_step_size:
             self._lr *= 0.5
+            self._divergent_run += 1
+            if self._divergent_run >= 3 and math.isfinite(self._best_warmup[0]):
+                # stuck where every step diverges (e.g. thrown far out, where the potential
+                # overflows): go back to the best point warmup has seen
+                with torch.no_grad():
+                    self._z.copy_(self._whitening.to_z(self._best_warmup[1]))
+                self._divergent_run = 0
             self._new_sampler()
         if self._t >= self._warmup_steps and (not self._divergences or self._divergences[-1] != self._t - self._warmup_steps):
             self._divergences.append(self._t - self._warmup_steps)
