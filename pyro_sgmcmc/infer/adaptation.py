@@ -174,7 +174,6 @@ def _same_batch_hvp(gradient: Callable[[Tensor], Tensor], z: Tensor) -> Callable
     """``v -> H v`` at ``z`` by a finite difference of ``gradient``, every call on the minibatch of
     the first (the RNG state is replayed)."""
     state = pyro.util.get_rng_state()
-    pyro.util.set_rng_state(state)
     base = gradient(z)
     eps = 1e-3 * max(1.0, float(z.norm())) / math.sqrt(z.numel())
 

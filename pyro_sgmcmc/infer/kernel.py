@@ -51,6 +51,10 @@ from .adaptation import (
 
 __all__ = ["SGMCMCKernel", "ModelPotential", "kernel_class"]
 
+#: Data walked in at most this many minibatches counts as small: its Hessian is taken on all of
+#: it, and the mode search needs no first pass on a subset.
+_SMALL_DATA_MINIBATCHES = 32
+
 
 class _LogJoint(Messenger):
     """Conditions latent sites on ``values`` and sums the scaled, masked log density of every
@@ -476,7 +480,7 @@ class SGMCMCKernel(MCMCKernel):
         optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=20,
                                       line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-12)
         plate = self._plate
-        if math.ceil(plate.size / plate.subsample_size) > 32:
+        if plate.num_minibatches > _SMALL_DATA_MINIBATCHES:
             rows = torch.randperm(plate.size, device=plate.device)[: 16 * plate.subsample_size]
             self._lbfgs(optimizer, theta, lambda point: self._full_potential_theta(point, rows), stop_early=False)
             # the next iteration must not pair the subset's last gradient with the full one: a
@@ -593,7 +597,7 @@ class SGMCMCKernel(MCMCKernel):
         params = lambda: self._unflatten(self._whitening.to_theta(point) if in_z else point)  # noqa: E731
         if not self._plates:
             return self._potential(params())
-        if len(self._plates) == 1 and math.ceil(self._plates[0].size / self._plates[0].subsample_size) <= 32:
+        if len(self._plates) == 1 and self._plates[0].num_minibatches <= _SMALL_DATA_MINIBATCHES:
             return full_data_potential(lambda control, jacobian: self._potential(params(), control, jacobian),
                                        self._plates[0])
         return sum(self._potential(params(), self._minibatch()) for _ in range(16)) / 16
@@ -620,7 +624,9 @@ class SGMCMCKernel(MCMCKernel):
         self._z = self._whitening.to_z(theta).detach().clone().requires_grad_(True)
         if measure:
             # exact_gaussian's rule needs the whitened curvature's spread, which one minibatch's
-            # finite differences overstate (see _hessian_minibatches): exact, averaged products
+            # finite differences overstate (see _hessian_potential): exact, averaged products, on
+            # minibatches of their own, not the preconditioner's (whitened by those, the spread
+            # would come out 1 whatever the preconditioner's own estimation error)
             hvp = self._hessian_vector_product(self._z, in_z=True) if self.exact_gaussian else None
             # at the control-variate anchor the gradient has no noise: measure it a typical
             # (whitened) distance away, where the chain will be

@@ -22,6 +22,11 @@ class SubsampledPlate:
     subsample_size: int
     device: torch.device
 
+    @property
+    def num_minibatches(self) -> int:
+        """How many minibatch-sized pieces a walk through the whole data set takes."""
+        return math.ceil(self.size / self.subsample_size)
+
 
 def subsampled_plates(trace: Any) -> list[SubsampledPlate]:
     """The plates of a model trace that draw proper minibatches."""
