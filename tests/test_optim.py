@@ -395,6 +395,55 @@ def test_nonfinite_gradient_is_refused_and_nothing_changes(name, layout, bad):
             assert torch.equal(after["state"][key][k], v)
 
 
+def test_the_first_bad_gradient_is_named_whatever_the_timing():
+    """The gradient checks are shared out among the noise threads as they come free; with two
+    bad gradients in different chunks the error must still name the first, every time."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        params = [torch.zeros(300) for _ in range(12)]
+        grads = [torch.ones(300) for _ in range(12)]
+        grads[4][7] = float("nan")
+        grads[9][0] = float("inf")
+        plans = NoisePlanCache(600)  # 6 chunks of 2 tensors: 6 checks for 2 threads
+        for _ in range(30):
+            with pytest.raises(NonFiniteError) as info:
+                sgld(params, grads, lr=1e-2, noise_plans=plans)
+            assert info.value.index == 4
+        assert all(bool((p == 0).all()) for p in params)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_step_finishes_while_the_shared_noise_threads_are_busy():
+    """The noise threads are a pool shared by every sampler in the process. With one of its two
+    threads held by someone else, the lanes of a step run one after another, so a lane waiting
+    for the gradient checks must run the unclaimed ones itself, never wait on a lane queued
+    behind it (that would hang here)."""
+    import threading
+
+    from pyro_sgmcmc.functional._noise import _thread_pool
+
+    threads = torch.get_num_threads()
+    release, held = threading.Event(), threading.Event()
+    try:
+        torch.set_num_threads(2)
+        _thread_pool(2).submit(lambda: (held.set(), release.wait(120)))
+        assert held.wait(60)
+        theta = torch.nn.Parameter(torch.zeros(4000))
+        sampler = SGLD([theta], lr=1e-2)
+        sampler._noise_plans = NoisePlanCache(500)  # 8 chunks in 4 lanes, 8 checks
+        theta.grad = torch.ones(4000)
+        stepper = threading.Thread(target=sampler.step, daemon=True)
+        stepper.start()
+        stepper.join(timeout=60)
+        assert not stepper.is_alive(), "the step hung waiting for gradient checks"
+        assert not torch.equal(theta.detach(), torch.zeros(4000))
+    finally:
+        release.set()
+        torch.set_num_threads(threads)
+
+
 def test_overflowing_sum_is_not_mistaken_for_nonfinite():
     theta = torch.nn.Parameter(torch.zeros(4))
     sampler = SGLD([theta], lr=1e-40)

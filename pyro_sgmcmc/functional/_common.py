@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._noise import GRAIN, NUM_STREAMS, Chunk, Layout, NoisePlan, NoisePlanCache
+from ._noise import GRAIN, Chunk, Layout, NoisePlan, NoisePlanCache
 from ._ops import PER_TENSOR, PerTensorOps, ForeachOps, select_ops, supports_foreach
 
 Ops = PerTensorOps | ForeachOps
@@ -109,7 +109,7 @@ def plan_buckets(
     Returns the operation table and ``(indices, plan, check_in_buffer, gates)`` for each bucket.
     When ``check`` is set: a step of a single chunk checks its assembled update in the buffer
     (``check_in_buffer``); a larger step checks all gradients in ``gates`` (a few callables that
-    split the work), which the first bucket runs in its noise threads, before anything changes.
+    split the work), which the first bucket's noise threads share, before anything changes.
     """
     plans = plans or NoisePlanCache()
 
@@ -130,20 +130,19 @@ def plan_buckets(
 
 
 def gradient_checks(
-    bucket_plans: list[tuple[list[int], NoisePlan]], grads: Sequence[Tensor], parts: int = NUM_STREAMS
+    bucket_plans: list[tuple[list[int], NoisePlan]], grads: Sequence[Tensor]
 ) -> list[Callable[[], None]]:
-    """``parts`` callables that together check every gradient, chunk by chunk (with
-    :func:`first_bad_piece`), each raising :class:`NonFiniteError` (with the gradient's index in
-    ``grads``) on a NaN or Inf; they can run side by side in the noise threads."""
-    jobs = [(indices, plan, chunk) for indices, plan in bucket_plans for chunk in plan]
+    """One callable per noise chunk that checks the chunk's gradients (with
+    :func:`first_bad_piece`), raising :class:`NonFiniteError` (with the gradient's index in
+    ``grads``) on a NaN or Inf. They can run side by side in the noise threads; the first
+    failing one, in this order, names the first bad gradient in chunk order."""
 
-    def check(share: list) -> None:
-        for indices, plan, chunk in share:
-            bad = first_bad_piece(chunk.pieces(take(indices, grads), readonly=True))
-            if bad is not None:
-                raise NonFiniteError(indices[chunk.owners[bad]])
+    def check(indices: list[int], chunk: Chunk) -> None:
+        bad = first_bad_piece(chunk.pieces(take(indices, grads), readonly=True))
+        if bad is not None:
+            raise NonFiniteError(indices[chunk.owners[bad]])
 
-    return [functools.partial(check, jobs[k::parts]) for k in range(min(parts, len(jobs)))]
+    return [functools.partial(check, indices, chunk) for indices, plan in bucket_plans for chunk in plan]
 
 
 def fill_drift(

@@ -195,16 +195,19 @@ class NoiseSource:
         gates: Sequence[Callable[[], None]] = (),
     ) -> list[Any]:
         """Draw each chunk's noise (``N(0, std^2)``) and call ``body(chunk)`` on it; return the
-        results in chunk order. ``gates`` (e.g. finiteness checks) run in the calling thread
-        while the first noise is drawn; no ``body`` runs before all have returned, and none at
-        all if one raises (its exception is raised here).
+        results in chunk order. ``gates`` (e.g. finiteness checks) must all pass before any
+        ``body`` runs; if some raise, no ``body`` runs and the exception of the first failing
+        gate (in list order) is raised here, whatever the timing.
 
         On the CPU, with more than one chunk and more than one torch thread, chunks are drawn
         and worked on in the noise threads: one "lane" per buffer takes chunks ``slot,
         slot + slots, ...`` in order, so a stream and its buffer are never used by two threads
         at once. ``body`` must then only touch its own chunk's pieces (chunks are disjoint), and
         anything it sums is returned, to be added up in chunk order, so the result does not
-        depend on timing.
+        depend on timing. The gates are shared out among the lanes (see :class:`_Gates`), so
+        that checking overlaps drawing and no core idles while another checks. If the calling
+        thread is interrupted while it waits, the lanes still finish the step: a step is
+        applied whole or not at all.
         """
         chunks = plan.chunks
         slots = len(plan.buffers)
@@ -225,17 +228,19 @@ class NoiseSource:
             return results
         pool = _thread_pool(workers)
         grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
-        opened = threading.Event()
-        refused: list[bool] = []
+        checks = _Gates(gates, shares=workers)
 
         def lane(slot: int) -> list[tuple[int, Any]]:
             """Chunks slot, slot + slots, ... in order: one stream and one buffer, no hand-offs."""
             done = []
+            if slot == 0:
+                checks.run_share()
             for index in range(slot, len(chunks), slots):
                 chunk = chunks[index]
                 _fill(chunk, std, generators[index])
-                opened.wait()
-                if refused:
+                if index == slot and 0 < slot < workers:
+                    checks.run_share()
+                if not checks.passed():
                     break
                 with torch.set_grad_enabled(grad_mode):
                     done.append((index, body(chunk)))
@@ -244,14 +249,7 @@ class NoiseSource:
         lanes = [pool.submit(lane, slot) for slot in range(slots)]
         results: list[Any] = [None] * len(chunks)
         try:
-            try:
-                for gate in gates:  # here, while the lanes draw their first noise
-                    gate()
-            except BaseException:
-                refused.append(True)
-                raise
-            finally:
-                opened.set()
+            checks.raise_first()
             for finished in lanes:
                 for index, value in finished.result():
                     results[index] = value
@@ -277,6 +275,62 @@ class NoiseSource:
             self.num_streams = len(streams)
         if state.get("generator") is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
+
+
+class _Gates:
+    """The gates of one :meth:`NoiseSource.run`, claimed one at a time by the lanes.
+
+    Checking gradients is bound by memory bandwidth and drawing noise by arithmetic, so the
+    two are best overlapped rather than run side by side on every core: the first lane checks
+    its share before it draws, the other lanes after their first draw. A lane about to wait
+    first claims whatever is still unclaimed, so it only ever waits for gates that a running
+    thread holds: however busy the shared pool, nothing can deadlock. Every gate runs even
+    after one has failed, so which exception is raised (the first failing gate's, in list
+    order) does not depend on timing.
+
+    :param gates: the callables; each raises to refuse the step.
+    :param shares: into how many equal shares (one per running lane) the gates are cut.
+    """
+
+    def __init__(self, gates: Sequence[Callable[[], None]], shares: int):
+        self.gates = list(gates)
+        self.share = -(-len(self.gates) // max(shares, 1))
+        self.errors: list[BaseException | None] = [None] * len(self.gates)
+        self.unclaimed = iter(range(len(self.gates)))  # next() on it is atomic under the GIL
+        self.pending = len(self.gates)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        if not self.gates:
+            self.done.set()
+
+    def run_share(self) -> None:
+        """Run up to one share of the unclaimed gates."""
+        for _, index in zip(range(self.share), self.unclaimed):
+            self._run(index)
+
+    def _run(self, index: int) -> None:
+        try:
+            self.gates[index]()
+        except BaseException as error:  # noqa: BLE001 -- raised by raise_first, in gate order
+            self.errors[index] = error
+        with self.lock:
+            self.pending -= 1
+            if self.pending == 0:
+                self.done.set()
+
+    def passed(self) -> bool:
+        """Run every unclaimed gate, wait for the rest; whether all passed."""
+        for index in self.unclaimed:
+            self._run(index)
+        self.done.wait()
+        return all(error is None for error in self.errors)
+
+    def raise_first(self) -> None:
+        """Wait for every gate (without running any); raise the first failing one's exception."""
+        self.done.wait()
+        for error in self.errors:
+            if error is not None:
+                raise error
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
