@@ -44,6 +44,7 @@ from .adaptation import (
     curvature,
     hutchinson_diagonal,
     low_rank_whitening,
+    usable_curvature,
     measure_scales,
     whitening_from_curvature,
     window_ends,
@@ -330,6 +331,7 @@ class SGMCMCKernel(MCMCKernel):
         self._scales = (float("nan"), float("nan"), float("nan"))
         self._adapt_at: list[int] = []
         self._hessians: list[Tensor] = []
+        self._arrival_end = 0
         self._sampler: SGMCMCOptimizer | None = None
         self._adapted_options: dict[str, Any] = {}
         self._potential: Callable | None = None
@@ -544,6 +546,7 @@ class SGMCMCKernel(MCMCKernel):
         # stability allows; then windows with the accurate rule. A chain that starts at the mode
         # (control variates) has nowhere to arrive.
         arrival = 0 if self._plate is not None else int(0.15 * self._warmup_steps)
+        self._arrival_end = arrival
         self._adapt_at = sorted({arrival, *window_ends(self._warmup_steps)} - {0}) if adapting else []
         if self.adapt_mass_matrix and self._warmup_steps > 0:
             self._update_preconditioner(theta)
@@ -551,12 +554,16 @@ class SGMCMCKernel(MCMCKernel):
 
     def _update_preconditioner(self, theta: Tensor) -> None:
         """Add the curvature at ``theta`` to the running mean and whiten with the mean (and, with
-        ``mass_rank``, the extreme directions measured here)."""
+        ``mass_rank``, the extreme directions measured here). The mean starts afresh at the end
+        of arrival: the curvature at the initial point (or on the way in) is of a place the
+        chain has left, often 100x off (a scale model started where the scale is tiny), and
+        kept in the mean it would weigh on the preconditioner for the rest of warmup."""
+        fresh = self._t > 0 and self._t == self._arrival_end
         if self.mass_rank:
             hvp = self._hessian_vector_product(theta)
             diagonal = hutchinson_diagonal(hvp, theta.numel(), theta.device)
             if torch.isfinite(diagonal).all():
-                self._hessians.append(diagonal)
+                self._hessians = [diagonal] if fresh else [*self._hessians, diagonal]
                 mean = torch.stack(self._hessians).mean(0)
                 whitening = low_rank_whitening(hvp, mean, self.mass_rank, self.temperature, theta.dtype)
                 if bool(torch.isfinite(whitening.vectors).all() and torch.isfinite(whitening.factors).all()):
@@ -566,13 +573,10 @@ class SGMCMCKernel(MCMCKernel):
             hessian = self._exact_hessian(theta)
         else:
             hessian = curvature(self._gradient_z, self._whitening.to_z(theta), self._whitening, self.full_mass)
-        usable = bool(torch.isfinite(hessian).all())
-        if usable and hessian.dim() == 2:
-            # a saddle (far from the mode, e.g. where a scale is tiny) is no preconditioner: its
-            # clamped negative directions would dominate the average from then on
-            usable = float(torch.linalg.eigvalsh(hessian).min()) > 0
-        if usable:
-            self._hessians.append(hessian)
+        if bool(torch.isfinite(hessian).all()):
+            # a saddle counts by its diagonal only (see usable_curvature)
+            hessian = usable_curvature(hessian)
+            self._hessians = [hessian] if fresh else [*self._hessians, hessian]
             mean = torch.stack(self._hessians).mean(0)
             self._whitening = whitening_from_curvature(mean, self.temperature, theta.dtype)
 
@@ -659,10 +663,35 @@ class SGMCMCKernel(MCMCKernel):
     def _adapt(self) -> None:
         """The end of a warmup window: the preconditioner with the curvature here, then the step
         size in the new coordinates; a fresh sampler (its state belongs to the old ones)."""
+        if self._exact_potential():
+            # the last step is only tested when the next one evaluates where it landed: test it
+            # now, before measuring anything there (a jump into a steep region would otherwise
+            # set the preconditioner and step size, and the jump test would then keep undoing
+            # the steps that lead out of it)
+            previous, self._last_potential = self._last_potential, float(self._estimate(self._z)[0])
+            self._undo_bad_step(previous)
         theta = self._theta()
+        if self._t == self._arrival_end and not self._arrived():
+            self._last_potential, theta = self._best_warmup
         if self.adapt_mass_matrix:
             self._update_preconditioner(theta)
         self._restart(theta, measure=self.adapt_step_size)
+
+    def _arrived(self) -> bool:
+        """Whether the chain ends arrival in the typical set, as far as an exact potential can
+        tell: no more than ``T (d/2 + 5 sqrt(d/2))`` above the lowest potential warmup has seen.
+        Near a Gaussian mode ``U - U_min`` is ``T`` times a Gamma(d/2) variable (mean ``d/2``, sd
+        ``sqrt(d/2)``), and the lowest value seen is at least ``U_min``, so a chain in the
+        typical set fails this with a probability of 0.25% for ``d = 2`` and less for larger
+        ``d``; a chain that wandered off during arrival (a scale model drifting to where the scale
+        is 10x the data's, 12 nats above its best point, with 40 warmup steps left) fails it
+        and the accurate phase starts from the best point instead, where a wrong start costs
+        only a warmup window (warmup draws are discarded)."""
+        best, point = self._best_warmup
+        if point is None or not self._exact_potential() or not math.isfinite(self._last_potential):
+            return True
+        half = self._z.numel() / 2
+        return self._last_potential - best <= self.temperature * (half + 5 * math.sqrt(half))
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """``num_steps`` sampler steps from ``params``; the new (unconstrained) state."""
@@ -694,12 +723,7 @@ class SGMCMCKernel(MCMCKernel):
             self._sampling_steps += 1
         potential, grad = self._estimate(self._z)
         previous, self._last_potential = self._last_potential, float(potential)
-        if not math.isfinite(self._last_potential):
-            # the last step landed where the potential is not finite: back to where it was
-            self._revert()
-            self._diverged(f"the potential energy is {self._last_potential}")
-            return
-        if self._warmup_jump(previous):
+        if self._undo_bad_step(previous):
             return
         self._divergent_run = 0
         if self._t < self._warmup_steps and self._last_potential < self._best_warmup[0] and self._exact_potential():
@@ -719,19 +743,45 @@ class SGMCMCKernel(MCMCKernel):
             self._revert()
             self._diverged("the sampler's update is not finite")
 
+    def _undo_bad_step(self, previous: float) -> bool:
+        """With ``_last_potential`` just evaluated where the last step landed (``previous``
+        where it started): undo the step if the potential there is not finite (a divergence)
+        or if it is a warmup jump (:meth:`_warmup_jump`); whether it was undone."""
+        if not math.isfinite(self._last_potential):
+            value, self._last_potential = self._last_potential, previous  # the next rise counts from here
+            self._revert()
+            self._diverged(f"the potential energy is {value}")
+            return True
+        return self._warmup_jump(previous)
+
     def _warmup_jump(self, previous: float) -> bool:
         """During warmup, with step-size adaptation and an exact (or control-variate) potential:
-        a step that raised the potential by more than ``1000 T`` nats (HMC's divergence threshold
-        on the energy error) is undone and the step size halved. Such a jump is an arrival step
-        thrown into a steep region by a preconditioner measured where the posterior is not (e.g.
-        along a nearly singular direction of the initial point's Hessian); from there the accurate
-        rule would give tiny steps for the rest of warmup. Warmup draws are discarded, so this
-        does not touch the samples; minibatch potentials are too noisy for the test."""
+        a step that raised the potential by more than ``T max(25, 10 sqrt(d))`` nats is undone
+        and the step size halved. Such a jump is a step thrown into a steep region by a
+        preconditioner measured where the posterior is not: along a nearly singular direction
+        of the initial point's Hessian, or after an arrival step moved the chain to where the
+        curvature is 100x what it was (a location next to a log-scale that just fell); from there
+        the chain is thrown tens of sds out, or the accurate rule gives tiny steps for the rest
+        of warmup. The threshold: one Langevin step at ``lr = 1/lambda`` (the largest warmup
+        takes) on a ``d``-dimensional Gaussian changes ``U`` by ``T sqrt(4 d / 3)`` in sd at
+        stationarity (computed), and less on the way in, where the drift lowers it; a rise of
+        ``10 sqrt(d) T`` is 8.7 of those sds, and 25 nats covers the heavier tail of small ``d``
+        (for ``d = 1`` the rise is at most ``2 xi^2 T / 3``, above ``25 T`` with probability
+        ~1e-9). A fixed threshold
+        (HMC's 1000 nats on the energy error) missed rises of 130 nats in ``d = 2`` and would
+        undo ordinary steps of a model with 10^6 parameters. Warmup draws are discarded, so this
+        does not touch the samples; minibatch potentials are too noisy for the test, and
+        control-variate ones keep a threshold of ``1000 T`` for their noise."""
         if not (self._t < self._warmup_steps and self.adapt_step_size and math.isfinite(previous)):
             return False
         if not self._exact_potential():
             return False
-        if self._last_potential - previous <= 1000 * self.temperature:
+        limit = self.temperature * max(25.0, 10.0 * math.sqrt(self._z.numel()))
+        if self._plates:
+            # a control-variate potential still carries minibatch noise (measured: +-50 nats
+            # between minibatches a posterior sd from the anchor, N/m = 20): HMC's 1000 T there
+            limit = max(limit, 1000.0 * self.temperature)
+        if self._last_potential - previous <= limit:
             return False
         self._revert()
         self._last_potential = previous
@@ -763,6 +813,7 @@ class SGMCMCKernel(MCMCKernel):
                 # overflows): go back to the best point warmup has seen
                 with torch.no_grad():
                     self._z.copy_(self._whitening.to_z(self._best_warmup[1]))
+                self._last_potential = self._best_warmup[0]
                 self._divergent_run = 0
             self._new_sampler()
         if self._t >= self._warmup_steps and (not self._divergences or self._divergences[-1] != self._t - self._warmup_steps):
