@@ -300,10 +300,11 @@ def whitening_from_curvature(hessian: Tensor, temperature: float, dtype: torch.d
     covariance for a Gaussian target (and nearly so for big-data posteriors). Eigenvalues
     (diagonal entries) are floored at ``1e-8`` of the largest, so a flat direction still gives a
     usable preconditioner."""
-    if hessian.dim() == 2:
-        values, vectors = torch.linalg.eigh(usable_curvature(hessian))
+    usable = usable_curvature(hessian)
+    if usable.dim() == 2:
+        values, vectors = torch.linalg.eigh(usable)
         values = values.clamp(min=max(float(values.max()), 1e-12) * 1e-8)
         cov = vectors @ torch.diag(temperature / values) @ vectors.T
         return Whitening(torch.linalg.cholesky((cov + cov.T) / 2).to(dtype))
-    diag = hessian.abs().clamp(min=max(float(hessian.abs().max()), 1e-12) * 1e-8)
+    diag = usable.clamp(min=max(float(usable.max()), 1e-12) * 1e-8)
     return Whitening((temperature / diag).sqrt().to(dtype))
