@@ -69,18 +69,24 @@ class Floor:
 
 class SamplerFloor:
     """The least a correct SGLD step does, written inline with no optimizer around it: noise into a
-    flat buffer, the gradient added into it, a finiteness check, one pass over the parameters."""
+    flat buffer, the gradient added into it (gathered with one ``torch.cat`` when every tensor is
+    small and 1-d, as ours does), a finiteness check, one pass over the parameters."""
 
     def __init__(self, params):
         self.params = params
         self.buffer = torch.empty(sum(p.numel() for p in params))
         self.views = [v.view_as(p) for v, p in zip(self.buffer.split([p.numel() for p in params]), params)]
+        self.gather = torch.empty_like(self.buffer) if all(p.dim() == 1 for p in params) and len(params) > 1 \
+            and self.buffer.numel() <= 32768 else None
 
     @torch.no_grad()
     def step(self):
         grads = [p.grad for p in self.params]
         self.buffer.normal_(0.0, 2 / LR**0.5)
-        torch._foreach_add_(self.views, grads)
+        if self.gather is not None:
+            self.buffer.add_(torch.cat(grads, out=self.gather))
+        else:
+            torch._foreach_add_(self.views, grads)
         if not math.isfinite(self.buffer.sum()):
             raise FloatingPointError
         torch._foreach_add_(self.params, self.views, alpha=-LR / 2)

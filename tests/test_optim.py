@@ -96,6 +96,108 @@ def test_foreach_and_per_tensor_paths_agree_bit_for_bit(name, chunk_numel):
     assert_same(*results)
 
 
+def small_vectors(sizes=(1, 7, 33, 100, 129, 16)):
+    """A model of small 1-d tensors only: the multi-tensor path gathers their gradients."""
+    torch.manual_seed(3)
+    return [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+
+
+def set_strided_grads(params, step):
+    """Gradients as the user may leave them: some of them non-contiguous views."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        g = torch.randn(2 * p.numel(), generator=gen)
+        p.grad = g[::2] if i % 2 else g[: p.numel()]
+
+
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_gathered_small_gradients_give_the_same_numbers(name):
+    """Small 1-d gradients are gathered with one ``torch.cat`` on the multi-tensor path; that
+    path, the per-tensor loop and the functional update without the gather agree bit for bit."""
+    results = []
+    for foreach in (True, False):
+        params = small_vectors()
+        mask = [None, (torch.arange(7) % 2).bool(), None, None, None, None]
+        sampler = configure(name, [{"params": params, "mask": mask, "temperature": 0.7}],
+                            generator=torch.Generator().manual_seed(5), foreach=foreach)
+        for step in range(12):
+            set_strided_grads(params, step)
+            sampler.step()
+        if foreach:
+            (chunk,) = next(iter(sampler._noise_plans._plans.values())).chunks
+            assert chunk.gather is not None, "the gradients were not gathered"
+        results.append([p.detach().clone() for p in params])
+    assert_same(*results)
+
+    # the functional update of SGLD, gathered or not
+    outs = []
+    for checked in (True, False):
+        params, plans, noise = small_vectors(), NoisePlanCache(), None
+        from pyro_sgmcmc.functional import NoiseSource
+
+        noise = NoiseSource(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for step in range(5):
+                set_strided_grads(params, step)
+                sgld(params, [p.grad for p in params], lr=1e-2, grad_scale=0.5, weight_decay=0.1,
+                     noise=noise, noise_plans=plans, grads_checked=checked)
+        outs.append([p.detach().clone() for p in params])
+    assert_same(*outs)
+
+
+def test_only_small_1d_chunks_gather():
+    """The gather pays only where per-op dispatch dominates (see ``GATHER_MEAN_NUMEL``)."""
+    def gathers(shapes):
+        return NoisePlan([torch.empty(s) for s in shapes]).chunks[0].gather is not None
+
+    assert gathers([(100,)] * 20) and gathers([(1,), (2000,)])
+    assert not gathers([(100,)])  # one tensor: nothing to gather
+    assert not gathers([(100,), (10, 10)])  # not all 1-d
+    assert not gathers([(3000,), (3000,)])  # large on average
+    assert not gathers([(2000,)] * 20)  # beyond GRAIN elements in all
+
+
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_a_small_step_leaves_no_inference_tensors_and_autograd_sees_it(name):
+    """The single-chunk step runs in inference mode: the parameters must stay normal tensors
+    whose versions bump (so a graph that saved them refuses to backpropagate), and nothing the
+    sampler keeps (state, diagnostics) may be an inference tensor."""
+    params = small_vectors()
+    sampler = configure(name, params, diagnostics=True)
+    for step in range(3):
+        set_strided_grads(params, step)
+        sampler.step()
+    loss = sum((p * p).sum() for p in params)
+    versions = [p._version for p in params]
+    set_strided_grads(params, 3)
+    sampler.step()
+    assert all(p._version > v for p, v in zip(params, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    kept = [p for p in params]
+    kept += [t for state in sampler.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    kept += [t for group in sampler.param_groups for t in group.values() if isinstance(t, torch.Tensor)]
+    kept += list(sampler.step_diagnostics.values())
+    assert len(kept) > len(params) + 2
+    assert not any(t.is_inference() for t in kept)
+    sampler.reset_auxiliary()  # in-place on the state, outside inference mode
+    set_strided_grads(params, 4)
+    sampler.step()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def test_the_noise_plan_cache_follows_a_new_parameter_list():
+    """The last layout is found by identity without hashing; a different list gets its own."""
+    plans = NoisePlanCache()
+    first = [torch.zeros(3), torch.zeros(4)]
+    second = [torch.zeros(5), torch.zeros(2, 2)]
+    with torch.no_grad():
+        for params in (first, list(first), second, first):
+            sgld(params, [torch.ones_like(p) for p in params], lr=0.1, noise_level=0.0, noise_plans=plans)
+    assert torch.allclose(first[0], torch.full((3,), -0.15)) and torch.allclose(second[1], torch.full((2, 2), -0.05))
+    assert len(plans._layouts) == 2
+
+
 @pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_nbeta_path_equals_temperature_path(name):
     out = []

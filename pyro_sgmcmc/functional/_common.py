@@ -72,6 +72,9 @@ def first_bad_piece(pieces: Sequence[Tensor]) -> int | None:
     return first_nonfinite(pieces)
 
 
+_DOT_DTYPES = (torch.float32, torch.float64)
+
+
 def _acc(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
@@ -88,12 +91,12 @@ def buckets(tensors: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def take(indices: list[int], tensors: Sequence[Tensor | None] | None) -> list | None:
+def take(indices: list[int], tensors: Sequence[Tensor | None] | None) -> Sequence | None:
     """``tensors`` restricted to ``indices`` (``None`` stays ``None``)."""
     if tensors is None:
         return None
     if len(indices) == len(tensors):
-        return list(tensors)
+        return tensors
     return [tensors[i] for i in indices]
 
 
@@ -103,6 +106,7 @@ def plan_buckets(
     plans: NoisePlanCache | None,
     check: bool,
     foreach: bool | None,
+    grads_checked: bool = False,
 ) -> tuple[Ops, list[tuple[list[int], NoisePlan, bool, list[Callable[[], None]]]]]:
     """Split the work into buckets, plan their noise and decide where finiteness is checked.
 
@@ -111,22 +115,23 @@ def plan_buckets(
     (``check_in_buffer``); a larger step checks all gradients in ``gates`` (a few callables that
     split the work), which the first bucket's noise threads share, before anything changes.
     """
-    plans = plans or NoisePlanCache()
+    if plans is None:
+        plans = NoisePlanCache()
+    layout = plans.layout(params, _make_layout, params, grads, plans)
+    ops = select_ops(layout.foreach_ok if foreach is None else foreach,
+                     gather=grads_checked and not torch.is_grad_enabled())
+    if layout.single_chunk:  # the common small case, prepared once: the buffer is checked
+        return ops, layout.single_work[check]
+    gates = gradient_checks(layout.buckets, grads) if check else []
+    return ops, [(indices, plan, False, gates if i == 0 else []) for i, (indices, plan) in enumerate(layout.buckets)]
 
-    def make() -> Layout:
-        for i, g in enumerate(grads):
-            if g.layout != torch.strided:
-                raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
-        bucket_plans = [(indices, plans.plan(take(indices, params))) for indices in buckets(params)]
-        return Layout(bucket_plans, supports_foreach(params))
 
-    layout = plans.layout(params, make)
-    ops = select_ops(layout.foreach_ok if foreach is None else foreach)
-    single_chunk = layout.single_chunk
-    gates = gradient_checks(layout.buckets, grads) if check and not single_chunk else []
-    work = [(indices, plan, check and single_chunk, gates if i == 0 else [])
-            for i, (indices, plan) in enumerate(layout.buckets)]
-    return ops, work
+def _make_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: NoisePlanCache) -> Layout:
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
+    bucket_plans = [(indices, plans.plan(take(indices, params))) for indices in buckets(params)]
+    return Layout(bucket_plans, supports_foreach(params))
 
 
 def gradient_checks(
@@ -163,7 +168,10 @@ def fill_drift(
     with ``s = 1/T`` (or ``nbeta``), ``\gamma`` the localization and ``\lambda`` the weight decay.
     """
     buf = chunk.noise
-    ops.add_(buf, grads, alpha=grad_scale)
+    if ops.gathers and chunk.gather is not None:
+        chunk.flat.add_(torch.cat(grads, out=chunk.gather), alpha=grad_scale)
+    else:
+        ops.add_(buf, grads, alpha=grad_scale)
     shrink = localization + weight_decay
     if shrink:
         ops.add_(buf, thetas, alpha=shrink)
@@ -171,9 +179,29 @@ def fill_drift(
         ops.add_(buf, anchors, alpha=-localization)
 
 
+def apply_buffer(ops: Ops, chunk: Chunk, thetas: list[Tensor], anchors: list[Tensor] | None,
+                 masks: list[Tensor] | None, step_size: float, bounding_box_size: float | None) -> None:
+    r""":math:`\theta \leftarrow \theta - h\,b` (only where the mask is 1), then the clamp into
+    the bounding box: how the Langevin samplers apply their assembled buffer :math:`b`."""
+    if masks is None:
+        ops.add_(thetas, chunk.noise, alpha=-step_size)
+    else:
+        ops.addcmul_(thetas, chunk.noise, masks, value=-step_size)
+    if bounding_box_size is not None:
+        clamp_to_box(ops, thetas, anchors, bounding_box_size, chunk.noise)
+
+
 def check_buffer(chunk: Chunk) -> None:
-    """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite."""
-    if not math.isfinite(chunk.flat.detach().sum()):
+    """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite.
+
+    The fast test is :math:`b^\top b` (a BLAS dot, cheaper to launch than a sum; NaN and Inf
+    propagate through it), and only if it is not finite are the entries inspected, so a total
+    that merely overflowed is not a false alarm."""
+    flat = chunk.flat
+    if flat.requires_grad:  # a differentiable step (``step_tensors``): the test needs no graph
+        flat = flat.detach()
+    total = flat.dot(flat) if flat.dtype in _DOT_DTYPES else flat.sum()
+    if not math.isfinite(total):
         index = first_nonfinite(chunk.noise)
         if index is not None:
             raise NonFiniteError(chunk.owners[index])

@@ -41,13 +41,14 @@ def momentum_step(
     noise_plans: NoisePlanCache | None,
     check_finite: bool,
     diagnostics: Diagnostics | None,
+    grads_checked: bool = False,
 ) -> Tensor:
     """Apply the step above in place; return :math:`p^\\top p` after it (a 0-dim tensor of
     ``friction``'s dtype). With a bounding box, the momentum of an entry that hits a wall is
     reversed (an elastic wall) and the entry clamped."""
     h = lr
     kinetic = torch.zeros((), dtype=friction.dtype, device=friction.device)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach, grads_checked)
     for indices, plan, check_in_buffer, gates in work:
         ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
         theta0_all, masks_all = take(indices, anchors), take(indices, masks)

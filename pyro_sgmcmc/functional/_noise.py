@@ -28,6 +28,7 @@ root generator fills the chunks in order: there, drawing noise is cheap.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,14 @@ NUM_STREAMS = 4
 #: OpenMP team that would fight the noise threads for the cores.
 GRAIN = 32768
 
+#: A chunk of at least two whole 1-d tensors, at most ``GRAIN`` elements in all (beyond, the flat
+#: ops would wake an OpenMP team: 51 us instead of 13 for 20 x 2000) and at most this many on
+#: average, gathers their gradients with one ``torch.cat`` into a flat scratch buffer and adds them
+#: with one flat op, instead of one op per tensor: a small tensor costs more in per-op dispatch
+#: (~0.5 us) than in memory traffic. Measured (foreach add -> cat + add): 20 x 100: 10.4 -> 4.6 us;
+#: 16 x 2000: 10.9 -> 8.6 us; 2 x 4000: 3.1 -> 3.5 us.
+GATHER_MEAN_NUMEL = 2048
+
 
 class Chunk:
     """A run of tensors (or a slice of one large tensor) that shares one ``normal_`` draw.
@@ -62,11 +71,15 @@ class Chunk:
         pieces; ``None`` when every tensor is handed out whole.
     """
 
-    __slots__ = ("start", "stop", "span", "flat", "cut", "noise", "owners")
+    __slots__ = ("start", "stop", "span", "flat", "cut", "noise", "owners", "gather", "whole")
 
     def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, cut: list[bool] | None,
-                 shapes: list[torch.Size]):
+                 shapes: list[torch.Size], gather: Tensor | None = None, whole: bool = False):
         self.start, self.stop, self.span, self.flat, self.cut = start, stop, span, flat, cut
+        #: the chunk holds every tensor of its plan, uncut: :meth:`pieces` are the tensors themselves
+        self.whole = whole and span is None and cut is None
+        #: flat scratch the chunk's 1-d gradients are gathered into (see ``GATHER_MEAN_NUMEL``), or ``None``
+        self.gather = gather
         #: views of ``flat`` matching :meth:`pieces`, and the tensor index each piece belongs to
         self.noise: list[Tensor] = []
         self.owners: list[int] = []
@@ -90,6 +103,8 @@ class Chunk:
         :param readonly: the pieces are only read, so a non-contiguous tensor may be copied
             to flatten it; pieces that are written to are always views (or an error).
         """
+        if self.whole:
+            return tensors
         flatten = _flat_copy_ok if readonly else _flat_view
         if self.span is not None:
             lo, hi = self.span
@@ -129,27 +144,39 @@ class NoisePlan:
         self.dtype = first.dtype
         layout = _layout(tensors, chunk_numel)
         buffer_numel = max((numel for _, _, _, numel in layout), default=0)
-        on_cpu = self.device.type == "cpu"
+        self.on_cpu = on_cpu = self.device.type == "cpu"
         # one buffer per stream that can be drawing at once (CPU), else a single one
         slots = min(NUM_STREAMS if on_cpu else 1, max(len(layout), 1))
         self.buffers = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)]
         threaded = on_cpu and len(layout) > 1  # chunks will be worked on in the noise threads
+        gathers = [_gathers(tensors[start:stop]) and span is None for start, stop, span, _ in layout]
+        scratch = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)] if any(gathers) else []
         self.chunks: list[Chunk] = []
         for index, (start, stop, span, numel) in enumerate(layout):
             flat = self.buffers[index % slots][:numel]
+            gather = scratch[index % slots][:numel] if gathers[index] else None
             shapes = [t.shape for t in tensors[start:stop]]
             if span is not None:
                 cut = threaded
             else:
                 cut = [threaded and t.numel() > GRAIN and t.is_contiguous() for t in tensors[start:stop]]
                 cut = cut if any(cut) else None
-            self.chunks.append(Chunk(start, stop, span, flat, cut, shapes))
+            whole = start == 0 and stop == len(tensors)
+            self.chunks.append(Chunk(start, stop, span, flat, cut, shapes, gather, whole))
 
     def __iter__(self) -> Iterator[Chunk]:
         return iter(self.chunks)
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+
+def _gathers(tensors: Sequence[Tensor]) -> bool:
+    """Whether a chunk of these whole tensors gathers their gradients (``GATHER_MEAN_NUMEL``)."""
+    if len(tensors) < 2 or any(t.dim() != 1 for t in tensors):
+        return False
+    numel = sum(t.numel() for t in tensors)
+    return numel <= GRAIN and numel <= GATHER_MEAN_NUMEL * len(tensors)
 
 
 def _fill(chunk: Chunk, std: float, generator: torch.Generator | None) -> None:
@@ -210,6 +237,19 @@ class NoiseSource:
         applied whole or not at all.
         """
         chunks = plan.chunks
+        if len(chunks) == 1:  # the small case, in this thread: stream 0 on the CPU
+            # Outside autograd, in inference mode: the same in-place ops (versions still bump)
+            # skip the autograd dispatch, ~0.1 us each, a twentieth of a small model's step.
+            # Anything the body makes is a temporary; plans and buffers were made before.
+            guard = None if torch.is_grad_enabled() else torch._C._InferenceMode(True)
+            try:
+                for gate in gates:
+                    gate()
+                chunk = chunks[0]
+                _fill(chunk, std, (self._streams or self.streams())[0] if plan.on_cpu else self._root(plan.device.type))
+                return [body(chunk)]
+            finally:
+                del guard
         slots = len(plan.buffers)
         if plan.device.type == "cpu":
             streams = self.streams()
@@ -385,12 +425,14 @@ class Layout:
     """How one list of tensors is worked on: its (device, dtype) buckets with their noise plans,
     and whether the multi-tensor path supports it."""
 
-    __slots__ = ("buckets", "foreach_ok", "single_chunk")
+    __slots__ = ("buckets", "foreach_ok", "single_chunk", "single_work")
 
     def __init__(self, buckets: list[tuple[list[int], NoisePlan]], foreach_ok: bool):
         self.buckets = buckets
         self.foreach_ok = foreach_ok
         self.single_chunk = len(buckets) == 1 and len(buckets[0][1]) == 1
+        #: for a single chunk, the work list of ``plan_buckets`` with and without checking
+        self.single_work = {check: [(*buckets[0], check, [])] for check in (False, True)} if self.single_chunk else None
 
 
 class NoisePlanCache:
@@ -409,15 +451,22 @@ class NoisePlanCache:
         self.max_plans = max_plans
         self._plans: dict[tuple, NoisePlan] = {}
         self._layouts: dict[tuple, Layout] = {}
+        self._last: tuple[tuple[Tensor, ...], Layout] | None = None
 
-    def layout(self, tensors: Sequence[Tensor], make: Callable[[], Layout]) -> Layout:
-        """The cached layout of ``tensors`` (by identity), made by ``make()`` on first sight."""
+    def layout(self, tensors: Sequence[Tensor], make: Callable[..., Layout], *args: Any) -> Layout:
+        """The cached layout of ``tensors`` (by identity), made by ``make(*args)`` on first sight.
+        The last one is held with its tensors and found without hashing: the usual case, a
+        sampler stepping the same parameters."""
+        last = self._last
+        if last is not None and len(last[0]) == len(tensors) and all(map(operator.is_, last[0], tensors)):
+            return last[1]
         key = tuple(map(id, tensors))
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) >= self.max_plans:
                 self._layouts.clear()
-            layout = self._layouts[key] = make()
+            layout = self._layouts[key] = make(*args)
+        self._last = (tuple(tensors), layout)
         return layout
 
     def plan(self, tensors: Sequence[Tensor]) -> NoisePlan:

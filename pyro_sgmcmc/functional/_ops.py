@@ -20,6 +20,9 @@ Scalar = float | Tensor
 class PerTensorOps:
     """The per-tensor fallback: a Python loop of in-place tensor methods."""
 
+    #: whether small 1-d gradients may be gathered with one ``torch.cat`` (see :class:`GatheringOps`)
+    gathers = False
+
     @staticmethod
     def add_(selves: TensorList, others: TensorList, alpha: float = 1.0) -> None:
         for self, other in zip(selves, others):
@@ -92,6 +95,8 @@ class PerTensorOps:
 class ForeachOps:
     """The multi-tensor fast path: one ``torch._foreach_*`` call per list."""
 
+    gathers = False
+
     @staticmethod
     def add_(selves: TensorList, others: TensorList, alpha: float = 1.0) -> None:
         torch._foreach_add_(selves, others, alpha=alpha)
@@ -151,17 +156,31 @@ class ForeachOps:
         return torch.stack(cls.norms(tensors)).square().sum()
 
 
+class GatheringOps(ForeachOps):
+    """The multi-tensor path for gradients the caller vouches for (shaped, typed and placed like
+    their parameters, as torch guarantees of ``p.grad``), outside autograd: a noise chunk of
+    small 1-d tensors then gathers their gradients with one ``torch.cat`` (see
+    :func:`~pyro_sgmcmc.functional._common.fill_drift`). The flat and the per-tensor adds run
+    the same ATen kernel on the same elements, so the numbers are the same."""
+
+    gathers = True
+
+
 PER_TENSOR = PerTensorOps()
 FOREACH = ForeachOps()
+GATHERING = GatheringOps()
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def select_ops(foreach: bool) -> PerTensorOps | ForeachOps:
-    """The operation table for ``foreach`` (True: multi-tensor, False: per-tensor)."""
-    return FOREACH if foreach else PER_TENSOR
+def select_ops(foreach: bool, gather: bool = False) -> PerTensorOps | ForeachOps:
+    """The operation table for ``foreach`` (True: multi-tensor, False: per-tensor); with
+    ``gather`` (vouched-for gradients, autograd off), the multi-tensor one that gathers."""
+    if not foreach:
+        return PER_TENSOR
+    return GATHERING if gather else FOREACH
 
 
 def supports_foreach(tensors: TensorList) -> bool:

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, take
+from ._common import Diagnostics, apply_buffer, check_buffer, fill_drift, plan_buckets, take
 from ._noise import Chunk, NoisePlanCache, NoiseSource
 
 
@@ -65,6 +65,7 @@ def psgld(
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
 ) -> None:
     r"""Apply one preconditioned SGLD step to ``params`` (and ``square_avgs``) in place.
 
@@ -80,14 +81,14 @@ def psgld(
     :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
     :param noise_level: :math:`\sigma` (1 samples the target).
     :param anchors, masks, bounding_box_size, generator, noise, foreach, noise_plans,
-        check_finite, diagnostics: as for :func:`~pyro_sgmcmc.functional.sgld`.
+        check_finite, diagnostics, grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
     """
     if lr == 0.0 or not params:
         return
     step_size = lr / 2
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
     noise = noise or NoiseSource(generator)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach, grads_checked)
     for indices, plan, check_in_buffer, gates in work:
         ps, gs_all, vs_all = take(indices, params), take(indices, grads), take(indices, square_avgs)
         theta0_all, masks_all = take(indices, anchors), take(indices, masks)
@@ -120,12 +121,7 @@ def psgld(
                 check_buffer(chunk)
             if update_preconditioner:
                 ops.copy_(vs, new_vs)
-            if ms is None:
-                ops.add_(thetas, chunk.noise, alpha=-step_size)
-            else:
-                ops.addcmul_(thetas, chunk.noise, ms, value=-step_size)
-            if bounding_box_size is not None:
-                clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
+            apply_buffer(ops, chunk, thetas, theta0, ms, step_size, bounding_box_size)
             return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
 
         for parts in noise.run(plan, noise_std, update, gates):

@@ -58,6 +58,7 @@ def sghmc(
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
 ) -> None:
     r"""Apply one SGHMC step in place to ``params`` and ``momenta``.
 
@@ -75,8 +76,8 @@ def sghmc(
     :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
         momentum of the entries that hit the wall.
-    :param generator, noise, foreach, noise_plans, check_finite, diagnostics: as for
-        :func:`~pyro_sgmcmc.functional.sgld`.
+    :param generator, noise, foreach, noise_plans, check_finite, diagnostics, grads_checked: as
+        for :func:`~pyro_sgmcmc.functional.sgld`.
     """
     if lr == 0.0 or not params:
         return
@@ -90,7 +91,7 @@ def sghmc(
         params, grads, momenta, factor, lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
         bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
-        check_finite=check_finite, diagnostics=diagnostics,
+        check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
     )
     if diagnostics is not None:
         num = sum(p.numel() for p in params) if masks is None else sum(float(m.sum()) for m in masks)

@@ -30,8 +30,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._common import Diagnostics, check_buffer, clamp_to_box, fill_drift, plan_buckets, take
-from ._noise import Chunk, NoisePlan, NoisePlanCache, NoiseSource
+from ._common import Diagnostics, apply_buffer, check_buffer, fill_drift, plan_buckets, take
+from ._noise import Chunk, NoisePlanCache, NoiseSource
 
 
 def sgld(
@@ -52,6 +52,7 @@ def sgld(
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
 ) -> None:
     r"""Apply one SGLD step to ``params`` in place.
 
@@ -73,45 +74,37 @@ def sgld(
     :param check_finite: raise :class:`~pyro_sgmcmc.functional.NonFiniteError` before changing
         anything if a gradient holds NaN or Inf.
     :param diagnostics: accumulates norms of the parts of this update when given.
+    :param grads_checked: the caller vouches that each gradient has its parameter's shape,
+        dtype and device (as torch guarantees of ``p.grad``; the optimizers pass ``True``). Then,
+        outside autograd, the gradients of small 1-d tensors are gathered with one ``torch.cat``
+        instead of one op each; unchecked, a mismatch raises in the per-tensor ops.
     """
     if lr == 0.0 or not params:
         return
     step_size = lr / 2
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
-    noise = noise or NoiseSource(generator)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach)
+    if noise is None:
+        noise = NoiseSource(generator)
+    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach, grads_checked)
     for indices, plan, check_in_buffer, gates in work:
-        _sgld_bucket(
-            ops, plan, take(indices, params), take(indices, grads), take(indices, anchors), take(indices, masks),
-            step_size, noise_std, grad_scale, localization, weight_decay, bounding_box_size, noise,
-            check_in_buffer, gates, diagnostics,
-        )
+        bucket_params, bucket_grads = take(indices, params), take(indices, grads)
+        bucket_anchors, bucket_masks = take(indices, anchors), take(indices, masks)
 
+        def update(chunk: Chunk) -> dict | None:
+            thetas = chunk.pieces(bucket_params)
+            gs = chunk.pieces(bucket_grads, readonly=True)
+            theta0 = None if bucket_anchors is None else chunk.pieces(bucket_anchors, readonly=True)
+            ms = None if bucket_masks is None else chunk.pieces(bucket_masks, readonly=True)
+            parts = None
+            if diagnostics is not None:
+                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, step_size, grad_scale,
+                                                  localization, weight_decay)
+            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
+            if check_in_buffer:
+                check_buffer(chunk)
+            apply_buffer(ops, chunk, thetas, theta0, ms, step_size, bounding_box_size)
+            return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
 
-def _sgld_bucket(
-    ops, plan: NoisePlan, params, grads, anchors, masks, step_size, noise_std, grad_scale,
-    localization, weight_decay, bounding_box_size, noise: NoiseSource, check_in_buffer, gates, diagnostics,
-) -> None:
-    def update(chunk: Chunk) -> dict | None:
-        thetas = chunk.pieces(params)
-        gs = chunk.pieces(grads, readonly=True)
-        theta0 = chunk.pieces(anchors, readonly=True) if anchors is not None else None
-        ms = chunk.pieces(masks, readonly=True) if masks is not None else None
-        parts = None
-        if diagnostics is not None:
-            parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, step_size, grad_scale,
-                                              localization, weight_decay)
-        fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
-        if check_in_buffer:
-            check_buffer(chunk)
-        if ms is None:
-            ops.add_(thetas, chunk.noise, alpha=-step_size)
-        else:
-            ops.addcmul_(thetas, chunk.noise, ms, value=-step_size)
-        if bounding_box_size is not None:
-            clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
-        return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
-
-    for parts in noise.run(plan, noise_std, update, gates):
-        if parts is not None:
-            diagnostics.add(parts)
+        for parts in noise.run(plan, noise_std, update, gates):
+            if parts is not None:
+                diagnostics.add(parts)

@@ -64,6 +64,7 @@ def sgnht(
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
 ) -> None:
     r"""Apply one SGNHT step in place to ``params``, ``momenta`` and the 0-dim ``thermostat``.
 
@@ -88,6 +89,7 @@ def sgnht(
     :param noise_plans: a cache of noise layouts to reuse between steps.
     :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
     :param diagnostics: accumulates norms of the parts of the momentum update when given.
+    :param grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
     """
     if lr == 0.0 or not params:
         return
@@ -101,7 +103,7 @@ def sgnht(
         params, grads, momenta, friction, lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
         bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
-        check_finite=check_finite, diagnostics=diagnostics,
+        check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
     )
     thermostat.add_(h * (kinetic / num_free - 1.0))
     if diagnostics is not None:

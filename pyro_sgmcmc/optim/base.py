@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Callable, Iterable
 
 import torch
@@ -43,34 +44,48 @@ def check_number(name: str, value: Any, *, low: float = 0.0, allow_low: bool = F
 def _step_with_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     """What ``torch.optim.Optimizer`` wraps every ``step`` in (global and per-optimizer step
     hooks, the profiler's label), without the ~6 us ``record_function`` when no profiler runs:
-    on a small model that is a sixth of a sampling step. Marked ``hooked`` so torch does not
-    wrap it again."""
+    on a small model that is a sixth of a sampling step; and ``step`` runs with autograd off
+    (set directly: ``torch.no_grad()`` as a decorator costs ~1 us a call). Marked ``hooked`` so
+    torch does not wrap it again."""
     import torch.optim.optimizer as torch_optimizer
 
     global_pre = getattr(torch_optimizer, "_global_optimizer_pre_hooks", {})
     global_post = getattr(torch_optimizer, "_global_optimizer_post_hooks", {})
 
-    def run(self: "SGMCMCOptimizer", args: tuple, kwargs: dict) -> Any:
-        if global_pre or self._optimizer_step_pre_hooks:
-            for hook in chain(global_pre.values(), self._optimizer_step_pre_hooks.values()):
-                result = hook(self, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
-                    args, kwargs = result
-        out = step(self, *args, **kwargs)
-        self._optimizer_step_code()
-        if global_post or self._optimizer_step_post_hooks:
-            for hook in chain(self._optimizer_step_post_hooks.values(), global_post.values()):
-                hook(self, args, kwargs)
+    def unhooked(self: "SGMCMCOptimizer", args: tuple, kwargs: dict) -> Any:
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def hooked(self: "SGMCMCOptimizer", args: tuple, kwargs: dict) -> Any:
+        for hook in chain(global_pre.values(), self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+                args, kwargs = result
+        out = unhooked(self, args, kwargs)
+        self._optimizer_step_code()  # where torch's profiler, tracing Python, inspects the optimizer
+        for hook in chain(self._optimizer_step_post_hooks.values(), global_post.values()):
+            hook(self, args, kwargs)
         return out
 
     @functools.wraps(step)
     def wrapper(self: "SGMCMCOptimizer", *args: Any, **kwargs: Any) -> Any:
         if torch.autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-                return run(self, args, kwargs)
-        return run(self, args, kwargs)
+                return hooked(self, args, kwargs)
+        if global_pre or global_post or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
+            return hooked(self, args, kwargs)
+        grad_enabled = torch.is_grad_enabled()  # the common case, inline: no hooks, no profiler
+        torch._C._set_grad_enabled(False)
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return wrapper
@@ -279,8 +294,7 @@ class SGMCMCOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------ step
 
-    @_step_with_hooks
-    @torch.no_grad()
+    @_step_with_hooks  # and autograd off
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None) -> Any:
         """Take one sampling step with the gradients in ``p.grad``.
 
@@ -295,7 +309,8 @@ class SGMCMCOptimizer(Optimizer):
                 loss = closure()
         work = []
         for index, group in enumerate(self.param_groups):
-            self._apply_schedules(index, group)
+            if self._schedules[index]:
+                self._apply_schedules(index, group)
             params, grads, masks = self._gather(index, group)
             if params:
                 work.append((index, group, params, grads, masks, None))
@@ -388,7 +403,7 @@ class SGMCMCOptimizer(Optimizer):
         params = group["params"]
         grads = [p.grad for p in params]
         mask = group["mask"]
-        if any(g is None for g in grads):
+        if any(map(operator.is_, grads, repeat(None))):
             keep = [i for i, g in enumerate(grads) if g is not None]
             params = [params[i] for i in keep]
             grads = [grads[i] for i in keep]
@@ -460,6 +475,7 @@ class SGMCMCOptimizer(Optimizer):
             noise_plans=self._noise_plans,
             check_finite=check_finite,
             diagnostics=diagnostics,
+            grads_checked=True,  # p.grad, or autograd.grad of the parameters: torch checked them
         )
 
     def _update_group(
