@@ -240,6 +240,20 @@ def test_resume_from_state_dict_is_bit_exact(name, own_generator):
     assert sampler2.param_groups[0]["step"] == 16
 
 
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
+def test_loading_a_state_into_the_same_sampler_rewinds_it(name):
+    """The same sampler object, rewound with ``load_state_dict``: nothing it remembers between
+    steps (noise layouts, the list of momenta) may outlive the state it was made for."""
+    model = make_model()
+    sampler = configure(name, groups_of(model), generator=torch.Generator().manual_seed(3))
+    run_steps(model, sampler, 4)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(sampler.state_dict())
+    first = run_steps(model, sampler, 5)
+    model.load_state_dict(saved_model)
+    sampler.load_state_dict(saved)
+    assert_same(first, run_steps(model, sampler, 5))
+
+
 def test_state_holds_no_anchor_unless_an_option_needs_it():
     model = make_model()
     sampler = SGLD(model.parameters(), lr=1e-3)

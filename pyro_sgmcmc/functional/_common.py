@@ -191,6 +191,16 @@ def apply_buffer(ops: Ops, chunk: Chunk, thetas: list[Tensor], anchors: list[Ten
         clamp_to_box(ops, thetas, anchors, bounding_box_size, chunk.noise)
 
 
+def chunk_sum_of_squares(ops: Ops, chunk: Chunk, tensors: Sequence[Tensor]) -> Tensor:
+    """``sum_i ||t_i||^2`` over the chunk's ``tensors`` (its pieces), a 0-dim tensor. In a
+    chunk that gathers (small 1-d tensors), one ``torch.cat`` and a dot instead of a norm per
+    tensor; which of the two is decided by the chunk, not the path, so both paths agree."""
+    if chunk.gather is not None and chunk.gather.dtype in _DOT_DTYPES:
+        flat = torch.cat(tensors) if torch.is_grad_enabled() else torch.cat(tensors, out=chunk.gather)
+        return flat.dot(flat)
+    return ops.sum_of_squares(tensors)
+
+
 def check_buffer(chunk: Chunk) -> None:
     """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite.
 

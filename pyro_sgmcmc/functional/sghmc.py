@@ -86,12 +86,12 @@ def sghmc(
     h = lr
     noise_std = noise_level * math.sqrt(2.0 * (friction - noise_estimate) / h)  # applied with factor h
     noise = noise or NoiseSource(generator)
-    factor = torch.tensor(math.exp(-friction * h), dtype=torch.float64)
     kinetic = momentum_step(
-        params, grads, momenta, factor, lr=h, noise_std=noise_std, grad_scale=grad_scale,
+        params, grads, momenta, math.exp(-friction * h), lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
         bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
+        kinetic_energy=diagnostics is not None,  # only reported
     )
     if diagnostics is not None:
         num = sum(p.numel() for p in params) if masks is None else sum(float(m.sum()) for m in masks)

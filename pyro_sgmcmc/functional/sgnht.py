@@ -97,7 +97,7 @@ def sgnht(
     noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the buffer is applied with factor h
     noise = noise or NoiseSource(generator)
     if num_free is None:
-        num_free = float(sum(p.numel() for p in params))
+        num_free = float(sum(map(Tensor.numel, params)))
     friction = torch.exp(-h * thermostat)  # the friction flow dp = -xi p dt, solved exactly over h
     kinetic = momentum_step(
         params, grads, momenta, friction, lr=h, noise_std=noise_std, grad_scale=grad_scale,
@@ -105,7 +105,7 @@ def sgnht(
         bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
     )
-    thermostat.add_(h * (kinetic / num_free - 1.0))
+    thermostat.add_(kinetic, alpha=h / num_free).sub_(h)  # xi += h (p.p / d - 1)
     if diagnostics is not None:
         diagnostics.add_value("thermostat", thermostat)
         diagnostics.add_value("kinetic_temperature", kinetic / num_free)
