@@ -33,6 +33,7 @@ import warnings
 
 import torch
 
+from pyro_sgmcmc.functional._noise import _gathers as gathers
 from pyro_sgmcmc.optim.sgld import SGLD
 from pyro_sgmcmc.optim.psgld import PSGLD
 from pyro_sgmcmc.optim.sghmc import SGHMC
@@ -76,8 +77,7 @@ class SamplerFloor:
         self.params = params
         self.buffer = torch.empty(sum(p.numel() for p in params))
         self.views = [v.view_as(p) for v, p in zip(self.buffer.split([p.numel() for p in params]), params)]
-        self.gather = torch.empty_like(self.buffer) if all(p.dim() == 1 for p in params) and len(params) > 1 \
-            and self.buffer.numel() <= 32768 else None
+        self.gather = torch.empty_like(self.buffer) if gathers(params) else None  # ours' rule
 
     @torch.no_grad()
     def step(self):

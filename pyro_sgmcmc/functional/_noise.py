@@ -246,7 +246,7 @@ class NoiseSource:
                 for gate in gates:
                     gate()
                 chunk = chunks[0]
-                _fill(chunk, std, (self._streams or self.streams())[0] if plan.on_cpu else self._root(plan.device.type))
+                _fill(chunk, std, self.streams()[0] if plan.on_cpu else self._root(plan.device.type))
                 return [body(chunk)]
             finally:
                 del guard

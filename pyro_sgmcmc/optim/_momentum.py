@@ -20,7 +20,7 @@ class MomentumSampler(SGMCMCOptimizer):
         a state lookup hashes a tensor in Python, ~0.3 us a parameter on every step. Momenta are
         updated in place; one replaced in ``state`` by hand is seen after ``load_state_dict``."""
         cache = self.__dict__.setdefault("_momenta_cache", {})
-        key = (id(self.state), id(params[0]), len(params))
+        key = (id(params[0]), len(params))
         hit = cache.get(key)
         if hit is not None and hit[0] is self.state and all(map(operator.is_, hit[1], params)):
             return hit[2]

@@ -80,12 +80,7 @@ def _step_with_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
                 return hooked(self, args, kwargs)
         if global_pre or global_post or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
             return hooked(self, args, kwargs)
-        grad_enabled = torch.is_grad_enabled()  # the common case, inline: no hooks, no profiler
-        torch._C._set_grad_enabled(False)
-        try:
-            return step(self, *args, **kwargs)
-        finally:
-            torch._C._set_grad_enabled(grad_enabled)
+        return unhooked(self, args, kwargs)  # the common case: no hooks, no profiler
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return wrapper
