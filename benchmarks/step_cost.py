@@ -12,8 +12,8 @@ so that drifts in machine load hit all of them alike; the figure is the median o
 * floor (sampler step, inline) -- what a correct SGLD step must do at least, inline: the noise,
                       the gradient added into it, a finiteness check, one pass over the parameters
 * torch SGD        -- ``torch.optim.SGD(foreach=True)``, no noise at all
-* ours SGLD        -- ``pyro_sgmcmc.optim.sgld.SGLD`` (multi-tensor path), and ``foreach=False``
-* ours SGNHT, SGHMC, PSGLD -- ``pyro_sgmcmc.optim.sgnht.SGNHT`` etc., for reference
+* ours SGLD        -- ``pyro_sgmcmc.samplers.SGLD`` (multi-tensor path), and ``foreach=False``
+* ours SGNHT, SGHMC, PSGLD -- ``pyro_sgmcmc.samplers.SGNHT`` etc., for reference
 * devinterp SGLD   -- ``devinterp.optim.sgld.SGLD`` and ``devinterp.optim.SGMCMC.sgld``
 * posteriors sgld  -- ``posteriors.sgmcmc.sgld`` (``inplace=True``). posteriors computes the
                       gradient itself, so it gets a linear log posterior whose gradient is the
@@ -34,10 +34,10 @@ import warnings
 import torch
 
 from pyro_sgmcmc.functional._noise import _gathers as gathers
-from pyro_sgmcmc.optim.sgld import SGLD
-from pyro_sgmcmc.optim.psgld import PSGLD
-from pyro_sgmcmc.optim.sghmc import SGHMC
-from pyro_sgmcmc.optim.sgnht import SGNHT
+from pyro_sgmcmc.samplers import SGLD
+from pyro_sgmcmc.samplers import PSGLD
+from pyro_sgmcmc.samplers import SGHMC
+from pyro_sgmcmc.samplers import SGNHT
 
 CASES = {
     "a": ("(a) 1 x 10M", [10_000_000]),

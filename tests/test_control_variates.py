@@ -14,8 +14,8 @@ from pyro_sgmcmc.functional import control_variate_gradient_
 from pyro_sgmcmc.infer import SGLD, SGNHT, ModelPotential
 from pyro_sgmcmc.infer.kernel import latent_transforms
 from pyro_sgmcmc.infer.subsample import SubsampleControl, full_data_potential
-from pyro_sgmcmc.optim import SAMPLERS
-from pyro_sgmcmc.optim.control_variates import ControlVariate
+from pyro_sgmcmc.samplers import SAMPLERS
+from pyro_sgmcmc.samplers import ControlVariate
 from test_mcmc import _regression_data, check
 
 

@@ -12,9 +12,9 @@ import torch
 from torch.distributions import Normal
 
 from pyro_sgmcmc.functional import mala_log_acceptance
-from pyro_sgmcmc.optim.psgld import PSGLD
-from pyro_sgmcmc.optim.sgld import SGLD
-from pyro_sgmcmc.optim.sgnht import SGNHT
+from pyro_sgmcmc.samplers import PSGLD
+from pyro_sgmcmc.samplers import SGLD
+from pyro_sgmcmc.samplers import SGNHT
 
 
 def test_hand_computed_cases():

@@ -228,7 +228,7 @@ def test_discrete_local_and_empty_models_are_refused():
 
 
 def test_kernels_exist_for_every_sampler():
-    from pyro_sgmcmc.optim import SAMPLERS
+    from pyro_sgmcmc.samplers import SAMPLERS
     import pyro_sgmcmc.infer as infer
 
     for name, sampler in SAMPLERS.items():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pyro_sgmcmc.functional import NUM_STREAMS, NoisePlan, NoisePlanCache, NonFiniteError, sgld
-from pyro_sgmcmc.optim import SAMPLERS
-from pyro_sgmcmc.optim.sgld import SGLD
-from pyro_sgmcmc.optim.sgnht import SGNHT
+from pyro_sgmcmc.samplers import SAMPLERS
+from pyro_sgmcmc.samplers import SGLD
+from pyro_sgmcmc.samplers import SGNHT
 
 
 ALL_SAMPLERS = list(SAMPLERS)

@@ -16,7 +16,7 @@ from pyro.optim.multi import MixedMultiOptimizer, PyroMultiOptimizer
 import pyro_sgmcmc.optim as optim
 from pyro_sgmcmc.infer import AutoUnconstrainedDelta, SampleCollector, run_svi
 from pyro_sgmcmc.optim.pyro_optim import SGMCMCPyroOptim
-from pyro_sgmcmc.optim.sgld import SGLD as TorchSGLD
+from pyro_sgmcmc.samplers import SGLD as TorchSGLD
 
 
 def model(data):
@@ -40,10 +40,13 @@ def params():
     return {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
 
 
-@pytest.mark.parametrize("name", list(optim.SAMPLERS))
+@pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
 def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
+    from pyro_sgmcmc.samplers import SAMPLERS
+
     wrapper = getattr(optim, name)
-    assert wrapper.__name__ == name and f"pyro_sgmcmc.optim.{name.lower()}.{name}" in wrapper.__doc__
+    assert wrapper.__name__ == name and f"pyro_sgmcmc.samplers.{name}" in wrapper.__doc__
+    assert wrapper.sampler_class is SAMPLERS[name]
     opt = wrapper({"lr": 1e-3})
     assert isinstance(opt, pyro.optim.PyroOptim) and isinstance(opt, pyro.optim.multi.MultiOptimizer)
     svi, _ = make_svi(opt)
@@ -55,7 +58,7 @@ def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
     assert names == sorted(names) == ["AutoUnconstrainedDelta.locs.loc", "AutoUnconstrainedDelta.locs.scale"]
 
 
-@pytest.mark.parametrize("name", list(optim.SAMPLERS))
+@pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
 def test_save_load_continues_identically(name, tmp_path):
     opt = getattr(optim, name)({"lr": 1e-3, "localization": 0.1})
     svi, _ = make_svi(opt)

@@ -13,7 +13,7 @@ from pyro.infer import MCMC, SVI, Trace_ELBO
 import pyro_sgmcmc.optim as optim
 from pyro_sgmcmc.infer import SGLD as SGLDKernel
 from pyro_sgmcmc.infer import AutoUnconstrainedDelta, SampleCollector, run_svi
-from pyro_sgmcmc.optim import SAMPLERS
+from pyro_sgmcmc.samplers import SAMPLERS
 from pyro_sgmcmc.schedules import CyclicalSchedule
 
 

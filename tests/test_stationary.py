@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyro_sgmcmc.optim.psgld import PSGLD
-from pyro_sgmcmc.optim.sghmc import SGHMC
-from pyro_sgmcmc.optim.sgld import SGLD
-from pyro_sgmcmc.optim.sgnht import SGNHT
+from pyro_sgmcmc.samplers import PSGLD
+from pyro_sgmcmc.samplers import SGHMC
+from pyro_sgmcmc.samplers import SGLD
+from pyro_sgmcmc.samplers import SGNHT
 
 from gaussian import (
     GaussianTarget,

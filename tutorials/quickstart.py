@@ -15,7 +15,7 @@ import time
 import torch
 from pyro.infer.mcmc.util import print_summary
 
-from pyro_sgmcmc.optim.sgld import SGLD
+from pyro_sgmcmc.samplers import SGLD
 
 N, D, BATCH = 2_000, 4, 200
 NOISE_SD, PRIOR_SD = 1.0, 10.0

@@ -18,7 +18,7 @@ a function of the current :math:`\theta`, and the term is small when :math:`V` c
 (:math:`\alpha` near 1). With ``update_preconditioner=False`` :math:`V` is frozen and this is
 exactly SGLD with the fixed preconditioner :math:`M = \mathrm{diag}(G)`, which keeps its target;
 while :math:`V` adapts, the bias measured on Gaussian targets is given in
-:class:`pyro_sgmcmc.optim.psgld.PSGLD`.
+:class:`pyro_sgmcmc.samplers.PSGLD`.
 
 How it is computed: per noise chunk, the new :math:`V`, :math:`D = \lambda_G + \sqrt V` and
 :math:`\sqrt D` (chunk-sized temporaries, never full-size; :math:`V` is written back after the

@@ -8,7 +8,7 @@
   ``pyro_sgmcmc.infer.SGNHT(...)``.
 """
 
-from ..optim import SAMPLERS as _SAMPLERS
+from ..samplers import SAMPLERS as _SAMPLERS
 from .autoguide import AutoUnconstrainedDelta
 from .control_variates import ControlVariateELBO
 from .kernel import ModelPotential, SGMCMCKernel, kernel_class

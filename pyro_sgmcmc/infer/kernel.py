@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ..functional import NonFiniteError
-from ..optim.base import SGMCMCOptimizer, check_number
+from .._validation import check_number
+from ..samplers import SGMCMCOptimizer
 from .compiled import PotentialEvaluator
 from .sites import check_latent_site
 from .subsample import (
@@ -227,8 +228,8 @@ class SGMCMCKernel(MCMCKernel):
     :param ignore_jit_warnings: silence the tracer's warnings.
 
     At the end of warmup the sampler stops adapting anything of its own (PSGLD's preconditioner:
-    :meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables (SGNHT's momenta and thermostat) are
-    put back to their initial law (:meth:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer.reset_auxiliary`):
+    :meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables (SGNHT's momenta and thermostat) are
+    put back to their initial law (:meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.reset_auxiliary`):
     a thermostat cools by at most 1 per unit of time, so the heat of the warmup's transient would
     otherwise leave the first samples too cold.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,

@@ -119,7 +119,7 @@ def run_svi(
     :param progress_bar: show a tqdm progress bar with the loss.
     :param freeze_after_burn_in: at the end of the collector's burn-in, stop the sampler's own
         adaptation (``svi.optim.freeze_adaptation()``, e.g. PSGLD's preconditioner), so that the
-        samples come from a fixed-parameter chain (see :class:`~pyro_sgmcmc.optim.psgld.PSGLD`).
+        samples come from a fixed-parameter chain (see :class:`~pyro_sgmcmc.samplers.PSGLD`).
     :return: ``collector``. A Ctrl-C stops the run early with a warning, keeping what was
         collected; any other exception propagates, and the collector still holds the samples.
     """

@@ -1,36 +1,28 @@
-"""Layer 2: samplers as ``torch.optim.Optimizer`` classes.
+"""Layer 3: the samplers as Pyro optimizers, as :mod:`pyro.optim` wraps :mod:`torch.optim`.
 
-* :class:`pyro_sgmcmc.optim.sgld.SGLD` -- stochastic gradient Langevin dynamics;
-* :class:`pyro_sgmcmc.optim.sgnht.SGNHT` -- stochastic gradient Nosé-Hoover thermostat;
-* :class:`pyro_sgmcmc.optim.sghmc.SGHMC` -- stochastic gradient Hamiltonian Monte Carlo;
-* :class:`pyro_sgmcmc.optim.psgld.PSGLD` -- SGLD with an RMSprop preconditioner.
+* ``pyro_sgmcmc.optim.SGLD(optim_args, clip_args=None)`` (and ``SGNHT``, ``SGHMC``, ``PSGLD``):
+  :class:`SGMCMCPyroOptim` subclasses, accepted by ``SVI`` (with
+  :class:`~pyro_sgmcmc.infer.AutoUnconstrainedDelta`) and usable as a ``MultiOptimizer``;
+* ``pyro_sgmcmc.optim.ExponentialLR({"optimizer": pyro_sgmcmc.samplers.SGLD, "optim_args": {...},
+  "gamma": ...})`` and every other torch lr scheduler around one sampler, called as Pyro's
+  scheduler wrappers are.
 
-They run in a plain PyTorch loop (``loss.backward(); sampler.step()``) with no Pyro at all.
-
-Pyro optimizers (layer 3), one generic wrapper for every sampler:
-
-* ``pyro_sgmcmc.optim.SGLD(optim_args, clip_args=None)``, ``pyro_sgmcmc.optim.SGNHT(...)`` --
-  :class:`~pyro_sgmcmc.optim.pyro_optim.SGMCMCPyroOptim` instances, accepted by ``SVI`` and
-  usable as a ``MultiOptimizer``;
-* ``pyro_sgmcmc.optim.ExponentialLR({"optimizer": SGLD, "optim_args": {...}, "gamma": ...})`` and
-  every other torch lr scheduler, around one sampler, called as Pyro's scheduler wrappers are.
+The torch samplers themselves, for a plain PyTorch loop, are :mod:`pyro_sgmcmc.samplers`.
 """
 
-from .base import SGMCMCOptimizer
 import torch as _torch
 
-from .pyro_optim import SGMCMCPyroOptim, SGMCMCPyroScheduler, pyro_wrapper, scheduler_wrapper
-from .sgld import SGLD as _SGLD
-from .sgnht import SGNHT as _SGNHT
-from .sghmc import SGHMC as _SGHMC
-from .psgld import PSGLD as _PSGLD
-
-#: Every torch sampler of the package, by name (the Pyro adapters iterate over this).
-SAMPLERS = {"SGLD": _SGLD, "SGNHT": _SGNHT, "SGHMC": _SGHMC, "PSGLD": _PSGLD}
-
-# Pyro optimizers: pyro_sgmcmc.optim.SGLD({"lr": ...}) as pyro.optim.Adam({"lr": ...}).
-for _name, _sampler in SAMPLERS.items():
-    globals()[_name] = pyro_wrapper(_sampler)
+from .._deprecated import moved_module as _moved_module
+from .pyro_optim import (
+    PSGLD,
+    PYRO_OPTIMIZERS,
+    SGHMC,
+    SGLD,
+    SGNHT,
+    SGMCMCPyroOptim,
+    SGMCMCPyroScheduler,
+    scheduler_wrapper,
+)
 
 # lr schedulers around one sampler: pyro_sgmcmc.optim.ExponentialLR({"optimizer": ..., ...}) as in pyro.optim
 _SCHEDULERS = [
@@ -44,5 +36,8 @@ _SCHEDULERS = [
 for _name in _SCHEDULERS:
     globals()[_name] = scheduler_wrapper(getattr(_torch.optim.lr_scheduler, _name))
 
-__all__ = ["SAMPLERS", "SGMCMCOptimizer", "SGMCMCPyroOptim", "SGMCMCPyroScheduler", "pyro_wrapper",
-           "scheduler_wrapper", *SAMPLERS, *_SCHEDULERS]
+# moved to pyro_sgmcmc.samplers (SGMCMCOptimizer, SAMPLERS): still found here for one release
+__getattr__ = _moved_module(__name__, "pyro_sgmcmc.samplers")
+
+__all__ = ["PSGLD", "PYRO_OPTIMIZERS", "SGHMC", "SGLD", "SGMCMCPyroOptim", "SGMCMCPyroScheduler", "SGNHT",
+           "scheduler_wrapper", *_SCHEDULERS]

@@ -1,4 +1,4 @@
-"""Pyro adapters: any torch sampler of :mod:`pyro_sgmcmc.optim` as a Pyro optimizer.
+"""Pyro adapters: any torch sampler of :mod:`pyro_sgmcmc.samplers` as a Pyro optimizer.
 
 ``pyro_sgmcmc.optim.SGLD({"lr": 1e-4})`` is accepted wherever ``pyro.optim.Adam({...})`` is
 (``SVI``, ``MixedMultiOptimizer``) and is a :class:`~pyro.optim.multi.MultiOptimizer` too. It owns
@@ -22,7 +22,8 @@ from pyro.optim.optim import PyroOptim
 from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
 from torch import Tensor
 
-from .base import SGMCMCOptimizer
+from .. import samplers
+from ..samplers import SGMCMCOptimizer
 
 OptimArgs = dict[str, Any] | Callable[..., dict[str, Any]]
 
@@ -30,7 +31,7 @@ OptimArgs = dict[str, Any] | Callable[..., dict[str, Any]]
 class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     """Wraps a torch sampler class for Pyro (see the module docstring).
 
-    :param sampler_constructor: a subclass of :class:`~pyro_sgmcmc.optim.base.SGMCMCOptimizer`.
+    :param sampler_constructor: a subclass of :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
     :param optim_args: the sampler's options as a dict, or a callable of the parameter name
         (``fn(name)`` or ``fn(module_name, param_name)``, as in Pyro) returning such a dict, for
         per-parameter step sizes, temperatures, localization... ``lr=0`` freezes a parameter.
@@ -59,7 +60,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
             raise TypeError(
                 f"Invalid sampler_constructor: {sampler_constructor!r} (must be a pyro_sgmcmc sampler class, "
-                "e.g. pyro_sgmcmc.optim.sgld.SGLD)"
+                "e.g. pyro_sgmcmc.samplers.SGLD)"
             )
         if not (callable(optim_args) or isinstance(optim_args, dict)):
             raise TypeError(f"Invalid optim_args: {optim_args!r} (must be a dict or a callable returning one)")
@@ -229,22 +230,56 @@ def _options_key(options: dict[str, Any]) -> tuple:
     return tuple(sorted((k, v if not callable(v) else id(v)) for k, v in options.items()))
 
 
-def pyro_wrapper(sampler_constructor: type[SGMCMCOptimizer]) -> Callable[..., SGMCMCPyroOptim]:
-    """``fn(optim_args, clip_args=None, **options)`` making an :class:`SGMCMCPyroOptim` of
-    ``sampler_constructor``, named like it (as Pyro names its wrapped torch optimizers)."""
+class _NamedPyroOptim(SGMCMCPyroOptim):
+    """A Pyro optimizer of one sampler class (:attr:`sampler_class`), built as Pyro's are:
+    ``SGLD(optim_args, clip_args=None)``."""
 
-    def wrapper(optim_args: OptimArgs, clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroOptim:
-        return SGMCMCPyroOptim(sampler_constructor, optim_args, clip_args, **options)
+    sampler_class: type[SGMCMCOptimizer]
 
-    return _named(wrapper, sampler_constructor, f"{sampler_constructor.__module__}.{sampler_constructor.__name__}",
-                  "SGMCMCPyroOptim")
+    def __init__(self, optim_args: OptimArgs, clip_args: OptimArgs | None = None, *,
+                 generator: torch.Generator | None = None, foreach: bool | None = None,
+                 diagnostics: bool = False) -> None:
+        super().__init__(self.sampler_class, optim_args, clip_args, generator=generator, foreach=foreach,
+                         diagnostics=diagnostics)
 
 
-def _named(wrapper: Callable, wrapped: type, target: str, via: str) -> Callable:
-    """Name ``wrapper`` like the class it wraps, with Pyro's docstring pattern."""
-    wrapper.__name__ = wrapper.__qualname__ = wrapped.__name__
-    wrapper.__doc__ = f"Wraps :class:`{target}` with :class:`~pyro_sgmcmc.optim.pyro_optim.{via}`."
-    return wrapper
+class SGLD(_NamedPyroOptim):
+    """Pyro optimizer sampling with :class:`pyro_sgmcmc.samplers.SGLD` (options and math there)::
+
+        svi = SVI(model, AutoUnconstrainedDelta(model), pyro_sgmcmc.optim.SGLD({"lr": 1e-4}), Trace_ELBO())
+
+    :param optim_args: the sampler's options (a dict, or a callable of the parameter name
+        returning one); :param clip_args: gradient clipping, as in Pyro; the keyword options:
+        see :class:`SGMCMCPyroOptim`.
+    """
+
+    sampler_class = samplers.SGLD
+
+
+class SGNHT(_NamedPyroOptim):
+    """Pyro optimizer sampling with :class:`pyro_sgmcmc.samplers.SGNHT` (options and math
+    there); arguments as for :class:`SGLD`."""
+
+    sampler_class = samplers.SGNHT
+
+
+class SGHMC(_NamedPyroOptim):
+    """Pyro optimizer sampling with :class:`pyro_sgmcmc.samplers.SGHMC` (options and math
+    there); arguments as for :class:`SGLD`."""
+
+    sampler_class = samplers.SGHMC
+
+
+class PSGLD(_NamedPyroOptim):
+    """Pyro optimizer sampling with :class:`pyro_sgmcmc.samplers.PSGLD` (options and math
+    there); arguments as for :class:`SGLD`."""
+
+    sampler_class = samplers.PSGLD
+
+
+#: The Pyro optimizer of every sampler, by name.
+PYRO_OPTIMIZERS: dict[str, type[SGMCMCPyroOptim]] = {"SGLD": SGLD, "SGNHT": SGNHT, "SGHMC": SGHMC, "PSGLD": PSGLD}
+assert set(PYRO_OPTIMIZERS) == set(samplers.SAMPLERS)
 
 
 class SGMCMCPyroScheduler(SGMCMCPyroOptim):
@@ -252,7 +287,7 @@ class SGMCMCPyroScheduler(SGMCMCPyroOptim):
     :class:`~pyro.optim.lr_scheduler.PyroLRScheduler`::
 
         scheduler = pyro_sgmcmc.optim.ExponentialLR(
-            {"optimizer": pyro_sgmcmc.optim.sgld.SGLD, "optim_args": {"lr": 1e-3}, "gamma": 0.99})
+            {"optimizer": pyro_sgmcmc.samplers.SGLD, "optim_args": {"lr": 1e-3}, "gamma": 0.99})
         svi = SVI(model, guide, scheduler, Trace_ELBO())
         for epoch in range(epochs):
             svi.step(data)
@@ -265,7 +300,8 @@ class SGMCMCPyroScheduler(SGMCMCPyroOptim):
 
     :param scheduler_constructor: a ``torch.optim.lr_scheduler`` class.
     :param optim_args: ``{"optimizer": sampler class, "optim_args": sampler options, **scheduler
-        options}``.
+        options}``; the sampler class is a :mod:`pyro_sgmcmc.samplers` class (as Pyro's schedulers
+        take a ``torch.optim`` class), or its Pyro optimizer (``pyro_sgmcmc.optim.SGLD``).
     :param clip_args: as for :class:`SGMCMCPyroOptim`.
     """
 
@@ -277,6 +313,8 @@ class SGMCMCPyroScheduler(SGMCMCPyroOptim):
             sampler_args = optim_args.pop("optim_args")
         except KeyError as missing:
             raise ValueError(f"Invalid optim_args: missing key {missing} (needs 'optimizer' and 'optim_args')") from None
+        if isinstance(sampler_constructor, type) and issubclass(sampler_constructor, _NamedPyroOptim):
+            sampler_constructor = sampler_constructor.sampler_class
         super().__init__(sampler_constructor, sampler_args, clip_args, **options)
         self.scheduler_constructor = scheduler_constructor
         self.scheduler_args = optim_args
@@ -330,5 +368,7 @@ def scheduler_wrapper(scheduler_constructor: type) -> Callable[..., SGMCMCPyroSc
     def wrapper(optim_args: dict[str, Any], clip_args: OptimArgs | None = None, **options: Any) -> SGMCMCPyroScheduler:
         return SGMCMCPyroScheduler(scheduler_constructor, optim_args, clip_args, **options)
 
-    return _named(wrapper, scheduler_constructor, f"torch.optim.lr_scheduler.{scheduler_constructor.__name__}",
-                  "SGMCMCPyroScheduler")
+    wrapper.__name__ = wrapper.__qualname__ = scheduler_constructor.__name__
+    wrapper.__doc__ = (f"Wraps :class:`torch.optim.lr_scheduler.{scheduler_constructor.__name__}` with "
+                       ":class:`~pyro_sgmcmc.optim.SGMCMCPyroScheduler` (arguments there).")
+    return wrapper
