@@ -132,3 +132,54 @@ def test_discrete_latents_and_models_without_latents_are_refused():
 
     with pytest.raises(ValueError, match="no latent sites"):
         AutoUnconstrainedDelta(no_latents)(torch.tensor(0.0))
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")
+def test_one_sample_has_a_mean_and_no_variance_in_both_modes():
+    full, light = SampleCollector(), SampleCollector(keep="moments")
+    full({"a": torch.tensor([1.0, 2.0])}), light({"a": torch.tensor([1.0, 2.0])})
+    for collector in (full, light):
+        assert collector.mean["a"].tolist() == [1.0, 2.0]
+        assert bool(collector.variance["a"].isnan().all())
+
+
+@pytest.mark.parametrize("sites", ["p", ["p"], ("p",)])
+def test_sites_take_a_name_or_a_list_of_names(sites):
+    collector = SampleCollector(sites=sites)
+    collector({"p": torch.tensor(0.5), "q": torch.tensor(1.0)})
+    assert set(collector.samples) == {"p"}
+
+
+def test_a_site_name_is_matched_exactly_not_as_a_substring():
+    collector = SampleCollector(sites="mu")
+    collector({"mu": torch.tensor(0.0), "m": torch.tensor(1.0), "u": torch.tensor(2.0)})
+    assert set(collector.samples) == {"mu"}
+
+
+def test_unknown_sites_are_refused_with_the_closest_name_before_burn_in():
+    pyro.clear_param_store()
+    guide = AutoUnconstrainedDelta(model)
+    svi = SVI(model, guide, optim.SGLD({"lr": 0.01}), Trace_ELBO())
+    data = torch.tensor([1.0, 0.0, 1.0])
+    collector = SampleCollector(burn_in=100, sites=["p", "pp"])
+    with pytest.raises(ValueError, match=r"Invalid sites: 'pp' \(must be one of 'p'\); did you mean 'p'\?"):
+        run_svi(svi, 200, collector, data, progress_bar=False)
+    assert collector.steps == 0
+    with pytest.raises(ValueError, match=r"Invalid sites: 'nope' \(must be one of 'p'\)$"):
+        run_svi(svi, 200, SampleCollector(sites=["nope"]), data, progress_bar=False)
+
+
+@pytest.mark.parametrize("sites", [3, [], ["p", 1], {"p": 1}])
+def test_sites_of_the_wrong_type_are_refused(sites):
+    with pytest.raises(ValueError, match="Invalid sites"):
+        SampleCollector(sites=sites)
+
+
+def test_to_arviz_without_arviz_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "arviz", None)  # an import of arviz now raises ImportError
+    collector = SampleCollector()
+    collector({"p": torch.tensor(0.5)})
+    with pytest.raises(ImportError, match=r"pip install 'pyro_sgmcmc\[arviz\]'"):
+        collector.to_arviz()
