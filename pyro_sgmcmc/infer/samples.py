@@ -1,18 +1,22 @@
-"""Collecting the states an SVI-driven sampler visits as posterior samples."""
+"""Collecting the states an SVI-driven sampler visits as posterior samples, and the pointwise
+full-data log-likelihood of posterior samples (for ArviZ's LOO and WAIC)."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+from pyro import poutine
 from pyro.ops.streaming import CountMeanVarianceStats, StatsOfDict
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .._validation import check_choice
+from .subsample import SubsampledPlate, SubsampleControl, subsampled_plates
 
-__all__ = ["SampleCollector", "run_svi"]
+__all__ = ["SampleCollector", "log_likelihood", "run_svi"]
 
 _ARVIZ_MISSING = (
     "{what} needs ArviZ, an optional dependency of pyro_sgmcmc: pip install 'pyro_sgmcmc[arviz]' "
@@ -65,6 +69,9 @@ class SampleCollector:
     :param keep_if: a predicate of the (0-based) index of the step just taken; steps for which
         it is false are not kept (e.g. ``CyclicalSchedule.in_sampling_phase``: samples from the
         sampling phase of each cycle only). Thinning counts the steps it lets through.
+
+    :func:`run_svi` also records the model and its arguments, so that :meth:`to_arviz` adds the
+    pointwise full-data log-likelihood for ``arviz.loo`` / ``arviz.waic`` without more arguments.
     """
 
     def __init__(self, burn_in: int = 0, thin: int = 1, keep: str = "all", sites: str | Iterable[str] | None = None,
@@ -85,6 +92,8 @@ class SampleCollector:
         self._draws: dict[str, list[Tensor]] = {}
         self._stats = StatsOfDict(default=CountMeanVarianceStats)
         self._sites_checked = False
+        #: ``(model, args, kwargs)`` of the run that filled the collector (set by :func:`run_svi`).
+        self.model_call: tuple[Callable, tuple, dict] | None = None
 
     def _check_sites(self, values: Mapping[str, Tensor]) -> None:
         if self.sites is not None:
@@ -145,15 +154,150 @@ class SampleCollector:
             return {name: s.to(torch.float64).var(0) for name, s in self.samples.items()}
         return {name: variance for name, (_, variance) in self._moments().items()}
 
-    def to_arviz(self, **kwargs: Any) -> Any:
-        """The samples as an ``arviz.InferenceData`` (one chain), for ArviZ's summaries and plots.
+    def to_arviz(self, model: Callable | None = None, model_args: tuple = (), model_kwargs: dict | None = None, *,
+                 log_likelihood: bool = True, **kwargs: Any) -> Any:
+        """The samples as an ``arviz.InferenceData`` (one chain), for ArviZ's summaries and plots,
+        with the pointwise full-data log-likelihood (:func:`log_likelihood`, the
+        ``log_likelihood`` group that ``arviz.loo`` and ``arviz.waic`` read) when a model is known.
 
-        :param kwargs: arguments of ``arviz.from_dict`` (``coords``, ``dims``, ...).
+        :param model, model_args, model_kwargs: the model and its arguments (default: those of the
+            :func:`run_svi` run that filled the collector, if any).
+        :param log_likelihood: add the log-likelihood group (needs every latent site kept).
+        :param kwargs: further arguments of ``arviz.from_dict`` (``coords``, ``dims``, ...).
         :raises ImportError: without ArviZ (``pip install 'pyro_sgmcmc[arviz]'``).
         """
         arviz = _import_arviz("SampleCollector.to_arviz")
-        posterior = {name: s.unsqueeze(0).cpu().numpy() for name, s in self.samples.items()}
+        samples = self.samples
+        posterior = {name: s.unsqueeze(0).cpu().numpy() for name, s in samples.items()}
+        if model is None and self.model_call is not None:
+            model, model_args, model_kwargs = self.model_call
+        if log_likelihood and model is not None and "log_likelihood" not in kwargs:
+            pointwise = _log_likelihood(model, samples, *model_args, **(model_kwargs or {}))
+            kwargs["log_likelihood"] = {name: v.unsqueeze(0).cpu().numpy() for name, v in pointwise.items()}
         return arviz.from_dict(posterior=posterior, **kwargs)
+
+
+def _observed_sites(trace: Any, samples: Mapping[str, Tensor]) -> list[str]:
+    """The observed sites of a trace of the model conditioned on ``samples``; refuses latent
+    sites that ``samples`` lacks (they would be drawn from the prior)."""
+    observed, missing = [], []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if name in samples:
+            continue
+        if not site["is_observed"]:
+            missing.append(name)
+        elif not site["infer"].get("_deterministic", False):
+            observed.append(name)
+    if missing:
+        raise ValueError(f"Invalid samples: no draws of the latent sites {missing} (every latent site is needed to "
+                         "evaluate the likelihood; e.g. keep all sites in SampleCollector)")
+    if not observed:
+        raise ValueError("Invalid model: it has no observed sites, so no log-likelihood")
+    return observed
+
+
+def _pointwise(site: dict) -> Tensor:
+    """A site's log density per entry of its batch shape, without the plates' ``N/m`` scale."""
+    log_p = site["fn"].log_prob(site["value"])
+    mask = site["mask"]
+    if mask is not None and mask is not True:
+        log_p = torch.where(torch.as_tensor(mask, device=log_p.device), log_p, torch.zeros_like(log_p))
+    return log_p
+
+
+def _walk(model: Callable, plate: SubsampledPlate | None, args: tuple, kwargs: dict) -> Iterator[tuple[int, int, Any]]:
+    """Traces of ``model`` that walk ``plate`` through the whole data set in consecutive
+    minibatch-sized pieces, the last one padded with rows from the start: ``(first row, number of
+    rows of the piece, trace)``; without a plate, one trace."""
+    if plate is None:
+        yield 0, 0, poutine.trace(model).get_trace(*args, **kwargs)
+        return
+    m = plate.subsample_size
+    for start in range(0, plate.size, m):
+        rows = (torch.arange(m, device=plate.device) + start) % plate.size
+        control = SubsampleControl(indices={plate.name: rows})
+        yield start, min(m, plate.size - start), poutine.trace(control(model)).get_trace(*args, **kwargs)
+
+
+def log_likelihood(model: Callable, samples: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+    r"""The pointwise log-likelihood of posterior ``samples`` on the *full* data:
+    ``{observed site: tensor[num_samples, *batch_shape]}``, the batch shape of each observed site's
+    log density with a subsampled plate's dimension at its full size ``N``, not the minibatch size.
+
+    Each draw conditions ``model(*args, **kwargs)``; a subsampled plate
+    (``pyro.plate(name, N, subsample_size=m)``) is walked through the whole data set in
+    consecutive minibatch-sized pieces (the plate only takes minibatches of its own size), and the
+    log densities are unscaled (each row counted once, not ``N/m`` times). Sites outside the plate
+    are evaluated once per draw. This is what ArviZ's LOO and WAIC need; ``arviz.from_pyro`` would
+    replay the model as it was run, on one minibatch. Cost: ``num_samples * N / m`` model
+    evaluations.
+
+    The SVI path: :meth:`SampleCollector.to_arviz` calls this. An MCMC run
+    (``MCMC(pyro_sgmcmc.infer.SGLD(model))``, or any Pyro kernel)::
+
+        pointwise = log_likelihood(model, mcmc.get_samples(), *model_args)
+        by_chain = {k: v.reshape(mcmc.num_chains, -1, *v.shape[1:]).numpy() for k, v in pointwise.items()}
+        idata = arviz.from_pyro(mcmc, log_likelihood=False)
+        idata.add_groups(log_likelihood=by_chain)
+        arviz.loo(idata), arviz.waic(idata)
+
+    (or ``arviz.from_dict(posterior=..., log_likelihood=by_chain)``).
+
+    :param model: the Pyro model; at most one subsampled plate.
+    :param samples: ``{site: tensor[num_samples, ...]}`` in constrained space, every latent site
+        (``mcmc.get_samples()``, ``SampleCollector.samples``).
+    :param args, kwargs: the model's arguments.
+    """
+    samples = {name: torch.as_tensor(value) for name, value in samples.items()}
+    if not samples:
+        raise ValueError("Invalid samples: empty (must map every latent site to its draws)")
+    counts = {value.shape[0] if value.dim() else None for value in samples.values()}
+    if len(counts) != 1 or None in counts:
+        raise ValueError("Invalid samples: every site needs the same leading dimension, the number of draws "
+                         f"(got shapes { {name: tuple(v.shape) for name, v in samples.items()} })")
+    (num_samples,) = counts
+
+    def draw(s: int) -> dict[str, Tensor]:
+        return {name: value[s] for name, value in samples.items()}
+
+    with torch.no_grad():
+        probe = poutine.trace(poutine.condition(model, draw(0))).get_trace(*args, **kwargs)
+        observed = _observed_sites(probe, samples)
+        plates = subsampled_plates(probe)
+        if len(plates) > 1:
+            raise NotImplementedError(f"log_likelihood with more than one subsampled plate "
+                                      f"({[p.name for p in plates]}) is not supported")
+        plate = plates[0] if plates else None
+        axis: dict[str, int | None] = {}  # the plate's axis in each site's log density
+        out: dict[str, Tensor] = {}
+        for name in observed:
+            site = probe.nodes[name]
+            log_p = _pointwise(site)
+            shape = list(log_p.shape)
+            axis[name] = None
+            for frame in site["cond_indep_stack"]:
+                if plate is not None and frame.name == plate.name:
+                    if len(shape) < -frame.dim:
+                        raise ValueError(f"The log density of '{name}' has shape {tuple(shape)}, without the "
+                                         f"dimension {frame.dim} of its plate '{plate.name}'")
+                    axis[name] = len(shape) + frame.dim
+                    shape[axis[name]] = plate.size
+            out[name] = torch.empty([num_samples, *shape], dtype=log_p.dtype, device=log_p.device)
+        for s in range(num_samples):
+            for start, count, trace in _walk(poutine.condition(model, draw(s)), plate, args, kwargs):
+                for name in observed:
+                    if axis[name] is None:
+                        if start == 0:
+                            out[name][s] = _pointwise(trace.nodes[name])
+                        continue
+                    log_p = _pointwise(trace.nodes[name]).narrow(axis[name], 0, count)
+                    out[name][s].narrow(axis[name], start, count).copy_(log_p)
+    return out
+
+
+_log_likelihood = log_likelihood  # for SampleCollector.to_arviz, whose flag has the same name
 
 
 def run_svi(
@@ -173,10 +317,13 @@ def run_svi(
     :param freeze_after_burn_in: at the end of the collector's burn-in, stop the sampler's own
         adaptation (``svi.optim.freeze_adaptation()``, e.g. PSGLD's preconditioner), so that the
         samples come from a fixed-parameter chain (see :class:`~pyro_sgmcmc.samplers.PSGLD`).
-    :return: ``collector``. A Ctrl-C stops the run early with a warning, keeping what was
-        collected; any other exception propagates, and the collector still holds the samples.
+    :return: ``collector``, which also records ``svi.model`` and the arguments (its
+        ``model_call``, for :meth:`SampleCollector.to_arviz`'s log-likelihood). A Ctrl-C stops the
+        run early with a warning, keeping what was collected; any other exception propagates, and
+        the collector still holds the samples.
     """
     state = state or svi.guide.current_sample
+    collector.model_call = (svi.model, args, kwargs)
     steps = range(num_steps)
     bar = None
     if progress_bar:
