@@ -14,7 +14,7 @@ from .control_variates import ControlVariateELBO
 from .kernel import KERNELS, PSGLD, SGHMC, SGLD, SGNHT, MixingWarning, SGMCMCKernel
 from .mcmc import MCMC
 from .potential import ModelPotential
-from .samples import SampleCollector, run_svi
+from .samples import SampleCollector, log_likelihood, run_svi
 
 __all__ = ["AutoUnconstrainedDelta", "ControlVariateELBO", "KERNELS", "MCMC", "MixingWarning", "ModelPotential", "PSGLD",
-           "SGHMC", "SGLD", "SGMCMCKernel", "SGNHT", "SampleCollector", "run_svi"]
+           "SGHMC", "SGLD", "SGMCMCKernel", "SGNHT", "SampleCollector", "log_likelihood", "run_svi"]
