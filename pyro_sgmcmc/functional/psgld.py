@@ -69,6 +69,10 @@ def psgld(
 ) -> None:
     r"""Apply one preconditioned SGLD step to ``params`` (and ``square_avgs``) in place.
 
+    ``anchors``, ``masks``, ``bounding_box_size``, ``generator``, ``noise``, ``foreach``,
+    ``noise_plans``, ``check_finite``, ``diagnostics`` and ``grads_checked`` are as for
+    :func:`~pyro_sgmcmc.functional.sgld`.
+
     :param params: the parameters :math:`\theta`.
     :param grads: :math:`\nabla U(\theta)` (not modified).
     :param square_avgs: :math:`V`, shaped like ``params``.
@@ -78,10 +82,9 @@ def psgld(
     :param eps: :math:`\lambda_G > 0`, keeps :math:`G` bounded where :math:`V` is tiny.
     :param update_preconditioner: update :math:`V` with this gradient (else it is frozen).
     :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
-    :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
+    :param localization: :math:`\gamma`, strength of the pull toward ``anchors``.
+    :param weight_decay: :math:`\lambda`, strength of the pull toward 0.
     :param noise_level: :math:`\sigma` (1 samples the target).
-    :param anchors, masks, bounding_box_size, generator, noise, foreach, noise_plans,
-        check_finite, diagnostics, grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
     """
     if lr == 0.0 or not params:
         return

@@ -39,7 +39,7 @@ noise :math:`2(C - \hat B)h`, paired with the factor :math:`e^{-Ch}`, would run 
 Like :func:`~pyro_sgmcmc.functional.sgnht` (which is this scheme with the friction :math:`C`
 replaced by an adaptive thermostat), the friction is applied exactly, :math:`e^{-Ch}` in place of
 the paper's first-order :math:`1 - Ch`: the same to first order, stable for any :math:`Ch`. Both
-share one momentum step (:mod:`._momentum`).
+share one implementation of the momentum step.
 
 Reference:
     T. Chen, E. B. Fox and C. Guestrin, "Stochastic gradient Hamiltonian Monte Carlo", ICML 2014.
@@ -100,6 +100,9 @@ def sghmc(
 ) -> None:
     r"""Apply one SGHMC step in place to ``params`` and ``momenta``.
 
+    ``generator``, ``noise``, ``foreach``, ``noise_plans``, ``check_finite``, ``diagnostics`` and
+    ``grads_checked`` are as for :func:`~pyro_sgmcmc.functional.sgld`.
+
     :param params: the parameters :math:`\theta`.
     :param grads: :math:`\nabla U(\theta)` (not modified).
     :param momenta: :math:`p`, shaped like ``params`` (zero where a mask is 0).
@@ -109,14 +112,13 @@ def sghmc(
         noise (:math:`hV/(2T^2)` for a gradient of per-entry variance :math:`V`), with
         :math:`2h\hat B < 1 - e^{-2Ch}`.
     :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
-    :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
+    :param localization: :math:`\gamma`, strength of the pull toward ``anchors``.
+    :param weight_decay: :math:`\lambda`, strength of the pull toward 0.
     :param noise_level: :math:`\sigma`, scales the injected noise (1 samples the target).
     :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
     :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
         momentum of the entries that hit the wall.
-    :param generator, noise, foreach, noise_plans, check_finite, diagnostics, grads_checked: as
-        for :func:`~pyro_sgmcmc.functional.sgld`.
     """
     if lr == 0.0 or not params:
         return

@@ -10,16 +10,17 @@ which for small :math:`\epsilon` samples
 :math:`\pi(\theta) \propto \exp(-U(\theta)/T - \tfrac{\gamma}{2}\|\theta-\theta_0\|^2 - \tfrac{\lambda}{2}\|\theta\|^2)`
 when the noise level :math:`\sigma` is 1 (Welling & Teh 2011; the localized form of Lau et al. 2023).
 
-How it is computed: the noise is drawn in chunks (:mod:`._noise`) into small buffers already
-scaled by :math:`2\sigma/\sqrt{\epsilon}`, the gradient of the tempered, localized potential is
-added to it, and the buffer is applied as :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`.
-That is two passes over memory besides the unavoidable ``normal_``, and with :math:`\sigma = 0`,
-:math:`T = 1` it is bit for bit ``torch.optim.SGD`` with learning rate :math:`\epsilon/2`.
+How it is computed: the noise is drawn in chunks (:class:`~pyro_sgmcmc.functional.NoiseSource`)
+into small buffers already scaled by :math:`2\sigma/\sqrt{\epsilon}`, the gradient of the
+tempered, localized potential is added to it, and the buffer is applied as
+:math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`. That is two passes over memory besides
+the unavoidable ``normal_``, and with :math:`\sigma = 0`, :math:`T = 1` it is bit for bit
+``torch.optim.SGD`` with learning rate :math:`\epsilon/2`.
 
 References:
-    M. Welling and Y. W. Teh, "Bayesian learning via stochastic gradient Langevin dynamics", ICML 2011.
-    E. Lau, Z. Furman, G. Wang, D. Murfet and S. Wei, "The local learning coefficient: a
-    singularity-aware complexity measure", 2023.
+    * M. Welling and Y. W. Teh, "Bayesian learning via stochastic gradient Langevin dynamics", ICML 2011.
+    * E. Lau, Z. Furman, G. Wang, D. Murfet and S. Wei, "The local learning coefficient: a
+      singularity-aware complexity measure", 2023.
 """
 
 from __future__ import annotations

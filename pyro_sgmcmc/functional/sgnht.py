@@ -75,7 +75,8 @@ def sgnht(
     :param lr: the step size :math:`h \ge 0`; 0 leaves everything untouched.
     :param diffusion_factor: :math:`A > 0`, the strength of the injected noise (and friction).
     :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
-    :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
+    :param localization: :math:`\gamma`, strength of the pull toward ``anchors``.
+    :param weight_decay: :math:`\lambda`, strength of the pull toward 0.
     :param noise_level: :math:`\sigma`, scales the injected noise (1 samples the target).
     :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
     :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
