@@ -160,7 +160,7 @@ def test_summary_reports_divergences_and_nothing_nonfinite_enters_the_chain():
     kernel = SGLD(potential_fn=potential, step_size=0.5, **FIXED)
     mcmc = run(kernel, num_samples=200, warmup=50, initial_params={"u": torch.zeros(2)})
     samples = mcmc.get_samples()["u"]
-    assert bool(torch.isfinite(samples).all()) and float(samples.abs().max()) <= 1.0 + 1e-6 or True
+    assert bool(torch.isfinite(samples).all()) and float(samples.abs().max()) <= 1.0
     divergences = mcmc.diagnostics()["divergences"]["chain 0"]
     assert len(divergences) > 0 and all(0 <= i < 200 for i in divergences)
     out = io.StringIO()
@@ -178,7 +178,7 @@ def test_logging_is_cheap_and_json_serialisable():
 
     kernel = SGLD(models.scalar_normal, step_size=1e-3)
     run(kernel, torch.tensor([1.0]), num_samples=3, warmup=1)
-    assert set(json.loads(json.dumps(kernel.logging()))) == {"step size", "potential"}
+    assert set(json.loads(json.dumps(kernel.logging()))) == {"step size", "divergences", "accept"}
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,8 @@ class ModelPotential:
 
     :param model: the Pyro model.
     :param transforms: ``{site: transform}`` from constrained to unconstrained space.
-    :param model_args, model_kwargs: the model's arguments.
+    :param model_args: the model's positional arguments.
+    :param model_kwargs: the model's keyword arguments.
     """
 
     def __init__(self, model: Callable, transforms: dict[str, Any], model_args: tuple, model_kwargs: dict):
@@ -90,6 +91,8 @@ class ModelPotential:
         self.model_args = model_args
         self.model_kwargs = model_kwargs
         self._validated = False
+        #: whether the model has run once (so that it may be traced: the first run is Pyro's validation)
+        self.evaluated = False
 
     def constrained(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """The constrained values ``T(u)`` of ``params``."""
@@ -107,6 +110,7 @@ class ModelPotential:
                 log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], value).sum()
                 if to_constrained.codomain is not torch.distributions.constraints.real:
                     log_det = log_det + 0.0 * value.detach().sum()  # NaN if the value overflowed
+        self.evaluated = True
         # Pyro's argument/support checks once (when validation is on), not at every one of thousands of calls
         if self._validated or not is_validation_enabled():
             log_joint = _LogJoint(values)
@@ -235,7 +239,7 @@ class PotentialEvaluator:
                  jacobian: bool = True) -> list[Tensor]:
         """``[U(point) for point in points]``, every one under ``control`` (the same minibatch)."""
         # the model's first evaluation runs in Python: it is the one Pyro validates
-        if not self.jit_compile or (self.is_model and not getattr(self.potential, "_validated", True)):
+        if not self.jit_compile or (self.is_model and not self.potential.evaluated):
             return [self._python(point, control, jacobian) for point in points]
         indices = sorted(control.indices.items()) if control is not None else []
         weights = sorted(control.weights.items()) if control is not None else []

@@ -249,8 +249,10 @@ class SGLD(_NamedPyroOptim):
         svi = SVI(model, AutoUnconstrainedDelta(model), pyro_sgmcmc.optim.SGLD({"lr": 1e-4}), Trace_ELBO())
 
     :param optim_args: the sampler's options (a dict, or a callable of the parameter name
-        returning one); :param clip_args: gradient clipping, as in Pyro; the keyword options:
-        see :class:`SGMCMCPyroOptim`.
+        returning one).
+    :param clip_args: gradient clipping, as in Pyro.
+
+    The keyword options (``generator``, ``foreach``, ``diagnostics``): see :class:`SGMCMCPyroOptim`.
     """
 
     sampler_class = samplers.SGLD

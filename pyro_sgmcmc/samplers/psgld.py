@@ -53,6 +53,10 @@ class PSGLD(SGMCMCOptimizer):
     :param alpha: :math:`\alpha \in [0, 1)`, the decay of the squared-gradient average.
     :param eps: :math:`\lambda_G > 0`, keeps :math:`G` bounded where gradients vanish.
     :param adapt_preconditioner: update :math:`V` at every step (else keep it as it is).
+    :param initial_square_average: where :math:`V` starts (default: :math:`g\odot g` of the first
+        step). The MCMC kernels start it at its stationary value for the curvature and gradient
+        noise they measured: far from the posterior the first gradient is huge, and a :math:`V`
+        started there shrinks the steps for hundreds of iterations.
     :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
         generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
     """
@@ -67,6 +71,7 @@ class PSGLD(SGMCMCOptimizer):
         alpha: float = 0.99,
         eps: float = 1e-5,
         adapt_preconditioner: bool = True,
+        initial_square_average: float | None = None,
         temperature: float | Callable[[int], float] | None = None,
         nbeta: float | Callable[[int], float] | None = None,
         localization: float = 0.0,
@@ -83,6 +88,7 @@ class PSGLD(SGMCMCOptimizer):
             alpha=alpha,
             eps=eps,
             adapt_preconditioner=adapt_preconditioner,
+            initial_square_average=initial_square_average,
             temperature=temperature,
             nbeta=nbeta,
             localization=localization,
@@ -99,6 +105,7 @@ class PSGLD(SGMCMCOptimizer):
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha < 1.0:
             raise ValueError(f"Invalid alpha: {alpha!r} (must be a number in [0, 1))")
         check_number("eps", group["eps"])
+        check_number("initial_square_average", group["initial_square_average"], allow_low=True, none_ok=True)
         if not isinstance(group["adapt_preconditioner"], bool):
             raise ValueError(f"Invalid adapt_preconditioner: {group['adapt_preconditioner']!r} (must be True or False)")
 
@@ -111,6 +118,15 @@ class PSGLD(SGMCMCOptimizer):
         expected_square = curvature / temperature + noise_variance / temperature**2
         return SGLD.suggest_lr(curvature, noise_variance, target_bias, temperature, arrival) * max(
             expected_square, 1e-12) ** 0.5
+
+    @staticmethod
+    def adapted_options(curvature: float, noise_variance: float, temperature: float = 1.0,
+                        given: dict[str, Any] | None = None) -> dict[str, Any]:
+        r""":math:`V` starts at :math:`E[g^2] = \lambda + B` (``lambda = curvature / T``,
+        ``B = noise_variance / T^2``), its stationary value on such a target, unless given."""
+        if given and "initial_square_average" in given:
+            return {}
+        return {"initial_square_average": curvature / temperature + max(noise_variance, 0.0) / temperature**2}
 
     def freeze_adaptation(self) -> None:
         """Stop updating the preconditioner: from here on the chain is SGLD with a fixed
@@ -137,7 +153,11 @@ class PSGLD(SGMCMCOptimizer):
         for p, g in zip(params, grads):
             state = self.state[p]
             if "square_avg" not in state:
-                state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
+                initial = group["initial_square_average"]
+                if initial is None:
+                    state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
+                else:
+                    state["square_avg"] = torch.full_like(p, initial, memory_format=torch.contiguous_format)
                 fresh.append(p)
             out.append(state["square_avg"])
         return out, fresh
