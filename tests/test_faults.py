@@ -1,0 +1,373 @@
+"""Faults injected into every layer: each test breaks one promise the package makes on bad
+input, a refused step, an interrupt or a checkpoint, and checks that the promise holds.
+
+The promises (one line each, as in the README's "What is guaranteed"):
+
+* bad values are refused where they enter (constructor, ``param_groups`` written by a
+  scheduler or by hand, ``load_state_dict``, the Pyro wrapper's options), naming the argument;
+* a refused step (NaN or Inf gradient, or an update that would not be finite) changes nothing:
+  parameters, sampler state, step counters, noise streams and torch's global RNG;
+* SVI goes on after a refused step (the Pyro wrapper zeroes the step's gradients);
+* Ctrl-C during a threaded step leaves the step applied whole, bookkeeping included;
+* a state that does not fit is refused by ``load_state_dict`` / ``set_state``; ``load()`` runs
+  no code from the file; a checkpoint taken before the first step resumes exactly; the SVI
+  recipe (guide, param store, optimizer, RNG) resumes bit for bit;
+* silent misuse warns: a non-point guide, AutoDelta with constrained sites, low-precision
+  parameters whose noise rounds away, a fork after threaded steps; a model whose global
+  weights first appear inside a subsampled plate gets an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
+from pyro.nn import PyroModule, PyroSample
+
+import pyro_sgmcmc.optim as optim
+from pyro_sgmcmc.functional import NoisePlanCache, NonFiniteError
+from pyro_sgmcmc.infer import AutoUnconstrainedDelta
+from pyro_sgmcmc.samplers import SAMPLERS, SGLD
+
+ALL = list(SAMPLERS)
+LR = {"SGLD": 1e-3, "PSGLD": 1e-3, "SGNHT": 1e-2, "SGHMC": 1e-2}
+
+
+def small(name, n=3, **options):
+    theta = torch.nn.Parameter(torch.linspace(-1.0, 1.0, n))
+    return theta, SAMPLERS[name]([theta], **{"lr": LR[name], **options})
+
+
+def noise_state(sampler):
+    state = sampler.state_dict()["noise_state"]
+    return None if state["streams"] is None else [s.clone() for s in state["streams"]]
+
+
+def same_streams(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and all(map(torch.equal, a, b)))
+
+
+# ------------------------------------------------------------------------ bad values enter
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_scheduler_writing_a_bad_lr_is_refused_before_any_parameter_moves(name):
+    theta, sampler = small(name)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sampler, lambda step: 1.0 if step < 2 else float("inf"))
+    theta.grad = torch.ones(3)
+    sampler.step()
+    scheduler.step()
+    before = theta.detach().clone()
+    with pytest.raises(ValueError, match="Invalid lr: inf"):
+        scheduler.step()
+        theta.grad = torch.ones(3)
+        sampler.step()
+    assert torch.isfinite(theta).all() and torch.equal(theta.detach(), before)
+
+
+@pytest.mark.parametrize("key, value", [("temperature", -1.0), ("lr", -0.5), ("localization", float("nan")),
+                                        ("noise_level", "loud"), ("nbeta", 2.0)])
+def test_values_written_into_param_groups_by_hand_are_checked(key, value):
+    theta, sampler = small("SGLD", temperature=1.0)
+    theta.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=f"Invalid {key}|either temperature or nbeta"):
+        sampler.param_groups[0][key] = value
+        sampler.step()
+    assert torch.equal(theta.detach(), torch.linspace(-1.0, 1.0, 3))
+
+
+@pytest.mark.parametrize("value", [np.float32(0.01), np.float64(0.01), torch.tensor(0.01), 1, np.int64(1)])
+def test_numpy_and_0d_tensor_scalars_are_accepted_and_stored_as_floats(value):
+    theta, sampler = small("SGLD", lr=value, temperature=value, localization=value)
+    group = sampler.param_groups[0]
+    assert all(type(group[k]) is float for k in ("lr", "temperature", "localization"))
+    theta.grad = torch.ones(3)
+    sampler.step()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_overflowing_values_are_refused_up_front(name):
+    with pytest.raises(ValueError, match="Invalid lr: .*overflows"):
+        small(name, lr=10**400)
+    with pytest.raises(ValueError, match="Invalid temperature: .*overflows.*schedule"):
+        small(name, temperature=lambda step: 10**400)
+
+
+# -------------------------------------------------------------------------- refused steps
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("layout", ["one chunk", "many chunks"])
+def test_a_refused_step_changes_nothing_not_even_the_noise_streams(name, layout):
+    theta, sampler = small(name, n=4000)
+    if layout == "many chunks":
+        sampler._noise_plans = NoisePlanCache(500)
+    for _ in range(2):
+        theta.grad = torch.ones(4000)
+        sampler.step()
+    before, streams, rng = copy.deepcopy(sampler.state_dict()), noise_state(sampler), torch.get_rng_state()
+    values = theta.detach().clone()
+    theta.grad = torch.ones(4000)
+    theta.grad[3000] = float("nan")
+    with pytest.raises(NonFiniteError):
+        sampler.step()
+    assert torch.equal(theta.detach(), values)
+    assert same_streams(noise_state(sampler), streams)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sampler.param_groups[0]["step"] == before["param_groups"][0]["step"] == 2
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_refused_first_step_neither_seeds_the_streams_nor_draws_from_the_global_rng(name):
+    theta, sampler = small(name)
+    rng = torch.get_rng_state()
+    theta.grad = torch.tensor([0.0, float("inf"), 0.0])
+    with pytest.raises(NonFiniteError):
+        sampler.step()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sampler._noise._streams is None and not any(sampler.state.values())
+
+
+#: per sampler, a start, gradient and step size whose update overflows float32 (PSGLD's
+#: preconditioned step is at most lr / 2 per entry: it needs a parameter near the largest float)
+OVERFLOWS = {"SGLD": (1.0, 1e10, 1e30), "SGNHT": (1.0, 1e10, 1e15), "SGHMC": (1.0, 1e10, 1e15),
+             "PSGLD": (3e38, -1.0, 1e38)}
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("layout", ["one chunk", "many chunks"])
+@pytest.mark.parametrize("case", ["overflowing step", "lr beyond the dtype"])
+def test_a_step_that_would_write_a_nonfinite_parameter_from_finite_gradients_is_refused(name, layout, case):
+    start, grad, lr = OVERFLOWS[name] if case == "overflowing step" else (1.0, 1.0, 1e39)
+    theta = torch.nn.Parameter(torch.full((4000,), start))
+    sampler = SAMPLERS[name]([theta], lr=lr)
+    if layout == "many chunks":
+        sampler._noise_plans = NoisePlanCache(500)
+    theta.grad = torch.full((4000,), grad)
+    rng = torch.get_rng_state()
+    with pytest.raises(NonFiniteError, match="would not be finite"):
+        sampler.step()
+    assert torch.equal(theta.detach(), torch.full((4000,), start))
+    assert sampler.param_groups[0]["step"] == 0 and not any(sampler.state.values())
+    assert sampler._noise._streams is None and torch.equal(torch.get_rng_state(), rng)
+
+
+def poisoned_model(data, poison=False):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    if poison:  # a finite value with an infinite gradient
+        pyro.factor("poison", torch.sqrt(loc - loc.detach()))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+
+
+DATA = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0, 1.2])
+
+
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
+def test_ctrl_c_during_a_threaded_step_leaves_the_step_whole(name, monkeypatch):
+    """A real SIGINT, sent while the main thread waits for the noise threads: the step is
+    applied whole and so is its bookkeeping (step counter, thermostat), then Ctrl-C is raised."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        theta, sampler = small(name, n=4000)
+        sampler._noise_plans = NoisePlanCache(500)
+        normal_ = torch.Tensor.normal_
+        inside = threading.Event()
+
+        def slow_normal_(self, *args, **kwargs):
+            if threading.current_thread() is not threading.main_thread() and not inside.is_set():
+                inside.set()
+                time.sleep(0.5)
+            return normal_(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "normal_", slow_normal_)
+        threading.Thread(target=lambda: inside.wait(30) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+        thermostat = sampler.param_groups[0].get("thermostat", torch.tensor(0.0)).clone()
+        theta.grad = torch.ones(4000)
+        with pytest.raises(KeyboardInterrupt):
+            sampler.step()
+        moved = not torch.equal(theta.detach(), torch.linspace(-1.0, 1.0, 4000))
+        assert moved and sampler.param_groups[0]["step"] == 1
+        if name == "SGNHT":
+            assert not torch.equal(sampler.param_groups[0]["thermostat"], thermostat)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- safe state
+
+
+def state_of(name, **options):
+    theta, sampler = small(name, **options)
+    theta.grad = torch.ones(3)
+    sampler.step()
+    return sampler.state_dict()
+
+
+@pytest.mark.parametrize(
+    "tamper, match",
+    [
+        (lambda s: s["param_groups"][0].update(temperature=-1.0), "Invalid temperature"),
+        (lambda s: s["param_groups"][0].update(temperature=1.0, nbeta=2.0), "either temperature or nbeta"),
+        (lambda s: s["param_groups"][0].update(mask=[torch.full((3,), 0.5)]), r"Invalid mask\[0\]"),
+        (lambda s: s["param_groups"][0].update(lr="fast"), "Invalid lr"),
+        (lambda s: s["state"][0].update(momentum=torch.zeros(5)), "momentum.*shape"),
+        (lambda s: s["noise_state"].update(streams=s["noise_state"]["streams"][:2]), "stream"),
+        (lambda s: s["noise_state"].update(streams=[torch.zeros(7, dtype=torch.uint8)] * 4), "stream"),
+    ],
+)
+def test_load_state_dict_refuses_a_state_that_does_not_fit(tamper, match):
+    state = state_of("SGHMC")
+    tamper(state)
+    theta, sampler = small("SGHMC")
+    before = copy.deepcopy(sampler.state_dict())
+    with pytest.raises(ValueError, match=match):
+        sampler.load_state_dict(state)
+    assert sampler.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_load_state_dict_refuses_another_samplers_state():
+    state = state_of("SGNHT")
+    _, sampler = small("SGLD")
+    with pytest.raises(ValueError, match="SGNHT.*SGLD|SGLD.*SGNHT"):
+        sampler.load_state_dict(state)
+
+
+def test_a_state_without_noise_state_warns_that_the_resume_is_not_exact():
+    state = state_of("SGLD")
+    del state["noise_state"]
+    _, sampler = small("SGLD")
+    with pytest.warns(UserWarning, match="noise"):
+        sampler.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_checkpoint_before_the_first_step_resumes_exactly(name):
+    theta, sampler = small(name)
+    saved = copy.deepcopy(sampler.state_dict())
+    torch.manual_seed(1)
+    for _ in range(3):
+        theta.grad = theta.detach().clone()
+        sampler.step()
+    uninterrupted = theta.detach().clone()
+    theta2, sampler2 = small(name)
+    sampler2.load_state_dict(saved)
+    torch.manual_seed(2)  # the global RNG is elsewhere: the checkpoint alone must suffice
+    for _ in range(3):
+        theta2.grad = theta2.detach().clone()
+        sampler2.step()
+    assert torch.equal(theta2.detach(), uninterrupted)
+
+
+class Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (setattr, (Payload, "ran", True))
+
+
+def subsampled_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data), subsample_size=3) as idx:
+        pyro.sample("x", dist.Normal(loc, scale), obs=data[idx])
+
+
+# ------------------------------------------------------------------------ the Pyro wrapper
+
+
+def vector_model(data):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(w.sum(), 1.0), obs=data)
+
+
+# ------------------------------------------------------------------------------- warnings
+
+
+def constrained_model(data):
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("x", dist.Normal(0.0, scale), obs=data)
+
+
+@pytest.mark.parametrize("dtype, lr", [(torch.bfloat16, 1e-6), (torch.float16, 1e-8)])
+def test_low_precision_parameters_whose_noise_rounds_away_warn(dtype, lr):
+    theta = torch.nn.Parameter(torch.ones(100, dtype=dtype))
+    sampler = SGLD([theta], lr=lr)
+    theta.grad = torch.zeros_like(theta)
+    with pytest.warns(UserWarning, match="resolution"):
+        sampler.step()
+    assert (theta.detach() == 1).float().mean() > 0.5  # most entries did not move: what it warns of
+
+
+def test_no_precision_warning_for_float32():
+    theta = torch.nn.Parameter(torch.ones(100))
+    sampler = SGLD([theta], lr=1e-6)
+    theta.grad = torch.zeros_like(theta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.step()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_stepping_in_a_child_forked_after_threaded_steps_warns():
+    script = textwrap.dedent("""
+        import os, sys, warnings, torch
+        from pyro_sgmcmc.functional import NoisePlanCache
+        from pyro_sgmcmc.samplers import SGLD
+        torch.set_num_threads(2)
+        theta = torch.nn.Parameter(torch.zeros(4000))
+        sampler = SGLD([theta], lr=1e-3)
+        sampler._noise_plans = NoisePlanCache(500)
+        theta.grad = torch.ones(4000)
+        sampler.step()
+        pid = os.fork()
+        if pid == 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                try:
+                    sampler.step()
+                except UserWarning as w:
+                    os._exit(0 if "fork" in str(w) else 2)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+class BNN(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.fc = PyroModule[torch.nn.Linear](3, 4)
+        self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([4, 3]).to_event(2))
+        self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+
+    def forward(self, x, y=None):
+        with pyro.plate("data", len(x), subsample_size=5) as idx:
+            mu = self.fc(x[idx]).sum(-1)
+            pyro.sample("y", dist.Normal(mu, 0.1), obs=None if y is None else y[idx])
+        return mu
+
+
+# ------------------------------------------------------------- the resume matrix, fresh process
+
+
