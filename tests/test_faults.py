@@ -178,6 +178,20 @@ def poisoned_model(data, poison=False):
 DATA = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0, 1.2])
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_svi_goes_on_after_a_refused_step(name):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    opt = getattr(optim, name)({"lr": LR[name]})
+    svi = SVI(poisoned_model, AutoUnconstrainedDelta(poisoned_model), opt, Trace_ELBO())
+    svi.step(DATA)
+    with pytest.raises(NonFiniteError):
+        svi.step(DATA, True)
+    for _ in range(3):
+        assert np.isfinite(svi.step(DATA))
+    assert all(bool(torch.isfinite(v).all()) for _, v in pyro.get_param_store().named_parameters())
+
+
 @pytest.mark.parametrize("name", ["SGLD", "SGNHT"])
 def test_ctrl_c_during_a_threaded_step_leaves_the_step_whole(name, monkeypatch):
     """A real SIGINT, sent while the main thread waits for the noise threads: the step is
@@ -282,6 +296,40 @@ class Payload:
         return (setattr, (Payload, "ran", True))
 
 
+def test_pyro_load_runs_no_code_from_the_file(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"layout": [], "sampler": Payload()}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError):
+        optim.SGLD({"lr": 1e-3}).load(str(path))
+    assert not Payload.ran
+
+
+def test_pyro_set_state_refuses_a_state_that_does_not_fit_at_once():
+    pyro.clear_param_store()
+    opt = optim.SGNHT({"lr": 1e-2})
+    svi = SVI(poisoned_model, AutoUnconstrainedDelta(poisoned_model), opt, Trace_ELBO())
+    svi.step(DATA)
+    state = opt.get_state()
+    with pytest.raises(ValueError, match="SGNHT"):
+        optim.SGLD({"lr": 1e-3}).set_state(state)
+    state["sampler"]["param_groups"][0]["temperature"] = -1.0
+    with pytest.raises(ValueError, match="Invalid temperature"):
+        optim.SGNHT({"lr": 1e-2}).set_state(state)
+
+
+def test_a_pending_set_state_that_never_applies_warns():
+    pyro.clear_param_store()
+    opt = optim.SGLD({"lr": 1e-3})
+    SVI(poisoned_model, AutoUnconstrainedDelta(poisoned_model), opt, Trace_ELBO()).step(DATA)
+    state = opt.get_state()
+    state["layout"] = [["another_model.w"]]
+    fresh = optim.SGLD({"lr": 1e-3})
+    fresh.set_state(state)
+    with pytest.warns(UserWarning, match="another_model.w"):
+        SVI(poisoned_model, AutoUnconstrainedDelta(poisoned_model), fresh, Trace_ELBO()).step(DATA)
+
+
 def subsampled_model(data):
     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
@@ -292,19 +340,77 @@ def subsampled_model(data):
 # ------------------------------------------------------------------------ the Pyro wrapper
 
 
+@pytest.mark.parametrize("key, hint", [("temprature", "temperature"), ("weight_deacy", "weight_decay"),
+                                       ("localisation", "localization"), ("Lr", "lr")])
+def test_misspelt_options_of_the_pyro_wrapper_are_refused_with_the_closest(key, hint):
+    with pytest.raises(ValueError, match=f"Invalid option '{key}'.*did you mean '{hint}'"):
+        optim.SGLD({"lr": 0.01, key: 2.0})
+
+
+def test_misspelt_options_returned_by_a_callable_are_refused_at_the_first_step():
+    pyro.clear_param_store()
+    opt = optim.SGNHT(lambda name: {"lr": 0.01, "diffusion_facter": 2.0})
+    svi = SVI(poisoned_model, AutoUnconstrainedDelta(poisoned_model), opt, Trace_ELBO())
+    with pytest.raises(ValueError, match="did you mean 'diffusion_factor'"):
+        svi.step(DATA)
+
+
 def vector_model(data):
     w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
     with pyro.plate("data", len(data)):
         pyro.sample("x", dist.Normal(w.sum(), 1.0), obs=data)
 
 
+def test_a_mask_can_be_given_through_the_pyro_wrapper():
+    pyro.clear_param_store()
+    opt = optim.SGLD({"lr": 1e-2, "mask": [1.0, 0.0, 1.0]})
+    svi = SVI(vector_model, AutoUnconstrainedDelta(vector_model), opt, Trace_ELBO())
+    svi.step(DATA)
+    before = pyro.get_param_store()["AutoUnconstrainedDelta.locs.w"].detach().clone()
+    for _ in range(5):
+        svi.step(DATA)
+    after = pyro.get_param_store()["AutoUnconstrainedDelta.locs.w"].detach()
+    assert after[1] == before[1] and after[0] != before[0] and after[2] != before[2]
+
+
+def test_tensors_outside_the_param_store_are_all_stepped_and_clipped():
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    with pytest.warns(UserWarning, match="noise_level"):
+        opt = optim.SGLD({"lr": 1e-2, "noise_level": 0.0}, {"clip_value": 1e-3})
+        a.grad, b.grad = torch.ones(3), torch.full((3,), 2.0)
+        opt([a, b])
+    for t in (a, b):
+        assert torch.allclose(t.detach(), torch.full((3,), -1e-2 / 2 * 1e-3))
+
+
 # ------------------------------------------------------------------------------- warnings
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoDiagonalNormal])
+def test_a_non_point_guide_under_a_sampler_warns(guide_class):
+    pyro.clear_param_store()
+    svi = SVI(poisoned_model, guide_class(poisoned_model), optim.SGLD({"lr": 1e-3}), Trace_ELBO())
+    with pytest.warns(UserWarning, match="not a point"):
+        svi.step(DATA)
 
 
 def constrained_model(data):
     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
     with pyro.plate("data", len(data)):
         pyro.sample("x", dist.Normal(0.0, scale), obs=data)
+
+
+def test_autodelta_with_a_constrained_site_warns_and_ours_does_not():
+    pyro.clear_param_store()
+    svi = SVI(constrained_model, AutoDelta(constrained_model), optim.SGLD({"lr": 1e-3}), Trace_ELBO())
+    with pytest.warns(UserWarning, match="AutoUnconstrainedDelta"):
+        svi.step(DATA)
+    pyro.clear_param_store()
+    svi = SVI(constrained_model, AutoUnconstrainedDelta(constrained_model), optim.SGLD({"lr": 1e-3}), Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi.step(DATA)
 
 
 @pytest.mark.parametrize("dtype, lr", [(torch.bfloat16, 1e-6), (torch.float16, 1e-8)])
