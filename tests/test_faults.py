@@ -337,6 +337,36 @@ def subsampled_model(data):
         pyro.sample("x", dist.Normal(loc, scale), obs=data[idx])
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_the_svi_recipe_resumes_bit_for_bit_in_the_order_a_user_writes_it(name, tmp_path):
+    def run(steps, svi):
+        for _ in range(steps):
+            svi.step(DATA)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    opt = getattr(optim, name)({"lr": LR[name]})
+    svi = SVI(subsampled_model, AutoUnconstrainedDelta(subsampled_model), opt, Trace_ELBO())
+    run(5, svi)
+    torch.save({"params": pyro.get_param_store().get_state(), "optim": opt.get_state(),
+                "rng": pyro.util.get_rng_state()}, tmp_path / "ckpt.pt")
+    run(20, svi)
+    uninterrupted = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)
+    guide = AutoUnconstrainedDelta(subsampled_model)
+    opt2 = getattr(optim, name)({"lr": LR[name]})
+    svi = SVI(subsampled_model, guide, opt2, Trace_ELBO())
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    pyro.get_param_store().set_state(saved["params"])
+    opt2.set_state(saved["optim"])
+    pyro.util.set_rng_state(saved["rng"])
+    run(20, svi)
+    for key, value in pyro.get_param_store().named_parameters():
+        assert torch.equal(value.detach(), uninterrupted[key]), key
+
+
 # ------------------------------------------------------------------------ the Pyro wrapper
 
 
@@ -472,6 +502,18 @@ class BNN(PyroModule):
             mu = self.fc(x[idx]).sum(-1)
             pyro.sample("y", dist.Normal(mu, 0.1), obs=None if y is None else y[idx])
         return mu
+
+
+def test_global_weights_first_sampled_inside_a_subsampled_plate_get_a_clear_error():
+    pyro.clear_param_store()
+    x, y = torch.randn(20, 3), torch.randn(20)
+    model = BNN()
+    with pytest.raises(ValueError, match=r"'fc.weight'.*subsampled plate 'data'.*before"):
+        SVI(model, AutoUnconstrainedDelta(model), optim.SGLD({"lr": 1e-4}), Trace_ELBO()).step(x, y)
+    from pyro_sgmcmc.infer.sites import trace_model
+
+    with pytest.raises(ValueError, match=r"'fc.weight'.*before"):
+        trace_model(model, x, y)
 
 
 # ------------------------------------------------------------- the resume matrix, fresh process
