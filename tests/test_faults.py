@@ -518,4 +518,101 @@ def test_global_weights_first_sampled_inside_a_subsampled_plate_get_a_clear_erro
 
 # ------------------------------------------------------------- the resume matrix, fresh process
 
+RESUME = textwrap.dedent('''
+    import copy, sys, torch, pyro, pyro.distributions as dist
+    from pyro.infer import SVI, Trace_ELBO
+    import pyro_sgmcmc.optim as optim
+    from pyro_sgmcmc.infer import AutoUnconstrainedDelta
+    from pyro_sgmcmc.samplers import SAMPLERS
 
+    LR = {"SGLD": 1e-3, "PSGLD": 1e-3, "SGNHT": 1e-2, "SGHMC": 1e-2}
+    DATA = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0, 1.2])
+    STEPS = 6
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(data), subsample_size=3) as idx:
+            pyro.sample("x", dist.Normal(loc, scale), obs=data[idx])
+
+    def torch_case(name, own, theta=None):
+        theta = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 5)) if theta is None else theta
+        generator = torch.Generator().manual_seed(7) if own else None
+        return theta, SAMPLERS[name]([theta], lr=LR[name], localization=0.1, generator=generator)
+
+    def torch_steps(theta, sampler, steps):
+        for _ in range(steps):
+            theta.grad = 2.0 * theta.detach()
+            sampler.step()
+        return theta.detach().clone()
+
+    def pyro_case(name):
+        pyro.clear_param_store()
+        opt = getattr(optim, name)({"lr": LR[name]})
+        return SVI(model, AutoUnconstrainedDelta(model), opt, Trace_ELBO()), opt
+
+    def params():
+        return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    def save(path):
+        out = {}
+        for at, name in [(at, name) for at in (0, 3) for name in SAMPLERS]:
+            for own in (False, True):
+                torch.manual_seed(3)
+                theta, sampler = torch_case(name, own)
+                torch_steps(theta, sampler, at)
+                out[f"torch {name} {own} {at}"] = {"theta": theta.detach().clone(),
+                                                   "state": copy.deepcopy(sampler.state_dict())}  # it holds live tensors
+                out[f"torch {name} {own} {at}"]["expected"] = torch_steps(theta, sampler, STEPS)
+            pyro.set_rng_seed(3)
+            svi, opt = pyro_case(name)
+            for _ in range(at):
+                svi.step(DATA)
+            pyro.get_param_store().save(f"{path}.{name}.{at}.params")
+            opt.save(f"{path}.{name}.{at}.optim")
+            out[f"pyro {name} {at}"] = {"rng": torch.get_rng_state()}
+            for _ in range(STEPS):
+                svi.step(DATA)
+            out[f"pyro {name} {at}"]["expected"] = params()
+        torch.save(out, path)
+
+    def resume(path):
+        saved = torch.load(path, weights_only=True)
+        torch.manual_seed(999)  # elsewhere: only the checkpoint may decide what follows
+        failures = []
+        for at, name in [(at, name) for at in (0, 3) for name in SAMPLERS]:
+            for own in (False, True):
+                case = saved[f"torch {name} {own} {at}"]
+                theta, sampler = torch_case(name, own, torch.nn.Parameter(case["theta"].clone()))
+                sampler.load_state_dict(case["state"])
+                if not torch.equal(torch_steps(theta, sampler, STEPS), case["expected"]):
+                    failures.append(f"torch {name} own_generator={own} after {at} steps")
+            case = saved[f"pyro {name} {at}"]
+            pyro.set_rng_seed(999)
+            svi, opt = pyro_case(name)  # the order a user writes: guide and optimizer, then the state
+            pyro.get_param_store().load(f"{path}.{name}.{at}.params")
+            opt.load(f"{path}.{name}.{at}.optim")
+            torch.set_rng_state(case["rng"])
+            for _ in range(STEPS):
+                svi.step(DATA)
+            if any(not torch.equal(value, case["expected"][key]) for key, value in params().items()):
+                failures.append(f"pyro {name} after {at} steps")
+        print("FAILURES", failures)
+        sys.exit(1 if failures else 0)
+
+    {"save": save, "resume": resume}[sys.argv[1]](sys.argv[2])
+''')
+
+
+def test_checkpoints_resume_bit_for_bit_in_a_fresh_process(tmp_path):
+    """Every sampler, as a torch optimizer (global RNG or its own generator) and through SVI
+    (subsampled model: param store, optimizer file and RNG restored in the order a user writes
+    them), checkpointed before the first step and after three: resumed in a new process, each
+    continues exactly as the run that made the checkpoint."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = str(tmp_path / "checkpoint.pt")
+    for command in ("save", "resume"):
+        result = subprocess.run([sys.executable, "-c", RESUME, command, path], env=env, timeout=300,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
