@@ -48,14 +48,15 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ._common import Diagnostics
-from ._momentum import momentum_step
+from ._momentum import kinetic_sum, momentum_tasks
 from ._noise import NoisePlanCache, NoiseSource
+from ._step import Step, gathered, run
 
 
 def injected_noise_variance(lr: float, friction: float, noise_estimate: float = 0.0) -> float:
@@ -80,23 +81,9 @@ def sghmc(
     grads: Sequence[Tensor],
     momenta: Sequence[Tensor],
     *,
-    lr: float,
-    friction: float,
-    noise_estimate: float = 0.0,
-    grad_scale: float = 1.0,
-    localization: float = 0.0,
-    weight_decay: float = 0.0,
-    noise_level: float = 1.0,
-    anchors: Sequence[Tensor] | None = None,
-    masks: Sequence[Tensor] | None = None,
-    bounding_box_size: float | None = None,
     generator: torch.Generator | None = None,
     noise: NoiseSource | None = None,
-    foreach: bool | None = None,
-    noise_plans: NoisePlanCache | None = None,
-    check_finite: bool = True,
-    diagnostics: Diagnostics | None = None,
-    grads_checked: bool = False,
+    **options: Any,
 ) -> None:
     r"""Apply one SGHMC step in place to ``params`` and ``momenta``.
 
@@ -119,20 +106,53 @@ def sghmc(
     :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
         momentum of the entries that hit the wall.
+
+    Every keyword but ``generator`` and ``noise`` is passed on to :func:`sghmc_step`.
     """
+    run(sghmc_step(params, grads, momenta, **options), noise or NoiseSource(generator))
+
+
+def sghmc_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    *,
+    lr: float,
+    friction: float,
+    noise_estimate: float = 0.0,
+    grad_scale: float = 1.0,
+    localization: float = 0.0,
+    weight_decay: float = 0.0,
+    noise_level: float = 1.0,
+    anchors: Sequence[Tensor] | None = None,
+    masks: Sequence[Tensor] | None = None,
+    bounding_box_size: float | None = None,
+    foreach: bool | None = None,
+    noise_plans: NoisePlanCache | None = None,
+    check_finite: bool = True,
+    diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
+) -> Step:
+    """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sghmc` (same arguments)."""
     if lr == 0.0 or not params:
-        return
+        return [], None
     h = lr
     injected = injected_noise_variance(h, friction, noise_estimate)
-    noise_std = noise_level * math.sqrt(injected) / h  # applied with factor h
-    noise = noise or NoiseSource(generator)
-    kinetic = momentum_step(
+    noise_std = noise_level * math.sqrt(injected) / h  # the momentum noise is h times this
+    tasks = momentum_tasks(
         params, grads, momenta, math.exp(-friction * h), lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
-        bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
+        bounding_box_size=bounding_box_size, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
         kinetic_energy=diagnostics is not None,  # only reported
     )
-    if diagnostics is not None:
+    if diagnostics is None:
+        return tasks, None
+
+    def post(results: list[list]) -> None:
+        chunks = gathered(results)
+        diagnostics.add_chunks([parts for _, parts in chunks])
         num = sum(p.numel() for p in params) if masks is None else sum(float(m.sum()) for m in masks)
-        diagnostics.add_value("kinetic_temperature", kinetic / max(num, 1))
+        diagnostics.add_value("kinetic_temperature", kinetic_sum(chunks, params[0]) / max(num, 1))
+
+    return tasks, post

@@ -32,14 +32,15 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ._common import Diagnostics
-from ._momentum import momentum_step
+from ._momentum import kinetic_sum, momentum_tasks
 from ._noise import NoisePlanCache, NoiseSource
+from ._step import Step, gathered, run
 
 
 def sgnht(
@@ -48,23 +49,9 @@ def sgnht(
     momenta: Sequence[Tensor],
     thermostat: Tensor,
     *,
-    lr: float,
-    diffusion_factor: float,
-    grad_scale: float = 1.0,
-    localization: float = 0.0,
-    weight_decay: float = 0.0,
-    noise_level: float = 1.0,
-    anchors: Sequence[Tensor] | None = None,
-    masks: Sequence[Tensor] | None = None,
-    num_free: float | None = None,
-    bounding_box_size: float | None = None,
     generator: torch.Generator | None = None,
     noise: NoiseSource | None = None,
-    foreach: bool | None = None,
-    noise_plans: NoisePlanCache | None = None,
-    check_finite: bool = True,
-    diagnostics: Diagnostics | None = None,
-    grads_checked: bool = False,
+    **options: Any,
 ) -> None:
     r"""Apply one SGNHT step in place to ``params``, ``momenta`` and the 0-dim ``thermostat``.
 
@@ -91,22 +78,57 @@ def sgnht(
     :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
     :param diagnostics: accumulates norms of the parts of the momentum update when given.
     :param grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
+
+    Every keyword but ``generator`` and ``noise`` is passed on to :func:`sgnht_step`.
     """
+    run(sgnht_step(params, grads, momenta, thermostat, **options), noise or NoiseSource(generator))
+
+
+def sgnht_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    thermostat: Tensor,
+    *,
+    lr: float,
+    diffusion_factor: float,
+    grad_scale: float = 1.0,
+    localization: float = 0.0,
+    weight_decay: float = 0.0,
+    noise_level: float = 1.0,
+    anchors: Sequence[Tensor] | None = None,
+    masks: Sequence[Tensor] | None = None,
+    num_free: float | None = None,
+    bounding_box_size: float | None = None,
+    foreach: bool | None = None,
+    noise_plans: NoisePlanCache | None = None,
+    check_finite: bool = True,
+    diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
+) -> Step:
+    """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sgnht` (same arguments); its
+    ``post`` updates the thermostat once the momenta have moved."""
     if lr == 0.0 or not params:
-        return
+        return [], None
     h = lr
-    noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the buffer is applied with factor h
-    noise = noise or NoiseSource(generator)
+    noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the momentum noise is h times this
     if num_free is None:
         num_free = float(sum(map(Tensor.numel, params)))
     friction = torch.exp(-h * thermostat)  # the friction flow dp = -xi p dt, solved exactly over h
-    kinetic = momentum_step(
+    tasks = momentum_tasks(
         params, grads, momenta, friction, lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
-        bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
+        bounding_box_size=bounding_box_size, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
     )
-    thermostat.add_(kinetic, alpha=h / num_free).sub_(h)  # xi += h (p.p / d - 1)
-    if diagnostics is not None:
-        diagnostics.add_value("thermostat", thermostat)
-        diagnostics.add_value("kinetic_temperature", kinetic / num_free)
+
+    def post(results: list[list]) -> None:
+        chunks = gathered(results)
+        kinetic = kinetic_sum(chunks, params[0])
+        thermostat.add_(kinetic, alpha=h / num_free).sub_(h)  # xi += h (p.p / d - 1)
+        if diagnostics is not None:
+            diagnostics.add_chunks([parts for _, parts in chunks])
+            diagnostics.add_value("thermostat", thermostat)
+            diagnostics.add_value("kinetic_temperature", kinetic / num_free)
+
+    return tasks, post

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ..functional import Diagnostics, NonFiniteError, psgld
-from .._validation import check_number
+from ..functional import Diagnostics
+from ..functional._step import Step
+from ..functional.psgld import psgld_step
+from .._validation import check_flag, check_number
 from .base import SGMCMCOptimizer
 from .sgld import SGLD
 
@@ -58,10 +61,19 @@ class PSGLD(SGMCMCOptimizer):
         noise they measured: far from the posterior the first gradient is huge, and a :math:`V`
         started there shrinks the steps for hundreds of iterations.
     :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
+        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
+        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
     """
 
     langevin = True
+
+    OPTION_CHECKS = {
+        **SGMCMCOptimizer.OPTION_CHECKS,
+        "alpha": functools.partial(check_number, allow_low=True, high=1.0),
+        "eps": functools.partial(check_number),
+        "adapt_preconditioner": check_flag,
+        "initial_square_average": functools.partial(check_number, allow_low=True, none_ok=True),
+    }
 
     def __init__(
         self,
@@ -99,16 +111,6 @@ class PSGLD(SGMCMCOptimizer):
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        alpha = group["alpha"]
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha < 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r} (must be a number in [0, 1))")
-        check_number("eps", group["eps"])
-        check_number("initial_square_average", group["initial_square_average"], allow_low=True, none_ok=True)
-        if not isinstance(group["adapt_preconditioner"], bool):
-            raise ValueError(f"Invalid adapt_preconditioner: {group['adapt_preconditioner']!r} (must be True or False)")
-
     @staticmethod
     def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
                    arrival: bool = False, **options: Any) -> float:
@@ -143,13 +145,12 @@ class PSGLD(SGMCMCOptimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return 1.0 / (square_avg.sqrt() + group["eps"])
 
-    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                     ) -> tuple[list[Tensor], list[Tensor]]:
+    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Each parameter's :math:`V`, started at :math:`(g/T)^2` at its first step (so that the
-        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there), and the parameters
-        whose :math:`V` was started now."""
+        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there; dropped again if that
+        step is refused)."""
         scale = self.grad_scale(group)
-        out, fresh = [], []
+        out = []
         for p, g in zip(params, grads):
             state = self.state[p]
             if "square_avg" not in state:
@@ -158,9 +159,9 @@ class PSGLD(SGMCMCOptimizer):
                     state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
                 else:
                     state["square_avg"] = torch.full_like(p, initial, memory_format=torch.contiguous_format)
-                fresh.append(p)
+                self._remember_fresh(state, "square_avg")
             out.append(state["square_avg"])
-        return out, fresh
+        return out
 
     def _update_group(
         self,
@@ -168,23 +169,11 @@ class PSGLD(SGMCMCOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
-        square_avgs, fresh = self._square_avgs(group, params, grads)
-        try:
-            self._psgld(group, params, grads, square_avgs, masks, check_finite, diagnostics, targets)
-        except NonFiniteError:
-            for p in fresh:  # a refused step leaves no trace, not even a started V
-                del self.state[p]["square_avg"]
-            raise
-        if targets is not None:
-            for v in square_avgs:
-                v.detach_()
-
-    def _psgld(self, group, params, grads, square_avgs, masks, check_finite, diagnostics, targets) -> None:
-        psgld(
+    ) -> Step:
+        square_avgs = self._square_avgs(group, params, grads)
+        step = psgld_step(
             params if targets is None else targets,
             grads,
             square_avgs,
@@ -192,5 +181,8 @@ class PSGLD(SGMCMCOptimizer):
             alpha=group["alpha"],
             eps=group["eps"],
             update_preconditioner=group["adapt_preconditioner"],
-            **self.update_options(group, params, masks, check_finite, diagnostics),
+            **self.update_options(group, params, masks, diagnostics),
         )
+        if targets is None:
+            return step
+        return self._then(step, lambda: [v.detach_() for v in square_avgs])  # keep the sampler's state plain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -9,10 +10,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ..functional import Diagnostics, sghmc
-from ..functional.sghmc import injected_noise_variance
-from ._momentum import MomentumSampler
+from ..functional import Diagnostics
+from ..functional._step import Step
+from ..functional.sghmc import injected_noise_variance, sghmc_step
 from .._validation import check_number
+from ._momentum import MomentumSampler
 
 __all__ = ["SGHMC"]
 
@@ -62,9 +64,16 @@ class SGHMC(MomentumSampler):
     :param gradient_noise_variance: :math:`\hat V \ge 0`; must keep
         :math:`h^2\hat V/T^2 < 1 - e^{-2Ch}`.
     :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
+        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
+        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
         With a bounding box, the momentum of an entry that hits the wall is reversed.
     """
+
+    OPTION_CHECKS = {
+        **MomentumSampler.OPTION_CHECKS,
+        "friction": functools.partial(check_number),
+        "gradient_noise_variance": functools.partial(check_number, allow_low=True),
+    }
 
     def __init__(
         self,
@@ -98,15 +107,14 @@ class SGHMC(MomentumSampler):
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_number("friction", group["friction"])
-        check_number("gradient_noise_variance", group["gradient_noise_variance"], allow_low=True)
-
     def noise_estimate(self, group: dict[str, Any]) -> float:
         """:math:`\\hat B = h \\hat V / (2 T^2)` for the group's current step size (the gradient
         noise it stands for adds :math:`2h\\hat B` to the momentum's variance per step)."""
-        return group["lr"] * group["gradient_noise_variance"] * self.grad_scale(group) ** 2 / 2
+        variance = group["gradient_noise_variance"]
+        if not variance:
+            return 0.0
+        scale = self.grad_scale(group)
+        return group["lr"] * variance * scale * scale / 2  # a product, not ** 2: inf past the float range
 
     @staticmethod
     def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
@@ -168,10 +176,9 @@ class SGHMC(MomentumSampler):
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
+    ) -> Step:
         estimate = self.noise_estimate(group)
         h, c = group["lr"], group["friction"]
         if h > 0:
@@ -185,14 +192,15 @@ class SGHMC(MomentumSampler):
                     f"a bound below friction={c!r} (lower lr or the variance, or raise the friction)"
                 ) from None
         momenta = self._momenta(params, masks)
-        sghmc(
+        step = sghmc_step(
             params if targets is None else targets,
             grads,
             momenta,
             lr=group["lr"],
             friction=group["friction"],
             noise_estimate=estimate,
-            **self.update_options(group, params, masks, check_finite, diagnostics),
+            **self.update_options(group, params, masks, diagnostics),
         )
-        if targets is not None:
-            self._detach(momenta)
+        if targets is None:
+            return step
+        return self._then(step, lambda: self._detach(momenta))  # keep the sampler's state plain
