@@ -68,13 +68,7 @@ html_theme_options = {"description": "Stochastic-gradient MCMC for PyTorch and P
 # warning's text). In a build that reads every page (a fresh one, as the tests run), an entry
 # that no longer matches any warning is itself reported as a warning, so the list cannot outlive
 # the fixes: delete the entry (and, once empty, this whole block).
-TEMPORARY_EXCLUSIONS = [
-    # ":param temperature, nbeta, ...,\n    mask, ...:" -- a field name cannot span two lines
-    ("pyro_sgmcmc.samplers.sgld.SGLD", "Field list ends without a blank line"),
-    ("pyro_sgmcmc.samplers.sgnht.SGNHT", "Field list ends without a blank line"),
-    ("pyro_sgmcmc.samplers.sghmc.SGHMC", "Field list ends without a blank line"),
-    ("pyro_sgmcmc.samplers.psgld.PSGLD", "Field list ends without a blank line"),
-]
+TEMPORARY_EXCLUSIONS: list[tuple[str, str]] = []
 
 
 class _TemporaryExclusions:

@@ -43,10 +43,9 @@ class PSGLD(SGMCMCOptimizer):
     a fixed diagonal preconditioner and keeps its target exactly, up to SGLD's O(lr) bias
     (tested against the exact stationary law). While :math:`V` adapts, :math:`G` follows the chain
     (small where the chain has lately been far out, so it lingers there) and the missing term
-    shows. Measured on the anisotropic Gaussian of ``tests/test_stationary.py`` (precisions 1, 4,
-    25; exact gradients, :math:`\epsilon\sqrt{\lambda_{\max}} = 0.1`, 500 chains x 4000 steps), the
-    variances come out high by 54-77% with ``alpha = 0.9``, 12-32% with ``alpha = 0.99`` and 3-5%
-    with ``alpha = 0.999``. When minibatch noise dominates :math:`V` (the usual case for big data),
+    shows: on a Gaussian with precisions 1, 4 and 25, exact gradients and
+    :math:`\epsilon\sqrt{\lambda_{\max}} = 0.1`, the variances come out high by 54-77% with
+    ``alpha = 0.9``, 12-32% with ``alpha = 0.99`` and 3-5% with ``alpha = 0.999``. When minibatch noise dominates :math:`V` (the usual case for big data),
     :math:`V` hardly depends on :math:`\theta` and this bias vanishes into SGLD's own noise bias
     :math:`\epsilon G B/4` (measured with gradient noise of variance 100: the same variances, within
     2%, for all three ``alpha``). For unbiased samples: adapt during burn-in, then freeze.
@@ -60,9 +59,11 @@ class PSGLD(SGMCMCOptimizer):
         step). The MCMC kernels start it at its stationary value for the curvature and gradient
         noise they measured: far from the posterior the first gradient is huge, and a :math:`V`
         started there shrinks the steps for hundreds of iterations.
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
-        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
     """
 
     langevin = True

@@ -63,10 +63,12 @@ class SGHMC(MomentumSampler):
         "1 - momentum" of SGD with momentum).
     :param gradient_noise_variance: :math:`\hat V \ge 0`; must keep
         :math:`h^2\hat V/T^2 < 1 - e^{-2Ch}`.
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
-        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
-        With a bounding box, the momentum of an entry that hits the wall is reversed.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
+    With a bounding box, the momentum of an entry that hits the wall is reversed.
     """
 
     OPTION_CHECKS = {

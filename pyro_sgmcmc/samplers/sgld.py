@@ -81,9 +81,11 @@ class SGLD(SGMCMCOptimizer):
     :param gradient_noise_variance: :math:`\hat V \ge 0`, subtracted from the injected noise
         (only with ``reference_curvature`` or alone: it then removes the O(lr) heat of the
         gradient noise).
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
-        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
     """
 
     langevin = True

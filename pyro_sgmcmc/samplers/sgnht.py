@@ -47,10 +47,12 @@ class SGNHT(MomentumSampler):
     :param params: parameters or parameter groups.
     :param lr: the step size :math:`h` (or a callable of the step).
     :param diffusion_factor: :math:`A > 0`, the injected noise and the thermostat's start.
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also
-        says what a refused step, Ctrl-C, ``fork`` and float16 / bfloat16 parameters do.
-        With a bounding box, the momentum of an entry that hits the wall is reversed.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
+    With a bounding box, the momentum of an entry that hits the wall is reversed.
     """
 
     OPTION_CHECKS = {**MomentumSampler.OPTION_CHECKS, "diffusion_factor": functools.partial(check_number)}
