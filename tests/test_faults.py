@@ -514,6 +514,10 @@ def test_global_weights_first_sampled_inside_a_subsampled_plate_get_a_clear_erro
 
     with pytest.raises(ValueError, match=r"'fc.weight'.*before"):
         trace_model(model, x, y)
+    from pyro_sgmcmc.infer import SGLD as SGLDKernel  # the kernels trace the model through the same check
+
+    with pytest.raises(ValueError, match=r"'fc.weight'.*subsampled plate 'data'.*before"):
+        pyro.infer.MCMC(SGLDKernel(model), num_samples=2, warmup_steps=2, disable_progbar=True).run(x, y)
 
 
 # ------------------------------------------------------------- the resume matrix, fresh process

@@ -33,7 +33,7 @@ from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import biject_to
 
-from .sites import check_latent_site
+from .sites import check_latent_site, trace_model
 from .subsample import SubsampleControl, SubsampledPlate, subsampled_plates
 
 __all__ = ["FlatLayout", "ModelPotential", "ModelSites", "PotentialEvaluator", "find_initial_point", "model_sites"]
@@ -143,7 +143,7 @@ def model_sites(model: Callable, model_args: tuple, model_kwargs: dict) -> Model
     rng = pyro.util.get_rng_state()  # the structure run must not move the RNG (a continued chain draws as before)
     try:
         with poutine.block(), pyro.validation_enabled(False):  # a prior draw may be an invalid point
-            structure = poutine.trace(model).get_trace(*model_args, **model_kwargs)
+            structure = trace_model(model, *model_args, **model_kwargs)
     finally:
         pyro.util.set_rng_state(rng)
     transforms = {}
