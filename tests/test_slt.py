@@ -13,6 +13,7 @@ Exact answers:
   :math:`\\sum_i n\\beta h_i / (2 a_i (1 - \\epsilon a_i/4))`;
 * separable even monomials :math:`L = \\sum_i k_i w_i^{p_i}` with :math:`\\gamma = 0`:
   :math:`E[n\\beta L] = \\sum_i 1/p_i` at every :math:`n\\beta`;
+* WBIC of a Bayesian linear regression with known noise: the tempered posterior is Gaussian;
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from pyro.distributions import constraints
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyro_sgmcmc.slt import LLCWarning, estimate_llc, plot_llc
+from pyro_sgmcmc.slt import LLCWarning, estimate_llc, plot_llc, tempered_likelihood, wbic
 from pyro_sgmcmc.slt._stats import chain_mean
 
 
@@ -354,6 +355,19 @@ def regression(x: torch.Tensor, y: torch.Tensor, sigma: float, prior_scale: floa
     return model
 
 
+def test_tempered_likelihood_scales_the_observed_sites_only():
+    torch.manual_seed(12)
+    x, y = torch.randn(20, 2), torch.randn(20)
+    model = regression(x, y, 0.5, 1.0)
+    trace = pyro.poutine.trace(tempered_likelihood(model, 0.25)).get_trace(x, y)
+    plain = pyro.poutine.trace(pyro.poutine.replay(model, trace=trace)).get_trace(x, y)
+    trace.compute_log_prob(), plain.compute_log_prob()
+    assert trace.nodes["w"]["log_prob_sum"] == pytest.approx(float(plain.nodes["w"]["log_prob_sum"]))
+    assert trace.nodes["y"]["log_prob_sum"] == pytest.approx(0.25 * float(plain.nodes["y"]["log_prob_sum"]))
+    with pytest.raises(ValueError, match=r"Invalid beta: -1 \(must be a finite number > 0\)"):
+        tempered_likelihood(model, -1)
+
+
 def test_pyro_model_init_loss_is_exact_and_n_is_the_plate_size():
     from pyro_sgmcmc.slt._pyro import ModelLikelihood
 
@@ -377,6 +391,25 @@ def linear_regression_data(n: int, d: int, sigma: float, seed: int, orthogonal: 
     w = torch.randn(d, generator=generator, dtype=torch.float64)
     y = x @ w + sigma * torch.randn(n, generator=generator, dtype=torch.float64)
     return x, y
+
+
+def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
+    pyro.set_rng_seed(14)
+    n, d, sigma, alpha = 400, 3, 0.5, 1.0
+    x, y = linear_regression_data(n, d, sigma, seed=14)
+    beta = 1 / math.log(n)
+    precision = alpha * torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
+    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
+    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
+    exact = n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
+    result = wbic(regression(x.float(), y.float(), sigma, alpha**-0.5), (x.float(), y.float()), num_samples=500,
+                  warmup_steps=200, num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True},
+                  progress_bar=False)
+    assert result.n == n and result.beta == pytest.approx(beta)
+    assert 4 * result.std_error < 1.0  # a tenth of d / (2 beta) = 9, the part of WBIC the chain estimates
+    assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
+    # the LLC from the same chain: d/2 for a regular model, up to the prior's O(1/n) pull
+    assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
 
 
 @pytest.mark.slow
