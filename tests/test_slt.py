@@ -14,6 +14,8 @@ Exact answers:
 * separable even monomials :math:`L = \\sum_i k_i w_i^{p_i}` with :math:`\\gamma = 0`:
   :math:`E[n\\beta L] = \\sum_i 1/p_i` at every :math:`n\\beta`;
 * WBIC of a Bayesian linear regression with known noise: the tempered posterior is Gaussian;
+* the prior scale that maximises the evidence of a conjugate regression with orthogonal design:
+  :math:`\\tau^2 = \\|\\hat w\\|^2/d - \\sigma^2/s` (with :math:`X^\\top X = sI` and :math:`\\hat w` the least squares fit).
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ import torch
 from pyro.distributions import constraints
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyro_sgmcmc.slt import LLCWarning, estimate_llc, plot_llc, tempered_likelihood, wbic
+from pyro_sgmcmc.slt import (
+    LLCWarning,
+    estimate_llc,
+    marglik_hyperparameters,
+    plot_llc,
+    tempered_likelihood,
+    wbic,
+)
 from pyro_sgmcmc.slt._stats import chain_mean
 
 
@@ -410,6 +419,22 @@ def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
     # the LLC from the same chain: d/2 for a regular model, up to the prior's O(1/n) pull
     assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
+
+
+def test_marglik_finds_the_evidence_maximising_prior_scale():
+    pyro.set_rng_seed(15)
+    pyro.clear_param_store()
+    n, d, sigma = 200, 5, 1.0
+    x, y = linear_regression_data(n, d, sigma, seed=15, orthogonal=True)
+    fitted = x.T @ y / n
+    exact = math.sqrt(float((fitted**2).mean()) - sigma**2 / n)
+    result = marglik_hyperparameters(regression(x.float(), y.float(), sigma, None), (x.float(), y.float()),
+                                     num_steps=1200, burn_in=200, progress_bar=False)
+    estimate, error = float(result.hyperparameters["prior_scale"]), float(result.std_error["prior_scale"])
+    # the step's bias moves tau^2 by at most target_bias times the posterior variance sigma^2 / n
+    bias = 0.02 * sigma**2 / n / (2 * exact)
+    assert_exact(estimate, error, exact, bias, what="prior scale")
+    assert result.trace["prior_scale"][0] < 0.5 < exact - 0.2  # it moved from its start (0.3)
 
 
 @pytest.mark.slow
