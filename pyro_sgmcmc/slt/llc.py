@@ -67,6 +67,9 @@ R_HAT_LIMIT = 1.05
 _MAX_ROUNDS = 6
 #: A pilot whose step is too large is retried from w* with a step this many times smaller.
 _SHRINK = 10.0
+#: Steps between snapshots of the chains, and how many times the sampling phase may start over.
+_SNAPSHOT = 25
+_MAX_RESTARTS = 4
 
 
 class LLCWarning(UserWarning):
@@ -86,6 +89,8 @@ class LLCDiagnostics:
     :param scales: the curvature and gradient noise measured at the final points.
     :param adaptation_steps: steps of the pilot runs that chose the step (excluded).
     :param burn_in: steps at the chosen step before the draws (excluded).
+    :param restarts: how many times the sampling phase started over with a smaller step after a
+        chain diverged (see :meth:`_Chains.sample`); the draws come from the last start only.
     :param vectorized: whether the chains ran in one ``vmap``-ed call.
     :param control_variates: whether the gradient and the loss estimates used control variates.
     :param full_batch: whether every evaluation used the whole data set.
@@ -99,6 +104,7 @@ class LLCDiagnostics:
     scales: Scales
     adaptation_steps: int
     burn_in: int
+    restarts: int
     vectorized: bool
     control_variates: bool
     full_batch: bool
@@ -113,7 +119,8 @@ class LLCResult:
     :param std_error: its Monte Carlo standard error (effective sample size across chains).
     :param per_chain: :math:`\\hat\\lambda` of each chain (``[chains]``).
     :param loss_trace: the estimate of :math:`L_n` at every step of every chain (``[chains, steps]``),
-        the excluded steps first.
+        the excluded steps first (after a restart, see ``diagnostics.restarts``, the steps of the last
+        start only).
     :param num_excluded: how many leading steps of ``loss_trace`` are adaptation and burn-in.
     :param init_loss: :math:`L_n(w^*)`, exact.
     :param n: the data set's size.
@@ -261,8 +268,7 @@ def estimate_llc(
     driver = _Chains(objective, nbeta, localization, control, init_loss, progress_bar, num_burnin + num_draws)
     try:
         lr, adaptation_steps = (step_size, 0) if step_size is not None else driver.adapt(target_bias, num_draws)
-        driver.set_lr(lr)
-        driver.run(num_burnin + num_draws, phase="sampling")
+        lr, restarts = driver.sample(num_burnin + num_draws, lr, None if step_size is not None else target_bias)
     finally:
         driver.close()
     trace = driver.trace()
@@ -278,7 +284,7 @@ def estimate_llc(
         warnings.warn(message, LLCWarning, stacklevel=2)
     diagnostics = LLCDiagnostics(
         ess=summary.ess, r_hat=summary.r_hat, step_bias=bias, target_bias=None if step_size is not None else target_bias,
-        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, vectorized=objective.vectorized,
+        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts, vectorized=objective.vectorized,
         control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
     return LLCResult(
         llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace,
@@ -325,6 +331,8 @@ class _Chains:
         group = {"params": objective.params, "mask": None if all(m is None for m in masks) else masks}
         self.sampler = SGLD([group], lr=0.0, nbeta=nbeta, localization=localization)
         self._records: list[Tensor] = []
+        self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
+        self.llc_guess: float | None = None
         self.start_scales = measure(objective, nbeta, localization, control)
         # a step that lifts n beta (L - L*) this far above its largest possible mean (d/2), and
         # beyond the loss estimate's own minibatch noise, diverged
@@ -357,22 +365,20 @@ class _Chains:
         excess = self.nbeta * (values - self.init_loss)
         return not bool(torch.isfinite(values).all()) or bool((excess > self._limit).any())
 
-    def run(self, steps: int, phase: str) -> bool:
-        """``steps`` steps, recorded; in the pilot phase, stop and return ``False`` at a divergence
-        (in the sampling phase, raise)."""
+    def run(self, steps: int, phase: str) -> str | None:
+        """``steps`` steps, recorded; at a divergence, stop and say why (``None``: none). Every
+        ``_SNAPSHOT`` steps the chains' points are kept, the two latest of them in
+        :attr:`snapshots`."""
         lr = self.sampler.param_groups[0]["lr"]
         for k in range(steps):
+            if k % _SNAPSHOT == 0:
+                self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
             try:
                 values = self._step()
             except NonFiniteError as error:
-                values, reason = None, str(error)
-            else:
-                reason = "the loss left every plausible range" if self._diverged(values) else None
-            if reason is not None:
-                if phase == "pilot":
-                    return False
-                raise RuntimeError(f"An LLC chain diverged at sampling step {k} with step size {lr:.3g} ({reason}); "
-                                   "give a smaller step_size (or target_bias)")
+                return f"step {k}: {error}"
+            if self._diverged(values):
+                return f"step {k}: the loss left every plausible range"
             self._records.append(values)
             if self._bar is not None:
                 self._bar.update(1)
@@ -380,7 +386,35 @@ class _Chains:
                     recent = torch.stack(self._records[-50:])
                     self._bar.set_postfix(phase=phase, step=f"{lr:.2e}",
                                           llc=f"{self.nbeta * (float(recent.mean()) - self.init_loss):.4g}", refresh=False)
-        return True
+        return None
+
+    def sample(self, steps: int, lr: float, target_bias: float | None) -> tuple[float, int]:
+        """The burn-in and the draws at ``lr``: ``(the step size used, restarts)``. A chain of a
+        singular model can wander along a flat direction into a region stiffer than any the pilot
+        runs saw, where the step is unstable; with an automatic step (``target_bias`` given) the
+        chains then go back to the older of the last two snapshots, the step is chosen again from
+        the scales measured there (and at least halved), and the burn-in and draws start over, so
+        that every draw comes from one fixed-step chain. A given step size is never changed: an
+        error says so."""
+        restarts = 0
+        while True:
+            self.set_lr(lr)
+            start = len(self._records)
+            reason = self.run(steps, phase="sampling")
+            if reason is None:
+                return lr, restarts
+            if target_bias is None or restarts == _MAX_RESTARTS:
+                raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {lr:.3g}; give a "
+                                   "smaller step_size (or target_bias), or more localization")
+            restarts += 1
+            del self._records[start:]
+            with torch.no_grad():
+                for p, kept in zip(self.objective.params, self.snapshots[0]):
+                    p.copy_(kept)
+            scales = measure(self.objective, self.nbeta, self.localization, self.control)
+            lr = min(lr / 2, choose_step(scales, self.llc_guess, target_bias))
+            if self._bar is not None:
+                self._bar.total += steps
 
     def _reset(self) -> None:
         with torch.no_grad():
@@ -389,12 +423,15 @@ class _Chains:
 
     def adapt(self, target_bias: float, num_draws: int) -> tuple[float, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
-        are, until the chosen step changes by less than a factor of 2 (at most ``_MAX_ROUNDS``). A
-        pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of a
-        singular model the curvature can be 0, and gives no scale)."""
+        are and a choice of the step (:func:`~pyro_sgmcmc.slt._scales.choose_step`, with the pilot's
+        second half as the guess of :math:`\\lambda`). The first pilot runs at the largest stable
+        step measured at :math:`w^*` (to arrive fast: its bias does not matter); later ones at the
+        step chosen, until the choice changes by less than a factor of 1.5 (at most ``_MAX_ROUNDS``).
+        A pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of
+        a singular model the curvature can be 0, and gives no scale)."""
         objective = self.objective
-        pilot = min(max(num_draws // 10, 25), 200)
-        lr = choose_step(self.start_scales, None, target_bias)
+        pilot = min(max(num_draws // 10, 50), 200)
+        lr = choose_step(self.start_scales, None, 1.0)  # the stability cap alone
         start = len(self._records)
         rounds = retries = 0
         while rounds < _MAX_ROUNDS:
@@ -402,7 +439,7 @@ class _Chains:
             if self._bar is not None:
                 self._bar.total += pilot
             before = len(self._records)
-            if not self.run(pilot, phase="pilot"):
+            if self.run(pilot, phase="pilot") is not None:
                 del self._records[before:]
                 retries += 1
                 if retries > 40:
@@ -413,10 +450,10 @@ class _Chains:
             rounds += 1
             recent = torch.stack(self._records[before + pilot // 2:])
             llc = self.nbeta * (float(recent.mean()) - self.init_loss)
-            llc = min(llc, objective.num_sampled / 2) if llc > 0 else None
+            llc = self.llc_guess = min(llc, objective.num_sampled / 2) if llc > 0 else None
             scales = measure(objective, self.nbeta, self.localization, self.control)
             chosen = choose_step(scales, llc, target_bias)
-            settled = 0.5 <= chosen / lr <= 2.0
+            settled = rounds > 1 and 1 / 1.5 <= chosen / lr <= 1.5
             lr = chosen
             if settled:
                 break
