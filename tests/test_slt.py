@@ -104,7 +104,7 @@ def test_quadratic_llc_with_masked_coordinates_counts_only_the_sampled_ones():
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
     model = Quadratic(H)
     result = estimate_llc(model, quadratic_data(n, 4, 100), mean_output, localization=gamma, mask={"w": mask},
-                          num_chains=32, num_draws=1000, progress_bar=False)
+                          num_chains=32, num_draws=1400, progress_bar=False)
     assert bool((result.draws.isfinite()).all()) and torch.equal(model.w.detach(), torch.zeros(4))  # w* untouched
     discretised = quadratic_exact(H[mask.bool()], result.nbeta, gamma, result.step_size)
     assert_exact(result.llc, result.std_error, discretised, what="masked")

@@ -134,7 +134,7 @@ class ModuleObjective(ChainObjective):
         self._module = _Evaluate(model, evaluate) if evaluate is not None else model
         self._prefix = "model." if evaluate is not None else ""
         named = dict(model.named_parameters())
-        self.names = _parameter_names(model, named, params)
+        self.names = _parameter_names(named, params)
         mask = {} if mask is None else dict(mask)
         unknown = set(mask) - set(self.names)
         if unknown:
@@ -151,10 +151,9 @@ class ModuleObjective(ChainObjective):
                 with torch.no_grad():
                     self._vmapped(self.params, self._batches(batch) if not self.exact else batch)
                 self.vectorized = True
-            except Exception as error:  # a module vmap cannot batch (data-dependent control flow, .item(), ...)
+            except Exception:  # a module vmap cannot batch (data-dependent control flow, .item(), ...)
                 if vectorize:
                     raise
-                self._vmap_error = error
 
     def _to_device(self, batch: Any) -> Any:
         return map_batch(lambda t: t.to(self.device), batch)
@@ -215,7 +214,7 @@ class ModuleObjective(ChainObjective):
         return total, grads
 
 
-def _parameter_names(model: nn.Module, named: dict[str, Tensor], params: Iterable[str | Tensor] | None) -> list[str]:
+def _parameter_names(named: dict[str, Tensor], params: Iterable[str | Tensor] | None) -> list[str]:
     if params is None:
         names = list(named)
     else:

@@ -213,7 +213,8 @@ def estimate_llc(
         :math:`n\beta h/(n\beta h + \gamma)` instead of 1 towards :math:`\hat\lambda`; flat directions
         are held within :math:`\gamma^{-1/2}` of :math:`w^*`.
     :param num_chains, num_draws: chains, and draws of each after burn-in.
-    :param num_burnin: steps at the chosen step size before the draws (default ``num_draws // 4``).
+    :param num_burnin: steps at the chosen step size before the draws (default ``num_draws // 10``;
+        the pilot runs that choose the step come first and are excluded too).
     :param step_size: SGLD's :math:`\epsilon`; default: chosen by short pilot runs so that the
         discretisation bias of :math:`\hat\lambda` is about ``target_bias`` (relative).
     :param control_variates: estimate the gradient and the loss by their minibatch differences from
@@ -228,7 +229,7 @@ def estimate_llc(
     num_chains = check_integer("num_chains", num_chains, low=1)
     num_draws = check_integer("num_draws", num_draws, low=4)
     num_burnin = check_integer("num_burnin", num_burnin, low=0, none_ok=True)
-    num_burnin = max(num_draws // 4, 1) if num_burnin is None else num_burnin
+    num_burnin = max(num_draws // 10, 1) if num_burnin is None else num_burnin
     localization = check_number("localization", localization, allow_low=True)
     nbeta = check_number("nbeta", nbeta, none_ok=True)
     step_size = check_number("step_size", step_size, none_ok=True)
@@ -430,7 +431,7 @@ class _Chains:
         A pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of
         a singular model the curvature can be 0, and gives no scale)."""
         objective = self.objective
-        pilot = min(max(num_draws // 10, 50), 200)
+        pilot = min(max(num_draws // 20, 50), 100)
         lr = choose_step(self.start_scales, None, 1.0)  # the stability cap alone
         start = len(self._records)
         rounds = retries = 0
