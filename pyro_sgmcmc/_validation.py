@@ -14,16 +14,21 @@ import difflib
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
 
 __all__ = [
     "check_callable",
     "check_choice",
     "check_flag",
+    "check_instance",
     "check_integer",
     "check_mapping",
+    "check_mask",
     "check_number",
     "check_options",
+    "check_schedule",
     "closest",
     "is_number",
 ]
@@ -51,27 +56,36 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _accepted(low: float, allow_low: bool, high: float, allow_high: bool, none_ok: bool) -> str:
+    lower = f"{'>=' if allow_low else '>'} {low:g}" if low != -math.inf else ""
+    upper = f"{'<=' if allow_high else '<'} {high:g}" if high != math.inf else ""
+    return "a finite number" + (f" {lower}" if lower else "") + (" and" if lower and upper else "") + (
+        f" {upper}" if upper else "") + (" or None" if none_ok else "")
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, allow_low: bool = False, high: float = math.inf,
                  allow_high: bool = False, none_ok: bool = False) -> float | None:
     """``value`` as a finite ``float`` in the range ``(low, high)`` (ends included as asked), or a
     ``ValueError`` naming ``name`` and the accepted range. ``None`` passes with ``none_ok``."""
-    if value is None and none_ok:
+    if type(value) is float:  # the common case, without building any message
+        number = value
+    elif value is None and none_ok:
         return None
-    lower = f"{'>=' if allow_low else '>'} {low:g}" if low != -math.inf else ""
-    upper = f"{'<=' if allow_high else '<'} {high:g}" if high != math.inf else ""
-    accepted = "a finite number" + (f" {lower}" if lower else "") + (" and" if lower and upper else "") + (
-        f" {upper}" if upper else "") + (" or None" if none_ok else "")
-    scalar = _scalar(value)
-    if not is_number(scalar):
-        raise ValueError(f"Invalid {name}: {_describe(value)} (must be {accepted})")
-    try:
-        number = float(scalar)
-    except OverflowError:
-        raise ValueError(f"Invalid {name}: {_describe(value)} (must be {accepted}; this one overflows a float)") from None
-    if not math.isfinite(number) or number < low or (number == low and not allow_low) or number > high or (
-            number == high and not allow_high):
-        raise ValueError(f"Invalid {name}: {_describe(value)} (must be {accepted})")
-    return number
+    else:
+        scalar = _scalar(value)
+        if not is_number(scalar):
+            raise ValueError(f"Invalid {name}: {_describe(value)} "
+                             f"(must be {_accepted(low, allow_low, high, allow_high, none_ok)})")
+        try:
+            number = float(scalar)
+        except OverflowError:
+            raise ValueError(f"Invalid {name}: {_describe(value)} (must be "
+                             f"{_accepted(low, allow_low, high, allow_high, none_ok)}; this one overflows a float)"
+                             ) from None
+    if low < number < high or ((number == low and allow_low or number == high and allow_high)
+                               and math.isfinite(number)):
+        return number
+    raise ValueError(f"Invalid {name}: {_describe(value)} (must be {_accepted(low, allow_low, high, allow_high, none_ok)})")
 
 
 def check_integer(name: str, value: Any, *, low: int = 0, none_ok: bool = False) -> int | None:
@@ -95,12 +109,17 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """``value`` if it is one of ``choices``."""
+    """The one of ``choices`` that ``value`` is: a string equal to it, ``None``, or a bool
+    (``True``/``False``, or a NumPy bool) for ``True``/``False``; nothing else is compared, so a
+    tensor or a number is never taken for a choice."""
     choices = list(choices)
-    if isinstance(value, str) and value in choices:
-        return value
-    if not isinstance(value, str) and any(value is c or (not isinstance(c, str) and value == c) for c in choices):
-        return value
+    for choice in choices:
+        if value is choice:
+            return choice
+        if isinstance(choice, str) and isinstance(value, str) and value == choice:
+            return choice
+        if type(choice) is bool and type(value).__name__ == "bool_" and bool(value) == choice:
+            return choice
     listed = ", ".join(repr(c) for c in choices)
     hint = closest(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else None
     raise ValueError(f"Invalid {name}: {_describe(value)} (must be one of {listed})"
@@ -149,11 +168,53 @@ def check_options(given: Mapping[str, Any], accepted: Iterable[str], where: str,
                          + f" (valid options: {', '.join(accepted)})")
 
 
-def check_callable_schedule(name: str, schedule: Callable[[int], Any], step: int, **range_: Any) -> float:
-    """The value of a schedule ``step -> number`` at ``step``, checked as :func:`check_number`
-    checks a number (the message says which step returned it)."""
+def check_schedule(name: str, schedule: Callable[[int], Any], step: int,
+                   check: Callable[[str, Any], Any] = check_number) -> Any:
+    """The value of a schedule ``step -> value`` at ``step``, checked by ``check(name, value)``
+    (the message says which step returned it)."""
     value = schedule(step)
     try:
-        return check_number(name, value, **range_)
+        return check(name, value)
     except ValueError as error:
         raise ValueError(f"{error} [returned by the {name} schedule at step {step}]") from None
+
+
+def check_instance(name: str, value: Any, kind: type | tuple[type, ...], *, what: str, none_ok: bool = False) -> Any:
+    """``value`` if it is an instance of ``kind`` (or ``None`` with ``none_ok``), else a
+    ``TypeError`` naming ``name`` and ``what`` is accepted."""
+    if (value is None and none_ok) or isinstance(value, kind):
+        return value
+    raise TypeError(f"Invalid {name}: {_describe(value)} (must be {what}" + (" or None)" if none_ok else ")"))
+
+
+def check_mask(name: str, mask: Any, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """A mask as one 0/1 tensor per parameter, in the parameter's dtype and device: ``None`` (no
+    mask), one tensor (for a single parameter) or a list with one entry per parameter, each a
+    tensor (or anything ``torch.as_tensor`` takes, or ``None`` for all ones) shaped like it."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        mask = [mask]
+    if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
+        raise ValueError(
+            f"Invalid {name}: expected a list of {len(params)} tensors (one per parameter of the group, "
+            f"or None), got {type(mask).__name__}" + (f" of length {len(mask)}" if hasattr(mask, "__len__") else "")
+        )
+    out = []
+    for i, (m, p) in enumerate(zip(mask, params)):
+        if m is None:
+            out.append(torch.ones_like(p, memory_format=torch.contiguous_format).detach())
+            continue
+        try:
+            m = torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"Invalid {name}[{i}]: {_describe(m)} (must be a 0/1 tensor shaped like its parameter, "
+                             f"{tuple(p.shape)})") from None
+        if m.shape != p.shape:
+            raise ValueError(
+                f"Invalid {name}[{i}]: shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}"
+            )
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"Invalid {name}[{i}]: entries must be 0/1 or boolean")
+        out.append(m.detach().to(device=p.device, dtype=p.dtype))
+    return out

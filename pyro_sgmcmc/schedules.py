@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from ._validation import check_integer, check_number
+
 __all__ = ["CyclicalSchedule"]
 
 
@@ -41,19 +43,14 @@ class CyclicalSchedule:
     """
 
     def __init__(self, initial: float, num_steps: int, num_cycles: int, exploration_fraction: float = 0.5):
-        if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not math.isfinite(initial) or initial <= 0:
-            raise ValueError(f"Invalid initial: {initial!r} (must be a finite number > 0)")
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"Invalid num_steps: {num_steps!r} (must be an integer >= 1)")
-        if not isinstance(num_cycles, int) or isinstance(num_cycles, bool) or not 1 <= num_cycles <= num_steps:
+        self.initial = check_number("initial", initial)
+        self.num_steps = check_integer("num_steps", num_steps, low=1)
+        self.num_cycles = check_integer("num_cycles", num_cycles, low=1)
+        if self.num_cycles > self.num_steps:
             raise ValueError(f"Invalid num_cycles: {num_cycles!r} (must be an integer in [1, num_steps={num_steps}])")
-        if not isinstance(exploration_fraction, (int, float)) or not 0.0 <= exploration_fraction < 1.0:
-            raise ValueError(f"Invalid exploration_fraction: {exploration_fraction!r} (must be a number in [0, 1))")
-        self.initial = float(initial)
-        self.num_steps = num_steps
-        self.num_cycles = num_cycles
-        self.exploration_fraction = float(exploration_fraction)
-        self.cycle_length = math.ceil(num_steps / num_cycles)
+        self.exploration_fraction = check_number("exploration_fraction", exploration_fraction, allow_low=True,
+                                                 high=1.0)
+        self.cycle_length = -(-self.num_steps // self.num_cycles)  # ceil, in integers: num_steps may be huge
 
     def position(self, step: int) -> float:
         """:math:`r \\in [0, 1)`, how far into its cycle ``step`` (0-based) is."""

@@ -13,7 +13,8 @@ Both samplers are linear in :math:`\\theta` on such a target, so the stationary 
   the eigen-direction of eigenvalue :math:`\\lambda_i` (the O(step size) bias).
 * preconditioned SGLD with a frozen diagonal preconditioner :math:`G`: the same recursion with
   :math:`A = I - \\tfrac{\\epsilon}{2}GP` and noise covariance :math:`\\epsilon G`, a discrete Lyapunov equation;
-* SGHMC: the fixed-friction recursion below, with the friction :math:`C`;
+* SGHMC: the fixed-friction recursion below, with the friction :math:`C` and the exact
+  Ornstein-Uhlenbeck noise :math:`1 - e^{-2Ch}` per step (in closed form: SGHMC's docstring);
 * SGNHT: for a fixed friction :math:`\\xi = c`, each eigen-direction is a 2-d linear recursion in
   :math:`(\\theta, p)` whose stationary covariance solves a discrete Lyapunov equation; the
   thermostat settles at the :math:`c` that makes the mean of :math:`p^2` over all entries 1. The
@@ -78,23 +79,50 @@ def sgld_stationary_cov(precision: torch.Tensor, lr: float) -> torch.Tensor:
     return torch.linalg.inv(precision - lr * precision @ precision / 4)
 
 
-def _sgnht_direction(omega2: float, h: float, friction: float, diffusion: float) -> np.ndarray:
-    """Stationary covariance of (theta, p) for one eigen-direction at fixed friction."""
+def _momentum_direction(omega2: float, h: float, friction: float, noise: float) -> np.ndarray:
+    """Stationary covariance of (theta, p) for one eigen-direction of curvature ``omega2`` of the
+    momentum step ``p' = exp(-friction h) p - h omega2 theta + noise``, ``theta' = theta + h p'``
+    (SGHMC; SGNHT at a fixed thermostat), with ``noise`` the total variance per step added to
+    ``p`` (injected and from the gradient): the discrete Lyapunov equation S = M S M^T + Q."""
     decay = np.exp(-friction * h)  # the sampler's friction factor
     m = np.array([[1 - h * h * omega2, h * decay], [-h * omega2, decay]])
     b = np.array([h, 1.0])
-    q = 2 * diffusion * h * np.outer(b, b)
+    q = noise * np.outer(b, b)
     v = np.linalg.solve(np.eye(4) - np.kron(m, m), q.reshape(-1))
     return v.reshape(2, 2)
 
 
-def sghmc_stationary_cov(precision: torch.Tensor, h: float, friction: float, diffusion: float) -> torch.Tensor:
+def _sgnht_direction(omega2: float, h: float, friction: float, diffusion: float) -> np.ndarray:
+    """SGNHT's direction at a fixed thermostat ``friction``: momentum noise ``2 A h`` per step."""
+    return _momentum_direction(omega2, h, friction, 2 * diffusion * h)
+
+
+def sghmc_momentum_noise(h: float, friction: float, gradient_noise: float = 0.0, estimate: float = 0.0,
+                         paper_noise: bool = False) -> float:
+    """The total variance per step that SGHMC adds to each momentum entry: what it injects,
+    ``1 - exp(-2 C h) - h^2 V_hat`` (with ``paper_noise``, the noise ``2 C h - h^2 V_hat`` of Chen et
+    al. paired with the same friction factor ``exp(-C h)``: the scheme that runs hot), plus the
+    gradient noise's ``h^2 V``. ``V`` and ``V_hat`` are variances of the gradient of the tempered
+    potential (``V / T^2`` in the samplers' terms)."""
+    injected = 2 * friction * h if paper_noise else -np.expm1(-2 * friction * h)
+    return injected - h * h * estimate + h * h * gradient_noise
+
+
+def sghmc_stationary_cov(precision: torch.Tensor, h: float, friction: float, gradient_noise: float = 0.0,
+                         estimate: float = 0.0, paper_noise: bool = False) -> torch.Tensor:
     """Stationary covariance of SGHMC's theta on a Gaussian target: the fixed-friction recursion
-    of every eigen-direction, with total momentum diffusion ``diffusion`` (``C - B_hat + hV/2``
-    with gradient noise of variance ``V``)."""
+    of every eigen-direction, with the momentum noise of :func:`sghmc_momentum_noise`."""
+    noise = sghmc_momentum_noise(h, friction, gradient_noise, estimate, paper_noise)
     evals, evecs = torch.linalg.eigh(precision)
-    var = torch.tensor([_sgnht_direction(w, h, friction, diffusion)[0, 0] for w in evals.tolist()], dtype=torch.float64)
+    var = torch.tensor([_momentum_direction(w, h, friction, noise)[0, 0] for w in evals.tolist()], dtype=torch.float64)
     return evecs @ torch.diag(var) @ evecs.T
+
+
+def sghmc_stationary_variance(omega2: float, h: float, friction: float) -> float:
+    """The closed form of theta's stationary variance in one direction (SGHMC's docstring):
+    ``((1 + a) / 2) / (omega2 (1 - h^2 omega2 / (2 (1 + a))))`` with ``a = exp(-C h)``."""
+    a = math.exp(-friction * h)
+    return (1 + a) / 2 / (omega2 * (1 - h * h * omega2 / (2 * (1 + a))))
 
 
 def preconditioned_sgld_stationary_cov(precision: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:

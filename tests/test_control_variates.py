@@ -12,7 +12,7 @@ from pyro.infer import MCMC
 import mcmc_models as models
 from pyro_sgmcmc.functional import control_variate_gradient_
 from pyro_sgmcmc.infer import SGLD, SGNHT, ModelPotential
-from pyro_sgmcmc.infer.kernel import latent_transforms
+from pyro_sgmcmc.infer.potential import model_sites
 from pyro_sgmcmc.infer.subsample import SubsampleControl, full_data_potential
 from pyro_sgmcmc.samplers import SAMPLERS
 from pyro_sgmcmc.samplers import ControlVariate
@@ -39,7 +39,8 @@ def scale_model(x, batch):
 def test_full_data_walk_is_the_exact_full_potential(n, batch):
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
     pyro.set_rng_seed(0)
-    transforms, _, plates = latent_transforms(scale_model, (x, batch), {}, pyro.infer.autoguide.init_to_median)
+    sites = model_sites(scale_model, (x, batch), {})
+    transforms, plates = sites.transforms, sites.plates
     assert [(p.name, p.size, p.subsample_size) for p in plates] == [("data", n, batch)]
     params = {"sigma": torch.tensor(0.3), "w": torch.tensor(1.5)}
     walked = full_data_potential(
@@ -51,7 +52,7 @@ def test_full_data_walk_is_the_exact_full_potential(n, batch):
 
 def test_recorded_minibatch_is_replayed():
     x = torch.randn(50)
-    potential = ModelPotential(scale_model, latent_transforms(scale_model, (x, 5), {}, pyro.infer.autoguide.init_to_median)[0],
+    potential = ModelPotential(scale_model, model_sites(scale_model, (x, 5), {}).transforms,
                                (x, 5), {})
     params = {"sigma": torch.tensor(0.0), "w": torch.tensor(0.5)}
     record = SubsampleControl()

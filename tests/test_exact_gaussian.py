@@ -11,8 +11,8 @@ from pyro.infer import MCMC
 
 import mcmc_models as models
 from pyro_sgmcmc.infer import SGLD, SGNHT, ModelPotential
-from pyro_sgmcmc.infer.compiled import PotentialEvaluator
-from pyro_sgmcmc.infer.kernel import latent_transforms
+from pyro_sgmcmc.infer.potential import PotentialEvaluator
+from pyro_sgmcmc.infer.potential import model_sites
 from pyro_sgmcmc.infer.subsample import SubsampleControl, full_data_potential
 from test_control_variates import scale_model
 from test_mcmc import _regression_data, check
@@ -62,7 +62,8 @@ def test_traced_and_light_evaluations_equal_the_trace(jit):
     trace log density, on minibatches, on weighted pieces of a full-data walk (Jacobian counted
     once), and for a pair of points on one minibatch."""
     x = torch.randn(103, generator=torch.Generator().manual_seed(0))
-    transforms, _, plates = latent_transforms(scale_model, (x, 10), {}, pyro.infer.autoguide.init_to_median)
+    sites = model_sites(scale_model, (x, 10), {})
+    transforms, plates = sites.transforms, sites.plates
     names = sorted(transforms)
     potential = ModelPotential(scale_model, transforms, (x, 10), {})
 

@@ -160,7 +160,7 @@ def test_summary_reports_divergences_and_nothing_nonfinite_enters_the_chain():
     kernel = SGLD(potential_fn=potential, step_size=0.5, **FIXED)
     mcmc = run(kernel, num_samples=200, warmup=50, initial_params={"u": torch.zeros(2)})
     samples = mcmc.get_samples()["u"]
-    assert bool(torch.isfinite(samples).all()) and float(samples.abs().max()) <= 1.0 + 1e-6 or True
+    assert bool(torch.isfinite(samples).all()) and float(samples.abs().max()) <= 1.0
     divergences = mcmc.diagnostics()["divergences"]["chain 0"]
     assert len(divergences) > 0 and all(0 <= i < 200 for i in divergences)
     out = io.StringIO()
@@ -178,7 +178,7 @@ def test_logging_is_cheap_and_json_serialisable():
 
     kernel = SGLD(models.scalar_normal, step_size=1e-3)
     run(kernel, torch.tensor([1.0]), num_samples=3, warmup=1)
-    assert set(json.loads(json.dumps(kernel.logging()))) == {"step size", "potential"}
+    assert set(json.loads(json.dumps(kernel.logging()))) == {"step size", "divergences", "accept"}
 
 
 @pytest.mark.parametrize(
@@ -379,7 +379,7 @@ def test_low_rank_plus_diagonal_adaptation_whitens_collinear_pairs():
     low_rank, draws = sample(3000, mass_rank=4)
     check(draws, mean, cov.diagonal(), 2 * 0.02, "low-rank-plus-diagonal SGLD")
     assert low_rank.diagnostics()["preconditioner"]["chain 0"] == "diagonal + rank 4"
-    _, diagonal = sample(1000)
+    _, diagonal = sample(1000, full_mass=False)
     ess = lambda d: effective_sample_size(d[:, 0, :4].T.double().unsqueeze(0), chain_dim=0, sample_dim=2)  # noqa: E731
     assert float(ess(draws).min()) / 3000 > 5 * float(ess(diagonal).min()) / 1000  # per draw
 
@@ -454,23 +454,3 @@ def test_a_scale_model_arrives_from_a_bad_start(full_mass, seed):
         ess = float(effective_sample_size(draws.double()[None, :, None], chain_dim=0, sample_dim=1))
         error = abs(float(draws.mean()) - mean)
         assert error <= 4 * sd / ess**0.5 + 0.1 * sd, (name, error / sd, ess)
-
-
-@pytest.mark.parametrize("seed", [1, 3])
-def test_an_arrival_jump_into_a_steep_region_is_undone(seed):
-    """From init_to_uniform the initial Hessian of this scale model can be nearly singular; the
-    first large arrival step then threw the chain into a steep region, where the accurate rule
-    left a step of ~1e-6 for the rest of warmup (seed 3, the potential up 1000x), or far out
-    where every step overflowed (seed 1, log-scale 95): measured. Now a warmup step that raises
-    an exact potential by more than 1000 nats is undone and the step halved (as HMC counts such
-    an energy error as a divergence), and after 3 divergences in a row warmup goes back to the
-    best point it has seen."""
-    data = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0])
-    pyro.set_rng_seed(seed)
-    kernel = SGLD(models.scalar_normal, full_mass=True)
-    mcmc = MCMC(kernel, num_samples=200, warmup_steps=50, disable_progbar=True)
-    mcmc.run(data)
-    diagnostics = kernel.diagnostics()
-    assert diagnostics["warmup jumps undone"] >= 1 and diagnostics["step size"] > 1e-2, diagnostics
-    loc = mcmc.get_samples()["loc"]
-    assert 0.0 < float(loc[-100:].mean()) < 2.0  # arrived near the data (still arriving over the first samples)

@@ -125,7 +125,7 @@ def test_gathered_small_gradients_give_the_same_numbers(name):
             sampler.step()
         if foreach:
             (chunk,) = next(iter(sampler._noise_plans._plans.values())).chunks
-            assert chunk.gather is not None, "the gradients were not gathered"
+            assert chunk.gathers, "the gradients were not gathered"
         results.append([p.detach().clone() for p in params])
     assert_same(*results)
 
@@ -148,7 +148,7 @@ def test_gathered_small_gradients_give_the_same_numbers(name):
 def test_only_small_1d_chunks_gather():
     """The gather pays only where per-op dispatch dominates (see ``GATHER_MEAN_NUMEL``)."""
     def gathers(shapes):
-        return NoisePlan([torch.empty(s) for s in shapes]).chunks[0].gather is not None
+        return NoisePlan([torch.empty(s) for s in shapes]).chunks[0].gathers
 
     assert gathers([(100,)] * 20) and gathers([(1,), (2000,)])
     assert not gathers([(100,)])  # one tensor: nothing to gather
@@ -444,7 +444,7 @@ def test_bad_options_are_rejected_clearly(name, options, match):
         ("SGHMC", dict(friction=0.0), "Invalid friction: 0.0"),
         ("SGHMC", dict(friction=float("nan")), "Invalid friction"),
         ("SGHMC", dict(gradient_noise_variance=-1.0), "Invalid gradient_noise_variance: -1.0"),
-        ("PSGLD", dict(alpha=1.0), r"Invalid alpha: 1.0 \(must be a number in \[0, 1\)\)"),
+        ("PSGLD", dict(alpha=1.0), r"Invalid alpha: 1.0 \(must be a finite number >= 0 and < 1\)"),
         ("PSGLD", dict(alpha=-0.1), "Invalid alpha"),
         ("PSGLD", dict(eps=0.0), "Invalid eps: 0.0"),
         ("PSGLD", dict(adapt_preconditioner="yes"), "Invalid adapt_preconditioner"),

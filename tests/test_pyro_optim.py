@@ -209,6 +209,22 @@ def test_get_step_is_differentiable_and_matches_the_sgld_formula():
     assert torch.equal(theta.detach(), torch.tensor([1.0, -2.0]))  # the input is not changed
 
 
+@pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
+def test_get_step_is_differentiable_for_every_sampler_and_several_parameters(name):
+    """Several parameters of different shapes, a temperature and weight decay: d new / d theta
+    is the deterministic part of the update's derivative (1 - lr / 2 (1 / T + lambda) for SGLD
+    with a unit-curvature loss)."""
+    a = torch.tensor([1.0, -2.0], requires_grad=True)
+    b = torch.ones(2, 3, requires_grad=True)
+    loss = 0.5 * ((a**2).sum() + (b**2).sum())
+    opt = getattr(optim, name)({"lr": 0.1, "weight_decay": 0.1, "temperature": 2.0})
+    new = opt.get_step(loss, {"a": a, "b": b})
+    grads = torch.autograd.grad(new["a"].sum() + new["b"].sum(), [a, b])
+    assert all(bool(torch.isfinite(g).all()) and bool((g != 0).all()) for g in grads)
+    if name == "SGLD":
+        assert torch.allclose(grads[1], torch.full((2, 3), 1 - 0.1 / 2 * (1 / 2.0 + 0.1)))
+
+
 def test_multi_optimizer_step_updates_in_place():
     theta = torch.zeros(3, requires_grad=True)
     opt = optim.SGNHT({"lr": 0.1})

@@ -2,7 +2,8 @@
 
 Each algorithm is written once (one module each) against a small table of list operations with
 a multi-tensor (``torch._foreach_*``) and a per-tensor path; both give the same numbers. The
-optimizers of :mod:`pyro_sgmcmc.optim` and every Pyro adapter call these functions.
+torch samplers of :mod:`pyro_sgmcmc.samplers`, and through them every Pyro adapter, call these
+functions.
 """
 
 from ._common import Diagnostics, NonFiniteError, check_finite

@@ -3,28 +3,35 @@ device/dtype buckets and per-step diagnostics. Pure torch; no Pyro here."""
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from ._noise import GRAIN, Chunk, Layout, NoisePlan, NoisePlanCache
+from ._noise import GRAIN, Chunk, Layout, NoisePlanCache
 from ._ops import PER_TENSOR, PerTensorOps, ForeachOps, select_ops, supports_foreach
 
 Ops = PerTensorOps | ForeachOps
 
 
 class NonFiniteError(FloatingPointError):
-    """A gradient (or the update built from it) holds NaN or Inf; nothing was changed.
+    """A step refused because a gradient holds NaN or Inf (``kind="gradient"``), or because the
+    update built from finite gradients would write a non-finite value (``kind="update"``);
+    nothing was changed.
 
     :param index: index of the offending tensor in the list handed to the update.
+    :param message: the text (a default names the tensor by index).
+    :param kind: ``"gradient"`` or ``"update"``.
+    :param task: the :class:`~pyro_sgmcmc.functional._step.Task` of the tensor, if known.
     """
 
-    def __init__(self, index: int, message: str | None = None):
+    def __init__(self, index: int, message: str | None = None, kind: str = "gradient", task: Any = None):
         self.index = index
-        super().__init__(message or f"non-finite gradient or update for tensor {index}")
+        self.kind = kind
+        self.task = task
+        what = "gradient" if kind == "gradient" else "update"
+        super().__init__(message or f"non-finite {what} for tensor {index}")
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
@@ -100,30 +107,22 @@ def take(indices: list[int], tensors: Sequence[Tensor | None] | None) -> Sequenc
     return [tensors[i] for i in indices]
 
 
-def plan_buckets(
+def plan_layout(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     plans: NoisePlanCache | None,
-    check: bool,
     foreach: bool | None,
     grads_checked: bool = False,
-) -> tuple[Ops, list[tuple[list[int], NoisePlan, bool, list[Callable[[], None]]]]]:
-    """Split the work into buckets, plan their noise and decide where finiteness is checked.
-
-    Returns the operation table and ``(indices, plan, check_in_buffer, gates)`` for each bucket.
-    When ``check`` is set: a step of a single chunk checks its assembled update in the buffer
-    (``check_in_buffer``); a larger step checks all gradients in ``gates`` (a few callables that
-    split the work), which the first bucket's noise threads share, before anything changes.
-    """
+) -> tuple[Ops, Layout]:
+    """The operation table and the layout of ``params``: their (device, dtype) buckets, each
+    with its noise plan (see :class:`~._noise.Layout`). With autograd on (a differentiable
+    update), the per-tensor table: every one of its ops has a derivative."""
     if plans is None:
         plans = NoisePlanCache()
     layout = plans.layout(params, _make_layout, params, grads, plans)
-    ops = select_ops(layout.foreach_ok if foreach is None else foreach,
-                     gather=grads_checked and not torch.is_grad_enabled())
-    if layout.single_chunk:  # the common small case, prepared once: the buffer is checked
-        return ops, layout.single_work[check]
-    gates = gradient_checks(layout.buckets, grads) if check else []
-    return ops, [(indices, plan, False, gates if i == 0 else []) for i, (indices, plan) in enumerate(layout.buckets)]
+    if torch.is_grad_enabled():  # a differentiable update: not every foreach op has a derivative
+        return select_ops(False), layout
+    return select_ops(layout.foreach_ok if foreach is None else foreach, gather=grads_checked), layout
 
 
 def _make_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: NoisePlanCache) -> Layout:
@@ -132,22 +131,6 @@ def _make_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: Noise
             raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
     bucket_plans = [(indices, plans.plan(take(indices, params))) for indices in buckets(params)]
     return Layout(bucket_plans, supports_foreach(params))
-
-
-def gradient_checks(
-    bucket_plans: list[tuple[list[int], NoisePlan]], grads: Sequence[Tensor]
-) -> list[Callable[[], None]]:
-    """One callable per noise chunk that checks the chunk's gradients (with
-    :func:`first_bad_piece`), raising :class:`NonFiniteError` (with the gradient's index in
-    ``grads``) on a NaN or Inf. They can run side by side in the noise threads; the first
-    failing one, in this order, names the first bad gradient in chunk order."""
-
-    def check(indices: list[int], chunk: Chunk) -> None:
-        bad = first_bad_piece(chunk.pieces(take(indices, grads), readonly=True))
-        if bad is not None:
-            raise NonFiniteError(indices[chunk.owners[bad]])
-
-    return [functools.partial(check, indices, chunk) for indices, plan in bucket_plans for chunk in plan]
 
 
 def fill_drift(
@@ -160,23 +143,36 @@ def fill_drift(
     localization: float,
     weight_decay: float,
 ) -> None:
-    r"""Add the gradient of the tempered, localized potential to the chunk's noise buffer.
+    r"""Write the gradient of the tempered, localized potential into the chunk's buffer.
 
-    .. math:: b \leftarrow b + s\,\nabla U + (\gamma + \lambda)\,\theta - \gamma\,\theta_0
-              = b + \nabla \tilde U(\theta)
+    .. math:: b \leftarrow s\,\nabla U + (\gamma + \lambda)\,\theta - \gamma\,\theta_0
+              = \nabla \tilde U(\theta)
 
     with ``s = 1/T`` (or ``nbeta``), ``\gamma`` the localization and ``\lambda`` the weight decay.
+    A chunk of small 1-d tensors gathers the gradients with one ``torch.cat`` (when ``ops``
+    allows it); the scale is one flat op on the whole chunk, whatever the path.
     """
     buf = chunk.noise
-    if ops.gathers and chunk.gather is not None:
-        chunk.flat.add_(torch.cat(grads, out=chunk.gather), alpha=grad_scale)
+    if ops.gathers and chunk.gathers:
+        torch.cat(grads, out=chunk.flat)
     else:
-        ops.add_(buf, grads, alpha=grad_scale)
+        ops.copy_(buf, grads)
+    if grad_scale != 1.0:
+        chunk.flat.mul_(grad_scale)
     shrink = localization + weight_decay
     if shrink:
         ops.add_(buf, thetas, alpha=shrink)
     if localization:
         ops.add_(buf, anchors, alpha=-localization)
+
+
+def gather_into(ops: Ops, chunk: Chunk, flat: Tensor, pieces: list[Tensor], tensors: list[Tensor]) -> None:
+    """Copy ``tensors`` (the chunk's pieces of them) into ``flat`` (one of the chunk's buffers,
+    whose views are ``pieces``): one ``torch.cat`` in a gathering chunk, else a list copy."""
+    if ops.gathers and chunk.gathers:
+        torch.cat(tensors, out=flat)
+    else:
+        ops.copy_(pieces, tensors)
 
 
 def apply_buffer(ops: Ops, chunk: Chunk, thetas: list[Tensor], anchors: list[Tensor] | None,
@@ -191,30 +187,16 @@ def apply_buffer(ops: Ops, chunk: Chunk, thetas: list[Tensor], anchors: list[Ten
         clamp_to_box(ops, thetas, anchors, bounding_box_size, chunk.noise)
 
 
-def chunk_sum_of_squares(ops: Ops, chunk: Chunk, tensors: Sequence[Tensor]) -> Tensor:
-    """``sum_i ||t_i||^2`` over the chunk's ``tensors`` (its pieces), a 0-dim tensor. In a
-    chunk that gathers (small 1-d tensors), one ``torch.cat`` and a dot instead of a norm per
-    tensor; which of the two is decided by the chunk, not the path, so both paths agree."""
-    if chunk.gather is not None and chunk.gather.dtype in _DOT_DTYPES:
-        flat = torch.cat(tensors) if torch.is_grad_enabled() else torch.cat(tensors, out=chunk.gather)
-        return flat.dot(flat)
-    return ops.sum_of_squares(tensors)
-
-
-def check_buffer(chunk: Chunk) -> None:
-    """Raise :class:`NonFiniteError` (naming the tensor) if the assembled update is not finite.
-
-    The fast test is :math:`b^\top b` (a BLAS dot, cheaper to launch than a sum; NaN and Inf
-    propagate through it), and only if it is not finite are the entries inspected, so a total
-    that merely overflowed is not a false alarm."""
-    flat = chunk.flat
-    if flat.requires_grad:  # a differentiable step (``step_tensors``): the test needs no graph
+def sum_of_squares(flat: Tensor) -> Tensor:
+    """:math:`b^\top b` of a flat buffer, a 0-dim tensor (a BLAS dot, cheaper to launch than a
+    sum; NaN and Inf propagate through it), accumulated in at least float32."""
+    if flat.requires_grad:  # a differentiable step (``step_tensors``): the checks need no graph
         flat = flat.detach()
-    total = flat.dot(flat) if flat.dtype in _DOT_DTYPES else flat.sum()
-    if not math.isfinite(total):
-        index = first_nonfinite(chunk.noise)
-        if index is not None:
-            raise NonFiniteError(chunk.owners[index])
+    if flat.dim() != 1:  # a differentiable step's buffers have their tensor's shape
+        flat = flat.reshape(-1)
+    if flat.dtype in _DOT_DTYPES:
+        return flat.dot(flat)
+    return torch.linalg.vector_norm(flat, dtype=_acc(flat)).square()
 
 
 def clamp_to_box(ops: Ops, thetas: list[Tensor], anchors: list[Tensor], size: float, scratch: list[Tensor]) -> None:
@@ -242,6 +224,11 @@ def masked(tensors: list[Tensor], masks: list[Tensor] | None) -> list[Tensor]:
     return [t * m for t, m in zip(tensors, masks)]
 
 
+def _square(x: float) -> float:
+    """``x * x``: ``inf`` past the float range, where ``x ** 2`` raises."""
+    return x * x
+
+
 class Diagnostics:
     """Accumulates squared norms of the parts of an update over chunks, buckets and groups.
 
@@ -264,12 +251,18 @@ class Diagnostics:
             value = value.detach().cpu().double()
             self.squares[key] = self.squares[key] + value if key in self.squares else value
 
+    def add_chunks(self, chunk_parts: list[dict[str, Tensor] | None]) -> None:
+        """Add the parts of each chunk (as :meth:`add`), in chunk order; ``None`` is skipped."""
+        for parts in chunk_parts:
+            if parts is not None:
+                self.add(parts)
+
     def add_value(self, key: str, value: Tensor | float) -> None:
         self.values.setdefault(key, []).append(torch.as_tensor(value).detach().cpu().double())
 
     @staticmethod
     def before_update(
-        chunk: Chunk,
+        noise: list[Tensor],
         grads: list[Tensor],
         thetas: list[Tensor],
         anchors: list[Tensor] | None,
@@ -278,20 +271,23 @@ class Diagnostics:
         grad_scale: float,
         localization: float,
         weight_decay: float,
+        noise_scale: float | None = None,
     ) -> dict[str, Tensor]:
-        """Squared norms of the parts of the update about to be made (the buffer holds only the
-        noise yet, in the units of the drift: the update is ``-step_size * buffer``)."""
+        """Squared norms of the parts of the update about to be made (``noise`` is the injected
+        noise as drawn, which enters the update times ``noise_scale``, by default ``step_size``;
+        the drift enters it times ``step_size``)."""
         sos = PER_TENSOR.sum_of_squares
         grad_sq = sos(masked(grads, masks))
+        noise_scale = step_size if noise_scale is None else noise_scale
         parts = {
             "grad_norm": grad_sq,
-            "drift_norm": grad_sq * (step_size * grad_scale) ** 2,
-            "noise_norm": sos(masked(chunk.noise, masks)) * step_size**2,
-            "weight_decay_norm": sos(masked(thetas, masks)) * (step_size * weight_decay) ** 2,
+            "drift_norm": grad_sq * _square(step_size * grad_scale),
+            "noise_norm": sos(masked(noise, masks)) * _square(noise_scale),
+            "weight_decay_norm": sos(masked(thetas, masks)) * _square(step_size * weight_decay),
         }
         if anchors is not None:
             offsets = [t - t0 for t, t0 in zip(thetas, anchors)]
-            parts["localization_norm"] = sos(masked(offsets, masks)) * (step_size * localization) ** 2
+            parts["localization_norm"] = sos(masked(offsets, masks)) * _square(step_size * localization)
         else:
             parts["localization_norm"] = grad_sq * 0.0
         return parts

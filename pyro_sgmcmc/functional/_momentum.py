@@ -7,23 +7,30 @@ r"""The momentum step shared by the second-order samplers (SGHMC, SGNHT), writte
 
 with a friction factor :math:`f` (a number, :math:`e^{-Ch}` for SGHMC's fixed friction, or a
 0-dim tensor, :math:`e^{-\xi h}` for SGNHT's thermostat) and the momentum noise :math:`\sigma_p` given as
-``noise_std`` in the units of the drift (the buffer is applied with factor :math:`h`). Each sampler
-only decides :math:`f` and :math:`\sigma_p` and what it does with the kinetic energy returned.
+``noise_std`` in the units of the drift (:math:`\sigma_p = h\,` ``noise_std``). Each sampler only
+decides :math:`f` and :math:`\sigma_p` and what it does with the kinetic energy.
+
+How it is computed, per chunk: the drift :math:`\nabla\tilde U` goes into one buffer, the
+noise-free momentum :math:`q = f p - h\nabla\tilde U` into the other, and :math:`q` is checked
+(:mod:`._step`) before any noise is drawn; then the noise is drawn into the first buffer,
+:math:`p \leftarrow q - \sigma_p\xi` is written back and :math:`\theta` moved by :math:`h p`. The
+kinetic energy :math:`p^\top p` is one dot over the second buffer.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from ._common import (Diagnostics, check_buffer, chunk_sum_of_squares, clamp_to_box, fill_drift, plan_buckets,
-                      reflect_at_box, take)
-from ._noise import Chunk, NoisePlanCache, NoiseSource
+from ._common import (Diagnostics, clamp_to_box, fill_drift, gather_into, plan_layout, reflect_at_box,
+                      sum_of_squares, take)
+from ._noise import Chunk, NoisePlanCache, fill
+from ._step import Z_MAX, Task, drift_bound, norm
 
 
-def momentum_step(
+def momentum_tasks(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momenta: Sequence[Tensor],
@@ -37,61 +44,115 @@ def momentum_step(
     anchors: Sequence[Tensor] | None,
     masks: Sequence[Tensor] | None,
     bounding_box_size: float | None,
-    noise: NoiseSource,
     foreach: bool | None,
     noise_plans: NoisePlanCache | None,
     check_finite: bool,
     diagnostics: Diagnostics | None,
     grads_checked: bool = False,
     kinetic_energy: bool = True,
-) -> Tensor | None:
-    """Apply the step above in place; return :math:`p^\\top p` after it (a 0-dim tensor on the
-    first parameter's device, in its dtype or float32 if wider), or ``None`` without
-    ``kinetic_energy``. With a bounding box, the momentum of an entry that hits a wall is
-    reversed (an elastic wall) and the entry clamped."""
-    h = lr
-    kinetic = None
-    first = params[0]
-    kinetic_dtype = torch.promote_types(first.dtype, torch.float32)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach, grads_checked)
-    for indices, plan, check_in_buffer, gates in work:
-        ps, gs_all, moms = take(indices, params), take(indices, grads), take(indices, momenta)
-        theta0_all, masks_all = take(indices, anchors), take(indices, masks)
+) -> list[Task]:
+    """The tasks of the step above. Each chunk's result is ``(kinetic, parts)``: its share of
+    :math:`p^\top p` after the step (a 0-dim tensor in the bucket's dtype or float32 if wider;
+    ``None`` without ``kinetic_energy``) and its diagnostics (or ``None``). With a bounding box,
+    the momentum of an entry that hits a wall is reversed (an elastic wall) and the entry clamped."""
+    ops, layout = plan_layout(params, grads, noise_plans, foreach, grads_checked)
+    tasks = layout.tasks_of(MomentumTask)
+    for task in tasks:
+        task.set(ops, params, grads, momenta, anchors, masks, friction, lr, noise_std, grad_scale, localization,
+                 weight_decay, bounding_box_size, check_finite, diagnostics, kinetic_energy)
+    return tasks
+
+
+def kinetic_sum(chunk_results: list[tuple[Tensor | None, Any]], like: Tensor) -> Tensor:
+    """The chunks' shares of :math:`p^\top p`, added in chunk order, on ``like``'s device in its
+    dtype or float32 if wider."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    total = None
+    for kinetic, _ in chunk_results:
+        kinetic = kinetic.to(device=like.device, dtype=dtype)
+        total = kinetic if total is None else total + kinetic
+    return total
+
+
+class MomentumTask(Task):
+    """One bucket of a momentum step: :math:`q = f p - h\nabla\tilde U` is the candidate, in the
+    chunk's second buffer, checked before the noise is drawn into the first."""
+
+    __slots__ = ("params", "momenta", "anchors", "masks", "friction", "h", "noise_std", "grad_scale",
+                 "localization", "weight_decay", "bounding_box_size", "diagnostics", "kinetic_energy")
+
+    candidate = "spares"
+
+    def set(self, ops, params, grads, momenta, anchors, masks, friction: Tensor | float, h: float, noise_std: float,
+            grad_scale: float, localization: float, weight_decay: float, bounding_box_size: float | None,
+            check_finite: bool, diagnostics: Diagnostics | None, kinetic_energy: bool) -> None:
+        """This step's values (the lists as handed to :func:`momentum_tasks`)."""
+        indices = self.indices
+        if len(indices) != len(params):
+            params, grads, momenta, anchors, masks = (take(indices, t) for t in (params, grads, momenta, anchors, masks))
+        first = params[0]
         # a 0-dim tensor even for a number: on the CPU a multi-tensor multiply by a Python number
         # wraps it anew for every tensor (~1.7 us each; by a 0-dim tensor ~0.45 us)
         if isinstance(friction, Tensor):
-            bucket_friction = friction.to(device=ps[0].device, dtype=ps[0].dtype)
+            friction = friction.to(device=first.device, dtype=first.dtype)
         else:
-            bucket_friction = torch.tensor(friction, device=ps[0].device, dtype=ps[0].dtype)
+            friction = torch.tensor(friction, device=first.device, dtype=first.dtype)
+        self.ops, self.params, self.grads, self.momenta, self.anchors, self.masks = (ops, params, grads, momenta,
+                                                                                     anchors, masks)
+        self.friction, self.h, self.noise_std, self.grad_scale = friction, h, noise_std, grad_scale
+        self.localization, self.weight_decay, self.bounding_box_size = localization, weight_decay, bounding_box_size
+        self.diagnostics, self.kinetic_energy = diagnostics, kinetic_energy
+        self.set_limit(check_finite, h, h * noise_std * Z_MAX, h, localization + weight_decay, localization)
 
-        def update(chunk: Chunk) -> tuple[Tensor, dict | None]:
-            thetas, gs, p = chunk.pieces(ps), chunk.pieces(gs_all, readonly=True), chunk.pieces(moms)
-            theta0 = chunk.pieces(theta0_all, readonly=True) if theta0_all is not None else None
-            ms = chunk.pieces(masks_all, readonly=True) if masks_all is not None else None
-            parts = None
-            if diagnostics is not None:
-                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, h, grad_scale, localization,
-                                                  weight_decay)
-            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
-            if check_in_buffer:
-                check_buffer(chunk)
-            ops.mul_(p, bucket_friction)
+    @property
+    def written(self) -> list[Sequence[Tensor]]:
+        return [self.params, self.momenta]
+
+    def prepare(self, chunk: Chunk, measure: bool = True) -> tuple[Tensor | None, None]:
+        ops, anchors = self.ops, self.anchors
+        fill_drift(ops, chunk, chunk.pieces(self.grads, readonly=True), chunk.pieces(self.params),
+                   None if anchors is None else chunk.pieces(anchors, readonly=True), self.grad_scale,
+                   self.localization, self.weight_decay)
+        gather_into(ops, chunk, chunk.spare, chunk.spares, chunk.pieces(self.momenta))
+        chunk.spare.mul_(self.friction)
+        if self.masks is None:
+            chunk.spare.add_(chunk.flat, alpha=-self.h)  # q = f p - h grad
+        else:
+            ops.addcmul_(chunk.spares, chunk.noise, chunk.pieces(self.masks, readonly=True), value=-self.h)
+        return sum_of_squares(chunk.spare) if measure else None, None
+
+    def bound(self, chunk: Chunk) -> float:
+        """:math:`\\|q\\| \\le f\\|p\\| + h\\|\\nabla\\tilde U\\|`."""
+        drift = drift_bound(self.ops, chunk, self.grads, self.params, self.anchors, self.grad_scale,
+                            self.localization, self.weight_decay)
+        return float(self.friction) * norm(self.ops, chunk.pieces(self.momenta, readonly=True)) + self.h * drift
+
+    def finish(self, chunk: Chunk, context: None, generator: torch.Generator | None
+               ) -> tuple[Tensor | None, dict | None]:
+        ops, h, diagnostics = self.ops, self.h, self.diagnostics
+        thetas, p = chunk.pieces(self.params), chunk.pieces(self.momenta)
+        theta0 = None if self.anchors is None else chunk.pieces(self.anchors, readonly=True)
+        ms = None if self.masks is None else chunk.pieces(self.masks, readonly=True)
+        parts = None
+        if self.noise_std:
+            fill(chunk.flat, h * self.noise_std, generator)
+        elif diagnostics is not None:
+            chunk.flat.zero_()
+        if diagnostics is not None:
+            parts = Diagnostics.before_update(chunk.noise, chunk.pieces(self.grads, readonly=True), thetas, theta0, ms,
+                                              h, self.grad_scale, self.localization, self.weight_decay,
+                                              noise_scale=1.0)
+        if self.noise_std:
             if ms is None:
-                ops.add_(p, chunk.noise, alpha=-h)
+                chunk.spare.sub_(chunk.flat)
             else:
-                ops.addcmul_(p, chunk.noise, ms, value=-h)
-            ops.add_(thetas, p, alpha=h)
-            if bounding_box_size is not None:
-                reflect_at_box(p, thetas, theta0, bounding_box_size)
-                clamp_to_box(ops, thetas, theta0, bounding_box_size, chunk.noise)
-            if parts is not None:
-                parts = Diagnostics.after_update(parts, thetas, theta0)
-            return (chunk_sum_of_squares(ops, chunk, p) if kinetic_energy else None), parts
-
-        for chunk_kinetic, parts in noise.run(plan, noise_std, update, gates):
-            if kinetic_energy:
-                chunk_kinetic = chunk_kinetic.to(device=first.device, dtype=kinetic_dtype)
-                kinetic = chunk_kinetic if kinetic is None else kinetic + chunk_kinetic
-            if parts is not None:
-                diagnostics.add(parts)
-    return kinetic
+                ops.addcmul_(chunk.spares, chunk.noise, ms, value=-1.0)
+        kinetic = sum_of_squares(chunk.spare) if self.kinetic_energy else None
+        ops.copy_(p, chunk.spares)
+        ops.add_(thetas, chunk.spares, alpha=h)
+        if self.bounding_box_size is not None:
+            reflect_at_box(p, thetas, theta0, self.bounding_box_size)
+            clamp_to_box(ops, thetas, theta0, self.bounding_box_size, chunk.noise)
+        if parts is not None:
+            parts = Diagnostics.after_update(parts, thetas, theta0)
+        return kinetic, parts

@@ -2,28 +2,31 @@
 
 On a CPU, drawing the Gaussian noise costs more than everything else in an SG-MCMC step put
 together (``normal_`` runs at ~3.4 ns per float32 on one core, an ``axpy`` at ~0.1 ns). So the
-noise is drawn once per step into one small reusable buffer, chunk by chunk, and each chunk is
-used while it is still in cache:
+noise is drawn once per step into small reusable buffers, chunk by chunk, and each chunk is used
+while it is still in cache:
 
 * tensors are walked in order and packed whole into chunks of at most ``chunk_numel`` elements
   (a tensor is never split unless it alone is larger than a chunk);
 * a contiguous tensor larger than a chunk is cut into consecutive pieces of ``chunk_numel``;
-* each chunk is filled by exactly one ``normal_`` call.
+* each chunk's noise is drawn by exactly one ``normal_`` call.
 
 Because this plan, not the execution path, decides which ``normal_`` calls are made, the
-multi-tensor and per-tensor paths draw identical noise from the same generator. Each buffer is
-at most ``chunk_numel`` elements (4 MiB of float32), however large the model: no full-size
-temporary is ever allocated for the noise.
+multi-tensor and per-tensor paths draw identical noise from the same generator. A chunk has two
+buffers of at most ``chunk_numel`` elements each (4 MiB of float32), however large the model: the
+update is assembled in one (the drift, checked before any noise is drawn) while the noise goes
+into the other; no full-size temporary is ever allocated.
 
 Where the numbers come from (:class:`NoiseSource`): torch's CPU generator is a Mersenne twister
 that one thread steps through, so one generator cannot fill a buffer faster than ~3 ns per
 number. On the CPU the noise therefore comes from :data:`NUM_STREAMS` generators ("streams"),
 seeded from the root generator (torch's global one, or the one the caller passed) when first
-used: chunk ``i`` of a plan is drawn from stream ``i % NUM_STREAMS``, so the numbers do not
-depend on how many threads draw them. The streams fill their buffers in a thread pool (torch
-ops release the GIL) and each chunk's update is applied right there, while the noise is still
-in cache. The streams' states are part of the sampler's state, so a saved chain resumes exactly. On other devices the
-root generator fills the chunks in order: there, drawing noise is cheap.
+drawn from (or saved): chunk ``i`` of a plan is drawn from stream ``i % NUM_STREAMS``, so the
+numbers do not depend on how many threads draw them. The streams fill their buffers in a thread
+pool (torch ops release the GIL) and each chunk's update is applied right there, while the noise
+is still in cache. The streams' states are part of the sampler's state, so a saved chain resumes
+exactly. On other devices the root generator fills the chunks in order: there, drawing noise is
+cheap. How a step uses all this (checked first, drawn and applied after) is
+:func:`pyro_sgmcmc.functional._step.execute`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
@@ -66,35 +70,40 @@ class Chunk:
     :param stop: one past the index of the last tensor.
     :param span: ``(lo, hi)`` flat element range when the chunk is a slice of tensor ``start``,
         else ``None`` (the chunk holds tensors ``start:stop`` whole).
-    :param flat: the chunk's 1-d view of its noise buffer.
+    :param flat: the chunk's 1-d view of its first buffer (where the update is assembled).
+    :param spare: the chunk's 1-d view of its second buffer, of the same size (the noise, or a
+        second candidate such as a new momentum).
     :param cut: per tensor of the chunk, whether it is handed out as ``GRAIN``-sized flat
         pieces; ``None`` when every tensor is handed out whole.
+    :param gathers: the chunk's tensors are small and 1-d: their gradients (and momenta) are
+        gathered into the flat buffers with one ``torch.cat`` (see ``GATHER_MEAN_NUMEL``).
     """
 
-    __slots__ = ("start", "stop", "span", "flat", "cut", "noise", "owners", "gather", "whole")
+    __slots__ = ("start", "stop", "span", "flat", "spare", "cut", "noise", "spares", "owners", "gathers", "whole")
 
-    def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, cut: list[bool] | None,
-                 shapes: list[torch.Size], gather: Tensor | None = None, whole: bool = False):
-        self.start, self.stop, self.span, self.flat, self.cut = start, stop, span, flat, cut
+    def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, spare: Tensor,
+                 cut: list[bool] | None, shapes: list[torch.Size], gathers: bool = False, whole: bool = False):
+        self.start, self.stop, self.span, self.flat, self.spare, self.cut = start, stop, span, flat, spare, cut
         #: the chunk holds every tensor of its plan, uncut: :meth:`pieces` are the tensors themselves
         self.whole = whole and span is None and cut is None
-        #: flat scratch the chunk's 1-d gradients are gathered into (see ``GATHER_MEAN_NUMEL``), or ``None``
-        self.gather = gather
-        #: views of ``flat`` matching :meth:`pieces`, and the tensor index each piece belongs to
-        self.noise: list[Tensor] = []
-        self.owners: list[int] = []
-        if span is not None:
-            pieces = flat.split(GRAIN) if cut else [flat]
-            self.noise, self.owners = list(pieces), [start] * len(pieces)
-            return
-        offset = 0
+        self.gathers = gathers
+        #: views of ``flat`` (and of ``spare``) matching :meth:`pieces`, and the tensor index of each piece
+        self.noise, self.owners = self._views(flat, shapes)
+        self.spares, _ = self._views(spare, shapes)
+
+    def _views(self, flat: Tensor, shapes: list[torch.Size]) -> tuple[list[Tensor], list[int]]:
+        if self.span is not None:
+            pieces = list(flat.split(GRAIN)) if self.cut else [flat]
+            return pieces, [self.start] * len(pieces)
+        views, owners, offset = [], [], 0
         for k, shape in enumerate(shapes):
             n = shape.numel()
             view = flat[offset : offset + n]
             offset += n
-            pieces = view.split(GRAIN) if cut and cut[k] else [view.view(shape)]
-            self.noise.extend(pieces)
-            self.owners.extend([start + k] * len(pieces))
+            pieces = view.split(GRAIN) if self.cut and self.cut[k] else [view.view(shape)]
+            views.extend(pieces)
+            owners.extend([self.start + k] * len(pieces))
+        return views, owners
 
     def pieces(self, tensors: Sequence[Tensor], readonly: bool = False) -> list[Tensor]:
         """The parts of ``tensors`` (aligned with the planned list) that this chunk covers, as
@@ -134,35 +143,48 @@ class NoisePlan:
 
     :param tensors: the tensors the noise is for (their shapes, device and dtype matter).
     :param chunk_numel: the most elements one chunk (one ``normal_`` call) holds.
+    :param private: one chunk per tensor, each with buffers of its own, worked on in order: for
+        a differentiable step, where autograd cannot follow in-place writes into several views
+        of one buffer.
     """
 
-    def __init__(self, tensors: Sequence[Tensor], chunk_numel: int = DEFAULT_CHUNK_NUMEL):
+    def __init__(self, tensors: Sequence[Tensor], chunk_numel: int = DEFAULT_CHUNK_NUMEL, private: bool = False):
         if chunk_numel < 1:
             raise ValueError(f"Invalid chunk_numel: {chunk_numel} (must be a positive integer)")
         first = tensors[0]
         self.device = first.device
         self.dtype = first.dtype
+        self.on_cpu = on_cpu = self.device.type == "cpu"
+        self.threaded = not private
+        if private:  # buffers shaped like their tensor, which are their own (only) views
+            self.buffers = [torch.empty(t.shape, device=self.device, dtype=self.dtype) for t in tensors]
+            self.spares = [torch.empty(t.shape, device=self.device, dtype=self.dtype) for t in tensors]
+            self.chunks = []
+            for i, (t, flat, spare) in enumerate(zip(tensors, self.buffers, self.spares)):
+                chunk = Chunk(i, i + 1, None, flat.view(-1), spare.view(-1), None, [t.shape], whole=len(tensors) == 1)
+                chunk.flat, chunk.spare, chunk.noise, chunk.spares = flat, spare, [flat], [spare]
+                self.chunks.append(chunk)
+            return
         layout = _layout(tensors, chunk_numel)
         buffer_numel = max((numel for _, _, _, numel in layout), default=0)
-        self.on_cpu = on_cpu = self.device.type == "cpu"
-        # one buffer per stream that can be drawing at once (CPU), else a single one
+        # two buffers per stream that can be drawing at once (CPU), else a single pair
         slots = min(NUM_STREAMS if on_cpu else 1, max(len(layout), 1))
         self.buffers = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)]
+        self.spares = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)]
         threaded = on_cpu and len(layout) > 1  # chunks will be worked on in the noise threads
-        gathers = [_gathers(tensors[start:stop]) and span is None for start, stop, span, _ in layout]
-        scratch = [torch.empty(buffer_numel, device=self.device, dtype=self.dtype) for _ in range(slots)] if any(gathers) else []
         self.chunks: list[Chunk] = []
         for index, (start, stop, span, numel) in enumerate(layout):
             flat = self.buffers[index % slots][:numel]
-            gather = scratch[index % slots][:numel] if gathers[index] else None
+            spare = self.spares[index % slots][:numel]
             shapes = [t.shape for t in tensors[start:stop]]
             if span is not None:
                 cut = threaded
             else:
                 cut = [threaded and t.numel() > GRAIN and t.is_contiguous() for t in tensors[start:stop]]
                 cut = cut if any(cut) else None
+            gathers = span is None and _gathers(tensors[start:stop])
             whole = start == 0 and stop == len(tensors)
-            self.chunks.append(Chunk(start, stop, span, flat, cut, shapes, gather, whole))
+            self.chunks.append(Chunk(start, stop, span, flat, spare, cut, shapes, gathers, whole))
 
     def __iter__(self) -> Iterator[Chunk]:
         return iter(self.chunks)
@@ -179,12 +201,9 @@ def _gathers(tensors: Sequence[Tensor]) -> bool:
     return numel <= GRAIN and numel <= GATHER_MEAN_NUMEL * len(tensors)
 
 
-def _fill(chunk: Chunk, std: float, generator: torch.Generator | None) -> None:
-    """Fill ``chunk``'s noise with ``N(0, std^2)`` draws (zeros, drawing nothing, when ``std == 0``)."""
-    if std == 0.0:
-        chunk.flat.zero_()
-    else:
-        chunk.flat.normal_(0.0, std, generator=generator)
+def fill(flat: Tensor, std: float, generator: torch.Generator | None) -> None:
+    """Fill ``flat`` with ``N(0, std^2)`` draws (one ``normal_`` call)."""
+    flat.normal_(0.0, std, generator=generator)
 
 
 class NoiseSource:
@@ -198,6 +217,9 @@ class NoiseSource:
         self.generator = generator
         self.num_streams = num_streams
         self._streams: list[torch.Generator] | None = None
+        #: a Ctrl-C that arrived while the calling thread waited for the noise threads: the step
+        #: was finished first; whoever owns the step raises it once its bookkeeping is done too
+        self.interrupted = False
 
     def streams(self) -> list[torch.Generator]:
         """The CPU streams, seeded from the root generator on first use."""
@@ -214,89 +236,52 @@ class NoiseSource:
             )
         return self.generator
 
-    def run(
-        self,
-        plan: NoisePlan,
-        std: float,
-        body: Callable[[Chunk], Any],
-        gates: Sequence[Callable[[], None]] = (),
-    ) -> list[Any]:
-        """Draw each chunk's noise (``N(0, std^2)``) and call ``body(chunk)`` on it; return the
-        results in chunk order. ``gates`` (e.g. finiteness checks) must all pass before any
-        ``body`` runs; if some raise, no ``body`` runs and the exception of the first failing
-        gate (in list order) is raised here, whatever the timing.
+    def generators(self, plan: NoisePlan) -> list[torch.Generator | None]:
+        """The generator of each chunk of ``plan`` (see :meth:`chunk_generator`)."""
+        return [self.chunk_generator(plan, index) for index in range(len(plan))]
 
-        On the CPU, with more than one chunk and more than one torch thread, chunks are drawn
-        and worked on in the noise threads: one "lane" per buffer takes chunks ``slot,
-        slot + slots, ...`` in order, so a stream and its buffer are never used by two threads
-        at once. ``body`` must then only touch its own chunk's pieces (chunks are disjoint), and
-        anything it sums is returned, to be added up in chunk order, so the result does not
-        depend on timing. The gates are shared out among the lanes (see :class:`_Gates`), so
-        that checking overlaps drawing and no core idles while another checks. If the calling
-        thread is interrupted while it waits, the lanes still finish the step: a step is
-        applied whole or not at all.
-        """
-        chunks = plan.chunks
-        if len(chunks) == 1:  # the small case, in this thread: stream 0 on the CPU
-            # Outside autograd, in inference mode: the same in-place ops (versions still bump)
-            # skip the autograd dispatch, ~0.1 us each, a twentieth of a small model's step.
-            # Anything the body makes is a temporary; plans and buffers were made before.
-            guard = None if torch.is_grad_enabled() else torch._C._InferenceMode(True)
-            try:
-                for gate in gates:
-                    gate()
-                chunk = chunks[0]
-                _fill(chunk, std, self.streams()[0] if plan.on_cpu else self._root(plan.device.type))
-                return [body(chunk)]
-            finally:
-                del guard
-        slots = len(plan.buffers)
-        if plan.device.type == "cpu":
-            streams = self.streams()
-            generators = [streams[i % self.num_streams] for i in range(len(chunks))]
-            workers = min(slots, torch.get_num_threads())
-        else:  # drawing noise is cheap there: the root generator, in order, in this thread
-            generators = [self._root(plan.device.type)] * len(chunks)
-            workers = 1
-        if len(chunks) == 1 or workers <= 1:
-            for gate in gates:
-                gate()
-            results = []
-            for chunk, generator in zip(chunks, generators):
-                _fill(chunk, std, generator)
-                results.append(body(chunk))
-            return results
-        pool = _thread_pool(workers)
-        grad_mode = torch.is_grad_enabled()  # thread-local: carry the caller's into the workers
-        checks = _Gates(gates, shares=workers)
+    def chunk_generator(self, plan: NoisePlan, index: int) -> torch.Generator | None:
+        """The generator of chunk ``index`` of ``plan``: stream ``index % num_streams`` on the
+        CPU (the streams are seeded here, on first use), else the root generator."""
+        if plan.on_cpu:
+            return self.streams()[index % self.num_streams]
+        return self._root(plan.device.type)
 
-        def lane(slot: int) -> list[tuple[int, Any]]:
-            """Chunks slot, slot + slots, ... in order: one stream and one buffer, no hand-offs."""
-            done = []
-            if slot == 0:
-                checks.run_share()
-            for index in range(slot, len(chunks), slots):
-                chunk = chunks[index]
-                _fill(chunk, std, generators[index])
-                if index == slot and 0 < slot < workers:
-                    checks.run_share()
-                if not checks.passed():
-                    break
-                with torch.set_grad_enabled(grad_mode):
-                    done.append((index, body(chunk)))
-            return done
+    def snapshot(self, devices: Sequence[torch.device] = ()) -> tuple:
+        """What :meth:`restore` needs to undo every draw made after this call: the streams'
+        states (or that they are not seeded yet) and the states of the root generators of the
+        CPU and of ``devices``."""
+        streams = None if self._streams is None else [g.get_state() for g in self._streams]
+        roots = {}
+        for device in (torch.device("cpu"), *devices):
+            generator = self.root_generator(torch.device(device))
+            if generator is not None:
+                roots[id(generator)] = (generator, generator.get_state())
+        return streams, list(roots.values())
 
-        lanes = [pool.submit(lane, slot) for slot in range(slots)]
-        results: list[Any] = [None] * len(chunks)
-        try:
-            checks.raise_first()
-            for finished in lanes:
-                for index, value in finished.result():
-                    results[index] = value
-        finally:  # an abandoned step: let the streams finish before anyone uses them again
-            for finished in lanes:
-                finished.exception()
-        return results
+    def restore(self, snapshot: tuple) -> None:
+        """Undo every draw made since :meth:`snapshot`."""
+        streams, roots = snapshot
+        if streams is None:
+            self._streams = None
+        else:
+            for generator, state in zip(self._streams, streams):
+                generator.set_state(state)
+        for generator, state in roots:
+            generator.set_state(state)
+
+    def root_generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator that draws on ``device`` when no stream does: the one given, else
+        torch's default generator of that device (``None`` where torch has no handle on it)."""
+        if self.generator is not None:
+            return self.generator if self.generator.device.type == device.type else None
+        return default_generator(device)
+
+    def raise_if_interrupted(self) -> None:
+        """Raise the ``KeyboardInterrupt`` held back during the last step, if any."""
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"streams": None if self._streams is None else [g.get_state() for g in self._streams]}
@@ -317,60 +302,13 @@ class NoiseSource:
             self.generator.set_state(state["generator"])
 
 
-class _Gates:
-    """The gates of one :meth:`NoiseSource.run`, claimed one at a time by the lanes.
-
-    Checking gradients is bound by memory bandwidth and drawing noise by arithmetic, so the
-    two are best overlapped rather than run side by side on every core: the first lane checks
-    its share before it draws, the other lanes after their first draw. A lane about to wait
-    first claims whatever is still unclaimed, so it only ever waits for gates that a running
-    thread holds: however busy the shared pool, nothing can deadlock. Every gate runs even
-    after one has failed, so which exception is raised (the first failing gate's, in list
-    order) does not depend on timing.
-
-    :param gates: the callables; each raises to refuse the step.
-    :param shares: into how many equal shares (one per running lane) the gates are cut.
-    """
-
-    def __init__(self, gates: Sequence[Callable[[], None]], shares: int):
-        self.gates = list(gates)
-        self.share = -(-len(self.gates) // max(shares, 1))
-        self.errors: list[BaseException | None] = [None] * len(self.gates)
-        self.unclaimed = iter(range(len(self.gates)))  # next() on it is atomic under the GIL
-        self.pending = len(self.gates)
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        if not self.gates:
-            self.done.set()
-
-    def run_share(self) -> None:
-        """Run up to one share of the unclaimed gates."""
-        for _, index in zip(range(self.share), self.unclaimed):
-            self._run(index)
-
-    def _run(self, index: int) -> None:
-        try:
-            self.gates[index]()
-        except BaseException as error:  # noqa: BLE001 -- raised by raise_first, in gate order
-            self.errors[index] = error
-        with self.lock:
-            self.pending -= 1
-            if self.pending == 0:
-                self.done.set()
-
-    def passed(self) -> bool:
-        """Run every unclaimed gate, wait for the rest; whether all passed."""
-        for index in self.unclaimed:
-            self._run(index)
-        self.done.wait()
-        return all(error is None for error in self.errors)
-
-    def raise_first(self) -> None:
-        """Wait for every gate (without running any); raise the first failing one's exception."""
-        self.done.wait()
-        for error in self.errors:
-            if error is not None:
-                raise error
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """torch's default generator of ``device`` (the CPU's, or a CUDA device's), ``None`` elsewhere."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -386,14 +324,36 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+#: Whether this process was forked from one whose noise threads had run (see :func:`warn_if_forked`).
+FORKED_AFTER_THREADS = False
+
+
 def _forget_pools_after_fork() -> None:  # threads do not survive fork(); the child makes its own
-    global _POOL_LOCK
+    global _POOL_LOCK, FORKED_AFTER_THREADS
+    FORKED_AFTER_THREADS = FORKED_AFTER_THREADS or bool(_POOLS)
     _POOLS.clear()
     _POOL_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+def warn_if_forked() -> None:
+    """Warn, once, when a threaded step runs in a process forked after the parent's threaded
+    steps: torch's OpenMP and the parent's noise threads do not survive ``fork``, and a child
+    that steps can hang or crash there (``torch.optim.SGD`` too). Use the ``spawn`` start method
+    (``multiprocessing.get_context("spawn")``) for processes that sample."""
+    global FORKED_AFTER_THREADS
+    if FORKED_AFTER_THREADS:
+        FORKED_AFTER_THREADS = False
+        warnings.warn(
+            "this process was forked after the parent ran threaded sampler steps: torch's thread pools do "
+            "not survive fork(), and stepping here can hang or crash; start sampling processes with the "
+            "'spawn' method (multiprocessing.get_context('spawn'))",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _layout(tensors: Sequence[Tensor], chunk_numel: int) -> list[tuple[int, int, tuple[int, int] | None, int]]:
@@ -423,16 +383,22 @@ def _layout(tensors: Sequence[Tensor], chunk_numel: int) -> list[tuple[int, int,
 
 class Layout:
     """How one list of tensors is worked on: its (device, dtype) buckets with their noise plans,
-    and whether the multi-tensor path supports it."""
+    whether the multi-tensor path supports it, and the update rules' tasks for its buckets
+    (made once, their per-step values refreshed at each step: see :mod:`._step`)."""
 
-    __slots__ = ("buckets", "foreach_ok", "single_chunk", "single_work")
+    __slots__ = ("buckets", "foreach_ok", "tasks")
 
     def __init__(self, buckets: list[tuple[list[int], NoisePlan]], foreach_ok: bool):
         self.buckets = buckets
         self.foreach_ok = foreach_ok
-        self.single_chunk = len(buckets) == 1 and len(buckets[0][1]) == 1
-        #: for a single chunk, the work list of ``plan_buckets`` with and without checking
-        self.single_work = {check: [(*buckets[0], check, [])] for check in (False, True)} if self.single_chunk else None
+        self.tasks: dict[type, list] = {}
+
+    def tasks_of(self, kind: type) -> list:
+        """The tasks of update rule ``kind`` (a :class:`~._step.Task` subclass), one per bucket."""
+        tasks = self.tasks.get(kind)
+        if tasks is None:
+            tasks = self.tasks[kind] = [kind(plan, indices) for indices, plan in self.buckets]
+        return tasks
 
 
 class NoisePlanCache:
@@ -444,10 +410,12 @@ class NoisePlanCache:
 
     :param chunk_numel: passed to every plan.
     :param max_plans: how many distinct plans (and layouts) to keep before starting afresh.
+    :param private: passed to every plan (see :class:`NoisePlan`).
     """
 
-    def __init__(self, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_plans: int = 16):
+    def __init__(self, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_plans: int = 16, private: bool = False):
         self.chunk_numel = chunk_numel
+        self.private = private
         self.max_plans = max_plans
         self._plans: dict[tuple, NoisePlan] = {}
         self._layouts: dict[tuple, Layout] = {}
@@ -477,5 +445,5 @@ class NoisePlanCache:
         if plan is None:
             if len(self._plans) >= self.max_plans:
                 self._plans.clear()
-            plan = self._plans[key] = NoisePlan(tensors, self.chunk_numel)
+            plan = self._plans[key] = NoisePlan(tensors, self.chunk_numel, self.private)
         return plan

@@ -44,9 +44,10 @@ def mala_log_acceptance(
 
     :param thetas: :math:`\theta` before the step.
     :param new_thetas: :math:`\theta'` after it.
-    :param drifts: :math:`\nabla\tilde U(\theta)`; :param new_drifts: :math:`\nabla\tilde U(\theta')`
-        (zero on frozen entries).
-    :param energy: :math:`\tilde U(\theta)`; :param new_energy: :math:`\tilde U(\theta')`.
+    :param drifts: :math:`\nabla\tilde U(\theta)` (zero on frozen entries).
+    :param new_drifts: :math:`\nabla\tilde U(\theta')` (zero on frozen entries).
+    :param energy: :math:`\tilde U(\theta)`.
+    :param new_energy: :math:`\tilde U(\theta')`.
     :param lrs: the step size :math:`\epsilon` of each tensor.
     :param preconditioners: :math:`G` of each tensor (``None``: identity).
     :param noise_variances: :math:`\sigma^2` of each tensor (default 1).

@@ -10,49 +10,38 @@ which for small :math:`\epsilon` samples
 :math:`\pi(\theta) \propto \exp(-U(\theta)/T - \tfrac{\gamma}{2}\|\theta-\theta_0\|^2 - \tfrac{\lambda}{2}\|\theta\|^2)`
 when the noise level :math:`\sigma` is 1 (Welling & Teh 2011; the localized form of Lau et al. 2023).
 
-How it is computed: the noise is drawn in chunks (:mod:`._noise`) into small buffers already
-scaled by :math:`2\sigma/\sqrt{\epsilon}`, the gradient of the tempered, localized potential is
-added to it, and the buffer is applied as :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`.
-That is two passes over memory besides the unavoidable ``normal_``, and with :math:`\sigma = 0`,
+How it is computed: per chunk (:mod:`._noise`), the gradient of the tempered, localized
+potential is written into a small buffer and checked (:mod:`._step`), then the noise, drawn into
+a second buffer scaled by :math:`2\sigma/\sqrt{\epsilon}`, is added to it, and the buffer is
+applied as :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`. With :math:`\sigma = 0`,
 :math:`T = 1` it is bit for bit ``torch.optim.SGD`` with learning rate :math:`\epsilon/2`.
 
 References:
-    M. Welling and Y. W. Teh, "Bayesian learning via stochastic gradient Langevin dynamics", ICML 2011.
-    E. Lau, Z. Furman, G. Wang, D. Murfet and S. Wei, "The local learning coefficient: a
-    singularity-aware complexity measure", 2023.
+    * M. Welling and Y. W. Teh, "Bayesian learning via stochastic gradient Langevin dynamics", ICML 2011.
+    * E. Lau, Z. Furman, G. Wang, D. Murfet and S. Wei, "The local learning coefficient: a
+      singularity-aware complexity measure", 2023.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from ._common import Diagnostics, apply_buffer, check_buffer, fill_drift, plan_buckets, take
-from ._noise import Chunk, NoisePlanCache, NoiseSource
+from ._common import Diagnostics, apply_buffer, fill_drift, plan_layout, sum_of_squares, take
+from ._noise import Chunk, NoisePlanCache, NoiseSource, fill
+from ._step import Z_MAX, Step, Task, drift_bound, gathered, run
 
 
 def sgld(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     *,
-    lr: float,
-    grad_scale: float = 1.0,
-    localization: float = 0.0,
-    weight_decay: float = 0.0,
-    noise_level: float = 1.0,
-    anchors: Sequence[Tensor] | None = None,
-    masks: Sequence[Tensor | None] | None = None,
-    bounding_box_size: float | None = None,
     generator: torch.Generator | None = None,
     noise: NoiseSource | None = None,
-    foreach: bool | None = None,
-    noise_plans: NoisePlanCache | None = None,
-    check_finite: bool = True,
-    diagnostics: Diagnostics | None = None,
-    grads_checked: bool = False,
+    **options: Any,
 ) -> None:
     r"""Apply one SGLD step to ``params`` in place.
 
@@ -71,40 +60,103 @@ def sgld(
         ``generator`` if not given); keep one across steps for a long chain.
     :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
     :param noise_plans: a cache of noise layouts to reuse between steps.
-    :param check_finite: raise :class:`~pyro_sgmcmc.functional.NonFiniteError` before changing
-        anything if a gradient holds NaN or Inf.
+    :param check_finite: refuse the step with :class:`~pyro_sgmcmc.functional.NonFiniteError`,
+        changing nothing (noise streams and generators included), if a gradient holds NaN or
+        Inf or the update would write a non-finite value (:mod:`._step`).
     :param diagnostics: accumulates norms of the parts of this update when given.
     :param grads_checked: the caller vouches that each gradient has its parameter's shape,
         dtype and device (as torch guarantees of ``p.grad``; the optimizers pass ``True``). Then,
         outside autograd, the gradients of small 1-d tensors are gathered with one ``torch.cat``
         instead of one op each; unchecked, a mismatch raises in the per-tensor ops.
+
+    Every keyword but ``generator`` and ``noise`` is passed on to :func:`sgld_step`.
     """
+    run(sgld_step(params, grads, **options), noise or NoiseSource(generator))
+
+
+def sgld_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    lr: float,
+    grad_scale: float = 1.0,
+    localization: float = 0.0,
+    weight_decay: float = 0.0,
+    noise_level: float = 1.0,
+    anchors: Sequence[Tensor] | None = None,
+    masks: Sequence[Tensor | None] | None = None,
+    bounding_box_size: float | None = None,
+    foreach: bool | None = None,
+    noise_plans: NoisePlanCache | None = None,
+    check_finite: bool = True,
+    diagnostics: Diagnostics | None = None,
+    grads_checked: bool = False,
+) -> Step:
+    """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sgld` (same arguments), for a
+    caller that runs several updates as one step."""
     if lr == 0.0 or not params:
-        return
+        return [], None
     step_size = lr / 2
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
-    if noise is None:
-        noise = NoiseSource(generator)
-    ops, work = plan_buckets(params, grads, noise_plans, check_finite, foreach, grads_checked)
-    for indices, plan, check_in_buffer, gates in work:
-        bucket_params, bucket_grads = take(indices, params), take(indices, grads)
-        bucket_anchors, bucket_masks = take(indices, anchors), take(indices, masks)
+    ops, layout = plan_layout(params, grads, noise_plans, foreach, grads_checked)
+    tasks = layout.tasks_of(SGLDTask)
+    for task in tasks:
+        task.set(ops, params, grads, anchors, masks, step_size, noise_std, grad_scale, localization, weight_decay,
+                 bounding_box_size, check_finite, diagnostics)
+    return tasks, (None if diagnostics is None else lambda results: diagnostics.add_chunks(gathered(results)))
 
-        def update(chunk: Chunk) -> dict | None:
-            thetas = chunk.pieces(bucket_params)
-            gs = chunk.pieces(bucket_grads, readonly=True)
-            theta0 = None if bucket_anchors is None else chunk.pieces(bucket_anchors, readonly=True)
-            ms = None if bucket_masks is None else chunk.pieces(bucket_masks, readonly=True)
-            parts = None
-            if diagnostics is not None:
-                parts = Diagnostics.before_update(chunk, gs, thetas, theta0, ms, step_size, grad_scale,
-                                                  localization, weight_decay)
-            fill_drift(ops, chunk, gs, thetas, theta0, grad_scale, localization, weight_decay)
-            if check_in_buffer:
-                check_buffer(chunk)
-            apply_buffer(ops, chunk, thetas, theta0, ms, step_size, bounding_box_size)
-            return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
 
-        for parts in noise.run(plan, noise_std, update, gates):
-            if parts is not None:
-                diagnostics.add(parts)
+class SGLDTask(Task):
+    """One bucket of an SGLD step: the drift is the candidate, checked before the noise is
+    drawn into the second buffer and added."""
+
+    __slots__ = ("params", "anchors", "masks", "step_size", "noise_std", "grad_scale", "localization",
+                 "weight_decay", "bounding_box_size", "diagnostics")
+
+    def set(self, ops, params, grads, anchors, masks, step_size: float, noise_std: float, grad_scale: float,
+            localization: float, weight_decay: float, bounding_box_size: float | None, check_finite: bool,
+            diagnostics: Diagnostics | None) -> None:
+        """This step's values (the lists as handed to :func:`sgld`)."""
+        indices = self.indices
+        if len(indices) != len(params):
+            params, grads, anchors, masks = (take(indices, t) for t in (params, grads, anchors, masks))
+        self.ops, self.params, self.grads, self.anchors, self.masks = ops, params, grads, anchors, masks
+        self.step_size, self.noise_std, self.grad_scale = step_size, noise_std, grad_scale
+        self.localization, self.weight_decay = localization, weight_decay
+        self.bounding_box_size, self.diagnostics = bounding_box_size, diagnostics
+        self.set_limit(check_finite, step_size, noise_std * Z_MAX, step_size, localization + weight_decay,
+                       localization)
+
+    @property
+    def written(self) -> list[Sequence[Tensor]]:
+        return [self.params]
+
+    def prepare(self, chunk: Chunk, measure: bool = True) -> tuple[Tensor | None, None]:
+        anchors = self.anchors
+        fill_drift(self.ops, chunk, chunk.pieces(self.grads, readonly=True), chunk.pieces(self.params),
+                   None if anchors is None else chunk.pieces(anchors, readonly=True), self.grad_scale,
+                   self.localization, self.weight_decay)
+        return sum_of_squares(chunk.flat) if measure else None, None
+
+    def bound(self, chunk: Chunk) -> float:
+        return drift_bound(self.ops, chunk, self.grads, self.params, self.anchors, self.grad_scale, self.localization,
+                           self.weight_decay)
+
+    def finish(self, chunk: Chunk, context: None, generator: torch.Generator | None) -> dict | None:
+        thetas = chunk.pieces(self.params)
+        theta0 = None if self.anchors is None else chunk.pieces(self.anchors, readonly=True)
+        ms = None if self.masks is None else chunk.pieces(self.masks, readonly=True)
+        noise_std, diagnostics = self.noise_std, self.diagnostics
+        parts = None
+        if noise_std:
+            fill(chunk.spare, noise_std, generator)
+        elif diagnostics is not None:
+            chunk.spare.zero_()
+        if diagnostics is not None:
+            parts = Diagnostics.before_update(chunk.spares, chunk.pieces(self.grads, readonly=True), thetas, theta0,
+                                              ms, self.step_size, self.grad_scale, self.localization,
+                                              self.weight_decay)
+        if noise_std:
+            chunk.flat.add_(chunk.spare)
+        apply_buffer(self.ops, chunk, thetas, theta0, ms, self.step_size, self.bounding_box_size)
+        return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)

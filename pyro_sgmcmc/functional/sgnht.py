@@ -32,17 +32,59 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ._common import Diagnostics
-from ._momentum import momentum_step
+from ._momentum import kinetic_sum, momentum_tasks
 from ._noise import NoisePlanCache, NoiseSource
+from ._step import Step, gathered, run
 
 
 def sgnht(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    thermostat: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
+    **options: Any,
+) -> None:
+    r"""Apply one SGNHT step in place to ``params``, ``momenta`` and the 0-dim ``thermostat``.
+
+    :param params: the parameters :math:`\theta` of one group.
+    :param grads: :math:`\nabla U(\theta)` (not modified).
+    :param momenta: :math:`p`, shaped like ``params`` (zero where a mask is 0).
+    :param thermostat: :math:`\xi`, a 0-dim tensor shared by the whole list.
+    :param lr: the step size :math:`h \ge 0`; 0 leaves everything untouched.
+    :param diffusion_factor: :math:`A > 0`, the strength of the injected noise (and friction).
+    :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
+    :param localization: :math:`\gamma`, strength of the pull toward ``anchors``.
+    :param weight_decay: :math:`\lambda`, strength of the pull toward 0.
+    :param noise_level: :math:`\sigma`, scales the injected noise (1 samples the target).
+    :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
+    :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
+    :param num_free: :math:`d`, the number of free entries (default: all entries of ``params``).
+    :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
+        momentum of the entries that hit the wall.
+    :param generator: root of the noise (torch's global generator if ``None``).
+    :param noise: a persistent :class:`~pyro_sgmcmc.functional.NoiseSource` (built from
+        ``generator`` if not given); keep one across steps for a long chain.
+    :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
+    :param noise_plans: a cache of noise layouts to reuse between steps.
+    :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
+    :param diagnostics: accumulates norms of the parts of the momentum update when given.
+    :param grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
+
+    Every keyword but ``generator`` and ``noise`` is passed on to :func:`sgnht_step`.
+    """
+    run(sgnht_step(params, grads, momenta, thermostat, **options), noise or NoiseSource(generator))
+
+
+def sgnht_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momenta: Sequence[Tensor],
@@ -58,54 +100,35 @@ def sgnht(
     masks: Sequence[Tensor] | None = None,
     num_free: float | None = None,
     bounding_box_size: float | None = None,
-    generator: torch.Generator | None = None,
-    noise: NoiseSource | None = None,
     foreach: bool | None = None,
     noise_plans: NoisePlanCache | None = None,
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
     grads_checked: bool = False,
-) -> None:
-    r"""Apply one SGNHT step in place to ``params``, ``momenta`` and the 0-dim ``thermostat``.
-
-    :param params: the parameters :math:`\theta` of one group.
-    :param grads: :math:`\nabla U(\theta)` (not modified).
-    :param momenta: :math:`p`, shaped like ``params`` (zero where a mask is 0).
-    :param thermostat: :math:`\xi`, a 0-dim tensor shared by the whole list.
-    :param lr: the step size :math:`h \ge 0`; 0 leaves everything untouched.
-    :param diffusion_factor: :math:`A > 0`, the strength of the injected noise (and friction).
-    :param grad_scale: :math:`1/T`, or ``nbeta`` for a mean-reduced loss.
-    :param localization: :math:`\gamma`; :param weight_decay: :math:`\lambda`.
-    :param noise_level: :math:`\sigma`, scales the injected noise (1 samples the target).
-    :param anchors: :math:`\theta_0`, needed for ``localization`` and ``bounding_box_size``.
-    :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
-    :param num_free: :math:`d`, the number of free entries (default: all entries of ``params``).
-    :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
-        momentum of the entries that hit the wall.
-    :param generator: root of the noise (torch's global generator if ``None``).
-    :param noise: a persistent :class:`~pyro_sgmcmc.functional.NoiseSource` (built from
-        ``generator`` if not given); keep one across steps for a long chain.
-    :param foreach: multi-tensor path (default where supported) or per-tensor loop; same numbers.
-    :param noise_plans: a cache of noise layouts to reuse between steps.
-    :param check_finite: refuse the step (changing nothing) on a NaN or Inf gradient.
-    :param diagnostics: accumulates norms of the parts of the momentum update when given.
-    :param grads_checked: as for :func:`~pyro_sgmcmc.functional.sgld`.
-    """
+) -> Step:
+    """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sgnht` (same arguments); its
+    ``post`` updates the thermostat once the momenta have moved."""
     if lr == 0.0 or not params:
-        return
+        return [], None
     h = lr
-    noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the buffer is applied with factor h
-    noise = noise or NoiseSource(generator)
+    noise_std = noise_level * math.sqrt(2.0 * diffusion_factor / h)  # the momentum noise is h times this
     if num_free is None:
         num_free = float(sum(map(Tensor.numel, params)))
     friction = torch.exp(-h * thermostat)  # the friction flow dp = -xi p dt, solved exactly over h
-    kinetic = momentum_step(
+    tasks = momentum_tasks(
         params, grads, momenta, friction, lr=h, noise_std=noise_std, grad_scale=grad_scale,
         localization=localization, weight_decay=weight_decay, anchors=anchors, masks=masks,
-        bounding_box_size=bounding_box_size, noise=noise, foreach=foreach, noise_plans=noise_plans,
+        bounding_box_size=bounding_box_size, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
     )
-    thermostat.add_(kinetic, alpha=h / num_free).sub_(h)  # xi += h (p.p / d - 1)
-    if diagnostics is not None:
-        diagnostics.add_value("thermostat", thermostat)
-        diagnostics.add_value("kinetic_temperature", kinetic / num_free)
+
+    def post(results: list[list]) -> None:
+        chunks = gathered(results)
+        kinetic = kinetic_sum(chunks, params[0])
+        thermostat.add_(kinetic, alpha=h / num_free).sub_(h)  # xi += h (p.p / d - 1)
+        if diagnostics is not None:
+            diagnostics.add_chunks([parts for _, parts in chunks])
+            diagnostics.add_value("thermostat", thermostat)
+            diagnostics.add_value("kinetic_temperature", kinetic / num_free)
+
+    return tasks, post

@@ -1,21 +1,20 @@
-"""Pyro inference for SG-MCMC.
+"""Pyro inference for SG-MCMC (layer 3, as :mod:`pyro.infer`).
 
+* the MCMC path: kernels for :class:`pyro.infer.MCMC`, one per torch sampler:
+  :class:`SGLD`, :class:`SGNHT`, :class:`SGHMC`, :class:`PSGLD` (``MCMC(SGLD(model), ...)``), all
+  :class:`SGMCMCKernel` subclasses; :class:`MCMC`, Pyro's driver keeping the draws made before an
+  interruption;
 * the SVI path: :class:`AutoUnconstrainedDelta` (a Jacobian-correct point guide),
   :class:`SampleCollector` / :func:`run_svi` to keep the visited states as posterior samples, and
-  :class:`ControlVariateELBO` (control-variate gradients on minibatches);
-* the MCMC path: kernels for :class:`pyro.infer.MCMC`, one per torch sampler through one generic
-  adapter (:class:`SGMCMCKernel`): ``pyro_sgmcmc.infer.SGLD(model, step_size=...)``,
-  ``pyro_sgmcmc.infer.SGNHT(...)``.
+  :class:`ControlVariateELBO` (control-variate gradients on minibatches).
 """
 
-from ..samplers import SAMPLERS as _SAMPLERS
 from .autoguide import AutoUnconstrainedDelta
 from .control_variates import ControlVariateELBO
-from .kernel import ModelPotential, SGMCMCKernel, kernel_class
-from .samples import SampleCollector, run_svi
+from .kernel import KERNELS, PSGLD, SGHMC, SGLD, SGNHT, MixingWarning, SGMCMCKernel
+from .mcmc import MCMC
+from .potential import ModelPotential
+from .samples import SampleCollector, log_likelihood, run_svi
 
-for _name, _sampler in _SAMPLERS.items():
-    globals()[_name] = kernel_class(_name, _sampler)
-
-__all__ = ["AutoUnconstrainedDelta", "ControlVariateELBO", "ModelPotential", "SGMCMCKernel", "SampleCollector", "kernel_class", "run_svi",
-           *_SAMPLERS]
+__all__ = ["AutoUnconstrainedDelta", "ControlVariateELBO", "KERNELS", "MCMC", "MixingWarning", "ModelPotential", "PSGLD",
+           "SGHMC", "SGLD", "SGMCMCKernel", "SGNHT", "SampleCollector", "log_likelihood", "run_svi"]

@@ -1,8 +1,8 @@
 """Warmup adaptation for the SG-MCMC kernels: a preconditioner and a step size.
 
 Preconditioning is a change of variables, ``theta = L z``: the sampler runs on ``z`` against the
-potential ``U(L z)``, whose gradient is ``L^T grad U``. SGLD on ``z`` is then exactly preconditioned
-SGLD on ``theta`` with the fixed matrix ``M = L L^T``,
+potential ``U(L z)``, whose gradient is ``L^T grad U`` (:meth:`Whitening.pullback`). SGLD on ``z``
+is then exactly preconditioned SGLD on ``theta`` with the fixed matrix ``M = L L^T``,
 
     theta <- theta - (lr/2) M grad U + sqrt(lr) L N(0, I),
 
@@ -12,27 +12,36 @@ is unchanged.
 
 ``M`` is ``T H^-1``, with ``H`` the Hessian of the potential (its diagonal by default, all of it
 with ``full_mass``, or its diagonal corrected along the few directions where the diagonally
-whitened Hessian is furthest from the identity with ``mass_rank``), measured at the start and at the end of warmup windows that double in length
-(as in Stan), averaged over those points, and frozen after warmup. Stan estimates ``M`` from the
+whitened Hessian is furthest from the identity with ``mass_rank``), measured at the start and at
+the ends of warmup windows that double in length (Stan's schedule, as Pyro's ``WarmupAdapter``
+builds it), averaged over those points, and frozen after warmup. Stan estimates ``M`` from the
 draws of each window instead; that fails here: an SG-MCMC chain needs hundreds of steps to cross
 its posterior, far more than a window, so the draws under-spread, the estimate shrinks the slow
 directions, and the next window is slower still (measured: the variance of a collinear pair
 collapsed to 2% of its value). The Hessian needs no mixing.
 
 The step size comes from the sampler's own bias rule (``suggest_lr``) with two quantities measured
-in the ``z`` coordinates: the largest curvature of the potential (power iteration on
-finite-difference Hessian-vector products, every evaluation on the same minibatch) and the
-variance of the minibatch gradient noise (a few gradients at one point, fresh minibatches).
+in the ``z`` coordinates: the largest curvature of the potential (power iteration on exact
+Hessian-vector products of one minibatch's potential) and the variance of the minibatch gradient
+noise (a few gradients at one point, fresh minibatches).
+
+:class:`WarmupAdapter` holds all of it (``init`` / ``step`` / ``final``, as Pyro's
+``WarmupAdapter`` and blackjax's ``window_adaptation``); after ``final`` nothing adapts, so
+changing warmup cannot change the sampler.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
-import pyro
 import torch
+from pyro.infer.mcmc.adaptation import WarmupAdapter as _PyroWarmupAdapter
 from torch import Tensor
+
+from .estimators import GradientEstimator, hessian_vector_product
 
 
 class Whitening:
@@ -54,9 +63,22 @@ class Whitening:
             return torch.linalg.solve_triangular(self.scale, theta.unsqueeze(-1), upper=False).squeeze(-1)
         return theta / self.scale
 
+    def pullback(self, grad_theta: Tensor) -> Tensor:
+        """``L^T g``: a gradient in ``theta`` coordinates as one in ``z`` coordinates."""
+        return self.scale.T @ grad_theta if self.dense else self.scale * grad_theta
+
     @property
     def kind(self) -> str:
         return "dense" if self.dense else "diagonal"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "scale": self.scale}
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any]) -> "Whitening":
+        if "vectors" in state:
+            return LowRankWhitening(state["scale"], state["vectors"], state["factors"])
+        return Whitening(state["scale"])
 
 
 class LowRankWhitening(Whitening):
@@ -77,9 +99,16 @@ class LowRankWhitening(Whitening):
         y = theta / self.scale
         return y + self.vectors @ ((1 / self.factors - 1) * (self.vectors.T @ y))
 
+    def pullback(self, grad_theta: Tensor) -> Tensor:
+        y = self.scale * grad_theta  # L is symmetric up to the diagonal: L^T = (I + U (F - I) U^T) S
+        return y + self.vectors @ ((self.factors - 1) * (self.vectors.T @ y))
+
     @property
     def kind(self) -> str:
         return f"diagonal + rank {self.vectors.shape[1]}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "scale": self.scale, "vectors": self.vectors, "factors": self.factors}
 
 
 def hutchinson_diagonal(hvp: Callable[[Tensor], Tensor], size: int, device: torch.device, probes: int = 16,
@@ -161,39 +190,6 @@ def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: 
     return LowRankWhitening(scale.to(dtype), vectors.to(dtype), factors.to(dtype))
 
 
-def window_ends(warmup_steps: int) -> list[int]:
-    """Iterations (0-based, counted in samples) after which the preconditioner is re-estimated:
-    a first 15% to arrive, then windows of 25, 50, 100, ... draws, the last stretched to end 10%
-    before the end of warmup (whose last part adapts the step size only). None below 40 steps."""
-    if warmup_steps < 40:
-        return []
-    start, end = int(0.15 * warmup_steps), warmup_steps - int(0.1 * warmup_steps)
-    ends, size, position = [], 25, start
-    while position + size < end:
-        next_position = position + size
-        if next_position + 2 * size > end:  # the next window would not fit: stretch this one
-            next_position = end
-        ends.append(next_position)
-        position, size = next_position, 2 * size
-    if not ends or ends[-1] != end:
-        ends.append(end)
-    return ends
-
-
-def _same_batch_hvp(gradient: Callable[[Tensor], Tensor], z: Tensor) -> Callable[[Tensor], Tensor]:
-    """``v -> H v`` at ``z`` by a finite difference of ``gradient``, every call on the minibatch of
-    the first (the RNG state is replayed)."""
-    state = pyro.util.get_rng_state()
-    base = gradient(z)
-    eps = 1e-3 * max(1.0, float(z.norm())) / math.sqrt(z.numel())
-
-    def hvp(v: Tensor) -> Tensor:
-        pyro.util.set_rng_state(state)
-        return (gradient(z + eps * v) - base) / eps
-
-    return hvp
-
-
 def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int) -> float:
     """The largest eigenvalue (in magnitude) of ``operator`` by ``iterations`` power steps."""
     v = torch.randn_like(like)
@@ -206,73 +202,6 @@ def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterati
             break
         v = w / value
     return value
-
-
-def measure_scales(
-    gradient: Callable[[Tensor], Tensor], z: Tensor, power_iterations: int = 8, noise_draws: int = 12,
-    smallest: bool = False, hvp: Callable[[Tensor], Tensor] | None = None, noise_point: Tensor | None = None,
-) -> tuple[float, float, float]:
-    """``(largest curvature, largest per-coordinate gradient-noise variance, smallest curvature)``
-    at ``z``; the smallest only with ``smallest`` (else 0): by power iteration on ``s I - H`` with
-    ``s`` a little above the largest.
-
-    :param gradient: ``z -> grad U(z)`` (a fresh minibatch at each call, as the sampler sees it).
-    :param hvp: ``v -> H v`` at ``z`` for the curvatures (default: finite differences of
-        ``gradient`` on one minibatch).
-    :param noise_point: where to measure the gradient noise (default ``z``): a control-variate
-        gradient has no noise at its anchor, so a chain that starts there measures it a typical
-        distance away.
-    """
-    state = pyro.util.get_rng_state()
-    if hvp is None:
-        hvp = _same_batch_hvp(gradient, z)  # the same minibatch for every curvature probe
-    else:
-        given = hvp
-        hvp = lambda v: given(v).to(z.dtype)  # noqa: E731
-    largest = _power_iteration(hvp, z, power_iterations)
-    least = 0.0
-    if smallest and math.isfinite(largest) and largest > 0:
-        shift = 1.1 * largest
-        least = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 2 * power_iterations)
-    pyro.util.set_rng_state(state)
-    at = z if noise_point is None else noise_point
-    draws = torch.stack([gradient(at) for _ in range(noise_draws)])
-    noise = float(draws.var(0).max()) if noise_draws > 1 else 0.0
-    return largest, noise, least
-
-
-def curvature(gradient: Callable[[Tensor], Tensor], z: Tensor, whitening: Whitening, dense: bool,
-              probes: int = 16) -> Tensor:
-    """The Hessian of the potential in theta coordinates at ``theta = L z``, from finite-difference
-    Hessian-vector products on one minibatch: all of it (``D`` products, float64 ``[D, D]``) when
-    ``dense``, else its diagonal (:func:`hutchinson_diagonal` with ``probes`` products).
-
-    :param gradient: ``z -> grad U(z)`` in the current coordinates.
-    """
-    state = pyro.util.get_rng_state()
-    size = z.numel()
-    eps = 1e-3 * max(1.0, float(z.norm())) / math.sqrt(size)
-
-    def hvp(v: Tensor) -> Tensor:
-        pyro.util.set_rng_state(state)  # every product on the same minibatch
-        plus = gradient(z + eps * v)
-        pyro.util.set_rng_state(state)
-        minus = gradient(z - eps * v)
-        return ((plus - minus) / (2 * eps)).double()
-
-    scale = whitening.scale.double()
-    if dense:
-        h_z = torch.stack([hvp(e) for e in torch.eye(size, dtype=z.dtype, device=z.device)], 1)
-        lower = scale if whitening.dense else torch.diag(scale)
-        inv = torch.linalg.inv(lower)
-        h = inv.T @ ((h_z + h_z.T) / 2) @ inv
-        result = (h + h.T) / 2
-    else:
-        estimate = hutchinson_diagonal(hvp, size, z.device, probes, dtype=z.dtype)
-        diag_scale = scale.diagonal() if whitening.dense else scale
-        result = estimate / diag_scale**2  # diagonal in theta coordinates (approximate if L was dense)
-    pyro.util.set_rng_state(state)
-    return result
 
 
 def usable_curvature(hessian: Tensor) -> Tensor:
@@ -308,3 +237,288 @@ def whitening_from_curvature(hessian: Tensor, temperature: float, dtype: torch.d
         return Whitening(torch.linalg.cholesky((cov + cov.T) / 2).to(dtype))
     diag = usable.clamp(min=max(float(usable.max()), 1e-12) * 1e-8)
     return Whitening((temperature / diag).sqrt().to(dtype))
+
+
+def adaptation_schedule(warmup_steps: int, arrival: bool = True) -> tuple[int, list[int]]:
+    """``(arrival_end, adapt_at)``: the iterations at which warmup re-estimates the
+    preconditioner and the step size, from Stan's windows as Pyro's ``WarmupAdapter`` builds
+    them, with the start buffer (here: arrival, where the chain travels to the typical set with
+    the largest stable step) at 15% of warmup and the end buffer at 10%: an SG-MCMC chain needs
+    a larger share of warmup to arrive than HMC's fixed 75 steps. Adaptation happens at the
+    start of the iteration after each window; none for fewer than 20 warmup steps. A chain that
+    starts at the mode (``arrival=False``) has no arrival: its first window starts at once."""
+    if warmup_steps < 20:
+        return 0, []
+    builder = _PyroWarmupAdapter()
+    builder._warmup_steps = warmup_steps
+    builder._adapt_start_buffer = int(0.15 * warmup_steps) if arrival else 0
+    builder._adapt_end_buffer = int(0.1 * warmup_steps)
+    windows = [w for w in builder._build_adaptation_schedule() if w.end >= w.start]
+    return windows[0].end + 1 if arrival else 0, [window.end + 1 for window in windows[:-1]]
+
+
+@dataclass(frozen=True)
+class Scales:
+    """What warmup measured last, in whitened coordinates: the largest curvature of the
+    potential, the largest per-coordinate variance of the gradient noise, and (for
+    ``exact_gaussian``) the smallest curvature."""
+
+    curvature: float = math.nan
+    noise: float = math.nan
+    smallest: float = math.nan
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """The chain's tuning: its coordinates, its step size and the sampler options set from
+    measurements (e.g. SGHMC's friction), with the measurements they came from."""
+
+    whitening: Whitening
+    step_size: float
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    scales: Scales = Scales()
+
+
+@dataclass
+class _Best:
+    """The lowest-potential point warmup has seen (exact potentials only)."""
+
+    potential: float = math.inf
+    theta: Tensor | None = None
+    estimate: Any = None
+
+
+class WarmupAdapter:
+    r"""Everything warmup adapts, in one object with ``init`` / ``step`` / ``final``.
+
+    Schedule (:func:`adaptation_schedule`): the first 15% of warmup is arrival, with the largest
+    stable step (the sampler's ``suggest_lr(arrival=True)``); then doubling windows, at whose
+    ends the preconditioner takes the curvature there into its mean (which restarts after
+    arrival: the curvature on the way in is of a place the chain has left) and the step size is
+    measured again with the sampler's bias rule; the last 10% runs with everything fixed, so the
+    sampler's own state (momenta, thermostat, PSGLD's average) settles before :meth:`final`
+    freezes it.
+
+    Safety rules, one sentence each (warmup only; warmup draws are discarded):
+
+    * a rejected step (the kernel undoes a landing whose potential or gradient is not finite)
+      halves the step size;
+    * with a potential whose values can be compared (no minibatch noise, or control variates),
+      a step that raises it by more than ``T max(25, 10 sqrt(d))`` (``1000 T`` with control
+      variates, for their noise) is rejected too: one Langevin step at the arrival size changes
+      ``U`` by ``T sqrt(4 d / 3)`` in sd at stationarity, so this is 8.7 such sds, and 25 nats covers
+      the heavy tail of small ``d`` (HMC's fixed 1000 nats misses 130-nat jumps in ``d = 2`` and would
+      reject ordinary steps of a model with ``10^6`` parameters);
+    * with such a potential, the chain goes back to the lowest-potential point warmup has seen
+      when 3 steps in a row were rejected (thrown far out, where every step overflows) and when
+      arrival ends more than ``T (d/2 + 5 sqrt(d/2))`` above it (near a Gaussian mode
+      ``U - U_min`` is ``T`` times a Gamma(d/2) variable: a chain in the typical set fails this
+      with probability below 0.25%);
+    * a Hessian that is not positive definite (a saddle on the way in) counts by its diagonal
+      (:func:`usable_curvature`); a curvature that is zero or not finite leaves the
+      preconditioner and the step size as they were.
+
+    :param estimator: the kernel's gradient estimator.
+    :param sampler_class: the torch sampler (its ``suggest_lr`` and ``adapted_options``).
+    :param step_size: the user's step size (the start, and where nothing is measured).
+    :param mass: ``"diagonal"``, ``"dense"`` or ``"low-rank"`` (with ``mass_rank`` directions).
+    """
+
+    #: Rejections in a row after which warmup goes back to its best point.
+    STUCK_AFTER = 3
+
+    def __init__(self, estimator: GradientEstimator, sampler_class: type, *, step_size: float | None,
+                 adapt_step_size: bool, adapt_mass_matrix: bool, mass: str, mass_rank: int, target_bias: float,
+                 temperature: float, exact_gaussian: bool, sampler_options: dict[str, Any]):
+        self.estimator = estimator
+        self.sampler_class = sampler_class
+        self.step_size = step_size
+        self.adapt_step_size = adapt_step_size
+        self.adapt_mass_matrix = adapt_mass_matrix
+        self.mass = mass
+        self.mass_rank = mass_rank
+        self.target_bias = target_bias
+        self.temperature = temperature
+        self.exact_gaussian = exact_gaussian
+        self.sampler_options = sampler_options
+        # the whitened, tempered posterior has curvature 1 where the preconditioner fits it
+        self.gaussian_options = {"reference_curvature": 1.0} if exact_gaussian else {}
+        self.current: Adaptation | None = None
+        self.frozen = False
+        self.warmup_steps = 0
+        self.arrival_end = 0
+        self.adapt_at: list[int] = []
+        self._hessians: list[Tensor] = []
+        self._best = _Best()
+        self._rejected_in_a_row = 0
+        self.jumps = 0
+
+    # ----------------------------------------------------------------------------- phases
+
+    def init(self, theta: Tensor, warmup_steps: int, at_mode: bool = False) -> Adaptation:
+        """The tuning at the chain's start ``theta``: a preconditioner measured there, and the
+        step size for arrival (none when the chain starts at the mode, ``at_mode``)."""
+        self.warmup_steps = warmup_steps
+        adapting = warmup_steps > 0 and (self.adapt_step_size or self.adapt_mass_matrix)
+        self.arrival_end, self.adapt_at = adaptation_schedule(warmup_steps, not at_mode) if adapting else (0, [])
+        whitening = Whitening.identity(theta.numel(), theta)
+        if self.adapt_mass_matrix and warmup_steps > 0:
+            whitening = self._preconditioner(theta, whitening, fresh=True)
+        self.current = Adaptation(whitening, self.step_size if self.step_size is not None else math.nan,
+                                  dict(self.gaussian_options))
+        if self.adapt_step_size and warmup_steps > 0:
+            self.current = self._measure(theta, self.current, arrival=self.arrival_end > 0)
+        if not math.isfinite(self.current.step_size):
+            raise ValueError("Invalid step_size: None with warmup_steps=0 (the kernel adapts its step size during "
+                             "warmup: give warmup_steps > 0, a step_size, or load_state_dict() of an adapted kernel)")
+        return self.current
+
+    def step(self, t: int, theta: Tensor, estimate: Any) -> tuple[Adaptation, Tensor, Any] | None:
+        """At the start of warmup iteration ``t`` (the chain at ``theta`` with ``estimate``): a new
+        tuning, and the point to continue from, at the end of a window; else ``None``."""
+        if self.frozen or t not in self.adapt_at:
+            return None
+        if t == self.arrival_end and not self._arrived(float(estimate.potential), theta.numel()):
+            theta, estimate = self._best.theta, self._best.estimate
+        tuning = self.current
+        if self.adapt_mass_matrix:
+            tuning = replace(tuning, whitening=self._preconditioner(theta, tuning.whitening, fresh=t == self.arrival_end))
+        if self.adapt_step_size:
+            tuning = self._measure(theta, tuning, arrival=False)
+        self.current = tuning
+        return tuning, theta, estimate
+
+    def final(self) -> Adaptation:
+        """The end of warmup: nothing adapts from here on."""
+        self.frozen = True
+        return self.current
+
+    # ----------------------------------------------------------------------- safety rules
+
+    @property
+    def _compares_values(self) -> bool:
+        return self.estimator.exact and not self.frozen
+
+    def is_jump(self, previous: float, new: float, dimension: int) -> bool:
+        """Whether a warmup step from potential ``previous`` to ``new`` is a jump to reject."""
+        if not (self._compares_values and self.adapt_step_size and math.isfinite(previous)):
+            return False
+        limit = self.temperature * max(25.0, 10.0 * math.sqrt(dimension))
+        if self.estimator.noisy_gradient:  # control variates: HMC's 1000 T for their minibatch noise
+            limit = max(limit, 1000.0 * self.temperature)
+        return new - previous > limit
+
+    def accepted(self, theta: Tensor, estimate: Any) -> None:
+        """A warmup step landed at ``theta`` (its ``estimate``)."""
+        self._rejected_in_a_row = 0
+        if self._compares_values:
+            potential = float(estimate.potential)
+            if potential < self._best.potential:
+                self._best = _Best(potential, theta.detach().clone(), estimate)
+
+    def rejected(self, jump: bool) -> tuple[Adaptation, Tensor | None, Any]:
+        """A warmup step was undone: the step size halved, and, when the chain is stuck, the
+        best point to go back to (``None`` to stay)."""
+        self.jumps += int(jump)
+        self._rejected_in_a_row += 1
+        if self.adapt_step_size:
+            self.current = replace(self.current, step_size=self.current.step_size * 0.5)
+        if self._rejected_in_a_row >= self.STUCK_AFTER and self._best.theta is not None and self._compares_values:
+            self._rejected_in_a_row = 0
+            return self.current, self._best.theta, self._best.estimate
+        return self.current, None, None
+
+    def _arrived(self, potential: float, dimension: int) -> bool:
+        if self._best.theta is None or not self._compares_values or not math.isfinite(potential):
+            return True
+        half = dimension / 2
+        return potential - self._best.potential <= self.temperature * (half + 5 * math.sqrt(half))
+
+    # ---------------------------------------------------------------------- measurements
+
+    def _hvp_z(self, theta: Tensor, whitening: Whitening, averaged: bool) -> Callable[[Tensor], Tensor]:
+        """``v -> L^T H L v`` at ``theta``: the Hessian in the coordinates ``z`` (theta's dtype)."""
+        hvp = hessian_vector_product(self.estimator.fixed_potential(averaged), theta)
+        return lambda v: whitening.pullback(hvp(whitening.to_theta(v.to(theta.dtype))).to(theta.dtype))
+
+    def _preconditioner(self, theta: Tensor, whitening: Whitening, fresh: bool) -> Whitening:
+        """The preconditioner with the curvature at ``theta`` added to the mean (restarted when
+        ``fresh``); the old one if that curvature is not usable."""
+        size = theta.numel()
+        if self.mass == "low-rank":
+            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
+            diagonal = hutchinson_diagonal(hvp, size, theta.device)
+            if not self._usable(diagonal):
+                return whitening
+            mean = self._add(diagonal, fresh)
+            low_rank = low_rank_whitening(hvp, mean, self.mass_rank, self.temperature, theta.dtype)
+            finite = bool(torch.isfinite(low_rank.vectors).all() and torch.isfinite(low_rank.factors).all())
+            return low_rank if finite else whitening
+        if self.mass == "dense":
+            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
+            eye = torch.eye(size, dtype=torch.float64, device=theta.device)
+            hessian = torch.stack([hvp(e) for e in eye], 1)
+            hessian = (hessian + hessian.T) / 2
+        else:
+            # Hutchinson's probes in the current whitened coordinates, where the cross terms that
+            # bias it are small, then back to theta's diagonal (approximate if L is dense)
+            diagonal_z = hutchinson_diagonal(self._hvp_z(theta, whitening, averaged=False), size, theta.device,
+                                             dtype=theta.dtype)
+            scale = whitening.scale.double()
+            hessian = diagonal_z / (scale.diagonal() if whitening.dense else scale) ** 2
+        if not self._usable(hessian):
+            return whitening
+        mean = self._add(usable_curvature(hessian), fresh)
+        return whitening_from_curvature(mean, self.temperature, theta.dtype)
+
+    @staticmethod
+    def _usable(curvature: Tensor) -> bool:
+        return bool(torch.isfinite(curvature).all()) and bool((curvature != 0).any())
+
+    def _add(self, curvature: Tensor, fresh: bool) -> Tensor:
+        self._hessians = [curvature] if fresh else [*self._hessians, curvature]
+        return torch.stack(self._hessians).mean(0)
+
+    def _measure(self, theta: Tensor, tuning: Adaptation, arrival: bool) -> Adaptation:
+        """The step size (and the options the sampler adapts) from the curvature and gradient
+        noise measured at ``theta`` in ``tuning``'s coordinates."""
+        whitening = tuning.whitening
+        z = whitening.to_z(theta)
+        hvp = self._hvp_z(theta, whitening, averaged=self.exact_gaussian)
+        largest = _power_iteration(hvp, z, 8)
+        smallest = 0.0
+        if self.exact_gaussian and math.isfinite(largest) and largest > 0:
+            shift = 1.1 * largest
+            smallest = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 16)
+        noise = self._noise(theta, whitening)
+        scales = Scales(largest, noise, smallest)
+        if not (math.isfinite(largest) and math.isfinite(noise) and largest > 0):
+            if math.isfinite(tuning.step_size):
+                return replace(tuning, scales=scales)  # nothing measurable here: keep the step
+            # no curvature at the start (a potential flat where the chain starts): a small step,
+            # measured again at the next window's end
+            warnings.warn("Could not measure the curvature at the initial point (it is zero or not finite); "
+                          "warmup starts with step_size=1e-3 until it can (give step_size to choose it)",
+                          RuntimeWarning, stacklevel=2)
+            return replace(tuning, step_size=1e-3, scales=scales)
+        adapted = self.sampler_class.adapted_options(largest, noise, self.temperature, self.sampler_options)
+        options = {**self.gaussian_options, **self.sampler_options, **adapted}
+        if self.exact_gaussian:
+            options["smallest_curvature"] = smallest if math.isfinite(smallest) else 0.0
+        step_size = self.sampler_class.suggest_lr(largest, noise, self.target_bias, self.temperature,
+                                                  arrival=arrival, **options)
+        return Adaptation(whitening, step_size, {**self.gaussian_options, **adapted}, scales)
+
+    def _noise(self, theta: Tensor, whitening: Whitening, draws: int = 12) -> float:
+        """The largest per-coordinate variance of the gradient (in ``z``) over fresh minibatches;
+        0 without any. A control-variate gradient has no noise at its anchor, where its chain
+        starts: there it is measured a typical (whitened) distance away, where the chain will be."""
+        if not self.estimator.noisy_gradient:
+            return 0.0
+        z = whitening.to_z(theta)
+        anchor = getattr(self.estimator, "anchor", None)
+        if anchor is not None and torch.equal(theta, anchor.point):
+            z = z + torch.randn_like(z)
+        point = whitening.to_theta(z)
+        grads = torch.stack([whitening.pullback(self.estimator.estimate(point).grad) for _ in range(draws)])
+        return float(grads.var(0).max())

@@ -29,7 +29,7 @@ from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn.module import PyroModule, PyroParam
 from torch.distributions import biject_to
 
-from .sites import check_latent_site
+from .sites import check_latent_site, trace_model
 
 __all__ = ["AutoUnconstrainedDelta"]
 
@@ -65,7 +65,19 @@ class AutoUnconstrainedDelta(AutoGuide):
         super().__init__(model, create_plates=create_plates)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        super()._setup_prototype(*args, **kwargs)
+        """Trace the model and make one unconstrained parameter per latent site. The tracing
+        draws from torch's generators (subsample indices, ``init_to_median``'s prior draws), and
+        happens at the guide's first call, which after a restore comes after the user set the
+        RNG state: so it runs on a copy of the RNG state and leaves the state as it found it, and
+        a run resumed from a checkpoint (param store, optimizer, RNG) continues bit for bit."""
+        rng = pyro.util.get_rng_state()
+        try:
+            super()._setup_prototype(*args, **kwargs)
+        except Exception:
+            trace_model(self.model, *args, **kwargs)  # a clearer error when it names the cause
+            raise
+        finally:
+            pyro.util.set_rng_state(rng)
         self._event_dims: dict[str, int] = {}
         self.locs = PyroModule()
         found = False

@@ -1,26 +1,19 @@
 """Control variates on the SVI path: an ELBO for :class:`AutoUnconstrainedDelta` whose gradient is
-the control-variate estimator (:mod:`pyro_sgmcmc.functional.control_variates`)."""
+the control-variate estimator (the kernels' :class:`~pyro_sgmcmc.infer.estimators.ControlVariates`)."""
 
 from __future__ import annotations
 
 import operator
 from typing import Any, Callable
 
-import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
-from torch import Tensor
-from torch.distributions import biject_to
 
+from .._validation import check_mapping
 from .autoguide import AutoUnconstrainedDelta
-from .kernel import ModelPotential
-from .subsample import (
-    SubsampleControl,
-    draw_indices,
-    full_data_value_and_grad,
-    subsampled_plates,
-    unconstrained_anchor,
-)
+from .estimators import ControlVariates, Estimate, MinibatchPotential
+from .potential import FlatLayout, ModelPotential, PotentialEvaluator, model_sites
+from .subsample import unconstrained_anchor
 
 __all__ = ["ControlVariateELBO"]
 
@@ -34,10 +27,11 @@ class ControlVariateELBO(ELBO):
 
     the minibatch gradient corrected on the same minibatch at the anchor :math:`\hat u`, whose
     full-data gradient is computed once (the data walked through the model's own subsampled
-    plate in minibatch-sized pieces). Use it with any sampler of :mod:`pyro_sgmcmc.optim`::
+    plate in minibatch-sized pieces). The estimator is the MCMC kernels' own
+    (:class:`~pyro_sgmcmc.infer.estimators.ControlVariates`). Use it with any sampler::
 
         guide = AutoUnconstrainedDelta(model)
-        SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(...)   # to the mode
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())  # ... steps to the mode
         svi = SVI(model, guide, pyro_sgmcmc.optim.SGLD({"lr": ...}), ControlVariateELBO())
 
     :param anchor: ``{site: constrained value}``; by default the guide's point at the first step
@@ -45,60 +39,54 @@ class ControlVariateELBO(ELBO):
         whose full-data gradient is used: later steps must pass the same data.
     """
 
-    def __init__(self, anchor: dict[str, Tensor] | None = None):
-        if anchor is not None and not isinstance(anchor, dict):
-            raise ValueError(f"Invalid anchor: {anchor!r} (must be a dict {{site: constrained value}} or None)")
+    def __init__(self, anchor: dict[str, torch.Tensor] | None = None):
+        check_mapping("anchor", anchor, what="a dict {site: constrained value}", none_ok=True)
         super().__init__()
         self.anchor = anchor
-        self._prepared: tuple | None = None
+        self._prepared: tuple[FlatLayout, ControlVariates] | None = None
 
-    def _prepare(self, model: Callable, guide: AutoUnconstrainedDelta, args: tuple, kwargs: dict) -> tuple:
+    def _prepare(self, model: Callable, guide: AutoUnconstrainedDelta, args: tuple, kwargs: dict
+                 ) -> tuple[FlatLayout, ControlVariates]:
         if not isinstance(guide, AutoUnconstrainedDelta):
             raise TypeError(f"ControlVariateELBO needs an AutoUnconstrainedDelta guide (got {type(guide).__name__})")
         if guide.prototype_trace is None:
             guide._setup_prototype(*args, **kwargs)
-        sites = {name: site for name, site in guide.prototype_trace.iter_stochastic_nodes()}
-        transforms = {name: biject_to(site["fn"].support).inv for name, site in sites.items()}
-        plates = subsampled_plates(poutine.trace(model).get_trace(*args, **kwargs))  # the guide's hides them
-        if len(plates) != 1:
-            raise ValueError(f"ControlVariateELBO needs a model with exactly one subsampled plate (found {len(plates)})")
-        potential = ModelPotential(model, transforms, args, kwargs)
+        sites = model_sites(model, args, kwargs)
+        if len(sites.plates) != 1:
+            raise ValueError(f"ControlVariateELBO needs a model with exactly one subsampled plate "
+                             f"(found {len(sites.plates)})")
+        point = {name: operator.attrgetter(name)(guide.locs).detach() for name in sites.transforms}
+        layout = FlatLayout(point)
         if self.anchor is not None:
-            anchor = unconstrained_anchor(self.anchor, transforms, "anchor")
-        else:
-            anchor = {name: operator.attrgetter(name)(guide.locs).detach().clone() for name in sites}
-        anchor = {name: value.requires_grad_(True) for name, value in anchor.items()}
-        names = sorted(anchor)
-        full, grads = full_data_value_and_grad(lambda control, jacobian: potential(anchor, control, jacobian), plates[0],
-                                               [anchor[n] for n in names])
-        return potential, plates[0], anchor, full, dict(zip(names, grads))
+            point = unconstrained_anchor(self.anchor, sites.transforms, "anchor")
+        evaluator = PotentialEvaluator(ModelPotential(model, sites.transforms, args, kwargs), layout.unflatten,
+                                       is_model=True)
+        estimator = ControlVariates(MinibatchPotential(evaluator, sites.plates), layout.flatten(point))
+        estimator.prepare(layout.flatten(point))
+        return layout, estimator
 
-    def _terms(self, model, guide, args, kwargs) -> tuple[Tensor, Tensor, dict, dict]:
+    def _estimate(self, model: Callable, guide: AutoUnconstrainedDelta, args: tuple, kwargs: dict
+                  ) -> tuple[dict[str, torch.Tensor], FlatLayout, Estimate]:
         if self._prepared is None:
             self._prepared = self._prepare(model, guide, args, kwargs)
-        potential, plate, anchor, full, full_grad = self._prepared
+        layout, estimator = self._prepared
         with guide._pyro_context:  # as in the guide's forward: the values come through pyro.param, so SVI sees them
-            current = {name: operator.attrgetter(name)(guide.locs) for name in anchor}
-        minibatch = SubsampleControl(indices={plate.name: draw_indices(plate)})
-        energy = potential(current, minibatch)
-        at_anchor = potential(anchor, minibatch)
-        names = sorted(anchor)
-        anchor_grads = dict(zip(names, torch.autograd.grad(at_anchor, [anchor[n] for n in names])))
-        # sum <grad U(anchor) - grad U_batch(anchor), u>: a term whose gradient is the constant correction
-        correction = sum(((full_grad[n] - anchor_grads[n]) * current[n]).sum() for n in names)
-        estimate = energy.detach() - at_anchor.detach() + full
-        return energy, correction, current, estimate
+            current = {name: operator.attrgetter(name)(guide.locs) for name, _, _ in layout.entries}
+        return current, layout, estimator.estimate(layout.flatten(current).detach())
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("ControlVariateELBO evaluates the potential directly, not through traces")
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The control-variate estimate of the potential, ``U_batch(u) - U_batch(anchor) + U(anchor)``."""
-        return float(self._terms(model, guide, args, kwargs)[3])
+        return float(self._estimate(model, guide, args, kwargs)[2].potential)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        """Leave the control-variate gradient in the guide's parameters' ``.grad``; return the
+        """Add the control-variate gradient to the guide's parameters' ``.grad``; return the
         estimate of the potential (as :meth:`loss`)."""
-        energy, correction, _, estimate = self._terms(model, guide, args, kwargs)
-        (energy + correction).backward()
-        return float(estimate)
+        current, layout, estimate = self._estimate(model, guide, args, kwargs)
+        for name, grad in layout.unflatten(estimate.grad).items():
+            value = current[name]
+            leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+            leaf.grad = grad.clone() if leaf.grad is None else leaf.grad + grad
+        return float(estimate.potential)

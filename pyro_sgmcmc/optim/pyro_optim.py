@@ -13,16 +13,23 @@ every time (and again after a save and load).
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from collections.abc import Hashable, Mapping
 from typing import Any, Callable, Iterable
 
 import pyro
+import pyro.infer.autoguide as autoguide
 import torch
+from pyro.distributions import constraints
 from pyro.optim.multi import MultiOptimizer
 from pyro.optim.optim import PyroOptim
 from pyro.params.param_store import module_from_param_with_module_name, normalize_param_name, user_param_name
 from torch import Tensor
 
 from .. import samplers
+from .._validation import check_callable, check_choice, check_instance, check_mapping, check_number, check_options
+from ..functional import NonFiniteError
 from ..samplers import SGMCMCOptimizer
 
 OptimArgs = dict[str, Any] | Callable[..., dict[str, Any]]
@@ -35,6 +42,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     :param optim_args: the sampler's options as a dict, or a callable of the parameter name
         (``fn(name)`` or ``fn(module_name, param_name)``, as in Pyro) returning such a dict, for
         per-parameter step sizes, temperatures, localization... ``lr=0`` freezes a parameter.
+        A misspelt option is refused with the closest valid one. ``mask`` is per parameter: the
+        parameter's own 0/1 mask (a tensor or a nested list shaped like it).
     :param clip_args: ``clip_norm`` and/or ``clip_value`` (a dict or a callable, as in Pyro),
         applied to each parameter's gradient before the step.
     :param generator: optional root ``torch.Generator`` of the noise.
@@ -42,9 +51,22 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     :param diagnostics: passed to the sampler; read them from ``.sampler.step_diagnostics``.
 
     Parameters seen for the first time in a step join the sampler as a new parameter group
-    (one per distinct set of options). ``get_state()``/``save()`` hold the sampler's whole state
-    (noise streams included) and its group layout by parameter name, so ``set_state()``/
-    ``load()`` into a fresh wrapper continue the chain bit for bit.
+    (one per distinct set of options). Tensors outside Pyro's param store (``optimizer([a, b])``,
+    as ``PyroOptim`` allows) are named ``<tensor 0>``, ``<tensor 1>``... in the order first seen.
+    ``get_state()``/``save()`` hold the sampler's whole state (noise streams included) and its
+    group layout by parameter name, so ``set_state()``/``load()`` into a fresh wrapper continue
+    the chain bit for bit; ``load()`` reads with ``torch.load(weights_only=True)``, so it runs no
+    code from the file, and ``set_state()`` refuses another sampler's state or options out of range
+    at once.
+
+    A refused step (:class:`~pyro_sgmcmc.functional.NonFiniteError`: a NaN or Inf gradient, or an
+    update that would not be finite) changes nothing, and zeroes the gradients of the step's
+    parameters, as ``SVI`` does after every step it completes: the exception propagates, and the
+    next ``svi.step()`` starts from clean gradients.
+
+    Stepping a guide that is not a point mass (``AutoNormal``, ``AutoDiagonalNormal``...), or
+    Pyro's ``AutoDelta`` with constrained sites (its loss lacks the change of variables), warns:
+    use :class:`~pyro_sgmcmc.infer.AutoUnconstrainedDelta`.
     """
 
     def __init__(
@@ -55,23 +77,42 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         *,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        diagnostics: bool = False,
+        diagnostics: bool | str = False,
     ) -> None:
         if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
             raise TypeError(
                 f"Invalid sampler_constructor: {sampler_constructor!r} (must be a pyro_sgmcmc sampler class, "
                 "e.g. pyro_sgmcmc.samplers.SGLD)"
             )
-        if not (callable(optim_args) or isinstance(optim_args, dict)):
+        if not (callable(optim_args) or isinstance(optim_args, Mapping)):
             raise TypeError(f"Invalid optim_args: {optim_args!r} (must be a dict or a callable returning one)")
-        if clip_args is not None and not (callable(clip_args) or isinstance(clip_args, dict)):
+        if clip_args is not None and not (callable(clip_args) or isinstance(clip_args, Mapping)):
             raise TypeError(f"Invalid clip_args: {clip_args!r} (must be a dict, a callable returning one, or None)")
+        check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
+        check_choice("foreach", foreach, (None, True, False))
+        check_choice("diagnostics", diagnostics, (True, False, "mala"))
+        self._accepted = _group_options(sampler_constructor)
+        self._where = f"{type(self).__module__.split('.')[0]}.optim.{sampler_constructor.__name__}"
+        if not callable(optim_args):
+            optim_args = dict(optim_args)
+            self._check_options(optim_args)
+        if clip_args is not None and not callable(clip_args):
+            clip_args = dict(clip_args)
+            _check_clip_args(clip_args)
         super().__init__(sampler_constructor, optim_args, clip_args)
         self.sampler_options = dict(generator=generator, foreach=foreach, diagnostics=diagnostics)
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}
+        self._unnamed: dict[int, tuple[Tensor, str]] = {}
+        self._clips: dict[str, dict[str, float] | None] = {}
         self._saved: dict[str, Any] | None = None
+        self._warned_pending = False
         self._frozen = False
+
+    def _check_options(self, options: Mapping[str, Any]) -> None:
+        check_options(options, self._accepted, self._where, hints={
+            key: f"it is an option of the Pyro optimizer itself: {self._where}(optim_args, {key}=...)"
+            for key in ("generator", "foreach", "diagnostics")})
 
     def freeze_adaptation(self) -> None:
         """Stop the sampler's own adaptation (PSGLD's preconditioner), now and for parameters
@@ -85,9 +126,19 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
 
     def __call__(self, params: Iterable[Tensor], *args: Any, **kwargs: Any) -> None:
         """Take one sampling step for ``params`` (the unconstrained tensors of the param store,
-        as ``SVI`` passes them)."""
+        as ``SVI`` passes them; tensors outside it are stepped too, see the class docstring)."""
         store = pyro.get_param_store()
-        self._step_named({store.param_name(p): p for p in params})
+        named = {}
+        for p in params:
+            name = store.param_name(p)
+            named[self._unnamed_name(p) if name is None else name] = p
+        self._step_named(named)
+
+    def _unnamed_name(self, tensor: Tensor) -> str:
+        known = self._unnamed.get(id(tensor))
+        if known is None:
+            known = self._unnamed[id(tensor)] = (tensor, f"<tensor {len(self._unnamed)}>")  # held: ids stay unique
+        return known[1]
 
     def step(self, loss: Tensor, params: dict[str, Tensor]) -> None:
         """:class:`~pyro.optim.multi.MultiOptimizer` step: differentiate ``loss`` and take one
@@ -108,16 +159,22 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         self._register(names, params)
         order = {name: i for i, name in enumerate(params)}
         targets = {params[name]: params[name].clone() for name in names}
-        by_param = {params[name]: grads[order[name]] for name in names}
-        self._clip({params[name]: by_param[params[name]] for name in names})
+        by_param = {params[name]: self._clipped(name, grads[order[name]]) for name in names}
         self.sampler.step_tensors(targets, by_param)
         return {name: targets[params[name]] for name in params}
 
     def _step_named(self, named: dict[str, Tensor]) -> None:
         names = sorted(named)
         self._register(names, named)
+        if self._saved is not None and not self._warned_pending:
+            self._warn_pending(names)
         stepping = {id(named[name]) for name in names}
-        self._clip({named[name]: named[name].grad for name in names if named[name].grad is not None})
+        if self.pt_clip_args:
+            with torch.no_grad():
+                for name in names:
+                    p = named[name]
+                    if p.grad is not None:
+                        p.grad.copy_(self._clipped(name, p.grad))
         # Parameters the sampler knows but this step does not carry must not move (SVI leaves
         # zeroed gradients on them, which would let the noise drift them).
         hidden = []
@@ -128,9 +185,41 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                     p.grad = None
         try:
             self.sampler.step()
+        except NonFiniteError:
+            for name in names:  # what SVI does after a step: the next one starts clean
+                p = named[name]
+                if p.grad is not None:
+                    p.grad = torch.zeros_like(p.grad)
+            raise
         finally:
             for p, grad in hidden:
                 p.grad = grad
+
+    def _clipped(self, name: str, grad: Tensor) -> Tensor:
+        """``grad`` clipped as ``clip_args`` asks for parameter ``name`` (as Pyro does: its
+        norm to ``clip_norm``, then its entries to ``clip_value``); out of place."""
+        if name not in self._clips:
+            self._clips[name] = self._clip_args(name)
+        clip = self._clips[name]
+        if not clip:
+            return grad
+        if clip.get("clip_norm") is not None:
+            norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
+            grad = grad * (clip["clip_norm"] / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
+        if clip.get("clip_value") is not None:
+            grad = grad.clamp(-clip["clip_value"], clip["clip_value"])
+        return grad
+
+    def _clip_args(self, name: str) -> dict[str, float] | None:
+        if not self.pt_clip_args:
+            return None
+        if not callable(self.pt_clip_args):
+            return self.pt_clip_args
+        clip = self.pt_clip_args(module_from_param_with_module_name(name), user_param_name(name))
+        check_mapping("clip_args", clip, what=f"a dict (the callable returned it for {name!r})")
+        clip = dict(clip)
+        _check_clip_args(clip)
+        return clip
 
     # ------------------------------------------------------------------------------ layout
 
@@ -145,7 +234,6 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                     f"Parameter {name!r} was replaced by a new tensor after the sampler started "
                     "(was the param store cleared?); make a new optimizer for a new run"
                 )
-            self._by_name[name] = named[name]
         layout = self._saved["layout"] if self._saved is not None else None
         groups = self._groups_for(new, named, layout)
         if self.sampler is None:
@@ -153,15 +241,30 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         else:
             for group in groups:
                 self.sampler.add_param_group(group)
+        for name in new:
+            self._by_name[name] = named[name]
+        _check_guide(new)
         if self._saved is not None and self._layout() == self._saved["layout"]:
             self.sampler.load_state_dict(self._saved["sampler"])
             self._saved = None
         if self._frozen:
             self.sampler.freeze_adaptation()
 
+    def _warn_pending(self, names: list[str]) -> None:
+        missing = sorted({n for group in self._saved["layout"] for n in group} - set(self._by_name))
+        self._warned_pending = True
+        warnings.warn(
+            "the state given to set_state()/load() is not applied: it is for parameters "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} that this run has not had (is it the state of "
+            "another model?); until they all appear, the sampler runs from a fresh state",
+            UserWarning,
+            stacklevel=4,
+        )
+
     def _groups_for(self, names: list[str], named: dict[str, Tensor], layout: list[list[str]] | None) -> list[dict]:
         """Groups for new parameters: the saved layout where there is one, else one group per
-        distinct set of options, in name order."""
+        distinct set of options, in name order. Each parameter's ``mask`` joins its group's list."""
+        options = {name: self._options(name) for name in names}
         if layout is not None:
             known = set(names)
             plan = [[n for n in group if n in known] for group in layout]
@@ -170,12 +273,19 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         else:
             plan, keys = [], {}
             for name in names:
-                key = _options_key(self._options(name))
+                key = _options_key(options[name])
                 if key not in keys:
                     keys[key] = len(plan)
                     plan.append([])
                 plan[keys[key]].append(name)
-        return [{"params": [(n, named[n]) for n in group], **self._options(group[0])} for group in plan]
+        groups = []
+        for group in plan:
+            shared = {k: v for k, v in options[group[0]].items() if k != "mask"}
+            masks = [options[n].get("mask") for n in group]
+            if any(m is not None for m in masks):
+                shared["mask"] = masks
+            groups.append({"params": [(n, named[n]) for n in group], **shared})
+        return groups
 
     def _layout(self) -> list[list[str]]:
         return [list(group["param_names"]) for group in self.sampler.param_groups]
@@ -187,19 +297,11 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
             options = self.pt_optim_args(normalize_param_name(name))
         else:
             options = self.pt_optim_args(module_from_param_with_module_name(name), user_param_name(name))
-        if not isinstance(options, dict):
+        if not isinstance(options, Mapping):
             raise TypeError(f"Invalid optim_args: the callable returned {options!r} for {name!r} (must return a dict)")
-        return dict(options)
-
-    def _clip(self, grads: dict[Tensor, Tensor]) -> None:
-        if not self.pt_clip_args:
-            return
-        store = pyro.get_param_store()
-        for p, grad in grads.items():
-            if p not in self.grad_clip:
-                self.grad_clip[p] = self._get_grad_clip(p) if p in store._param_to_name else None
-            if self.grad_clip[p] is not None:
-                self.grad_clip[p](p)
+        options = dict(options)
+        self._check_options(options)
+        return options
 
     # ------------------------------------------------------------------------------- state
 
@@ -212,22 +314,91 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
 
     def set_state(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`get_state`'s result, now or (for parameters not seen yet) as soon as
-        they are."""
+        they are. A state that is not one of this sampler's is refused at once (see
+        :meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.check_state_dict`); one that never applies
+        (its parameters never appear) warns at the first step."""
         if not state_dict:
             return
-        if not {"layout", "sampler"} <= set(state_dict) <= {"layout", "sampler", "scheduler"}:
+        if not isinstance(state_dict, Mapping) or not {"layout", "sampler"} <= set(state_dict) <= {
+                "layout", "sampler", "scheduler"}:
             raise ValueError(
                 "Invalid state: expected the result of get_state() of a pyro_sgmcmc optimizer "
-                f"(keys 'layout' and 'sampler'), got keys {sorted(state_dict)}"
+                f"(keys 'layout' and 'sampler'), got {sorted(state_dict) if isinstance(state_dict, Mapping) else state_dict!r}"
             )
+        layout, sampler_state = state_dict["layout"], state_dict["sampler"]
+        if not (isinstance(layout, list) and all(isinstance(g, list) and all(isinstance(n, str) for n in g)
+                                                 for g in layout)):
+            raise ValueError(f"Invalid state: its layout {layout!r} is not a list of lists of parameter names")
+        self.pt_optim_constructor.check_state_dict(sampler_state)
+        if len(layout) != len(sampler_state["param_groups"]) or any(
+                len(g) != len(saved.get("params", ())) for g, saved in zip(layout, sampler_state["param_groups"])):
+            raise ValueError("Invalid state: its layout does not match its sampler's parameter groups")
         self._saved = dict(state_dict)
+        self._warned_pending = False
         if self.sampler is not None and self._layout() == state_dict["layout"]:
             self.sampler.load_state_dict(state_dict["sampler"])
             self._saved = None
 
+    def load(self, filename: str, map_location: Any = None) -> None:
+        """Load a state saved by :meth:`save` (``torch.load(weights_only=True)``: tensors and
+        plain containers only, no code from the file runs) and :meth:`set_state` it."""
+        with open(filename, "rb") as input_file:
+            state = torch.load(input_file, map_location=map_location, weights_only=True)
+        self.set_state(state)
+
+
+def _group_options(sampler_class: type[SGMCMCOptimizer]) -> list[str]:
+    """The options a Pyro optimizer of ``sampler_class`` takes in ``optim_args``: the keyword
+    arguments of its constructor but the optimizer-wide ones."""
+    parameters = inspect.signature(sampler_class.__init__).parameters
+    return [name for name, parameter in parameters.items()
+            if name not in ("self", "params", "generator", "foreach", "diagnostics")
+            and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_clip_args(clip: dict[str, Any]) -> None:
+    check_options(clip, ("clip_norm", "clip_value"), "clip_args")
+    for key, value in clip.items():
+        clip[key] = check_number(key, value, none_ok=True)
+
+
+#: Pyro's autoguides that are point masses at the unconstrained latent, Jacobian included.
+_POINT_GUIDES = ("AutoLaplaceApproximation",)
+
+
+def _check_guide(names: list[str]) -> None:
+    """Warn when the parameters stepped belong to a Pyro autoguide that is not a point mass at
+    the latent values (the noise then goes into variational parameters), or to ``AutoDelta``
+    with constrained sites (whose loss lacks the change of variables)."""
+    store = pyro.get_param_store()
+    for name in names:
+        guide = getattr(autoguide, name.split(".", 1)[0], None)
+        if not (isinstance(guide, type) and issubclass(guide, autoguide.AutoGuide)) or guide.__name__ in _POINT_GUIDES:
+            continue
+        if issubclass(guide, autoguide.AutoGuideList):
+            continue
+        if issubclass(guide, autoguide.AutoDelta):
+            constraint = store._constraints.get(name, constraints.real) if name in store else constraints.real
+            while isinstance(constraint, constraints.independent):
+                constraint = constraint.base_constraint
+            if constraint is constraints.real:
+                continue
+            text = (f"{guide.__name__} with the constrained site of {name!r} ({constraint}): its loss leaves out "
+                    "log|det J| of the transform to unconstrained space, so the sampler samples the wrong density; "
+                    "use pyro_sgmcmc.infer.AutoUnconstrainedDelta")
+        else:
+            text = (f"the guide {guide.__name__} is not a point mass (parameter {name!r}): the sampler adds noise to "
+                    "its variational parameters, which samples neither the posterior nor the variational fit; use "
+                    "pyro_sgmcmc.infer.AutoUnconstrainedDelta to sample, or pyro.optim.Adam to fit the guide")
+        warnings.warn(text, UserWarning, stacklevel=5)
+        return
+
 
 def _options_key(options: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v if not callable(v) else id(v)) for k, v in options.items()))
+    """Options that make one group, as a hashable key (a value that is not hashable, or a
+    schedule, by identity)."""
+    return tuple(sorted((k, v if isinstance(v, Hashable) and not callable(v) else ("id", id(v)))
+                        for k, v in options.items() if k != "mask"))
 
 
 class _NamedPyroOptim(SGMCMCPyroOptim):
@@ -238,7 +409,7 @@ class _NamedPyroOptim(SGMCMCPyroOptim):
 
     def __init__(self, optim_args: OptimArgs, clip_args: OptimArgs | None = None, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
-                 diagnostics: bool = False) -> None:
+                 diagnostics: bool | str = False) -> None:
         super().__init__(self.sampler_class, optim_args, clip_args, generator=generator, foreach=foreach,
                          diagnostics=diagnostics)
 
@@ -249,8 +420,10 @@ class SGLD(_NamedPyroOptim):
         svi = SVI(model, AutoUnconstrainedDelta(model), pyro_sgmcmc.optim.SGLD({"lr": 1e-4}), Trace_ELBO())
 
     :param optim_args: the sampler's options (a dict, or a callable of the parameter name
-        returning one); :param clip_args: gradient clipping, as in Pyro; the keyword options:
-        see :class:`SGMCMCPyroOptim`.
+        returning one).
+    :param clip_args: gradient clipping, as in Pyro.
+
+    The keyword options (``generator``, ``foreach``, ``diagnostics``): see :class:`SGMCMCPyroOptim`.
     """
 
     sampler_class = samplers.SGLD
@@ -307,6 +480,7 @@ class SGMCMCPyroScheduler(SGMCMCPyroOptim):
 
     def __init__(self, scheduler_constructor: type, optim_args: dict[str, Any], clip_args: OptimArgs | None = None,
                  **options: Any) -> None:
+        check_mapping("optim_args", optim_args, what="a dict with 'optimizer', 'optim_args' and the scheduler's options")
         optim_args = dict(optim_args)
         try:
             sampler_constructor = optim_args.pop("optimizer")
@@ -315,6 +489,10 @@ class SGMCMCPyroScheduler(SGMCMCPyroOptim):
             raise ValueError(f"Invalid optim_args: missing key {missing} (needs 'optimizer' and 'optim_args')") from None
         if isinstance(sampler_constructor, type) and issubclass(sampler_constructor, _NamedPyroOptim):
             sampler_constructor = sampler_constructor.sampler_class
+        if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
+            raise TypeError(f"Invalid optimizer: {sampler_constructor!r} (must be a pyro_sgmcmc sampler class, e.g. "
+                            "pyro_sgmcmc.samplers.SGLD, or its Pyro optimizer, pyro_sgmcmc.optim.SGLD)")
+        check_callable("scheduler_constructor", scheduler_constructor, what="a torch.optim.lr_scheduler class")
         super().__init__(sampler_constructor, sampler_args, clip_args, **options)
         self.scheduler_constructor = scheduler_constructor
         self.scheduler_args = optim_args

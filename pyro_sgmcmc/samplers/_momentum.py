@@ -12,7 +12,12 @@ from .base import SGMCMCOptimizer
 
 class MomentumSampler(SGMCMCOptimizer):
     """A sampler with one momentum per parameter, ``state[p]["momentum"]``, drawn from
-    ``N(0, I)`` (its stationary law; 0 where masked) at the parameter's first step."""
+    ``N(0, I)`` (its stationary law; 0 where masked) at the parameter's first step (and dropped
+    again, the draw undone, if that step is refused)."""
+
+    def typical_move(self, group: dict) -> float:
+        """``theta`` moves by ``h p`` a step, with ``p`` about ``N(0, 1)``: about ``lr``."""
+        return float(group["lr"])
 
     def _momenta(self, params: list[Tensor], masks: list[Tensor] | None) -> list[Tensor]:
         """The momenta of ``params``, drawn at a parameter's first step. The list is remembered
@@ -37,13 +42,18 @@ class MomentumSampler(SGMCMCOptimizer):
             momentum = state.get("momentum")
             if momentum is None:
                 momentum = torch.empty_like(p, memory_format=torch.contiguous_format)
+                self._remember_rng(p.device)  # a refused first step must not have drawn it
                 self._draw(momentum, None if masks is None else masks[i])
                 state["momentum"] = momentum
+                self._remember_fresh(state, "momentum")
             momenta.append(momentum)
         return momenta
 
     def _draw(self, momentum: Tensor, mask: Tensor | None) -> None:
-        momentum.normal_(generator=self.generator)
+        """A momentum from ``N(0, I)``: on the CPU from the first noise stream (so a checkpoint
+        taken before the first step holds it), elsewhere from the root generator."""
+        generator = self._noise.streams()[0] if momentum.device.type == "cpu" else self.generator
+        momentum.normal_(generator=generator)
         if mask is not None:
             momentum.mul_(mask)
 

@@ -12,6 +12,7 @@ import functools
 import math
 import operator
 import warnings
+from collections.abc import Mapping
 from itertools import chain, repeat
 from typing import Any, Callable, Iterable
 
@@ -19,12 +20,54 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError, check_finite
-from .._validation import check_number, is_number
+from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError
+from ..functional._step import Step, execute
+from .._validation import (check_choice, check_instance, check_integer, check_mask, check_number,
+                           check_schedule)
 from ._mala import MalaTracker
 
 #: Options that may be given as a callable ``step -> float`` (``step`` counts the group's steps).
 SCHEDULABLE = ("lr", "temperature", "nbeta")
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class ParamGroup(dict):
+    """A parameter group: a ``dict``, as torch's are, whose options are checked when written.
+
+    An lr scheduler (``group["lr"] = ...``), ``load_state_dict`` or user code writing a value
+    into ``param_groups`` goes through the same check as the constructor (``owner.check_option``),
+    so a bad value is refused where it enters, naming the option, and never reaches a step; a
+    step itself checks nothing again (writes are rare, steps are many).
+
+    :param values: the group's entries.
+    :param owner: the sampler class whose ``OPTION_CHECKS`` apply.
+    """
+
+    __slots__ = ("owner",)
+
+    def __init__(self, values: Mapping[str, Any], owner: type["SGMCMCOptimizer"]):
+        dict.__init__(self, values)
+        self.owner = owner
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        owner = getattr(self, "owner", None)  # not set yet while unpickling
+        if owner is not None and key in owner.OPTION_CHECKS:
+            value = owner.check_option(self, key, value)
+        dict.__setitem__(self, key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Any) -> "ParamGroup":  # type: ignore[override]
+        self.update(other)
+        return self
 
 
 def _step_with_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,13 +142,19 @@ class SGMCMCOptimizer(Optimizer):
     :param mask: ``None``, or one 0/1 tensor (or ``None``) per parameter of the group, shaped like
         it: entries where the mask is 0 are never changed.
 
+    Numbers may be Python, NumPy or 0-d tensor scalars; they are stored as Python floats. Every
+    option is checked where it enters: here, when a scheduler or user code writes it into
+    ``param_groups`` (see :class:`ParamGroup`), and in :meth:`load_state_dict`.
+
     Optimizer-wide options:
 
     :param generator: the root ``torch.Generator`` of the noise (default: torch's global
         generator, so ``torch.manual_seed`` / ``pyro.set_rng_seed`` before the first step make a
         run reproducible). On the CPU the noise is drawn by a few streams seeded from it at the
-        first step, in parallel (see :class:`~pyro_sgmcmc.functional.NoiseSource`); their states,
-        and the generator's, are saved in ``state_dict()`` and restored by ``load_state_dict()``.
+        first step (or at the first :meth:`state_dict`, so that a checkpoint taken before the
+        first step resumes exactly), in parallel (see :class:`~pyro_sgmcmc.functional.NoiseSource`);
+        their states, and the generator's, are saved in ``state_dict()`` and restored by
+        ``load_state_dict()``.
     :param foreach: ``True`` for the multi-tensor path, ``False`` for the per-tensor loop, ``None``
         (default) for the multi-tensor path wherever it is supported. Both give the same numbers.
     :param diagnostics: if true, each ``step()`` leaves the norms of the parts of its update in
@@ -115,10 +164,47 @@ class SGMCMCOptimizer(Optimizer):
         previous step (:mod:`pyro_sgmcmc.functional.mala`), and :attr:`mala_acceptance_mean`
         averages it over the steps scored. ``diagnostics="mala"`` keeps only that score (what
         the MCMC kernels use: a fraction of the cost of the norms on a small model).
+
+    **A refused step changes nothing.** :meth:`step` raises
+    :class:`~pyro_sgmcmc.functional.NonFiniteError` (naming the parameter) when a gradient holds
+    NaN or Inf, or when the update from finite gradients would write a non-finite value (an
+    ``lr`` far too large); the parameters, the sampler's state (momenta, thermostats,
+    preconditioners, anchors, step counts), its noise streams and torch's global generator are
+    then exactly as before, so a caller may fix the gradient and step again. ``p.grad`` is left
+    as it was: clear it (``zero_grad``) before the next backward pass.
+
+    **Ctrl-C.** On a large model (more than one noise chunk, ~1M entries) the step runs in the
+    noise threads while the calling thread waits; a ``KeyboardInterrupt`` then is held back until
+    the step, its step counts and thermostats included, is complete, and raised right after, so
+    a checkpoint taken in the handler is consistent.
+
+    **Processes.** The noise threads, like torch's own OpenMP pool, do not survive ``fork``: a
+    process forked after threaded steps that steps itself can hang or crash (a warning says so
+    at its first threaded step). Start sampling processes with ``spawn``
+    (``multiprocessing.get_context("spawn")``); a forked child that does not step (e.g. a
+    ``DataLoader`` worker) is fine.
+
+    **Low precision.** For float16 / bfloat16 parameters whose typical move per step is below
+    half the spacing of representable values at their magnitude, most of the injected noise
+    rounds away and the chain does not sample its target: a warning says so (at the first step,
+    and again when ``lr`` changes). Keep such parameters in float32 for the sampler.
     """
 
     #: Whether a step is a draw from a Langevin proposal (so MALA's acceptance can score it).
     langevin = False
+
+    #: How each group option is checked (:mod:`pyro_sgmcmc._validation`): ``check(name, value)``
+    #: returns the value to store. Subclasses add their own options.
+    OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+        "lr": functools.partial(check_number, allow_low=True),
+        "temperature": functools.partial(check_number, none_ok=True),
+        "nbeta": functools.partial(check_number, none_ok=True),
+        "localization": functools.partial(check_number, allow_low=True),
+        "weight_decay": functools.partial(check_number, allow_low=True),
+        "noise_level": functools.partial(check_number, allow_low=True),
+        "bounding_box_size": functools.partial(check_number, none_ok=True),
+        "mask": None,  # checked against the group's parameters (see check_option)
+    }
 
     def __init__(
         self,
@@ -129,12 +215,9 @@ class SGMCMCOptimizer(Optimizer):
         foreach: bool | None = None,
         diagnostics: bool | str = False,
     ) -> None:
-        if diagnostics not in (True, False, "mala"):
-            raise ValueError(f"Invalid diagnostics: {diagnostics!r} (must be True, False or 'mala')")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator or None)")
-        if foreach not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {foreach!r} (must be True, False or None)")
+        diagnostics = check_choice("diagnostics", diagnostics, (True, False, "mala"))
+        generator = check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
+        foreach = check_choice("foreach", foreach, (None, True, False))
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
@@ -145,26 +228,64 @@ class SGMCMCOptimizer(Optimizer):
         self._noise_plans = NoisePlanCache()
         self._noise = NoiseSource(generator)
         self._mala = MalaTracker()
+        self._fresh: list[tuple[dict, str]] = []  # state entries made during the current step
+        self._fresh_rng: tuple | None = None  # the root generator before the step drew first momenta
+        self._low_precision: dict[int, float] | None = None  # per group: the lr last checked
         defaults = {"mask": None, **defaults}
         super().__init__(params, defaults)
 
     # ---------------------------------------------------------------- groups and validation
 
+    @classmethod
+    def check_option(cls, group: Mapping[str, Any], key: str, value: Any) -> Any:
+        """``value`` checked (and normalised: numbers become floats) as option ``key`` of
+        ``group``, with the rules that involve other options (``temperature`` and ``nbeta``
+        exclude each other; a mask must fit the group's parameters)."""
+        if key == "mask":
+            return check_mask("mask", value, group["params"]) if "params" in group else value
+        value = cls.OPTION_CHECKS[key](key, value)
+        if key in ("temperature", "nbeta") and value is not None:
+            other = "nbeta" if key == "temperature" else "temperature"
+            if group.get(other) is not None:
+                temperature, nbeta = (value, group[other]) if key == "temperature" else (group[other], value)
+                raise ValueError(
+                    f"Give either temperature or nbeta, not both (got temperature={temperature!r}, "
+                    f"nbeta={nbeta!r}): nbeta multiplies the gradient of a mean-reduced loss, "
+                    "temperature divides the gradient of a summed one; set the other to None first"
+                )
+        if key == "noise_level" and key in group and value != 1.0 and value != group[key]:
+            cls._warn_noise_level(value, stacklevel=4)
+        return value
+
+    @staticmethod
+    def _warn_noise_level(value: float, stacklevel: int) -> None:
+        warnings.warn(
+            f"noise_level={value} is not 1: the sampler no longer samples its target "
+            "distribution (use temperature to change the spread of the posterior)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, validating its options (see the class docstring) with clear errors."""
+        """Add a group, checking its options (see the class docstring) with clear errors."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        raw = self.param_groups[-1]
         try:
-            self._schedules.append(self._extract_schedules(group))
+            schedules = self._extract_schedules(raw)
+            group = ParamGroup({"params": raw["params"]}, type(self))
+            group.update(raw)
+            dict.setdefault(group, "step", 0)
             self._validate_group(group)
-            group["mask"] = self._validate_mask(group)
-            group.setdefault("step", 0)
+            self.param_groups[-1] = group
+            self._schedules.append(schedules)
             self._init_group(group)
         except Exception:
             self.param_groups.pop()
             if len(self._schedules) > len(self.param_groups):
                 self._schedules.pop()
             raise
+        if any(p.dtype in _HALF for p in group["params"]):
+            self._low_precision = self._low_precision or {}
 
     def _extract_schedules(self, group: dict[str, Any]) -> dict[str, Callable[[int], float]]:
         """Move callable options out of the group (so ``state_dict()`` stays picklable) and put
@@ -173,38 +294,13 @@ class SGMCMCOptimizer(Optimizer):
         for key in SCHEDULABLE:
             if callable(group.get(key)):
                 schedules[key] = group[key]
-                group[key] = self._evaluate(key, group[key], group.get("step", 0))
+                group[key] = check_schedule(key, group[key], group.get("step", 0), self.OPTION_CHECKS[key])
         return schedules
 
-    @staticmethod
-    def _evaluate(key: str, schedule: Callable[[int], float], step: int) -> float:
-        value = schedule(step)
-        if isinstance(value, Tensor):
-            value = value.item()
-        if not is_number(value):
-            raise ValueError(f"Invalid {key} schedule: returned {value!r} at step {step} (must return a number)")
-        return float(value)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
-        """Check the common options; subclasses extend this for their own."""
-        self._validate_scheduled(group)
-        if group.get("temperature") is not None and group.get("nbeta") is not None:
-            raise ValueError(
-                f"Give either temperature or nbeta, not both (got temperature={group['temperature']!r}, "
-                f"nbeta={group['nbeta']!r}): nbeta multiplies the gradient of a mean-reduced loss, "
-                "temperature divides the gradient of a summed one"
-            )
-        check_number("localization", group["localization"], allow_low=True)
-        check_number("weight_decay", group["weight_decay"], allow_low=True)
-        check_number("noise_level", group["noise_level"], allow_low=True)
-        check_number("bounding_box_size", group["bounding_box_size"], none_ok=True)
+        """What a new group needs beyond its options' own checks."""
         if group["noise_level"] != 1.0:
-            warnings.warn(
-                f"noise_level={group['noise_level']} is not 1: the sampler no longer samples its target "
-                "distribution (use temperature to change the spread of the posterior)",
-                UserWarning,
-                stacklevel=4,
-            )
+            self._warn_noise_level(group["noise_level"], stacklevel=5)
         if self.generator is not None:
             for i, p in enumerate(group["params"]):
                 if p.device.type != self.generator.device.type:
@@ -212,35 +308,6 @@ class SGMCMCOptimizer(Optimizer):
                         f"Invalid generator: it is on device {self.generator.device} but parameter {i} of "
                         f"group {len(self.param_groups) - 1} is on {p.device} (must be on the parameters' device)"
                     )
-
-    @staticmethod
-    def _validate_mask(group: dict[str, Any]) -> list[Tensor] | None:
-        """The mask as one 0/1 tensor per parameter, in the parameter's dtype and device."""
-        mask, params = group["mask"], group["params"]
-        if mask is None:
-            return None
-        if isinstance(mask, Tensor):
-            mask = [mask]
-        if not isinstance(mask, (list, tuple)) or len(mask) != len(params):
-            raise ValueError(
-                f"Invalid mask: expected a list of {len(params)} tensors (one per parameter of the group, "
-                f"or None), got {type(mask).__name__}" + (f" of length {len(mask)}" if hasattr(mask, "__len__") else "")
-            )
-        out = []
-        for i, (m, p) in enumerate(zip(mask, params)):
-            if m is None:
-                out.append(torch.ones_like(p, memory_format=torch.contiguous_format).detach())
-                continue
-            m = torch.as_tensor(m)
-            if m.shape != p.shape:
-                raise ValueError(
-                    f"Invalid mask[{i}]: shape {tuple(m.shape)} does not match its parameter's shape {tuple(p.shape)}"
-                )
-            m = m.to(device=p.device, dtype=p.dtype)
-            if not bool(((m == 0) | (m == 1)).all()):
-                raise ValueError(f"Invalid mask[{i}]: entries must be 0/1 or boolean")
-            out.append(m)
-        return out
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Per-group state a sampler needs from the start (e.g. a thermostat)."""
@@ -273,6 +340,11 @@ class SGMCMCOptimizer(Optimizer):
         on it is a fixed-parameter Markov chain. Samplers that adapt nothing do nothing. MCMC
         kernels call this at the end of warmup."""
 
+    def typical_move(self, group: dict[str, Any]) -> float:
+        """About how far one step moves an entry of the group's parameters by its noise (for the
+        low-precision warning): ``noise_level * sqrt(lr)`` for the Langevin samplers."""
+        return float(group["noise_level"]) * math.sqrt(group["lr"])
+
     # ------------------------------------------------------------------------------ step
 
     @_step_with_hooks  # and autograd off
@@ -282,8 +354,9 @@ class SGMCMCOptimizer(Optimizer):
         :param closure: optional, re-evaluates the model and returns the loss (as in torch).
         :param loss: optional, the potential ``U`` at the current parameters (the loss whose
             gradient is in ``p.grad``), for the MALA diagnostic when a closure does not give it.
-        :raises NonFiniteError: if a gradient holds NaN or Inf, naming the parameter; nothing is
-            changed then.
+        :raises NonFiniteError: if a gradient holds NaN or Inf, or the update would write a
+            non-finite value, naming the parameter; nothing is changed then (see the class
+            docstring).
         """
         if closure is not None:
             with torch.enable_grad():
@@ -295,6 +368,8 @@ class SGMCMCOptimizer(Optimizer):
             params, grads, masks = self._gather(index, group)
             if params:
                 work.append((index, group, params, grads, masks, None))
+        if self._low_precision is not None:
+            self._check_precision(work)
         scoring = self._score_mala
         if scoring and not self.track_diagnostics:
             self.step_diagnostics = {}
@@ -305,6 +380,8 @@ class SGMCMCOptimizer(Optimizer):
             if log_ratio is not None:
                 self.step_diagnostics["mala_log_ratio"] = log_ratio
                 self.step_diagnostics["mala_acceptance"] = log_ratio.clamp(max=0.0).exp()
+        if self._noise.interrupted:
+            self._noise.raise_if_interrupted()
         return loss
 
     @property
@@ -325,7 +402,8 @@ class SGMCMCOptimizer(Optimizer):
     def proposal_noise_variance(self, group: dict[str, Any]) -> float:
         """The factor on the variance of the injected noise of ``group``'s last step: the
         proposal is ``N(theta - (lr/2) G grad U, lr * factor * G)`` (``noise_level ** 2``)."""
-        return float(group["noise_level"]) ** 2
+        noise_level = float(group["noise_level"])
+        return noise_level * noise_level
 
     def step_tensors(self, targets: dict[Tensor, Tensor], grads: dict[Tensor, Tensor]) -> None:
         """One step in which the new value of each parameter ``p`` is written into
@@ -340,43 +418,102 @@ class SGMCMCOptimizer(Optimizer):
                 params = [group["params"][i] for i in keep]
                 masks = None if group["mask"] is None else [group["mask"][i] for i in keep]
                 work.append((index, group, params, [grads[p] for p in params], masks, [targets[p] for p in params]))
-        # fresh noise buffers: the update may carry autograd history, which must not reach the
-        # buffers that later steps refill in place
-        plans, self._noise_plans = self._noise_plans, NoisePlanCache()
+        # fresh noise buffers of their own per tensor: the update carries autograd history, which
+        # must not reach the buffers that later steps refill in place, and autograd cannot follow
+        # in-place writes into several views of one buffer
+        plans, self._noise_plans = self._noise_plans, NoisePlanCache(private=True)
         try:
             self._run(work)
         finally:
             self._noise_plans = plans
+        self._noise.raise_if_interrupted()
 
     def _apply_schedules(self, index: int, group: dict[str, Any]) -> None:
-        schedules = self._schedules[index]
-        if schedules:
-            for key, schedule in schedules.items():
-                group[key] = self._evaluate(key, schedule, group["step"])
-            self._validate_scheduled(group)
+        for key, schedule in self._schedules[index].items():
+            dict.__setitem__(group, key, check_schedule(key, schedule, group["step"], self.OPTION_CHECKS[key]))
 
     def _run(self, work: list[tuple]) -> None:
-        """Update every group of ``work``, all or nothing as far as finiteness goes."""
+        """Update every group of ``work`` as one step: all or nothing (see the class docstring)."""
         if not work:
             return
-        check_each = len(work) == 1  # else: all gradients are checked here, before any update
-        if not check_each:
-            self._check_all([w[3] for w in work], [w[:3] for w in work])
         diagnostics = Diagnostics() if self.track_diagnostics else None
-        for index, group, params, grads, masks, targets in work:
-            try:
-                self._update_group(group, params, grads, masks, check_each, diagnostics, targets)
-            except NonFiniteError as error:
-                raise self._named_error(index, group, params[error.index]) from None
-            group["step"] += 1
+        steps: list[Step] = []
+        try:
+            for index, group, params, grads, masks, targets in work:
+                steps.append(self._update_group(group, params, grads, masks, diagnostics, targets))
+            tasks = steps[0][0] if len(steps) == 1 else [task for step in steps for task in step[0]]
+            results = execute(tasks, self._noise)
+        except NonFiniteError as error:
+            self._forget_fresh_state()
+            refusal = self._refusal(error, work, steps)
+            if self._noise.interrupted:  # nothing changed; the user asked to stop
+                self._noise.interrupted = False
+                raise KeyboardInterrupt from refusal
+            raise refusal from None
+        except BaseException:
+            self._forget_fresh_state()
+            raise
+        if self._fresh:
+            self._fresh.clear()
+            self._fresh_rng = None
+        offset = 0
+        for step_tasks, post in steps:
+            if post is not None:
+                post(results[offset : offset + len(step_tasks)])
+            offset += len(step_tasks)
+        for item in work:
+            dict.__setitem__(item[1], "step", item[1]["step"] + 1)
         if diagnostics is not None:
             self.step_diagnostics = diagnostics.result()
 
-    def _validate_scheduled(self, group: dict[str, Any]) -> None:
-        """The options a schedule may set: checked when the group is added and at every step."""
-        check_number("lr", group["lr"], allow_low=True)
-        check_number("temperature", group.get("temperature"), none_ok=True)
-        check_number("nbeta", group.get("nbeta"), none_ok=True)
+    def _remember_fresh(self, state: dict, key: str) -> None:
+        """A state entry made during this step: removed again if the step is refused."""
+        self._fresh.append((state, key))
+
+    def _remember_rng(self, device: torch.device) -> None:
+        """The generators' states before this step draws from them outside its noise (first
+        momenta): restored if the step is refused."""
+        if self._fresh_rng is None:
+            self._fresh_rng = self._noise.snapshot([device])
+
+    def _forget_fresh_state(self) -> None:
+        for state, key in self._fresh:
+            state.pop(key, None)
+        if self._fresh:
+            self.__dict__.pop("_momenta_cache", None)
+        self._fresh.clear()
+        if self._fresh_rng is not None:
+            self._noise.restore(self._fresh_rng)
+            self._fresh_rng = None
+
+    def _check_precision(self, work: list[tuple]) -> None:
+        """Warn for half-precision parameters whose noise rounds away (see the class docstring);
+        once per group and step size."""
+        for index, group, params, *_ in work:
+            if self._low_precision.get(index) == group["lr"]:
+                continue
+            self._low_precision[index] = group["lr"]
+            move = self.typical_move(group)
+            names = group.get("param_names")
+            for p in params:
+                if p.dtype not in _HALF or not move:
+                    continue
+                magnitude = float(p.detach().float().abs().mean())
+                if not 0 < magnitude < math.inf:
+                    continue
+                spacing = torch.finfo(p.dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
+                if move < spacing / 2:
+                    position = next(i for i, q in enumerate(group["params"]) if q is p)
+                    name = f"{names[position]!r} " if names else ""
+                    warnings.warn(
+                        f"parameter {name}(param_groups[{index}]['params'][{position}], {str(p.dtype)[6:]}, mean "
+                        f"magnitude {magnitude:.3g}) moves by about {move:.2g} a step, below half the spacing of "
+                        f"{str(p.dtype)[6:]} values there ({spacing / 2:.2g}, its resolution): most of the injected "
+                        "noise rounds away and the chain does not sample its target; keep the parameters in "
+                        "float32 for the sampler, or raise lr",
+                        UserWarning,
+                        stacklevel=4,
+                    )
 
     @staticmethod
     def _gather(index: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
@@ -391,28 +528,22 @@ class SGMCMCOptimizer(Optimizer):
             mask = None if mask is None else [mask[i] for i in keep]
         return params, grads, mask
 
-    def _check_all(self, grad_lists: list[list[Tensor]], where: list[tuple]) -> None:
-        flat = [g for grads in grad_lists for g in grads]
-        try:
-            check_finite(flat)
-        except NonFiniteError as error:
-            offset = error.index
-            for (index, group, params), grads in zip(where, grad_lists):
-                if offset < len(grads):
-                    raise self._named_error(index, group, params[offset]) from None
-                offset -= len(grads)
-            raise
-
-    @staticmethod
-    def _named_error(index: int, group: dict[str, Any], param: Tensor) -> NonFiniteError:
-        position = next(i for i, p in enumerate(group["params"]) if p is param)
-        names = group.get("param_names")
-        name = f"{names[position]!r} " if names else ""
-        return NonFiniteError(
-            position,
-            f"step() refused: the gradient of parameter {name}(param_groups[{index}]['params'][{position}], "
-            f"shape {tuple(param.shape)}) holds NaN or Inf; no parameter was changed",
-        )
+    def _refusal(self, error: NonFiniteError, work: list[tuple], steps: list[Step]) -> NonFiniteError:
+        """The error of a refused step, naming the parameter and what was wrong."""
+        for (index, group, params, *_), step in zip(work, steps):
+            if any(task is error.task for task in step[0]):
+                param = params[error.index]
+                position = next(i for i, p in enumerate(group["params"]) if p is param)
+                names = group.get("param_names")
+                name = f"{names[position]!r} " if names else ""
+                where = f"parameter {name}(param_groups[{index}]['params'][{position}], shape {tuple(param.shape)})"
+                if error.kind == "gradient":
+                    text = f"the gradient of {where} holds NaN or Inf"
+                else:
+                    text = (f"the update of {where} would not be finite (its gradient is finite; lr={group['lr']:g} "
+                            "makes the step overflow, or the parameter or its state is already huge)")
+                return NonFiniteError(position, f"step() refused: {text}; no parameter was changed", error.kind)
+        return error
 
     # ------------------------------------------------------------------- helpers for samplers
 
@@ -426,7 +557,7 @@ class SGMCMCOptimizer(Optimizer):
         return 1.0
 
     def anchors(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor] | None:
-        """:math:`\\theta_0` for ``params``, kept only when an option needs it, captured at the
+        """:math:`\theta_0` for ``params``, kept only when an option needs it, captured at the
         first step that needs it."""
         if not (group["localization"] or group["bounding_box_size"] is not None or self.track_diagnostics):
             return None
@@ -436,13 +567,14 @@ class SGMCMCOptimizer(Optimizer):
             anchor = state.get("anchor")
             if anchor is None:
                 anchor = state["anchor"] = p.detach().clone(memory_format=torch.preserve_format)
+                self._remember_fresh(state, "anchor")
             anchors.append(anchor)
         return anchors
 
     def update_options(self, group: dict[str, Any], params: list[Tensor], masks: list[Tensor] | None,
-                       check_finite: bool, diagnostics: Diagnostics | None) -> dict[str, Any]:
-        """The keyword arguments every update function of :mod:`pyro_sgmcmc.functional` takes,
-        for ``params`` of ``group``: the common target options and the sampler's noise state."""
+                       diagnostics: Diagnostics | None) -> dict[str, Any]:
+        """The keyword arguments every step function of :mod:`pyro_sgmcmc.functional` takes,
+        for ``params`` of ``group``: the common target options and the sampler's plans."""
         return dict(
             grad_scale=self.grad_scale(group),
             localization=group["localization"],
@@ -451,13 +583,24 @@ class SGMCMCOptimizer(Optimizer):
             anchors=self.anchors(group, params),
             masks=masks,
             bounding_box_size=group["bounding_box_size"],
-            noise=self._noise,
             foreach=self.foreach,
             noise_plans=self._noise_plans,
-            check_finite=check_finite,
             diagnostics=diagnostics,
             grads_checked=True,  # p.grad, or autograd.grad of the parameters: torch checked them
         )
+
+    @staticmethod
+    def _then(step: Step, after: Callable[[], None]) -> Step:
+        """``step``, with ``after()`` run once its own ``post`` has (e.g. detaching the sampler's
+        state after a differentiable step)."""
+        tasks, post = step
+
+        def post_then_after(results: list[list]) -> None:
+            if post is not None:
+                post(results)
+            after()
+
+        return tasks, post_then_after
 
     def _update_group(
         self,
@@ -465,34 +608,172 @@ class SGMCMCOptimizer(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
-        """Apply the sampler's update to one group (``params`` are those with a gradient; the
-        new values go into ``targets`` if given, else into ``params``)."""
+    ) -> Step:
+        """The sampler's update of one group, as a :class:`~pyro_sgmcmc.functional._step.Step`
+        (``params`` are those with a gradient; the new values go into ``targets`` if given, else
+        into ``params``). State made for it (a first momentum, an anchor) is registered with
+        :meth:`_remember_fresh`, so a refused step can drop it."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus the state of the noise (streams and the given generator)."""
+        """torch's optimizer state, the sampler's kind (``"sampler"``) and the state of the noise
+        (streams and the given generator). The CPU streams are seeded here if no step has done
+        it yet, so that a checkpoint taken before the first step resumes exactly."""
+        if any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
+            self._noise.streams()
         state = super().state_dict()
+        state["sampler"] = type(self).__name__
         state["noise_state"] = self._noise.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved, generator state included, so that the chain
-        continues exactly as it would have. Group tensors (masks, thermostats) move to the
-        parameters' device."""
+        continues exactly as it would have. A state that does not fit is refused with a
+        ``ValueError`` before anything changes: another sampler's, options out of range, groups
+        or state tensors that do not match the parameters, noise streams of the wrong number or
+        size. A state without noise streams (e.g. a plain torch optimizer's layout) loads with a
+        warning: the noise then does not continue exactly. Group tensors (masks, thermostats)
+        move to the parameters' device."""
+        self.check_state_dict(state_dict)
+        self._check_state_fits(state_dict)
         state_dict = dict(state_dict)
+        state_dict.pop("sampler", None)
         noise_state = state_dict.pop("noise_state", None)
+        if noise_state is None:
+            warnings.warn("the state has no noise_state: the chain continues, but its noise is not the one the "
+                          "saved run would have drawn (save with state_dict() of a pyro_sgmcmc sampler)",
+                          UserWarning, stacklevel=2)
         super().load_state_dict(state_dict)
+        for i, loaded in enumerate(self.param_groups):
+            group = ParamGroup({"params": loaded["params"]}, type(self))
+            group.update(loaded)
+            self._after_load(group)
+            self.param_groups[i] = group
         if noise_state is not None:
             self._noise.load_state_dict(noise_state)
-        for group in self.param_groups:
-            self._after_load(group)
+
+    @classmethod
+    def check_state_dict(cls, state_dict: Any) -> None:
+        """Refuse, with a ``ValueError`` that says what is wrong, a state that is not one of this
+        sampler class's: another sampler's (by its ``"sampler"`` entry or its options), options
+        out of range, step counts that are not counts, noise streams of the wrong number or
+        size. What depends on the parameters is checked by :meth:`load_state_dict`."""
+        name = cls.__name__
+        if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("param_groups"), list) \
+                or not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError(f"Invalid state_dict: {type(state_dict).__name__} (must be the result of state_dict() "
+                             "of a pyro_sgmcmc sampler: a dict with 'state' and 'param_groups')")
+        kind = state_dict.get("sampler")
+        if kind is not None and kind != name:
+            raise ValueError(f"Invalid state_dict: it is the state of a {kind} sampler; this is a {name} "
+                             f"(load it into a {kind})")
+        for i, saved in enumerate(state_dict["param_groups"]):
+            if not isinstance(saved, Mapping):
+                raise ValueError(f"Invalid state_dict: param_groups[{i}] is a {type(saved).__name__} (must be a dict)")
+            missing = sorted(key for key in cls.OPTION_CHECKS if key not in saved)
+            foreign = sorted(key for key in _all_options() if key in saved and key not in cls.OPTION_CHECKS)
+            if missing or foreign:
+                owner = _owner_of(saved)
+                raise ValueError(
+                    f"Invalid state_dict: param_groups[{i}] is not a {name} group ("
+                    + (f"missing {missing}" if missing else "") + (", " if missing and foreign else "")
+                    + (f"with {foreign}" if foreign else "") + ")"
+                    + (f"; it is the state of a {owner} sampler" if owner else ""))
+            group = ParamGroup({}, cls)
+            try:
+                for key in cls.OPTION_CHECKS:
+                    if key != "mask":
+                        group[key] = saved[key]
+                check_integer("step", saved.get("step", 0))
+            except ValueError as error:
+                raise ValueError(f"{error} [in param_groups[{i}] of the state_dict]") from None
+        noise_state = state_dict.get("noise_state")
+        if noise_state is not None:
+            _check_noise_state(noise_state)
+
+    def _check_state_fits(self, state_dict: Mapping[str, Any]) -> None:
+        """What :meth:`check_state_dict` cannot check without the parameters."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict: it has {len(groups)} parameter groups, this sampler "
+                             f"{len(self.param_groups)}")
+        params = []
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"Invalid state_dict: param_groups[{i}] has {len(saved.get('params', ()))} parameters, "
+                                 f"this sampler's {len(group['params'])}")
+            try:
+                check_mask("mask", saved.get("mask"), group["params"])
+                self._check_group_state(saved)
+            except ValueError as error:
+                raise ValueError(f"{error} [in param_groups[{i}] of the state_dict]") from None
+            params.extend(zip(saved["params"], group["params"]))
+        by_id = dict(params)
+        for key, entries in state_dict["state"].items():
+            param = by_id.get(key)
+            if param is None or not isinstance(entries, Mapping):
+                raise ValueError(f"Invalid state_dict: state[{key!r}] belongs to no parameter of its param_groups")
+            for entry, value in entries.items():
+                if not isinstance(value, Tensor) or value.dim() == 0:
+                    continue
+                if value.shape != param.shape:
+                    raise ValueError(f"Invalid state_dict: state[{key!r}][{entry!r}] has shape {tuple(value.shape)}, "
+                                     f"its parameter {tuple(param.shape)}")
+                if value.is_floating_point() and bool(torch.isnan(value).any()):
+                    raise ValueError(f"Invalid state_dict: state[{key!r}][{entry!r}] holds NaN")
+
+    def _check_group_state(self, saved: Mapping[str, Any]) -> None:
+        """Check the sampler's own per-group state in a saved group (e.g. a thermostat)."""
 
     def _after_load(self, group: dict[str, Any]) -> None:
-        if group.get("mask") is not None:
-            group["mask"] = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(group["mask"], group["params"])]
+        """Per-group state after loading (e.g. a thermostat moved to the parameters' device)."""
+
+
+def _all_options() -> set[str]:
+    """The group options of every sampler class."""
+    options: set[str] = set()
+    for cls in _samplers():
+        options.update(cls.OPTION_CHECKS)
+    return options
+
+
+def _samplers() -> list[type[SGMCMCOptimizer]]:
+    found, todo = [], [SGMCMCOptimizer]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def _owner_of(saved: Mapping[str, Any]) -> str | None:
+    """The sampler class whose options a saved group has (the most specific one), if any."""
+    owners = [cls for cls in _samplers() if all(key in saved for key in cls.OPTION_CHECKS)]
+    return max(owners, key=lambda cls: len(cls.OPTION_CHECKS)).__name__ if owners else None
+
+
+def _check_noise_state(noise_state: Any) -> None:
+    """The noise state of a state_dict: as many streams as a sampler draws from, each a
+    generator state."""
+    from ..functional import NUM_STREAMS
+
+    size = torch.Generator().get_state().numel()
+    if not isinstance(noise_state, Mapping):
+        raise ValueError(f"Invalid state_dict: noise_state is a {type(noise_state).__name__} (must be a dict)")
+    streams = noise_state.get("streams")
+    if streams is not None:
+        if not isinstance(streams, (list, tuple)) or len(streams) != NUM_STREAMS:
+            raise ValueError(f"Invalid state_dict: noise_state['streams'] holds "
+                             f"{len(streams) if hasattr(streams, '__len__') else streams!r} streams (must be "
+                             f"{NUM_STREAMS} generator states, or None)")
+        for i, stream in enumerate(streams):
+            if not (isinstance(stream, Tensor) and stream.dtype == torch.uint8 and stream.numel() == size):
+                raise ValueError(f"Invalid state_dict: noise stream {i} is not a CPU generator state "
+                                 f"(must be a uint8 tensor of {size} entries)")
+    generator = noise_state.get("generator")
+    if generator is not None and not (isinstance(generator, Tensor) and generator.dtype == torch.uint8):
+        raise ValueError("Invalid state_dict: noise_state['generator'] is not a generator state (a uint8 tensor)")

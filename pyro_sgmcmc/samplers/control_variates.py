@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..functional import control_variate_gradient_
+from .._validation import check_callable
 
 __all__ = ["ControlVariate"]
 
@@ -40,11 +41,14 @@ class ControlVariate:
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("Invalid params: empty (give the parameters the sampler updates)")
-        if not callable(full_loss):
-            raise ValueError(f"Invalid full_loss: {full_loss!r} (must be a callable returning the full-data loss)")
+        check_callable("full_loss", full_loss, what="a callable returning the full-data loss")
         self.anchor = [p.detach().clone() for p in self.params]
         with torch.enable_grad():
-            self.full_gradient = [g.detach() for g in torch.autograd.grad(full_loss(), self.params)]
+            loss = full_loss()
+            if not (isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError(f"Invalid full_loss: it returned {loss!r} (must return the loss as a one-element "
+                                 "tensor that depends on the parameters)")
+            self.full_gradient = [g.detach() for g in torch.autograd.grad(loss, self.params)]
         self._scratch = [torch.empty_like(p) for p in self.params]
 
     def correct(self, minibatch_loss: Callable[[], Tensor]) -> None:

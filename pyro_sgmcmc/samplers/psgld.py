@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from ..functional import Diagnostics, NonFiniteError, psgld
-from .._validation import check_number
+from ..functional import Diagnostics
+from ..functional._step import Step
+from ..functional.psgld import psgld_step
+from .._validation import check_flag, check_number
 from .base import SGMCMCOptimizer
 from .sgld import SGLD
 
@@ -40,10 +43,9 @@ class PSGLD(SGMCMCOptimizer):
     a fixed diagonal preconditioner and keeps its target exactly, up to SGLD's O(lr) bias
     (tested against the exact stationary law). While :math:`V` adapts, :math:`G` follows the chain
     (small where the chain has lately been far out, so it lingers there) and the missing term
-    shows. Measured on the anisotropic Gaussian of ``tests/test_stationary.py`` (precisions 1, 4,
-    25; exact gradients, :math:`\epsilon\sqrt{\lambda_{\max}} = 0.1`, 500 chains x 4000 steps), the
-    variances come out high by 54-77% with ``alpha = 0.9``, 12-32% with ``alpha = 0.99`` and 3-5%
-    with ``alpha = 0.999``. When minibatch noise dominates :math:`V` (the usual case for big data),
+    shows: on a Gaussian with precisions 1, 4 and 25, exact gradients and
+    :math:`\epsilon\sqrt{\lambda_{\max}} = 0.1`, the variances come out high by 54-77% with
+    ``alpha = 0.9``, 12-32% with ``alpha = 0.99`` and 3-5% with ``alpha = 0.999``. When minibatch noise dominates :math:`V` (the usual case for big data),
     :math:`V` hardly depends on :math:`\theta` and this bias vanishes into SGLD's own noise bias
     :math:`\epsilon G B/4` (measured with gradient noise of variance 100: the same variances, within
     2%, for all three ``alpha``). For unbiased samples: adapt during burn-in, then freeze.
@@ -53,11 +55,26 @@ class PSGLD(SGMCMCOptimizer):
     :param alpha: :math:`\alpha \in [0, 1)`, the decay of the squared-gradient average.
     :param eps: :math:`\lambda_G > 0`, keeps :math:`G` bounded where gradients vanish.
     :param adapt_preconditioner: update :math:`V` at every step (else keep it as it is).
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
+    :param initial_square_average: where :math:`V` starts (default: :math:`g\odot g` of the first
+        step). The MCMC kernels start it at its stationary value for the curvature and gradient
+        noise they measured: far from the posterior the first gradient is huge, and a :math:`V`
+        started there shrinks the steps for hundreds of iterations.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
     """
 
     langevin = True
+
+    OPTION_CHECKS = {
+        **SGMCMCOptimizer.OPTION_CHECKS,
+        "alpha": functools.partial(check_number, allow_low=True, high=1.0),
+        "eps": functools.partial(check_number),
+        "adapt_preconditioner": check_flag,
+        "initial_square_average": functools.partial(check_number, allow_low=True, none_ok=True),
+    }
 
     def __init__(
         self,
@@ -67,6 +84,7 @@ class PSGLD(SGMCMCOptimizer):
         alpha: float = 0.99,
         eps: float = 1e-5,
         adapt_preconditioner: bool = True,
+        initial_square_average: float | None = None,
         temperature: float | Callable[[int], float] | None = None,
         nbeta: float | Callable[[int], float] | None = None,
         localization: float = 0.0,
@@ -83,6 +101,7 @@ class PSGLD(SGMCMCOptimizer):
             alpha=alpha,
             eps=eps,
             adapt_preconditioner=adapt_preconditioner,
+            initial_square_average=initial_square_average,
             temperature=temperature,
             nbeta=nbeta,
             localization=localization,
@@ -93,15 +112,6 @@ class PSGLD(SGMCMCOptimizer):
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        alpha = group["alpha"]
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha < 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r} (must be a number in [0, 1))")
-        check_number("eps", group["eps"])
-        if not isinstance(group["adapt_preconditioner"], bool):
-            raise ValueError(f"Invalid adapt_preconditioner: {group['adapt_preconditioner']!r} (must be True or False)")
-
     @staticmethod
     def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
                    arrival: bool = False, **options: Any) -> float:
@@ -111,6 +121,15 @@ class PSGLD(SGMCMCOptimizer):
         expected_square = curvature / temperature + noise_variance / temperature**2
         return SGLD.suggest_lr(curvature, noise_variance, target_bias, temperature, arrival) * max(
             expected_square, 1e-12) ** 0.5
+
+    @staticmethod
+    def adapted_options(curvature: float, noise_variance: float, temperature: float = 1.0,
+                        given: dict[str, Any] | None = None) -> dict[str, Any]:
+        r""":math:`V` starts at :math:`E[g^2] = \lambda + B` (``lambda = curvature / T``,
+        ``B = noise_variance / T^2``), its stationary value on such a target, unless given."""
+        if given and "initial_square_average" in given:
+            return {}
+        return {"initial_square_average": curvature / temperature + max(noise_variance, 0.0) / temperature**2}
 
     def freeze_adaptation(self) -> None:
         """Stop updating the preconditioner: from here on the chain is SGLD with a fixed
@@ -127,20 +146,23 @@ class PSGLD(SGMCMCOptimizer):
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         return 1.0 / (square_avg.sqrt() + group["eps"])
 
-    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                     ) -> tuple[list[Tensor], list[Tensor]]:
+    def _square_avgs(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """Each parameter's :math:`V`, started at :math:`(g/T)^2` at its first step (so that the
-        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there), and the parameters
-        whose :math:`V` was started now."""
+        first update, :math:`\\alpha V + (1 - \\alpha) g^2`, leaves it there; dropped again if that
+        step is refused)."""
         scale = self.grad_scale(group)
-        out, fresh = [], []
+        out = []
         for p, g in zip(params, grads):
             state = self.state[p]
             if "square_avg" not in state:
-                state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
-                fresh.append(p)
+                initial = group["initial_square_average"]
+                if initial is None:
+                    state["square_avg"] = (g.detach() * scale).square().to(memory_format=torch.contiguous_format)
+                else:
+                    state["square_avg"] = torch.full_like(p, initial, memory_format=torch.contiguous_format)
+                self._remember_fresh(state, "square_avg")
             out.append(state["square_avg"])
-        return out, fresh
+        return out
 
     def _update_group(
         self,
@@ -148,23 +170,11 @@ class PSGLD(SGMCMCOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
-        square_avgs, fresh = self._square_avgs(group, params, grads)
-        try:
-            self._psgld(group, params, grads, square_avgs, masks, check_finite, diagnostics, targets)
-        except NonFiniteError:
-            for p in fresh:  # a refused step leaves no trace, not even a started V
-                del self.state[p]["square_avg"]
-            raise
-        if targets is not None:
-            for v in square_avgs:
-                v.detach_()
-
-    def _psgld(self, group, params, grads, square_avgs, masks, check_finite, diagnostics, targets) -> None:
-        psgld(
+    ) -> Step:
+        square_avgs = self._square_avgs(group, params, grads)
+        step = psgld_step(
             params if targets is None else targets,
             grads,
             square_avgs,
@@ -172,5 +182,8 @@ class PSGLD(SGMCMCOptimizer):
             alpha=group["alpha"],
             eps=group["eps"],
             update_preconditioner=group["adapt_preconditioner"],
-            **self.update_options(group, params, masks, check_finite, diagnostics),
+            **self.update_options(group, params, masks, diagnostics),
         )
+        if targets is None:
+            return step
+        return self._then(step, lambda: [v.detach_() for v in square_avgs])  # keep the sampler's state plain

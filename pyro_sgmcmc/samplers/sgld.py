@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from ..functional import Diagnostics, sgld
 from torch.optim.optimizer import required
 
+from ..functional import Diagnostics
+from ..functional._step import Step
+from ..functional.sgld import sgld_step
 from .._validation import check_number
 from .base import SGMCMCOptimizer
 
@@ -78,11 +81,20 @@ class SGLD(SGMCMCOptimizer):
     :param gradient_noise_variance: :math:`\hat V \ge 0`, subtracted from the injected noise
         (only with ``reference_curvature`` or alone: it then removes the O(lr) heat of the
         gradient noise).
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
     """
 
     langevin = True
+
+    OPTION_CHECKS = {
+        **SGMCMCOptimizer.OPTION_CHECKS,
+        "reference_curvature": functools.partial(check_number, allow_low=True),
+        "gradient_noise_variance": functools.partial(check_number, allow_low=True),
+    }
 
     def __init__(
         self,
@@ -116,18 +128,14 @@ class SGLD(SGMCMCOptimizer):
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_number("reference_curvature", group["reference_curvature"], allow_low=True)
-        check_number("gradient_noise_variance", group["gradient_noise_variance"], allow_low=True)
-
     def noise_variance_factor(self, group: dict[str, Any]) -> float:
         r""":math:`\sigma^2 / \text{noise\_level}^2 = 1 - \epsilon(c + \hat V/T^2)/4` at the
         group's current step size (1 for plain SGLD); an error if it is not positive."""
         c, v = group["reference_curvature"], group["gradient_noise_variance"]
         if not c and not v:
             return 1.0
-        factor = 1.0 - group["lr"] * (c + v * self.grad_scale(group) ** 2) / 4
+        scale = self.grad_scale(group)
+        factor = 1.0 - group["lr"] * (c + v * scale * scale) / 4  # a product, not ** 2: inf past the float range
         if factor <= 0:
             raise ValueError(
                 f"Invalid lr: {group['lr']:g} with reference_curvature={c!r} and gradient_noise_variance={v!r} "
@@ -167,26 +175,28 @@ class SGLD(SGMCMCOptimizer):
         # keep sigma^2 = 1 - lr (c + V_hat / T^2) / 4 at least 1/4
         return min(lr, 3.0 / (c + gradient_noise_variance / temperature**2))
 
+    def typical_move(self, group: dict[str, Any]) -> float:
+        return super().typical_move(group) * math.sqrt(self.noise_variance_factor(group))
+
     def _update_group(
         self,
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
-        sgld(
+    ) -> Step:
+        return sgld_step(
             params if targets is None else targets,
             grads,
             lr=group["lr"],
-            **self.update_options(group, params, masks, check_finite, diagnostics),
+            **self.update_options(group, params, masks, diagnostics),
         )
 
     def update_options(self, group: dict[str, Any], params: list[Tensor], masks: list[Tensor] | None,
-                       check_finite: bool, diagnostics: Diagnostics | None) -> dict[str, Any]:
-        options = super().update_options(group, params, masks, check_finite, diagnostics)
+                       diagnostics: Diagnostics | None) -> dict[str, Any]:
+        options = super().update_options(group, params, masks, diagnostics)
         factor = self.noise_variance_factor(group)
         if factor != 1.0:
             options["noise_level"] = options["noise_level"] * math.sqrt(factor)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from ..functional import Diagnostics, sgnht
 from torch.optim.optimizer import required
 
-from ._momentum import MomentumSampler
+from ..functional import Diagnostics
+from ..functional._step import Step
+from ..functional.sgnht import sgnht_step
 from .._validation import check_number
+from ._momentum import MomentumSampler
 
 __all__ = ["SGNHT"]
 
@@ -44,10 +47,15 @@ class SGNHT(MomentumSampler):
     :param params: parameters or parameter groups.
     :param lr: the step size :math:`h` (or a callable of the step).
     :param diffusion_factor: :math:`A > 0`, the injected noise and the thermostat's start.
-    :param temperature, nbeta, localization, weight_decay, noise_level, bounding_box_size, mask,
-        generator, foreach, diagnostics: see :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`.
-        With a bounding box, the momentum of an entry that hits the wall is reversed.
+
+    ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
+    ``fork`` and float16 / bfloat16 parameters do.
+    With a bounding box, the momentum of an entry that hits the wall is reversed.
     """
+
+    OPTION_CHECKS = {**MomentumSampler.OPTION_CHECKS, "diffusion_factor": functools.partial(check_number)}
 
     def __init__(
         self,
@@ -78,10 +86,6 @@ class SGNHT(MomentumSampler):
             mask=mask,
         )
         super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_number("diffusion_factor", group["diffusion_factor"])
 
     def _init_group(self, group: dict[str, Any]) -> None:
         if "thermostat" not in group:
@@ -117,6 +121,11 @@ class SGNHT(MomentumSampler):
             group["thermostat"].fill_(float(group["diffusion_factor"]))
         super().reset_auxiliary()
 
+    def _check_group_state(self, saved: dict[str, Any]) -> None:
+        thermostat = saved.get("thermostat")
+        if not (isinstance(thermostat, Tensor) and thermostat.dim() == 0 and bool(torch.isfinite(thermostat))):
+            raise ValueError(f"Invalid thermostat: {thermostat!r} (must be a finite 0-dim tensor)")
+
     def _after_load(self, group: dict[str, Any]) -> None:
         super()._after_load(group)
         group["thermostat"] = group["thermostat"].to(group["params"][0].device)
@@ -127,15 +136,14 @@ class SGNHT(MomentumSampler):
         params: list[Tensor],
         grads: list[Tensor],
         masks: list[Tensor] | None,
-        check_finite: bool,
         diagnostics: Diagnostics | None,
         targets: list[Tensor] | None = None,
-    ) -> None:
+    ) -> Step:
         num_free = None
         if masks is not None:
             num_free = float(sum(float(m.sum()) for m in masks))
         momenta = self._momenta(params, masks)
-        sgnht(
+        step = sgnht_step(
             params if targets is None else targets,
             grads,
             momenta,
@@ -143,8 +151,8 @@ class SGNHT(MomentumSampler):
             lr=group["lr"],
             diffusion_factor=group["diffusion_factor"],
             num_free=num_free,
-            **self.update_options(group, params, masks, check_finite, diagnostics),
+            **self.update_options(group, params, masks, diagnostics),
         )
-        if targets is not None:  # a differentiable step: keep the sampler's own state plain
-            self._detach(momenta)
-            group["thermostat"].detach_()
+        if targets is None:
+            return step
+        return self._then(step, lambda: (self._detach(momenta), group["thermostat"].detach_()))  # plain state

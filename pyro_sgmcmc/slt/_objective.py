@@ -1,7 +1,7 @@
 """What the LLC chains evaluate: ``C`` chains of the sampled weights, stacked along a leading
 dimension, each with the mean per-datum loss :math:`L` on a minibatch of its own.
 
-:class:`ChainObjective` is the interface the chain driver (:mod:`._chain`) and the step-size
+:class:`ChainObjective` is the interface the chain driver (``llc._Chains``) and the step-size
 measurements (:mod:`._scales`) use; :class:`ModuleObjective` implements it for a torch module
 and a loss (all chains in one call through ``torch.func.functional_call`` and ``vmap`` where the
 module allows, one call per chain otherwise), :class:`~pyro_sgmcmc.slt._pyro.PyroObjective` for a
@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .._validation import check_callable
-from ..samplers import SGMCMCOptimizer
+from .._validation import check_callable, check_mask
 from ._data import Minibatches, batch_size_of, detect_reduction, map_batch, per_datum, stack_batches
 
 
@@ -232,11 +231,10 @@ def _parameter_names(named: dict[str, Tensor], params: Iterable[str | Tensor] | 
 
 
 def _checked_masks(names: list[str], mask: dict[str, Tensor], named: dict[str, Tensor]) -> list[Tensor | None]:
-    """The masks of the sampled parameters, checked as the samplers check theirs (``None`` where
-    none was given)."""
+    """The masks of the sampled parameters, checked as the samplers check theirs
+    (:func:`~pyro_sgmcmc._validation.check_mask`; ``None`` where none was given)."""
     try:
-        checked = SGMCMCOptimizer._validate_mask({"mask": [mask.get(name) for name in names],
-                                                 "params": [named[name] for name in names]})
+        checked = check_mask("mask", [mask.get(name) for name in names], [named[name] for name in names])
     except ValueError as error:
         raise ValueError(f"{error} (mask[i] belongs to the i-th sampled parameter of {names})") from None
     return [None if mask.get(name) is None else m for name, m in zip(names, checked)]
