@@ -9,11 +9,18 @@ marginal-likelihood hyperparameters.
 * :func:`marglik_hyperparameters` -- a model's ``pyro.param`` hyperparameters by the marginal
   likelihood, with SGLD sampling its weights (Fisher's identity).
 
-This package sits above the Pyro adapters: it uses the samplers of :mod:`pyro_sgmcmc.samplers`
-for the chains and the kernels of :mod:`pyro_sgmcmc.infer` for WBIC.
+What every estimate here holds to (stated with the math in :func:`estimate_llc` and
+:func:`wbic`): :math:`n` is the size of the whole data set, never the batch size; :math:`n\\beta`
+defaults to :math:`n/\\log n`; adaptation and burn-in steps are never averaged into an estimate;
+:math:`L_n(w^*)` is exact; a loss's reduction is given or detected, never guessed; every estimate
+comes with a Monte Carlo standard error from the effective sample size across chains.
+
+This package sits above the other layers: it uses the samplers of :mod:`pyro_sgmcmc.samplers`
+for the LLC chains and the kernels of :mod:`pyro_sgmcmc.infer` for WBIC.
 """
 
-from .llc import LLCDiagnostics, LLCResult, LLCWarning, estimate_llc
+from ._scales import Scales
+from .llc import LLCDiagnostics, LLCResult, LLCWarning, default_burn_in, estimate_llc
 from .marglik import MarglikResult, marglik_hyperparameters
 from .plot import plot_llc
 from .wbic import TemperedLikelihood, WBICResult, tempered_likelihood, wbic
@@ -23,8 +30,10 @@ __all__ = [
     "LLCResult",
     "LLCWarning",
     "MarglikResult",
+    "Scales",
     "TemperedLikelihood",
     "WBICResult",
+    "default_burn_in",
     "estimate_llc",
     "marglik_hyperparameters",
     "plot_llc",

@@ -1,16 +1,18 @@
-"""Minibatches of a torch data set for the LLC chains, and the loss's reduction.
+r"""Minibatches of a torch data set for the LLC chains, and the loss's reduction.
 
 A chain needs, at every step, a uniformly random minibatch of the *whole* data set, drawn
 independently for each chain (chains that shared their minibatches would not be independent, and
 their spread would understate the Monte Carlo error), and, once, a walk through the whole data set
 for the exact :math:`L_n(w^*)`. A ``DataLoader`` is read for its data set, batch size and collate
 function; its own sampler is not used, so a loader built with ``shuffle=False`` does not bias the
-estimate. Each chain walks its own random permutation of the rows, ``m`` at a time, and draws a new
-one when fewer than ``m`` rows are left (what ``DataLoader(shuffle=True, drop_last=True)`` does): every
-minibatch is a uniformly random subset, and the minibatch noise of an epoch sums to zero, which
-lowers its effect on the chain below that of independent minibatches (the step-size rule assumes
-the latter, so it stays an upper bound). The rows of a ``TensorDataset`` are indexed directly, for
-all chains at once.
+estimate. At every step each chain gets ``m`` distinct rows drawn uniformly at random, independently
+of every earlier draw (:meth:`Minibatches.indices`): the chain's point then depends on earlier
+minibatches only, so the loss on the current one is an unbiased estimate of :math:`L_n` there.
+Walking a permutation epoch by epoch (``DataLoader(shuffle=True)``) is not: a minibatch holds the
+rows the chain's last steps did not see, and without control variates the minibatch noise of the
+loss correlates with the point (measured: +2.7% on :math:`\hat\lambda` of a quadratic, 2.5-3
+standard errors beyond the exact law of the chain). The rows of a ``TensorDataset`` are indexed
+directly, for all chains at once.
 """
 
 from __future__ import annotations
@@ -91,8 +93,6 @@ class Minibatches:
         self.loader, self.n, self.batch_size = loader, n, batch_size
         self.tensors = tensors  # a TensorDataset's tensors, indexed directly
         self._iterator: Iterator[Any] | None = None
-        self._order: Tensor | None = None
-        self._cursor = 0
 
     @classmethod
     def from_loader(cls, loader: Any, batch_size: int | None = None, n: int | None = None) -> "Minibatches":
@@ -134,14 +134,25 @@ class Minibatches:
         return isinstance(self.loader.dataset, IterableDataset)
 
     def indices(self, num_chains: int) -> Tensor:
-        """The next ``m`` rows of each chain's permutation (``[num_chains, m]``)."""
-        m = self.batch_size
-        if self._order is None or self._order.shape[0] != num_chains or self._cursor + m > self.n:
-            self._order = torch.argsort(torch.rand(num_chains, self.n), dim=1)
-            self._cursor = 0
-        index = self._order[:, self._cursor : self._cursor + m]
-        self._cursor += m
-        return index
+        """``m`` distinct rows for each chain (``[num_chains, m]``), uniformly at random and
+        independently of every earlier draw. Small data sets (``4 m > n``): the first ``m`` of a
+        random permutation. Otherwise in ``O(m log m)`` rather than ``O(n)``, as
+        :func:`pyro_sgmcmc.infer.subsample.draw_indices` does for one chain: a few more than ``m``
+        uniform draws, the distinct values among them (every set of distinct values of a given size
+        is equally likely, by symmetry) and a random ``m`` of those; drawn again in the rare case
+        that some chain has fewer than ``m`` distinct values."""
+        n, m = self.n, self.batch_size
+        if 4 * m > n:
+            return torch.rand(num_chains, n).argsort(1)[:, :m]
+        extra = m + m // 8 + 16
+        while True:
+            draws = torch.randint(n, (num_chains, extra)).sort(1).values
+            repeated = torch.zeros_like(draws, dtype=torch.bool)
+            repeated[:, 1:] = draws[:, 1:] == draws[:, :-1]
+            if bool((repeated.sum(1) <= extra - m).all()):
+                break
+        keys = torch.rand(num_chains, extra).masked_fill_(repeated, 2.0)  # repeats last, never picked
+        return draws.gather(1, keys.topk(m, dim=1, largest=False).indices)
 
     def rows(self, index: Tensor) -> Any:
         if self.tensors is not None:

@@ -1,23 +1,5 @@
-r"""WBIC, the widely applicable Bayesian information criterion, of a Pyro model (Watanabe 2013).
-
-.. math:: \mathrm{WBIC} = E^{\beta}_w\Big[-\sum_{i=1}^n \log p(y_i \mid x_i, w)\Big], \qquad \beta = \frac{1}{\log n},
-
-the expectation under the posterior whose likelihood (not its prior) is tempered by :math:`\beta`,
-:math:`p_\beta(w \mid D) \propto \varphi(w)\prod_i p(y_i \mid x_i, w)^\beta`. It estimates the Bayes free
-energy :math:`-\log p(D)` to :math:`O_p(\sqrt{\log n})`, singular models included: lower is better, and
-two models are compared by their WBIC as by their log evidence. From the same chain,
-:math:`\hat\lambda = \beta\,(\mathrm{WBIC} - n L_n(w_0))` estimates the learning coefficient, with
-:math:`w_0` the MAP (or a given point).
-
-The tempered posterior is sampled by an SG-MCMC kernel of :mod:`pyro_sgmcmc.infer` through
-:class:`pyro.infer.MCMC` (minibatches, step size and preconditioner adapted in warmup), run on the
-model under :func:`tempered_likelihood`; the negative log likelihood of each draw is then
-estimated on a minibatch, by its difference from :math:`w_0` on the same minibatch plus the exact
-full-data value at :math:`w_0` (control variates, unbiased, and nearly free of minibatch noise).
-
-Reference:
-    S. Watanabe, "A widely applicable Bayesian information criterion", JMLR 14, 2013.
-"""
+"""WBIC of a Pyro model: :func:`wbic` (its docstring states the estimator), the handler that
+tempers a model's likelihood, and the result."""
 
 from __future__ import annotations
 
@@ -118,21 +100,47 @@ def wbic(
     n: int | None = None,
     progress_bar: bool = True,
 ) -> WBICResult:
-    r"""The WBIC of a Pyro model, with its Monte Carlo standard error and the LLC from the same chain.
+    r"""The WBIC (widely applicable Bayesian information criterion, Watanabe 2013) of a Pyro model,
+    with its Monte Carlo standard error and the LLC from the same chain.
+
+    .. math:: \mathrm{WBIC} = E^{\beta}_w\Big[-\sum_{i=1}^n \log p(y_i \mid x_i, w)\Big], \qquad \beta = \frac{1}{\log n},
+
+    the expectation under the posterior whose likelihood (not its prior) is tempered by :math:`\beta`,
+    :math:`p_\beta(w \mid D) \propto \varphi(w)\prod_i p(y_i \mid x_i, w)^\beta`, with :math:`n` the
+    size of the whole data set (the plate's size, never its ``subsample_size``). It estimates the
+    Bayes free energy :math:`-\log p(D)` to :math:`O_p(\sqrt{\log n})`, singular models included:
+    lower is better, and two models are compared by their WBIC as by their log evidence. From the
+    same chain, :math:`\hat\lambda = \beta\,(\mathrm{WBIC} - n L_n(w_0))` estimates the learning
+    coefficient, with :math:`w_0` the MAP (or ``w_star``).
+
+    The tempered posterior (the model under :func:`tempered_likelihood`) is sampled by an SG-MCMC
+    kernel of :mod:`pyro_sgmcmc.infer` through :class:`pyro.infer.MCMC` (minibatches, step size and
+    preconditioner adapted in warmup, warmup draws left out). The negative log likelihood of each
+    draw is then estimated on a minibatch, by its difference from :math:`w_0` on the same minibatch
+    plus the exact full-data value at :math:`w_0` (unbiased, and nearly free of minibatch noise);
+    without subsampling it is exact.
 
     Example::
 
-        >>> result = wbic(model, (x, y))          # doctest: +SKIP
-        >>> print(result)                         # WBIC 1423.7 ± 0.4 (...); LLC 2.06 ± 0.07
+        result = wbic(model, (x, y))
+        print(result)          # WBIC 1423.7 ± 0.4 (...); LLC 2.06 ± 0.07; n = 1000, beta = 1/log n = 0.1448
 
-    :param data: the model's positional arguments (and ``model_kwargs`` its keyword ones).
-    :param num_samples, warmup_steps: per chain, as for :class:`pyro.infer.MCMC`.
+    Reference: S. Watanabe, *A widely applicable Bayesian information criterion*, JMLR 14, 2013.
+
+    :param model: the Pyro model; its observed sites are the likelihood.
+    :param data: the model's positional arguments.
+    :param model_kwargs: its keyword arguments.
+    :param num_samples: draws per chain after warmup, as for :class:`pyro.infer.MCMC`.
+    :param warmup_steps: warmup steps per chain (adaptation; left out).
     :param num_chains: chains, run one after another (each a ``pyro.infer.MCMC`` run).
     :param kernel: a kernel class of :mod:`pyro_sgmcmc.infer` (default ``pyro_sgmcmc.infer.SGLD``) or
         any callable ``model -> MCMCKernel``, given the tempered model.
-    :param kernel_options: its keyword arguments (e.g. ``{"num_steps": 5}``).
+    :param kernel_options: its keyword arguments (e.g. ``{"full_mass": True}``).
     :param w_star: the point :math:`w_0` of :math:`\hat\lambda` (constrained values; default: the MAP).
     :param n: the data set's size, if the plates do not tell it.
+    :param progress_bar: show Pyro's progress bar.
+    :returns: a :class:`WBICResult`; an :class:`LLCWarning` when the chains did not equilibrate or
+        the draws fit better than :math:`w_0`.
     """
     num_samples = check_integer("num_samples", num_samples, low=4)
     warmup_steps = check_integer("warmup_steps", warmup_steps, low=0)
@@ -141,6 +149,7 @@ def wbic(
     check_mapping("kernel_options", kernel_options, none_ok=True)
     check_callable("kernel", kernel, what="a kernel class of pyro_sgmcmc.infer or a callable model -> kernel",
                    none_ok=True)
+    check_mapping("w_star", w_star, what="a dict {latent site: value}", none_ok=True)
     check_flag("progress_bar", progress_bar)
     if not isinstance(data, tuple):
         raise ValueError(f"Invalid data: {type(data).__name__} (must be the tuple of the model's positional arguments)")
