@@ -202,16 +202,22 @@ def test_ctrl_c_during_a_threaded_step_leaves_the_step_whole(name, monkeypatch):
         theta, sampler = small(name, n=4000)
         sampler._noise_plans = NoisePlanCache(500)
         normal_ = torch.Tensor.normal_
-        inside = threading.Event()
+        inside, sent = threading.Event(), threading.Event()
 
         def slow_normal_(self, *args, **kwargs):
             if threading.current_thread() is not threading.main_thread() and not inside.is_set():
                 inside.set()
-                time.sleep(0.5)
+                sent.wait(30)  # the step cannot end before Ctrl-C is sent, however loaded the machine
+                time.sleep(0.1)
             return normal_(self, *args, **kwargs)
 
+        def interrupt():
+            if inside.wait(30):
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.set()
+
         monkeypatch.setattr(torch.Tensor, "normal_", slow_normal_)
-        threading.Thread(target=lambda: inside.wait(30) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+        threading.Thread(target=interrupt, daemon=True).start()
         thermostat = sampler.param_groups[0].get("thermostat", torch.tensor(0.0)).clone()
         theta.grad = torch.ones(4000)
         with pytest.raises(KeyboardInterrupt):

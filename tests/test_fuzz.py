@@ -175,3 +175,38 @@ def test_cyclical_schedule(option, value):
         assert all(0 <= schedule(step) <= schedule.initial for step in range(12))
 
     clear(option, attempt)
+
+
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT", "SGHMC", "PSGLD"])
+@SETTINGS
+@given(data=st.data())
+def test_every_kernel_option_is_checked_at_construction(name, data):
+    """The kernels check everything when made (a run would only find out seconds later); the
+    sampler options they pass on are checked there too."""
+    from pyro_sgmcmc.infer import KERNELS
+
+    cls = KERNELS[name]
+    kernel_options = [o for o in options_of(cls) if o not in ("model", "potential_fn", "sampler_options")]
+    option = data.draw(st.sampled_from(kernel_options + ["lr", "temperatur", "max_plate_nesting"]), label="option")
+    value = data.draw(values, label="value")
+
+    def model():
+        import pyro
+        import pyro.distributions as dist
+
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    clear(option, lambda: cls(model, **{option: value}))
+
+
+@SETTINGS
+@given(option=st.sampled_from(["burn_in", "thin", "keep", "sites", "keep_if"]), value=values)
+def test_sample_collector_options(option, value):
+    from pyro_sgmcmc.infer import SampleCollector
+
+    def attempt():
+        collector = SampleCollector(**{option: value})
+        for _ in range(3):
+            collector({"x": torch.zeros(2)})
+
+    clear(option, attempt)

@@ -13,7 +13,7 @@ from pyro.ops.streaming import CountMeanVarianceStats, StatsOfDict
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .._validation import check_choice
+from .._validation import check_callable, check_choice, check_integer
 from .subsample import SubsampledPlate, SubsampleControl, subsampled_plates
 
 __all__ = ["SampleCollector", "log_likelihood", "run_svi"]
@@ -40,7 +40,7 @@ def _site_names(sites: str | Iterable[str] | None) -> tuple[str, ...] | None:
     accepted = "a site name, a list of site names, or None"
     if isinstance(sites, str):
         return (sites,)
-    if isinstance(sites, Mapping) or not isinstance(sites, Iterable):
+    if isinstance(sites, (Mapping, torch.Tensor)) or not isinstance(sites, Iterable):
         raise ValueError(f"Invalid sites: {sites!r} (must be {accepted})")
     names = tuple(sites)
     if not names or not all(isinstance(name, str) for name in names):
@@ -76,14 +76,10 @@ class SampleCollector:
 
     def __init__(self, burn_in: int = 0, thin: int = 1, keep: str = "all", sites: str | Iterable[str] | None = None,
                  keep_if: Callable[[int], bool] | None = None):
-        if not isinstance(burn_in, int) or burn_in < 0:
-            raise ValueError(f"Invalid burn_in: {burn_in!r} (must be an integer >= 0)")
-        if not isinstance(thin, int) or thin < 1:
-            raise ValueError(f"Invalid thin: {thin!r} (must be an integer >= 1)")
-        if keep not in ("all", "moments"):
-            raise ValueError(f"Invalid keep: {keep!r} (must be 'all' or 'moments')")
-        if keep_if is not None and not callable(keep_if):
-            raise ValueError(f"Invalid keep_if: {keep_if!r} (must be a callable of the step index, or None)")
+        burn_in = check_integer("burn_in", burn_in)
+        thin = check_integer("thin", thin, low=1)
+        keep = check_choice("keep", keep, ("all", "moments"))
+        keep_if = check_callable("keep_if", keep_if, what="a callable of the step index", none_ok=True)
         self.burn_in, self.thin, self.keep, self.keep_if = burn_in, thin, keep, keep_if
         self.sites = _site_names(sites)
         self.steps = 0
@@ -101,12 +97,19 @@ class SampleCollector:
                 check_choice("sites", name, list(values))
         self._sites_checked = True
 
+    def _keeps(self, step: int) -> bool:
+        """``keep_if(step)``, which must answer True or False."""
+        answer = self.keep_if(step)
+        if isinstance(answer, torch.Tensor) and answer.dtype == torch.bool and answer.numel() == 1:
+            answer = bool(answer)
+        return check_choice("keep_if's answer", answer, (True, False))
+
     def __call__(self, values: dict[str, Tensor]) -> bool:
         """Count one step and keep ``values`` if it is due; return whether it was kept."""
         if not self._sites_checked:
             self._check_sites(values)
         self.steps += 1
-        if self.steps <= self.burn_in or (self.keep_if is not None and not self.keep_if(self.steps - 1)):
+        if self.steps <= self.burn_in or (self.keep_if is not None and not self._keeps(self.steps - 1)):
             return False
         self._eligible += 1
         if (self._eligible - 1) % self.thin:
