@@ -26,6 +26,7 @@ __all__ = [
     "check_integer",
     "check_mapping",
     "check_mask",
+    "check_names",
     "check_number",
     "check_options",
     "check_schedule",
@@ -138,6 +139,14 @@ def check_mapping(name: str, value: Any, *, what: str = "a dict", none_ok: bool 
     if (value is None and none_ok) or isinstance(value, Mapping):
         return value
     raise ValueError(f"Invalid {name}: {_describe(value)} (must be {what}" + (" or None)" if none_ok else ")"))
+
+
+def check_names(name: str, value: Any) -> Any:
+    """``value`` if it is ``None`` or a collection (a list, a tuple, a set) of names or tensors; a
+    lone string or tensor is refused, since iterating it would read a name letter by letter."""
+    if value is None or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes, torch.Tensor))):
+        return value
+    raise ValueError(f"Invalid {name}: {_describe(value)} (must be a list of names or tensors, or None for all)")
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

@@ -1,0 +1,289 @@
+"""LLC estimates side by side with devinterp, in one run: accuracy, error bar and wall time.
+
+    python benchmarks/llc.py                          # every case (about 30 min on 2 cores)
+    python benchmarks/llc.py --cases polynomial rrr   # some of them
+    python benchmarks/llc.py --quick                  # fewer draws, for a smoke run
+
+Cases:
+
+* ``polynomial`` -- devinterp's accuracy test (``tests/slt/sampler_accuracy_test.py``):
+  ``f(x) = x * prod_i w_i^p_i`` at ``w* = 0``, ``x ~ N(0, 2^2)``, ``y ~ N(0, 0.25^2)``, ``n = 1000``, full
+  batches, with a localizer; the true learning coefficient is ``1 / (2 max_i p_i)``. Since both
+  samplers target the same finite-``n beta`` law, its exact expectation (2-d quadrature) is shown
+  too: the gap between it and the true coefficient is the asymptotics, not the sampler.
+* ``rrr`` -- devinterp's reduced-rank regression test (``tests/slt/rrr_test.py``): ``x ~ N(0, I_M)``,
+  ``y ~ N(0, I_N)`` independent of it, ``n = 1000``, a rank-``H`` linear network trained by Adam (5000
+  steps), localization 1, ``n beta = n / log n``; the true coefficient from Aoyagi & Watanabe (2005).
+* ``mlp`` -- a 784-1024-256-10 network (1,068,810 parameters) trained on 10,000 rows labelled by a
+  random teacher network, cross-entropy, minibatches of 256, ``n beta = n / log n``, localization
+  100. No exact answer; devinterp's step is 1e-5 (1e-4, common in its examples, is unstable here:
+  the largest curvature of ``n beta L`` at ``w*`` is about 4.5e4, and SGLD diverges above ``4 / 4.5e4``).
+
+devinterp is run as its 2.x sampler loop runs a chain (``devinterp.slt.sampler.sample_single_chain``
+with ``SGMCMC.sgld``, the default method), each chain after the other, with the settings of its
+tests: learning rates 2e-4 (polynomial) and 6e-4 (rrr: the test's older value; the newer 6e-5
+underestimates by 21-36% in 2000 draws), the same ``n beta`` and localization as ours, and its init
+loss as it computes it (the mean over 32 batches). Its estimate is computed as ``compute_llc`` does
+(every step averaged; these tests have no burn-in); its error bar is the Monte Carlo standard
+error of its loss trace computed by our code (its own ``llc_std`` is the spread of per-chain
+values, shown in brackets). Ours: ``pyro_sgmcmc.slt.estimate_llc`` with nothing tuned (step size
+from the target bias 0.02), the same number of chains and draws, its adaptation and burn-in
+included in its time. "speed-up" is devinterp's time over ours for the same draws; "at equal
+error" scales it by the ratio of the squared standard errors (the time each would need for the
+same error bar, both unbiased and past their burn-in). Times are wall-clock, in one process, one thread (on a shared machine, two
+threads contended for the cores and made every time 2-30x noisier; --threads changes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain progress bars
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from pyro_sgmcmc.slt import estimate_llc
+from pyro_sgmcmc.slt._stats import chain_mean
+
+# --------------------------------------------------------------------------------- devinterp
+
+
+class _Rows(Dataset):
+    """Rows as devinterp's loop reads them: dicts with an ``input_ids`` entry (moved to the device)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.x[i], "target": self.y[i]}
+
+
+def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, num_draws, batch_size, seed=100):
+    """devinterp's own chain loop; returns (estimate, standard error, spread of chain values,
+    seconds)."""
+    from devinterp.optim import SGMCMC
+    from devinterp.slt.sampler import sample_single_chain
+
+    dataset = _Rows(x, y)
+
+    def evaluate(m, data):
+        return loss_fn(m(data["input_ids"]), data["target"]), {}
+
+    start = time.perf_counter()
+    # init loss as devinterp computes it: the mean loss over 32 batches of a shuffled loader
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+    losses, batches = [], iter(loader)
+    with torch.no_grad():
+        while len(losses) < 32:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            losses.append(float(evaluate(model, batch)[0]))
+    init_loss = sum(losses) / len(losses)
+    traces = [[] for _ in range(num_chains)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for chain in range(num_chains):
+            sample_single_chain(
+                model, dataset, evaluate, {name: None for name, _ in model.named_parameters()}, num_draws=num_draws,
+                sampling_method=SGMCMC.sgld,
+                sampling_method_kwargs=dict(lr=lr, nbeta=nbeta, localization=localization),
+                chain=chain, seed=seed + chain, dataloader_seed=seed + chain, batch_size=batch_size,
+                micro_callback=lambda loss, chain, **_: traces[chain].append(float(loss.mean())))
+    seconds = time.perf_counter() - start
+    trace = torch.tensor(traces, dtype=torch.float64)
+    per_chain = nbeta * (trace.mean(1) - init_loss)
+    summary = chain_mean(trace)
+    return nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds
+
+
+def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02):
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    start = time.perf_counter()
+    result = estimate_llc(model, loader, loss_fn, nbeta=nbeta, localization=localization, num_chains=num_chains,
+                          num_draws=num_draws, target_bias=target_bias, progress_bar=False)
+    return result, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------- cases
+
+
+class Polynomial(torch.nn.Module):
+    """devinterp's test model: ``x * prod_i w_i^p_i``."""
+
+    def __init__(self, powers):
+        super().__init__()
+        self.powers = torch.tensor(powers, dtype=torch.float32)
+        self.weights = torch.nn.Parameter(torch.zeros(len(powers)))
+
+    def forward(self, x):
+        return x * torch.prod(self.weights**self.powers)
+
+
+def polynomial_exact(powers, x, y, nbeta, localization, grid=4001):
+    """E[n beta (L_n(w) - L_n(0))] under exp(-n beta L_n(w) - localization |w|^2 / 2), by quadrature
+    (L_n is a polynomial in P = prod w^p: S_xx P^2 - 2 S_xy P + S_yy)."""
+    x, y = x.double(), y.double()
+    sxx, sxy = float((x * x).mean()), float((x * y).mean())
+    radius = 8 / math.sqrt(localization)
+    w = torch.linspace(-radius, radius, grid, dtype=torch.float64)
+    w1, w2 = torch.meshgrid(w, w, indexing="ij")
+    p = w1 ** powers[0] * w2 ** powers[1]
+    excess = sxx * p**2 - 2 * sxy * p  # L_n(w) - L_n(0)
+    log_weight = -nbeta * excess - localization * (w1**2 + w2**2) / 2
+    weight = torch.exp(log_weight - log_weight.max())
+    return float((nbeta * excess * weight).sum() / weight.sum())
+
+
+def polynomial_case(powers, args):
+    torch.manual_seed(42)
+    n = 1000
+    x = torch.normal(0.0, 2.0, size=(n,))
+    y = 0.25 * torch.normal(0.0, 1.0, size=(n,))
+    nbeta, localization = n / math.log(n), 1.0
+    exact = polynomial_exact(powers, x, y, nbeta, localization)
+    true = 1 / (2 * max(powers))
+    loss = torch.nn.functional.mse_loss
+    chains, draws = (4, 1000) if args.quick else (10, 5000)  # devinterp's test: 10 x 5000
+    ours, ours_time = run_ours(Polynomial(powers), x, y, loss, nbeta=nbeta, localization=localization,
+                               num_chains=chains, num_draws=draws, batch_size=n)
+    theirs = run_devinterp(Polynomial(powers), x, y, loss, lr=2e-4, nbeta=nbeta, localization=localization,
+                           num_chains=chains, num_draws=draws, batch_size=n)
+    return f"polynomial {powers}", true, exact, ours, ours_time, theirs
+
+
+def aoyagi_watanabe(m: int, h: int, n: int) -> float:
+    """The learning coefficient of reduced-rank regression (input M, rank H, output N) with true
+    rank 0 (Aoyagi & Watanabe 2005), as devinterp's test states it."""
+    if m + h < n:
+        return m * h / 2
+    if n + h < m:
+        return h * n / 2
+    if m + n < h:
+        return m * n / 2
+    odd = (m + h + n) % 2
+    return (odd + 2 * m * n + 2 * h * n + 2 * m * h - n**2 - m**2 - h**2) / 8
+
+
+class ReducedRank(torch.nn.Module):
+    def __init__(self, m: int, h: int, n: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(m, h, bias=False)
+        self.fc2 = torch.nn.Linear(h, n, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def rrr_case(shape, args):
+    m, h, n_out = shape
+    torch.manual_seed(42)
+    n = 1000
+    x, y = torch.randn(n, m), torch.randn(n, n_out)
+    model = ReducedRank(m, h, n_out)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(5000):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    nbeta, localization = n / math.log(n), 1.0
+    chains, draws = (3, 500) if args.quick else (3, 2000)  # devinterp's test: 3 x 2000
+    loss = torch.nn.functional.mse_loss
+    ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
+                               num_draws=draws, batch_size=n)
+    theirs = run_devinterp(model, x, y, loss, lr=6e-4, nbeta=nbeta, localization=localization, num_chains=chains,
+                           num_draws=draws, batch_size=n)
+    return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), None, ours, ours_time, theirs
+
+
+def mlp_case(args):
+    torch.manual_seed(0)
+    n, width = 10_000, (784, 1024, 256, 10)
+
+    def network():
+        layers = []
+        for a, b in zip(width[:-1], width[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    teacher, model = network(), network()
+    x = torch.randn(n, width[0])
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    loss = torch.nn.functional.cross_entropy
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=256, shuffle=True)
+    for _ in range(3 if args.quick else 10):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            loss(model(xb), yb).backward()
+            optimizer.step()
+    nbeta, localization = n / math.log(n), 100.0
+    chains, draws = (2, 100) if args.quick else (4, 500)
+    ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
+                               num_draws=draws, batch_size=256)
+    theirs = run_devinterp(model, x, y, loss, lr=args.mlp_lr, nbeta=nbeta, localization=localization,
+                           num_chains=chains, num_draws=draws, batch_size=256)
+    return "mlp 1.07M params", None, None, ours, ours_time, theirs
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def report(rows):
+    header = (f"{'case':<24} {'true':>6} {'exact':>6} | {'ours':>15} {'time':>7} {'bias':>5} | {'devinterp':>23} "
+              f"{'time':>7} | {'|error| ours':>12} {'devinterp':>9} | {'speed-up':>8} {'at equal error':>14}")
+    print(header)
+    print("-" * len(header))
+    for name, true, exact, ours, ours_time, theirs in rows:
+        reference = exact if exact is not None else true
+        est, se, spread, their_time = theirs
+        err_ours = "" if reference is None else f"{abs(ours.llc - reference):.3f}"
+        err_theirs = "" if reference is None else f"{abs(est - reference):.3f}"
+        equal = their_time * se**2 / (ours_time * ours.std_error**2)
+        print(f"{name:<24} {'' if true is None else f'{true:.3f}':>6} {'' if exact is None else f'{exact:.3f}':>6} | "
+              f"{f'{ours.llc:.3f}±{ours.std_error:.3f}':>15} {ours_time:>6.1f}s {100 * ours.diagnostics.step_bias:>4.1f}% | "
+              f"{f'{est:.3f}±{se:.3f} [{spread:.3f}]':>23} {their_time:>6.1f}s | {err_ours:>12} {err_theirs:>9} | "
+              f"{their_time / ours_time:>7.1f}x {equal:>13.1f}x")
+    print("\nours, diagnostics: effective sample size, split R-hat, step size, steps before the draws (pilot + "
+          "burn-in), restarts")
+    for name, _, _, ours, _, _ in rows:
+        d = ours.diagnostics
+        print(f"{name:<24} ESS {d.ess:7.0f}  R-hat {d.r_hat:.3f}  step {ours.step_size:.2e}  excluded "
+              f"{ours.num_excluded:5d}  restarts {d.restarts}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["polynomial", "rrr", "mlp"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch's one-off lazy imports, before any timing
+    rows = []
+    if "polynomial" in args.cases:
+        for powers in ([1, 1], [1, 2], [2, 2]):
+            rows.append(polynomial_case(powers, args))
+    if "rrr" in args.cases:
+        for shape in ((5, 3, 5), (5, 4, 5), (4, 3, 8), (8, 3, 4), (3, 8, 4)):
+            rows.append(rrr_case(shape, args))
+    if "mlp" in args.cases:
+        rows.append(mlp_case(args))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""The local learning coefficient (LLC) of a torch module or a Pyro model: :func:`estimate_llc`
+(its docstring states the estimator and its semantics, once), its result and diagnostics, and the
+driver of the stacked chains."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .._validation import check_choice, check_flag, check_integer, check_mapping, check_names, check_number
+from ..functional import NonFiniteError
+from ..samplers import SGLD
+from ._data import REDUCTIONS, Minibatches
+from ._objective import ChainObjective, ModuleObjective
+from ._scales import ControlVariates, Scales, choose_step, gradient_estimate, measure, step_bias
+from ._stats import chain_mean
+
+__all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
+
+#: Split R-hat above this says the chains did not equilibrate (Vehtari et al. 2021 ask for 1.01 on
+#: final results; minibatch loss traces are noisy enough that 1.01 fires on healthy runs).
+R_HAT_LIMIT = 1.05
+#: Adaptation rounds at most (each a pilot run, then a measurement).
+_MAX_ROUNDS = 6
+#: A pilot whose step is too large is retried from w* with a step this many times smaller.
+_SHRINK = 10.0
+#: Steps between snapshots of the chains, and how many times the sampling phase may start over.
+_SNAPSHOT = 25
+_MAX_RESTARTS = 4
+
+
+class LLCWarning(UserWarning):
+    """An LLC or WBIC estimate that should not be trusted as it is (see the message)."""
+
+
+@dataclass(frozen=True)
+class LLCDiagnostics:
+    """How far the estimate can be trusted.
+
+    :param ess: effective sample size of the loss draws, all chains together.
+    :param r_hat: split :math:`\\hat R` of the loss draws (above 1.05: not equilibrated).
+    :param step_bias: the relative bias of :math:`\\hat\\lambda` that the step size causes, estimated
+        from the curvature and gradient noise measured at the chains' final points and
+        :math:`\\hat\\lambda` (the bound that chose the step).
+    :param target_bias: the bias the step was chosen for (``None``: the step was given).
+    :param scales: the curvature and gradient noise measured at the final points.
+    :param adaptation_steps: steps of the pilot runs that chose the step (excluded).
+    :param burn_in: steps at the chosen step before the draws (excluded).
+    :param restarts: how many times the sampling phase started over with a smaller step after a
+        chain diverged; the draws come from the last start only.
+    :param vectorized: whether the chains ran in one ``vmap``-ed call.
+    :param control_variates: whether the gradient and the loss estimates used control variates.
+    :param full_batch: whether every evaluation used the whole data set.
+    :param warnings: what was warned about.
+    """
+
+    ess: float
+    r_hat: float
+    step_bias: float
+    target_bias: float | None
+    scales: Scales
+    adaptation_steps: int
+    burn_in: int
+    restarts: int
+    vectorized: bool
+    control_variates: bool
+    full_batch: bool
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """An LLC estimate.
+
+    :param llc: :math:`\\hat\\lambda = n\\beta(\\bar L - L_n(w^*))`, the mean over every draw of every chain.
+    :param std_error: its Monte Carlo standard error (effective sample size across chains).
+    :param per_chain: :math:`\\hat\\lambda` of each chain (``[chains]``).
+    :param loss_trace: the estimate of :math:`L_n` at every step of every chain (``[chains, steps]``),
+        the excluded steps first (after a restart, see ``diagnostics.restarts``, the steps of the last
+        start only).
+    :param num_excluded: how many leading steps of ``loss_trace`` are adaptation and burn-in.
+    :param init_loss: :math:`L_n(w^*)`, exact.
+    :param n: the data set's size.
+    :param nbeta: :math:`n\\beta`.
+    :param localization: :math:`\\gamma`.
+    :param step_size: SGLD's step :math:`\\epsilon` during the draws.
+    :param diagnostics: :class:`LLCDiagnostics`.
+    """
+
+    llc: float
+    std_error: float
+    per_chain: Tensor
+    loss_trace: Tensor
+    num_excluded: int
+    init_loss: float
+    n: int
+    nbeta: float
+    localization: float
+    step_size: float
+    diagnostics: LLCDiagnostics
+
+    @property
+    def draws(self) -> Tensor:
+        """The loss estimates that make the estimate (``[chains, draws]``)."""
+        return self.loss_trace[:, self.num_excluded:]
+
+    def plot(self, ax: Any = None) -> Any:
+        """The loss trace as :math:`n\\beta(L - L_n(w^*))` per chain, with the estimate (see
+        :func:`~pyro_sgmcmc.slt.plot_llc`)."""
+        from .plot import plot_llc
+
+        return plot_llc(self, ax=ax)
+
+    def __str__(self) -> str:
+        d = self.diagnostics
+        return (f"LLC {self.llc:.4g} ± {self.std_error:.2g} (Monte Carlo standard error; {self.per_chain.numel()} "
+                f"chains, ESS {d.ess:.0f}, R-hat {d.r_hat:.3f}, step {self.step_size:.3g}, step bias "
+                f"{100 * d.step_bias:.2g}%, n = {self.n}, nβ = {self.nbeta:.4g}, γ = {self.localization:g})")
+
+
+def estimate_llc(
+    model: Any,
+    data: Any = None,
+    loss_fn: Callable | None = None,
+    *,
+    evaluate: Callable | None = None,
+    reduction: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    w_star: dict[str, Tensor] | None = None,
+    n: int | None = None,
+    nbeta: float | None = None,
+    localization: float = 1.0,
+    params: Iterable[str | Tensor] | None = None,
+    mask: dict[str, Tensor] | None = None,
+    num_chains: int = 4,
+    num_draws: int = 1000,
+    num_burnin: int | None = None,
+    step_size: float | None = None,
+    target_bias: float = 0.02,
+    control_variates: bool | None = None,
+    batch_size: int | None = None,
+    vectorize: bool | None = None,
+    progress_bar: bool = True,
+) -> LLCResult:
+    r"""Estimate the local learning coefficient :math:`\hat\lambda(w^*)` of Lau et al. (2023).
+
+    With :math:`L_n` the mean loss (negative log likelihood per datum) over all :math:`n` rows of
+    the data set and :math:`w^*` a local minimum,
+
+    .. math:: \hat\lambda(w^*) = n\beta\,\big(E_{w}[L_n(w)] - L_n(w^*)\big), \qquad
+              w \sim \exp\Big(-n\beta L_n(w) - \frac{\gamma}{2}\|w - w^*\|^2\Big),
+
+    which tends to the learning coefficient :math:`\lambda` of singular learning theory (Watanabe
+    2009) as :math:`n\beta \to \infty` slowly enough and :math:`\gamma \to 0`. Semantics, enforced:
+
+    * :math:`n` is the number of rows of the whole data set, never the batch size (a given ``n``
+      that disagrees with the data set is an error);
+    * :math:`n\beta` defaults to :math:`n/\log n` (Watanabe's WBIC temperature, :math:`\beta = 1/\log n`);
+    * the expectation is over the draws after the adaptation and burn-in steps, which are kept in
+      the loss trace but never averaged into the estimate;
+    * :math:`L_n(w^*)` is exact: one pass over the whole data set;
+    * the loss's reduction over a batch (mean, sum or per-row) is given, read from the loss
+      module's ``reduction``, or detected from a batch and its two halves; a loss whose reduction
+      cannot be told is an error, never a guess.
+
+    The chain is SGLD (:class:`pyro_sgmcmc.samplers.SGLD` with ``nbeta`` and ``localization``) on
+    minibatches: at every step each chain gets its own ``m`` distinct rows, drawn uniformly and
+    independently of earlier steps, so the minibatch loss is an unbiased estimate of :math:`L_n` at
+    the chain's point. With minibatches, the gradient and the loss are by default estimated with
+    control variates at :math:`w^*` (Baker et al. 2019; the loss also minus its first-order Taylor
+    term, which keeps its noise from hiding the chain's autocorrelation from the standard error).
+    Chains run side by side, stacked along a leading dimension of every weight
+    (``torch.func.functional_call`` + ``vmap`` for a module that allows it, one call per chain
+    otherwise and for Pyro models).
+
+    The step size is chosen by short pilot runs: the curvature (power iteration), the Hessian's
+    trace (Hutchinson) and the gradient noise are measured where the chains are, and SGLD's bias
+    rule (:meth:`~pyro_sgmcmc.samplers.SGLD.suggest_lr`) is applied to the curvature and noise
+    averaged over the :math:`2\hat\lambda` directions that :math:`\hat\lambda` counts, so that the
+    discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A chain of a singular
+    model that later wanders into a region too stiff for that step makes the sampling phase start
+    over from an earlier snapshot with a smaller step, so that every draw comes from one
+    fixed-step chain. The standard error is the Monte Carlo standard error from Pyro's effective
+    sample size across chains.
+
+    Where this departs from devinterp (and why): :math:`n\beta` defaults to :math:`n/\log n` with the
+    data set's :math:`n` (devinterp's ``default_nbeta`` uses the batch size); burn-in is excluded
+    (devinterp 2.x averages every step); chains draw independent minibatches; the error bar is a
+    Monte Carlo standard error, not the spread of per-chain values; the step size is measured, not
+    hand-tuned.
+
+    Two kinds of model:
+
+    * a torch module with ``loss_fn`` (``loss_fn(model(inputs), target)`` on ``(inputs, target)``
+      batches) or ``evaluate`` (``evaluate(model, batch)``) and ``data`` a ``DataLoader``;
+      :math:`w^*` is the module's current weights (the module is not modified);
+    * a Pyro model, with ``data`` the tuple of its positional arguments (and ``model_kwargs``):
+      :math:`L_n(w) = -\frac1n\sum_i \log p(y_i \mid x_i, w)` over the observed sites, on the
+      unconstrained latent values; minibatches come from ``pyro.plate(..., subsample_size=m)``;
+      :math:`w^*` is ``w_star`` (constrained values) or the MAP.
+
+    Example::
+
+        result = estimate_llc(net, loader, torch.nn.CrossEntropyLoss())
+        print(result)          # LLC 41.2 ± 0.6 (Monte Carlo standard error; 4 chains, ESS 950, ...)
+        result.plot()          # each chain's n·beta·(L - L_n(w*)), the excluded steps shaded
+
+    References: E. Lau, Z. Furman, G. Wang, D. Murfet and S. Wei, *The local learning coefficient:
+    a singularity-aware complexity measure*, 2023; S. Watanabe, *Algebraic geometry and statistical
+    learning theory*, 2009; J. Baker, P. Fearnhead, E. B. Fox and C. Nemeth, *Control variates for
+    stochastic gradient MCMC*, Statistics and Computing 2019.
+
+    :param model: a ``torch.nn.Module`` (with ``loss_fn`` or ``evaluate``) or a Pyro model.
+    :param data: the module's ``DataLoader`` (its data set, batch size and collate function are
+        used, not its sampler), or the tuple of the Pyro model's positional arguments.
+    :param loss_fn: ``loss_fn(model(inputs), target)`` for a module.
+    :param evaluate: or ``evaluate(model, batch)``, the loss of any other batch.
+    :param reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses); detected if not given.
+    :param model_kwargs: the Pyro model's keyword arguments.
+    :param w_star: the Pyro model's :math:`w^*`, constrained values of its latent sites (default: the MAP).
+    :param n: the data set's size (only needed where it cannot be read: an iterable data set, a
+        Pyro model whose observed sites are in no single plate).
+    :param nbeta: :math:`n\beta` (default :math:`n/\log n`).
+    :param localization: :math:`\gamma`. A quadratic direction of curvature :math:`h` counts
+        :math:`n\beta h/(n\beta h + \gamma)` instead of 1 towards :math:`\hat\lambda`; flat directions
+        are held within :math:`\gamma^{-1/2}` of :math:`w^*`.
+    :param params: the parameters (names or tensors) or latent sites (names) to sample (default:
+        all); the others stay at :math:`w^*`.
+    :param mask: ``{name: 0/1 tensor}``: only the entries at 1 are sampled.
+    :param num_chains: chains, run side by side.
+    :param num_draws: draws of each chain after burn-in.
+    :param num_burnin: steps at the chosen step size before the draws; default
+        :func:`default_burn_in` (at least ``num_draws // 10``, more with a small step or a weak
+        localization). The pilot runs that choose the step come first and are excluded too.
+    :param step_size: SGLD's :math:`\epsilon`; default: chosen by the pilot runs so that the
+        discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A given step is never
+        changed (a divergence is then an error).
+    :param target_bias: the relative bias of :math:`\hat\lambda` the step is chosen for.
+    :param control_variates: estimate the gradient and the loss by their minibatch differences from
+        :math:`w^*` plus the full-data values there (default: whenever minibatches are smaller than
+        the data set). Each step then also evaluates :math:`w^*` on the chains' minibatches.
+    :param batch_size: minibatch size (default: the loader's).
+    :param vectorize: run the chains in one ``vmap``-ed call (default: if the module allows it).
+    :param progress_bar: show a tqdm progress bar.
+    :returns: an :class:`LLCResult`; warnings (:class:`LLCWarning`) when the chains did not
+        equilibrate, the step biases the estimate, or :math:`w^*` is not a local minimum.
+    """
+    num_chains = check_integer("num_chains", num_chains, low=1)
+    num_draws = check_integer("num_draws", num_draws, low=4)
+    num_burnin = check_integer("num_burnin", num_burnin, low=0, none_ok=True)
+    localization = check_number("localization", localization, allow_low=True)
+    nbeta = check_number("nbeta", nbeta, none_ok=True)
+    step_size = check_number("step_size", step_size, none_ok=True)
+    target_bias = check_number("target_bias", target_bias, high=1.0)
+    check_mapping("model_kwargs", model_kwargs, none_ok=True)
+    check_mapping("w_star", w_star, what="a dict {latent site: value}", none_ok=True)
+    check_mapping("mask", mask, what="a dict {parameter or site name: 0/1 tensor}", none_ok=True)
+    check_names("params", params)
+    reduction = check_choice("reduction", reduction, (*REDUCTIONS, None))
+    batch_size = check_integer("batch_size", batch_size, low=1, none_ok=True)
+    control_variates = None if control_variates is None else check_flag("control_variates", control_variates)
+    vectorize = None if vectorize is None else check_flag("vectorize", vectorize)
+    check_flag("progress_bar", progress_bar)
+    if loss_fn is not None or evaluate is not None:
+        if w_star is not None:
+            raise ValueError(f"Invalid w_star: a {type(w_star).__name__} (must be None for a torch module: w* is its "
+                             "current weights; load the weights you want into it)")
+        objective: ChainObjective = ModuleObjective(
+            model, Minibatches.from_loader(data, batch_size, n), loss_fn=loss_fn, evaluate=evaluate,
+            reduction=reduction, params=params, mask=mask, num_chains=num_chains, vectorize=vectorize)
+    else:
+        from ._pyro import ModelLikelihood, PyroObjective
+
+        if reduction is not None:
+            raise ValueError(f"Invalid reduction: {reduction!r} (must be None for a Pyro model: it sums log densities)")
+        if batch_size is not None:
+            raise ValueError(f"Invalid batch_size: {batch_size} (must be None for a Pyro model: its minibatch size is "
+                             "pyro.plate(..., subsample_size=m))")
+        likelihood = ModelLikelihood(model, _model_args(data), model_kwargs or {}, n)
+        objective = PyroObjective(likelihood, w_star, params=params, mask=mask, num_chains=num_chains)
+    n = objective.n
+    if nbeta is None:
+        if n < 2:
+            raise ValueError(f"Invalid nbeta: None with n = {n} (n / log n needs n >= 2; give nbeta)")
+        nbeta = n / math.log(n)
+    use_cv = (not objective.exact) if control_variates is None else (control_variates and not objective.exact)
+    init_loss, full_gradient = objective.full_loss(gradient=use_cv)
+    if not math.isfinite(init_loss):
+        raise ValueError(f"Invalid w*: the loss there is {init_loss} (must be finite)")
+    control = None
+    if use_cv:
+        chains = objective.num_chains
+        control = ControlVariates(init_loss, [g.unsqueeze(0).expand(chains, *g.shape) for g in full_gradient])
+    if num_burnin is None:
+        burn_in = lambda lr: default_burn_in(lr, localization, num_draws)  # noqa: E731
+    else:
+        burn_in = lambda lr: num_burnin  # noqa: E731
+    driver = _Chains(objective, nbeta, localization, control, init_loss, progress_bar, num_draws)
+    try:
+        lr, adaptation_steps = (step_size, 0) if step_size is not None else driver.adapt(target_bias, num_draws)
+        lr, restarts, num_burnin = driver.sample(burn_in, num_draws, lr, None if step_size is not None else target_bias)
+    finally:
+        driver.close()
+    trace = driver.trace()
+    excluded = trace.shape[1] - num_draws
+    draws = trace[:, excluded:]
+    summary = chain_mean(draws)
+    llc = nbeta * (summary.mean - init_loss)
+    std_error = nbeta * summary.std_error
+    scales = measure(objective, nbeta, localization, control)
+    bias = step_bias(lr, scales, llc)
+    messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
+    for message in messages:
+        warnings.warn(message, LLCWarning, stacklevel=2)
+    diagnostics = LLCDiagnostics(
+        ess=summary.ess, r_hat=summary.r_hat, step_bias=bias, target_bias=None if step_size is not None else target_bias,
+        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts, vectorized=objective.vectorized,
+        control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
+    return LLCResult(
+        llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace,
+        num_excluded=excluded, init_loss=init_loss, n=n, nbeta=nbeta, localization=localization, step_size=lr,
+        diagnostics=diagnostics)
+
+
+def default_burn_in(step_size: float, localization: float, num_draws: int) -> int:
+    r"""The burn-in :func:`estimate_llc` runs by default: ``num_draws // 10`` steps, or, if longer,
+    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2``. The chains start at :math:`w^*`, where
+    every direction's variance is 0; along a direction of precision :math:`a` (curvature of
+    :math:`n\beta L` plus :math:`\gamma`) SGLD's variance approaches its stationary value as
+    :math:`e^{-\epsilon a t}`, and every direction has :math:`a \ge \gamma`, so after
+    :math:`3/(\epsilon\gamma)` steps each is within 5% of it. (On a 24-parameter tanh network at
+    :math:`\gamma = 100`, 60 steps of burn-in instead of 400 left the estimates of repeated runs spread
+    twice as far as their standard errors said.) Without localization there is no such bound,
+    and what is left of the approach shows in split :math:`\hat R`."""
+    base = max(num_draws // 10, 1)
+    if localization <= 0 or step_size <= 0:
+        return base
+    return max(base, min(math.ceil(3.0 / (step_size * localization)), num_draws // 2))
+
+
+def _model_args(data: Any) -> tuple:
+    if data is None:
+        return ()
+    if not isinstance(data, tuple):
+        raise ValueError(f"Invalid data: {type(data).__name__} (for a Pyro model, the tuple of its positional "
+                         "arguments; for a torch module, give loss_fn or evaluate and a DataLoader)")
+    return data
+
+
+def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: float, target: float,
+              given: bool) -> list[str]:
+    messages = []
+    if not r_hat <= R_HAT_LIMIT:
+        messages.append(f"the chains did not equilibrate (split R-hat of the loss {r_hat:.3f} > {R_HAT_LIMIT}): the "
+                        "estimate may still depend on the start, or the chains are short against their "
+                        "autocorrelation; give more num_burnin and num_draws")
+    if ess < 50:
+        messages.append(f"only {ess:.0f} effective draws: the standard error itself is unreliable; give more num_draws")
+    if bias > 2 * target:
+        why = "the given step_size" if given else "the step chosen in the pilot runs (the chains moved on to stiffer regions)"
+        messages.append(f"the step size biases the estimate by about {100 * bias:.2g}% ({why}; the target is "
+                        f"{100 * target:.2g}%): lower step_size or target_bias")
+    if llc < -2 * std_error:
+        messages.append(f"the estimate is negative ({llc:.4g} ± {std_error:.2g}): the chains found lower loss than at "
+                        "w*, which is not a local minimum of L_n; train further, or localize more")
+    return messages
+
+
+class _Chains:
+    """Runs the stacked chains: SGLD steps on the objective's parameters, recording the loss
+    estimates, with the pilot runs that choose the step."""
+
+    def __init__(self, objective: ChainObjective, nbeta: float, localization: float,
+                 control: ControlVariates | None, init_loss: float, progress_bar: bool, planned: int):
+        self.objective, self.nbeta, self.localization = objective, nbeta, localization
+        self.control, self.init_loss = control, init_loss
+        masks = objective.stacked_masks()
+        group = {"params": objective.params, "mask": None if all(m is None for m in masks) else masks}
+        self.sampler = SGLD([group], lr=0.0, nbeta=nbeta, localization=localization)
+        self._records: list[Tensor] = []
+        self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
+        self.llc_guess: float | None = None
+        self.start_scales = measure(objective, nbeta, localization, control)
+        # a step that lifts n beta (L - L*) this far above its largest possible mean (d/2), and
+        # beyond the loss estimate's own minibatch noise, diverged
+        self._limit = 10.0 * objective.num_sampled + 100.0 + 10.0 * self.start_scales.loss_noise
+        self._bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=planned, desc="LLC")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.sampler.param_groups:
+            group["lr"] = lr
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def trace(self) -> Tensor:
+        return torch.stack(self._records, 1)
+
+    def _step(self) -> Tensor:
+        grads, values = gradient_estimate(self.objective, self.objective.draw(), self.control)
+        for p, g in zip(self.objective.params, grads):
+            p.grad = g
+        self.sampler.step()
+        return values.to(torch.float64)
+
+    def _diverged(self, values: Tensor) -> bool:
+        excess = self.nbeta * (values - self.init_loss)
+        return not bool(torch.isfinite(values).all()) or bool((excess > self._limit).any())
+
+    def run(self, steps: int, phase: str) -> str | None:
+        """``steps`` steps, recorded; at a divergence, stop and say why (``None``: none). Every
+        ``_SNAPSHOT`` steps the chains' points are kept, the two latest of them in
+        :attr:`snapshots`."""
+        lr = self.sampler.param_groups[0]["lr"]
+        for k in range(steps):
+            if k % _SNAPSHOT == 0:
+                self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
+            try:
+                values = self._step()
+            except NonFiniteError as error:
+                return f"step {k}: {error}"
+            if self._diverged(values):
+                return f"step {k}: the loss left every plausible range"
+            self._records.append(values)
+            if self._bar is not None:
+                self._bar.update(1)
+                if k % 50 == 49:
+                    recent = torch.stack(self._records[-50:])
+                    self._bar.set_postfix(phase=phase, step=f"{lr:.2e}",
+                                          llc=f"{self.nbeta * (float(recent.mean()) - self.init_loss):.4g}", refresh=False)
+        return None
+
+    def sample(self, burn_in: Callable[[float], int], num_draws: int, lr: float,
+               target_bias: float | None) -> tuple[float, int, int]:
+        """The burn-in (``burn_in(lr)`` steps) and the draws at ``lr``: ``(the step size used,
+        restarts, the burn-in's length)``. A chain of a
+        singular model can wander along a flat direction into a region stiffer than any the pilot
+        runs saw, where the step is unstable; with an automatic step (``target_bias`` given) the
+        chains then go back to the older of the last two snapshots, the step is chosen again from
+        the scales measured there (and at least halved), and the burn-in and draws start over, so
+        that every draw comes from one fixed-step chain. A given step size is never changed: an
+        error says so."""
+        restarts = 0
+        while True:
+            self.set_lr(lr)
+            start = len(self._records)
+            steps = burn_in(lr) + num_draws
+            if self._bar is not None:
+                self._bar.total = self._bar.n + steps
+            reason = self.run(steps, phase="sampling")
+            if reason is None:
+                return lr, restarts, steps - num_draws
+            if target_bias is None or restarts == _MAX_RESTARTS:
+                raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {lr:.3g}; give a "
+                                   "smaller step_size (or target_bias), or more localization")
+            restarts += 1
+            del self._records[start:]
+            with torch.no_grad():
+                for p, kept in zip(self.objective.params, self.snapshots[0]):
+                    p.copy_(kept)
+            scales = measure(self.objective, self.nbeta, self.localization, self.control)
+            lr = min(lr / 2, choose_step(scales, self.llc_guess, target_bias))
+
+    def _reset(self) -> None:
+        with torch.no_grad():
+            for p, a in zip(self.objective.params, self.objective.anchor):
+                p.copy_(a.unsqueeze(0).expand_as(p))
+
+    def adapt(self, target_bias: float, num_draws: int) -> tuple[float, int]:
+        """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
+        are and a choice of the step (:func:`~pyro_sgmcmc.slt._scales.choose_step`, with the pilot's
+        second half as the guess of :math:`\\lambda`). The first pilot runs at the largest stable
+        step measured at :math:`w^*` (to arrive fast: its bias does not matter); later ones at the
+        step chosen, until the choice changes by less than a factor of 1.5 (at most ``_MAX_ROUNDS``).
+        A pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of
+        a singular model the curvature can be 0, and gives no scale)."""
+        objective = self.objective
+        pilot = min(max(num_draws // 20, 50), 100)
+        lr = choose_step(self.start_scales, None, 1.0)  # the stability cap alone
+        start = len(self._records)
+        rounds = retries = 0
+        while rounds < _MAX_ROUNDS:
+            self.set_lr(lr)
+            if self._bar is not None:
+                self._bar.total += pilot
+            before = len(self._records)
+            if self.run(pilot, phase="pilot") is not None:
+                del self._records[before:]
+                retries += 1
+                if retries > 40:
+                    raise RuntimeError("Could not find a stable step size for the LLC chains from w*; give step_size")
+                self._reset()
+                lr /= _SHRINK
+                continue
+            rounds += 1
+            recent = torch.stack(self._records[before + pilot // 2:])
+            llc = self.nbeta * (float(recent.mean()) - self.init_loss)
+            llc = self.llc_guess = min(llc, objective.num_sampled / 2) if llc > 0 else None
+            scales = measure(objective, self.nbeta, self.localization, self.control)
+            chosen = choose_step(scales, llc, target_bias)
+            settled = rounds > 1 and 1 / 1.5 <= chosen / lr <= 1.5
+            lr = chosen
+            if settled:
+                break
+        return lr, len(self._records) - start

@@ -1,0 +1,543 @@
+"""The local learning coefficient, WBIC and marginal-likelihood hyperparameters against exact answers.
+
+Every estimate is compared with an exact value at a tolerance of 4 Monte Carlo standard errors
+(the estimate's own, from the effective sample size across chains) plus the discretisation bias
+the estimate states, nothing else; and each such test checks first that its run can see a 10%
+error (4 standard errors below a tenth of the exact value), so that it cannot pass by being noisy.
+
+Exact answers:
+
+* a quadratic loss :math:`L = \\frac12\\sum_i h_i w_i^2` with localization :math:`\\gamma`: with
+  :math:`a_i = n\\beta h_i + \\gamma`, :math:`E[\\hat\\lambda] = \\frac12\\sum_i n\\beta h_i/a_i`, and SGLD's
+  chain at step :math:`\\epsilon` (with gradients free of noise) gives exactly
+  :math:`\\sum_i n\\beta h_i / (2 a_i (1 - \\epsilon a_i/4))`, and with minibatch gradient noise of
+  variance :math:`B_i` (independent minibatches) each term is multiplied by :math:`1 + \\epsilon B_i/4`;
+* separable even monomials :math:`L = \\sum_i k_i w_i^{p_i}` with :math:`\\gamma = 0`:
+  :math:`E[n\\beta L] = \\sum_i 1/p_i` at every :math:`n\\beta`;
+* WBIC of a Bayesian linear regression with known noise: the tempered posterior is Gaussian;
+* the prior scale that maximises the evidence of a conjugate regression with orthogonal design:
+  :math:`\\tau^2 = \\|\\hat w\\|^2/d - \\sigma^2/s` (with :math:`X^\\top X = sI` and :math:`\\hat w` the least squares fit).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions import constraints
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyro_sgmcmc.slt import (
+    LLCWarning,
+    default_burn_in,
+    estimate_llc,
+    marglik_hyperparameters,
+    plot_llc,
+    tempered_likelihood,
+    wbic,
+)
+from pyro_sgmcmc.slt._stats import chain_mean
+
+
+def assert_exact(estimate: float, std_error: float, exact: float, bias: float = 0.0, what: str = "") -> None:
+    """Within 4 standard errors plus the stated bias of ``exact``, and able to see a 10% error."""
+    assert 4 * std_error < 0.1 * abs(exact), f"{what}: the run is too noisy to test ({std_error:.3g} vs {exact:.4g})"
+    assert abs(estimate - exact) <= 4 * std_error + bias, (
+        f"{what}: {estimate:.4g} vs exact {exact:.4g} (standard error {std_error:.3g}, stated bias {bias:.3g})")
+
+
+class Quadratic(torch.nn.Module):
+    """Per-row loss :math:`\\frac12\\sum_i h_i (w_i - z_i)^2`: with the rows' ``z`` centred, the mean
+    loss is :math:`\\frac12\\sum_i h_i w_i^2` plus a constant, and minibatches add gradient noise."""
+
+    def __init__(self, h: torch.Tensor):
+        super().__init__()
+        self.h = h
+        self.w = torch.nn.Parameter(torch.zeros(len(h)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((self.w - z) ** 2 * self.h).sum(-1)
+
+
+def mean_output(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return output.mean()
+
+
+def quadratic_data(n: int, d: int, batch_size: int, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=generator)
+    z -= z.mean(0)
+    return DataLoader(TensorDataset(z, torch.zeros(n)), batch_size=batch_size)
+
+
+H = torch.tensor([1.0, 1.5, 2.0, 3.0])
+
+
+def quadratic_exact(h: torch.Tensor, nbeta: float, localization: float, step: float = 0.0) -> float:
+    a = nbeta * h.double() + localization
+    return float((nbeta * h / (2 * a * (1 - step * a / 4))).sum())
+
+
+def test_quadratic_llc_is_the_exact_discretised_chain_at_the_chosen_step():
+    torch.manual_seed(0)
+    n, gamma = 1000, 50.0
+    result = estimate_llc(Quadratic(H), quadratic_data(n, 4, 100), mean_output, localization=gamma, num_chains=32,
+                          num_draws=1000, progress_bar=False)
+    nbeta = n / math.log(n)
+    assert result.n == n and result.nbeta == pytest.approx(nbeta)
+    assert result.diagnostics.control_variates and result.diagnostics.vectorized
+    # with control variates the quadratic's gradient carries no minibatch noise: the law is exact
+    discretised = quadratic_exact(H, nbeta, gamma, result.step_size)
+    assert_exact(result.llc, result.std_error, discretised, what="vs the discretised chain")
+    continuous = quadratic_exact(H, nbeta, gamma)
+    stated = result.diagnostics.step_bias
+    assert stated <= 1.5 * result.diagnostics.target_bias
+    assert abs((discretised / continuous - 1) / stated - 1) < 0.25  # the stated bias is the true one, as measured
+    assert_exact(result.llc, result.std_error, continuous, stated * continuous, what="vs the target")
+
+
+def test_quadratic_llc_with_masked_coordinates_counts_only_the_sampled_ones():
+    torch.manual_seed(1)
+    n, gamma = 1000, 50.0
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    model = Quadratic(H)
+    # a given step with a 9% bias, which the discretised law below accounts for exactly: it mixes fast
+    result = estimate_llc(model, quadratic_data(n, 4, 100), mean_output, localization=gamma, mask={"w": mask},
+                          step_size=1e-3, target_bias=0.1, num_chains=32, num_draws=400, num_burnin=100,
+                          progress_bar=False)
+    assert bool((result.draws.isfinite()).all()) and torch.equal(model.w.detach(), torch.zeros(4))  # w* untouched
+    discretised = quadratic_exact(H[mask.bool()], result.nbeta, gamma, result.step_size)
+    assert_exact(result.llc, result.std_error, discretised, what="masked")
+
+
+class LinearNoise(Quadratic):
+    r"""Per-row loss :math:`\sum_i h_i (w_i^2/2 - w_i z_i)`: the mean loss is :math:`\frac12\sum_i h_i w_i^2`
+    (centred ``z``), and a minibatch adds noise :math:`-\sum_i h_i w_i \bar z_i` to the loss and
+    :math:`-h_i \bar z_i` to the gradient, with no noise left at :math:`w^* = 0`."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return ((0.5 * self.w**2 - self.w * z) * self.h).sum(-1)
+
+
+def test_quadratic_llc_without_control_variates_is_the_exact_law_of_the_noisy_chain():
+    torch.manual_seed(2)
+    n, gamma, m = 1000, 50.0, 100
+    loader = quadratic_data(n, 4, m)
+    z = loader.dataset.tensors[0].mul_(0.5)  # gradient noise of the order of the curvature: it shrinks the step
+    result = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=gamma, num_chains=32,
+                          num_draws=800, control_variates=False, target_bias=0.05, progress_bar=False)
+    scales = result.diagnostics.scales
+    assert not result.diagnostics.control_variates and scales.noise_trace > 0.5 * scales.hessian_trace
+    # minibatches of m distinct rows, independent between steps: the gradient's noise along w_i has
+    # variance B_i = (n beta h_i)^2 Var(mean of m rows of z_i), and SGLD's stationary variance is
+    # (1 + eps B_i / 4) / (a_i (1 - eps a_i / 4)); the loss's noise has mean 0 given the point
+    nbeta, eps = result.nbeta, result.step_size
+    a = nbeta * H.double() + gamma
+    noise = (nbeta * H.double()) ** 2 * (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
+    exact = float((nbeta * H * (1 + eps * noise / 4) / (2 * a * (1 - eps * a / 4))).sum())
+    assert_exact(result.llc, result.std_error, exact, what="minibatch gradients")
+    # the stated bias is the true one (measured 0.047-0.052 against 0.049-0.053 stated, on four runs)
+    true_bias = exact / quadratic_exact(H, nbeta, gamma) - 1
+    assert 0.8 < result.diagnostics.step_bias / true_bias < 1.25
+
+
+def test_minibatches_are_uniform_distinct_rows_drawn_anew_at_every_step():
+    from pyro_sgmcmc.slt._data import Minibatches
+
+    torch.manual_seed(17)
+    for n, m in ((40, 20), (1000, 10)):  # a permutation's first rows (4 m > n), or distinct draws
+        batches = Minibatches.from_loader(DataLoader(TensorDataset(torch.arange(n)), batch_size=m))
+        index = torch.cat([batches.indices(8) for _ in range(2000)])  # [2000 * 8, m]
+        assert index.shape == (16000, m)
+        assert bool((index.sort(1).values.diff(1) > 0).all())  # distinct within a minibatch
+        counts = torch.bincount(index.reshape(-1), minlength=n).double()
+        expected = index.numel() / n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < n - 1 + 5 * math.sqrt(2 * (n - 1)), (n, m, chi2)  # chi^2_{n-1}: 5 sds, about p = 1e-5
+        # and independent between steps: two consecutive minibatches of a chain share rows as often as
+        # two independent ones (m^2 / n on average), not never, as in an epoch's walk
+        shared = (index[:-8, :, None] == index[8:, None, :]).any(-1).sum(1).double()
+        assert abs(float(shared.mean()) - m * m / n) < 5 * float(shared.std()) / math.sqrt(len(shared)), (n, m)
+
+
+class Monomials(torch.nn.Module):
+    r"""Per-row loss :math:`\sum_i k_i |w_i|^{p_i} x_i`; with the rows' ``x`` of mean 1, the mean loss is
+    :math:`\sum_i k_i |w_i|^{p_i}`."""
+
+    def __init__(self, powers: torch.Tensor, k: torch.Tensor):
+        super().__init__()
+        self.powers, self.k = powers, k
+        self.w = torch.nn.Parameter(torch.zeros(len(powers)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.k * self.w.abs() ** self.powers * x).sum(-1)
+
+
+def monomial_llc(nbeta: float | None, seed: int, num_draws: int = 500) -> tuple[float, object]:
+    torch.manual_seed(seed)
+    powers, k = torch.tensor([2.0, 4.0, 4.0]), torch.tensor([1.0, 2.0, 0.5])
+    n = 2000
+    x = 1 + 0.5 * torch.randn(n, 3)
+    x += 1 - x.mean(0)
+    loader = DataLoader(TensorDataset(x, torch.zeros(n)), batch_size=200)
+    result = estimate_llc(Monomials(powers, k), loader, mean_output, reduction="mean", localization=0.0, nbeta=nbeta,
+                          num_chains=128, num_draws=num_draws, target_bias=0.05, progress_bar=False)
+    return float((1 / powers).sum()), result
+
+
+def test_even_monomials_give_the_sum_of_inverse_powers():
+    exact, result = monomial_llc(None, seed=3)
+    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="monomials")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nbeta", [30.0, 1000.0])
+def test_even_monomials_give_the_sum_of_inverse_powers_at_any_temperature(nbeta):
+    exact, result = monomial_llc(nbeta, seed=int(nbeta), num_draws=800)
+    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what=f"nbeta={nbeta}")
+
+
+def test_the_standard_error_is_honest_across_independent_groups_of_chains():
+    torch.manual_seed(4)
+    n, gamma, groups, chains = 1000, 50.0, 32, 4
+    # a larger target bias: short chains of many relaxation times, so that the error estimate of
+    # each group is not limited by their length (the exact value accounts for the step anyway)
+    result = estimate_llc(Quadratic(H), quadratic_data(n, 4, 100), mean_output, localization=gamma,
+                          num_chains=groups * chains, num_draws=600, target_bias=0.1, progress_bar=False)
+    exact = quadratic_exact(H, result.nbeta, gamma, result.step_size)
+    z = []
+    for g in range(groups):
+        summary = chain_mean(result.draws[g * chains : (g + 1) * chains])
+        z.append((result.nbeta * (summary.mean - result.init_loss) - exact) / (result.nbeta * summary.std_error))
+    z = torch.tensor(z)
+    # mean of z^2 is chi^2_32 / 32 for honest errors: within [0.43, 1.85] with probability 0.998;
+    # errors off by a factor 1.6 either way put it near 2.6 or 0.4
+    assert 0.43 < float((z**2).mean()) < 1.85, z
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_sum_and_mean_reductions_give_the_same_chain_and_n_is_the_data_set_size():
+    n = 500
+    loader = quadratic_data(n, 4, 50)
+    results = []
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(5)
+        loss = lambda out, target, r=reduction: out.mean() if r == "mean" else out.sum()  # noqa: E731
+        results.append(estimate_llc(Quadratic(H), loader, loss, localization=50.0, num_chains=2, num_draws=40,
+                                    step_size=1e-4, progress_bar=False))
+    mean, total = results
+    assert mean.n == total.n == n and mean.nbeta == pytest.approx(n / math.log(n))  # not the batch size, 50
+    torch.testing.assert_close(mean.loss_trace, total.loss_trace, rtol=1e-4, atol=1e-6)
+    exact = float(0.5 * (H * loader.dataset.tensors[0] ** 2).sum(1).mean())  # L_n(0), one full pass
+    assert mean.init_loss == pytest.approx(exact, rel=1e-6)
+    # burn-in and adaptation are excluded: the estimate is the mean of the draws only; the default
+    # burn-in relaxes the flattest direction (precision gamma) to 5%, at most half the draws
+    assert mean.num_excluded == mean.loss_trace.shape[1] - 40 == mean.diagnostics.burn_in
+    assert mean.diagnostics.burn_in == default_burn_in(1e-4, 50.0, 40) == 20
+    assert default_burn_in(1e-3, 50.0, 1000) == 100 and default_burn_in(1e-4, 50.0, 1000) == 500
+    assert default_burn_in(2e-4, 50.0, 1000) == 300 and default_burn_in(1e-4, 0.0, 1000) == 100
+    assert mean.llc == pytest.approx(mean.nbeta * (float(mean.draws.double().mean()) - mean.init_loss))
+
+
+@pytest.mark.parametrize("loss, reduction", [
+    (torch.nn.MSELoss(), "mean"),
+    (torch.nn.MSELoss(reduction="sum"), "sum"),
+    (lambda out, y: ((out - y) ** 2).mean(), "mean"),
+    (lambda out, y: ((out - y) ** 2).sum(), "sum"),
+    (lambda out, y: ((out - y) ** 2).sum(-1), "none"),
+])
+def test_the_reduction_is_detected(loss, reduction):
+    from pyro_sgmcmc.slt._data import detect_reduction
+
+    torch.manual_seed(6)
+    model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(10, 3), torch.randn(10, 2))
+    assert detect_reduction(lambda b: loss(model(b[0]), b[1]), batch, None, loss) == reduction
+
+
+def test_a_reduction_that_cannot_be_detected_is_an_error():
+    from pyro_sgmcmc.slt._data import detect_reduction
+
+    batch = (torch.randn(10, 3), torch.randn(10))
+    with pytest.raises(ValueError, match="Invalid reduction: None .*it is zero on these rows"):
+        detect_reduction(lambda b: b[0].sum() * 0, batch, None, None)
+    with pytest.raises(ValueError, match="neither the mean nor the sum"):
+        detect_reduction(lambda b: b[0].pow(2).mean().sqrt(), batch, None, None)  # a root mean square
+    with pytest.raises(ValueError, match="Invalid reduction: 'avg' .*must be one of 'mean', 'sum', 'none'"):
+        detect_reduction(lambda b: b[0].sum(), batch, "avg", None)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_a_subset_of_parameters_is_sampled_and_the_rest_stays_at_w_star():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(200, 3)
+    y = model(x).detach() + 0.1 * torch.randn(200, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = estimate_llc(model, loader, torch.nn.MSELoss(), params=["2.weight", "2.bias"], num_chains=2,
+                          num_draws=50, progress_bar=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # the module is not modified
+    assert result.diagnostics.scales.hessian_trace > 0
+    with pytest.raises(ValueError, match="Invalid params: 'nope' is not a parameter"):
+        estimate_llc(model, loader, torch.nn.MSELoss(), params=["nope"], progress_bar=False)
+    with pytest.raises(ValueError, match=r"Invalid mask\[0\]: shape \(3,\) does not match"):
+        estimate_llc(model, loader, torch.nn.MSELoss(), params=["2.weight"], mask={"2.weight": torch.ones(3)},
+                     progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_chains_one_by_one_are_the_vectorized_chains():
+    loader = quadratic_data(500, 4, 50)
+    traces = []
+    for vectorize in (True, False):
+        torch.manual_seed(8)
+        result = estimate_llc(Quadratic(H), loader, mean_output, localization=50.0, num_chains=3, num_draws=30,
+                              step_size=2e-4, vectorize=vectorize, progress_bar=False)
+        assert result.diagnostics.vectorized == vectorize
+        traces.append(result.loss_trace)
+    torch.testing.assert_close(traces[0], traces[1], rtol=1e-5, atol=1e-7)  # the same draws, the same chains
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_a_module_that_vmap_cannot_batch_runs_its_chains_one_by_one():
+    class Looping(Quadratic):  # .item() inside forward: vmap cannot batch it
+        def forward(self, z):
+            assert math.isfinite(self.w.sum().item())
+            return super().forward(z)
+
+    torch.manual_seed(8)
+    result = estimate_llc(Looping(H), quadratic_data(500, 4, 50), mean_output, localization=50.0, num_chains=2,
+                          num_draws=20, step_size=2e-4, progress_bar=False)
+    assert not result.diagnostics.vectorized and bool(result.loss_trace.isfinite().all())
+    with pytest.raises(RuntimeError):
+        estimate_llc(Looping(H), quadratic_data(500, 4, 50), mean_output, vectorize=True, progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_diagnostics_warn_about_a_chain_far_from_equilibrium_and_a_biasing_step():
+    torch.manual_seed(9)
+    loader = quadratic_data(1000, 4, 1000)  # full batches: the loss trace is exact, the drift plain
+    with pytest.warns(LLCWarning, match="did not equilibrate"):
+        cold = estimate_llc(Quadratic(H), loader, mean_output, localization=1.0, step_size=2e-5, num_burnin=0,
+                            num_chains=4, num_draws=400, progress_bar=False)
+    assert cold.diagnostics.r_hat > 1.05 and cold.diagnostics.warnings
+    with pytest.warns(LLCWarning, match="step size biases the estimate"):
+        hot = estimate_llc(Quadratic(H), loader, mean_output, localization=1.0, step_size=4e-3, num_chains=4,
+                           num_draws=200, progress_bar=False)
+    assert hot.diagnostics.step_bias > 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LLCWarning)  # a healthy run says nothing
+        estimate_llc(Quadratic(H), loader, mean_output, localization=50.0, num_chains=8, num_draws=400,
+                     progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_w_star_that_is_not_a_minimum_is_reported():
+    torch.manual_seed(10)
+    model = Quadratic(H)
+    with torch.no_grad():
+        model.w.fill_(0.5)  # far up the quadratic: the chain runs down
+    with pytest.warns(LLCWarning, match="not a local minimum"):
+        result = estimate_llc(model, quadratic_data(1000, 4, 100), mean_output, localization=1.0, num_chains=4,
+                              num_draws=200, progress_bar=False)
+    assert result.llc < 0
+
+
+def test_bad_arguments_are_refused_with_clear_messages():
+    loader = quadratic_data(100, 4, 10)
+    model = Quadratic(H)
+    cases = [
+        (dict(num_chains=0), r"Invalid num_chains: 0 \(must be an integer >= 1\)"),
+        (dict(num_draws=2), r"Invalid num_draws: 2 \(must be an integer >= 4\)"),
+        (dict(localization=-1.0), r"Invalid localization: -1.0 \(must be a finite number >= 0\)"),
+        (dict(nbeta=0.0), r"Invalid nbeta: 0.0 \(must be a finite number > 0 or None\)"),
+        (dict(step_size=float("nan")), r"Invalid step_size: nan"),
+        (dict(target_bias=2.0), r"Invalid target_bias: 2.0 \(must be a finite number > 0 and < 1\)"),
+        (dict(n=50), r"Invalid n: 50 \(the data set has 100 rows; n is the size of the whole data set"),
+        (dict(num_burnin=-1), r"Invalid num_burnin: -1 \(must be an integer >= 0 or None\)"),
+        (dict(control_variates="yes"), r"Invalid control_variates: 'yes' \(must be True or False\)"),
+        (dict(vectorize="no"), r"Invalid vectorize: 'no' \(must be True or False\)"),
+        (dict(progress_bar=1), r"Invalid progress_bar: 1 \(must be True or False\)"),
+        (dict(reduction="avg"), r"Invalid reduction: 'avg' \(must be one of 'mean', 'sum', 'none', None\)"),
+        (dict(batch_size=0), r"Invalid batch_size: 0 \(must be an integer >= 1 or None\)"),
+        (dict(params="w"), r"Invalid params: 'w' \(must be a list of names or tensors, or None for all\)"),
+        (dict(mask=torch.ones(4)), r"Invalid mask: a Tensor of shape \(4,\) \(must be a dict \{parameter"),
+        (dict(model_kwargs=[1]), r"Invalid model_kwargs: \[1\] \(must be a dict or None\)"),
+        (dict(w_star={"w": torch.zeros(4)}), r"Invalid w_star: a dict \(must be None for a torch module: w\* is its"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            estimate_llc(model, loader, mean_output, **{"progress_bar": False, **options})
+    with pytest.raises(ValueError, match="Invalid data: list"):
+        estimate_llc(model, [1, 2], mean_output, progress_bar=False)
+    with pytest.raises(ValueError, match="Give exactly one of loss_fn"):
+        estimate_llc(model, loader, mean_output, evaluate=lambda m, b: m(b[0]).mean(), progress_bar=False)
+    with pytest.raises(ValueError, match=r"Invalid loss_fn: 3 \(must be a callable or None\)"):
+        estimate_llc(model, loader, 3, progress_bar=False)
+
+
+def test_bad_arguments_of_the_pyro_functions_are_refused_with_clear_messages():
+    x, y = torch.randn(20, 2), torch.randn(20)
+    model = regression(x, y, 0.5, 1.0)
+    for options, message in [
+        (dict(num_samples=2), r"Invalid num_samples: 2 \(must be an integer >= 4\)"),
+        (dict(warmup_steps=-1), r"Invalid warmup_steps: -1 \(must be an integer >= 0\)"),
+        (dict(num_chains=0), r"Invalid num_chains: 0 \(must be an integer >= 1\)"),
+        (dict(kernel="SGLD"), r"Invalid kernel: 'SGLD' \(must be a kernel class of pyro_sgmcmc.infer or a callable"),
+        (dict(kernel_options=["full_mass"]), r"Invalid kernel_options: \['full_mass'\] \(must be a dict or None\)"),
+        (dict(w_star=[0.0, 1.0]), r"Invalid w_star: \[0.0, 1.0\] \(must be a dict \{latent site: value\} or None\)"),
+        (dict(progress_bar="no"), r"Invalid progress_bar: 'no' \(must be True or False\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            wbic(model, (x, y), **options)
+    with pytest.raises(ValueError, match=r"Invalid data: list \(must be the tuple of the model's positional"):
+        wbic(model, [x, y], progress_bar=False)
+    with pytest.raises(ValueError, match=r"Invalid model: int"):
+        wbic(3, (x, y), progress_bar=False)
+    for options, message in [
+        (dict(num_steps=1), r"Invalid num_steps: 1 \(must be an integer >= 2\)"),
+        (dict(burn_in=-1), r"Invalid burn_in: -1 \(must be an integer >= 0\)"),
+        (dict(step_size=-1e-3), r"Invalid step_size: -0.001 \(must be a finite number > 0 or None\)"),
+        (dict(average=0.0), r"Invalid average: 0.0 \(must be a finite number > 0 and <= 1\)"),
+        (dict(hyperparameters="prior_scale"), r"Invalid hyperparameters: 'prior_scale' \(must be a list of names"),
+        (dict(hyper_optim=0.01), r"Invalid hyper_optim: 0.01 \(must be a Pyro optimizer"),
+        (dict(init_loc_fn="sample"), r"Invalid init_loc_fn: 'sample' \(must be an init strategy"),
+        (dict(map_lr=0.0), r"Invalid map_lr: 0.0 \(must be a finite number > 0\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            marglik_hyperparameters(model, (x, y), **options)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"Invalid hyperparameters: \['noise'\] \(must name pyro.params of the model"):
+        marglik_hyperparameters(regression(x, y, 0.5, None), (x, y), hyperparameters=["noise"], progress_bar=False)
+    with pytest.raises(ValueError, match=r"Invalid reduction: 'mean' \(must be None for a Pyro model"):
+        estimate_llc(model, (x, y), reduction="mean", progress_bar=False)
+    with pytest.raises(ValueError, match=r"Invalid params: \['v'\] \(must name latent sites of the model"):
+        estimate_llc(model, (x, y), params=["v"], w_star={"w": torch.zeros(2)}, progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_plot_shows_every_chain_and_the_estimate():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    torch.manual_seed(11)
+    result = estimate_llc(Quadratic(H), quadratic_data(200, 4, 50), mean_output, localization=50.0, num_chains=3,
+                          num_draws=40, step_size=1e-4, progress_bar=False)
+    ax = plot_llc(result)
+    assert len(ax.lines) == 3 + 1  # the chains and the estimate
+    assert ax.lines[-1].get_ydata()[0] == pytest.approx(result.llc)
+
+
+# ---------------------------------------------------------------------------------------- Pyro
+
+
+def regression(x: torch.Tensor, y: torch.Tensor, sigma: float, prior_scale: float | None, batch: int | None = None):
+    """Bayesian linear regression with known noise; ``prior_scale=None`` makes it a ``pyro.param``."""
+    d = x.shape[1]
+
+    def model(x, y, batch=batch):
+        scale = prior_scale if prior_scale is not None else pyro.param(
+            "prior_scale", torch.tensor(0.3), constraint=constraints.positive)
+        w = pyro.sample("w", dist.Normal(0.0, scale).expand([d]).to_event(1))
+        with pyro.plate("data", len(y), subsample_size=batch) as i:
+            pyro.sample("y", dist.Normal(x[i] @ w, sigma), obs=y[i])
+
+    return model
+
+
+def test_tempered_likelihood_scales_the_observed_sites_only():
+    torch.manual_seed(12)
+    x, y = torch.randn(20, 2), torch.randn(20)
+    model = regression(x, y, 0.5, 1.0)
+    trace = pyro.poutine.trace(tempered_likelihood(model, 0.25)).get_trace(x, y)
+    plain = pyro.poutine.trace(pyro.poutine.replay(model, trace=trace)).get_trace(x, y)
+    trace.compute_log_prob(), plain.compute_log_prob()
+    assert trace.nodes["w"]["log_prob_sum"] == pytest.approx(float(plain.nodes["w"]["log_prob_sum"]))
+    assert trace.nodes["y"]["log_prob_sum"] == pytest.approx(0.25 * float(plain.nodes["y"]["log_prob_sum"]))
+    with pytest.raises(ValueError, match=r"Invalid beta: -1 \(must be a finite number > 0\)"):
+        tempered_likelihood(model, -1)
+
+
+def test_pyro_model_init_loss_is_exact_and_n_is_the_plate_size():
+    from pyro_sgmcmc.slt._pyro import ModelLikelihood
+
+    torch.manual_seed(13)
+    n, sigma = 300, 0.5
+    x, y = torch.randn(n, 2), torch.randn(n)
+    likelihood = ModelLikelihood(regression(x, y, sigma, 1.0, batch=32), (x, y), {})
+    assert likelihood.n == n and likelihood.plate.subsample_size == 32
+    w = torch.tensor([0.3, -0.7])
+    exact = float(dist.Normal(x @ w, sigma).log_prob(y).sum())
+    assert float(likelihood.full_log_density({"w": w})) == pytest.approx(exact, rel=1e-5)
+    with pytest.raises(ValueError, match="Invalid n: 32 .*never the batch size"):
+        ModelLikelihood(regression(x, y, sigma, 1.0, batch=32), (x, y), {}, n=32)
+
+
+def linear_regression_data(n: int, d: int, sigma: float, seed: int, orthogonal: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    if orthogonal:
+        x = torch.linalg.qr(x)[0] * math.sqrt(n)  # X^T X = n I
+    w = torch.randn(d, generator=generator, dtype=torch.float64)
+    y = x @ w + sigma * torch.randn(n, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
+    pyro.set_rng_seed(14)
+    n, d, sigma, alpha = 400, 3, 0.5, 1.0
+    x, y = linear_regression_data(n, d, sigma, seed=14)
+    beta = 1 / math.log(n)
+    precision = alpha * torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
+    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
+    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
+    exact = n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
+    result = wbic(regression(x.float(), y.float(), sigma, alpha**-0.5), (x.float(), y.float()), num_samples=500,
+                  warmup_steps=200, num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True},
+                  progress_bar=False)
+    assert result.n == n and result.beta == pytest.approx(beta)
+    assert 4 * result.std_error < 1.0  # a tenth of d / (2 beta) = 9, the part of WBIC the chain estimates
+    assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
+    # the LLC from the same chain: d/2 for a regular model, up to the prior's O(1/n) pull
+    assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
+
+
+def test_marglik_finds_the_evidence_maximising_prior_scale():
+    pyro.set_rng_seed(15)
+    pyro.clear_param_store()
+    n, d, sigma = 200, 5, 1.0
+    x, y = linear_regression_data(n, d, sigma, seed=15, orthogonal=True)
+    fitted = x.T @ y / n
+    exact = math.sqrt(float((fitted**2).mean()) - sigma**2 / n)
+    # a fast-mixing chain (10% bias on posterior variances, stated below): the averaged window then
+    # holds many autocorrelation times of the iterates, and their standard error is honest (ten
+    # runs: spread of the estimates 0.0040, root mean square of their standard errors 0.0049; at
+    # the default 2% the chain mixes 5x slower and the standard errors came out too small)
+    result = marglik_hyperparameters(regression(x.float(), y.float(), sigma, None), (x.float(), y.float()),
+                                     num_steps=1200, burn_in=200, target_bias=0.1, progress_bar=False)
+    estimate, error = float(result.hyperparameters["prior_scale"]), float(result.std_error["prior_scale"])
+    # the step's bias moves tau^2 by at most target_bias times the posterior variance sigma^2 / n
+    bias = 0.1 * sigma**2 / n / (2 * exact)
+    assert_exact(estimate, error, exact, bias, what="prior scale")
+    assert result.trace["prior_scale"][0] < 0.5 < exact - 0.2  # it moved from its start (0.3)
+
+
+@pytest.mark.slow
+def test_llc_of_a_pyro_regression_on_minibatches_is_the_exact_discretised_chain():
+    pyro.set_rng_seed(16)
+    n, d, sigma, gamma = 400, 10, 1.0, 20.0
+    x, y = linear_regression_data(n, d, sigma, seed=16, orthogonal=True)  # H = X^T X / (n sigma^2) = I
+    w_star = torch.linalg.solve(x.T @ x, x.T @ y)  # the minimum of L_n
+    model = regression(x.float(), y.float(), sigma, 10.0, batch=40)
+    result = estimate_llc(model, (x.float(), y.float()), w_star={"w": w_star.float()}, localization=gamma,
+                          num_chains=4, num_draws=800, target_bias=0.1, progress_bar=False)
+    assert result.n == n and result.diagnostics.control_variates and not result.diagnostics.vectorized
+    # the Gaussian log likelihood is quadratic: the exact law of the chain, as for the torch module,
+    # up to the control-variate gradient's noise, which the stated bias bounds
+    exact = quadratic_exact(torch.ones(d), result.nbeta, gamma, result.step_size)
+    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="Pyro regression")
