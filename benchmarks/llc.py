@@ -1,6 +1,6 @@
 """LLC estimates side by side with devinterp, in one run: accuracy, error bar and wall time.
 
-    python benchmarks/llc.py                          # every case (about 30 min on 2 cores)
+    python benchmarks/llc.py                          # every case (about 18 min of CPU, one thread)
     python benchmarks/llc.py --cases polynomial rrr   # some of them
     python benchmarks/llc.py --quick                  # fewer draws, for a smoke run
 
