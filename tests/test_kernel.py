@@ -197,6 +197,64 @@ def test_a_run_that_has_not_mixed_says_so_and_a_good_one_does_not():
     assert mcmc.diagnostics()["mixing problems"]["chain 0"] == []
 
 
+def test_a_chain_that_does_not_move_says_so():
+    """A step too small to change a float32 point: every sample is the same, the effective sample
+    size and R-hat are 0 / 0, and the end of the run must still say that nothing was sampled."""
+    potential = lambda params: 0.5 * (params["u"] ** 2).sum()  # noqa: E731
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(SGLD(potential_fn=potential, step_size=1e-30, **FIXED), num_samples=100, warmup_steps=0,
+                initial_params={"u": torch.ones(2)}, disable_progbar=True)
+    with pytest.warns(MixingWarning, match="did not move") as record:
+        mcmc.run()
+    assert "remedies" in str(record[0].message)
+    assert bool((mcmc.get_samples()["u"] == 1.0).all())
+
+
+def test_a_chain_that_barely_moves_says_so():
+    """A step of 1e-8 on a unit-scale posterior: 300 samples move about 2e-3 in all."""
+    potential = lambda params: 0.5 * (params["u"] ** 2).sum()  # noqa: E731
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(SGLD(potential_fn=potential, step_size=1e-8, **FIXED), num_samples=300, warmup_steps=0,
+                initial_params={"u": torch.ones(2)}, disable_progbar=True)
+    with pytest.warns(MixingWarning, match="effective sample size"):
+        mcmc.run()
+
+
+def test_a_chain_thrown_out_once_then_creeping_is_not_called_mixed():
+    """The records of a chain thrown far out by one step, then drifting slowly: its variance is the
+    one jump, so the raw effective sample size (about n/3) and split R-hat (about 1) call it mixed;
+    on ranks it is a trend."""
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    from pyro_sgmcmc.infer.kernel import ChainStats, MixingMonitor
+
+    n = 300
+    steps = torch.arange(n, dtype=torch.float64)
+    potential = torch.where(steps < 2, 50.0, 1.8e14 - 4e9 * steps)
+    coordinate = torch.where(steps < 2, 0.1, 1e10 + 1e5 * steps)
+    raw = torch.stack([potential, coordinate], -1)[None]
+    assert float(effective_sample_size(raw, 0, 1).min()) > 75 and float(split_gelman_rubin(raw, 0, 1).max()) < 1.1
+    monitor = MixingMonitor(torch.zeros(1))
+    monitor.records = list(raw[0])
+    problems = monitor.problems(ChainStats(), exact=True, langevin=True, minibatches=False, dense=True)
+    assert any("effective sample size" in problem for problem in problems)
+    assert any("drifted" in problem for problem in problems)
+
+
+def test_a_step_size_that_collapsed_during_warmup_says_so():
+    """A potential finite only at the start: every step lands where it is infinite and is undone,
+    and warmup's safety rule halves the step each time, 10 times in the last 10% of warmup after
+    the last measurement."""
+    potential = lambda params: torch.where(params["u"] == 0, 0.5 * params["u"] ** 2, torch.inf).sum()  # noqa: E731
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(SGLD(potential_fn=potential), num_samples=10, warmup_steps=100, initial_params={"u": torch.zeros(1)},
+                disable_progbar=True)
+    with pytest.warns(MixingWarning, match="warmup ended with step size") as record:
+        mcmc.run()
+    message = str(record[0].message)
+    assert "1024 times smaller" in message and "10 halvings" in message and "remedies" in message
+
+
 def test_the_progress_bar_shows_the_acceptance_and_divergences():
     import json
 

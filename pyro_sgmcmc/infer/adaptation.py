@@ -10,20 +10,44 @@ which keeps the target (the spec's form), and the same holds for every sampler (
 is a mass matrix). No update rule is written again: the kernel changes coordinates, the sampler
 is unchanged.
 
-``M`` is ``T H^-1``, with ``H`` the Hessian of the potential (its diagonal by default, all of it
-with ``full_mass``, or its diagonal corrected along the few directions where the diagonally
-whitened Hessian is furthest from the identity with ``mass_rank``), measured at the start and at
-the ends of warmup windows that double in length (Stan's schedule, as Pyro's ``WarmupAdapter``
-builds it), averaged over those points, and frozen after warmup. Stan estimates ``M`` from the
-draws of each window instead; that fails here: an SG-MCMC chain needs hundreds of steps to cross
+``M`` is ``T Hbar^-1``, with ``Hbar`` the mean Hessian of the potential over the places the
+chain visits after arrival (its diagonal by default, all of it with ``full_mass``, or its diagonal
+corrected along the few directions where the diagonally whitened Hessian is furthest from the
+identity with ``mass_rank``), frozen after warmup. A mean over many places, not the Hessian at a
+few: on a non-Gaussian posterior the curvature changes from place to place by orders of
+magnitude (non-centred eight schools: along ``log tau`` it grows as ``tau^2``; its 10% and 90%
+quantiles over exact posterior draws are 0.02 and 5), and a Hessian taken where it is small
+whitens that direction with a scale far beyond the posterior's; a step size measured in those
+coordinates is then unstable wherever the curvature is larger (``h s^2 kappa > 4`` for SGLD) and
+the chain dives. Over the posterior, the mean is ``E[H]``, and ``T E[H]^-1 <= Cov`` (Cramer-Rao for
+a location family: the Fisher information ``E[grad U grad U^T] / T^2 = E[H] / T`` bounds the
+covariance from below), so its scales never exceed the posterior's spread.
+
+The mean is taken for free from the chain's own steps (the secant equation of quasi-Newton
+methods): a step that moves by ``dtheta`` changes the gradient by ``dg = H_s dtheta``, with
+``H_s`` the Hessian averaged along the step, so the least-squares fit
+
+    Hbar = A B^-1,   A = sum_s w_s dg_s dtheta_s^T + sum_k H_k C,   B = sum_s w_s dtheta_s dtheta_s^T + K C,
+
+symmetrised, is the Hessian averaged over the steps since arrival and the ``K`` exact Hessians
+``H_k`` measured at the start of the first window and at the ends of the windows. The weight
+``w_s = 1 / |dz_s|^2`` (``dz`` the step in the chain's coordinates) and ``C = M / d`` give each step
+and each measured Hessian the weight of one place. The windows double in length (Stan's
+schedule, as Pyro's ``WarmupAdapter`` builds it). Stan estimates ``M`` from the covariance of
+each window's draws instead; that fails here: an SG-MCMC chain needs hundreds of steps to cross
 its posterior, far more than a window, so the draws under-spread, the estimate shrinks the slow
 directions, and the next window is slower still (measured: the variance of a collinear pair
-collapsed to 2% of its value). The Hessian needs no mixing.
+collapsed to 2% of its value). Curvature needs no mixing. With minibatch noise in the gradient
+(control variates included) a secant is biased by the noise of the gradient that moved the step
+(``dg`` carries ``-eps_old``, and ``dtheta`` carries ``-(h/2) M eps_old``): only the measured
+Hessians count there, each on a fixed minibatch.
 
 The step size comes from the sampler's own bias rule (``suggest_lr``) with two quantities measured
 in the ``z`` coordinates: the largest curvature of the potential (power iteration on exact
-Hessian-vector products of one minibatch's potential) and the variance of the minibatch gradient
-noise (a few gradients at one point, fresh minibatches).
+Hessian-vector products of one minibatch's potential, at the window's end point, and at least
+``T``: the whitening makes the mean curvature ``T I``, and ``lambda_max`` is convex, so its mean over
+the places the mean was taken is at least ``T`` whatever one point shows) and the variance of the
+minibatch gradient noise (a few gradients at one point, fresh minibatches).
 
 :class:`WarmupAdapter` holds all of it (``init`` / ``step`` / ``final``, as Pyro's
 ``WarmupAdapter`` and blackjax's ``window_adaptation``); after ``final`` nothing adapts, so
@@ -292,12 +316,15 @@ class WarmupAdapter:
     r"""Everything warmup adapts, in one object with ``init`` / ``step`` / ``final``.
 
     Schedule (:func:`adaptation_schedule`): the first 15% of warmup is arrival, with the largest
-    stable step (the sampler's ``suggest_lr(arrival=True)``); then doubling windows, at whose
-    ends the preconditioner takes the curvature there into its mean (which restarts after
-    arrival: the curvature on the way in is of a place the chain has left) and the step size is
-    measured again with the sampler's bias rule; the last 10% runs with everything fixed, so the
-    sampler's own state (momenta, thermostat, PSGLD's average) settles before :meth:`final`
-    freezes it.
+    stable step (the sampler's ``suggest_lr(arrival=True)``); an arrival over whose second half
+    the potential still fell by more than the typical set's width ``T (d/2 + 5 sqrt(d/2))`` (the
+    chain is still on its way in) goes on for another 15%, with the preconditioner and the step
+    measured again where the chain is, up to half of warmup, and the windows are rebuilt over
+    the rest; then doubling windows, at whose ends the preconditioner's mean curvature takes in
+    the window's steps and the Hessian there (the mean restarts after arrival: the curvature on
+    the way in is of a place the chain has left) and the step size is measured again with the
+    sampler's bias rule; the last 10% runs with everything fixed, so the sampler's own state
+    (momenta, thermostat, PSGLD's average) settles before :meth:`final` freezes it.
 
     Safety rules, one sentence each (warmup only; warmup draws are discarded):
 
@@ -309,11 +336,19 @@ class WarmupAdapter:
       ``U`` by ``T sqrt(4 d / 3)`` in sd at stationarity, so this is 8.7 such sds, and 25 nats covers
       the heavy tail of small ``d`` (HMC's fixed 1000 nats misses 130-nat jumps in ``d = 2`` and would
       reject ordinary steps of a model with ``10^6`` parameters);
-    * with such a potential, the chain goes back to the lowest-potential point warmup has seen
-      when 3 steps in a row were rejected (thrown far out, where every step overflows) and when
-      arrival ends more than ``T (d/2 + 5 sqrt(d/2))`` above it (near a Gaussian mode
-      ``U - U_min`` is ``T`` times a Gamma(d/2) variable: a chain in the typical set fails this
-      with probability below 0.25%);
+    * with exact gradients, a step of a Langevin sampler whose MALA log acceptance ratio is below
+      ``-max(25, 10 sqrt(d))`` is rejected too: the ratio also weighs how unlikely the step back is,
+      so it catches a step that overshot into a region where ``U`` is nearly flat (a linear tail,
+      where ``U`` rises little but the drift cannot bring the chain back); at stationarity on a
+      Gaussian the log ratio of a step at the arrival size has sd about ``0.3 sqrt(d)``, so this is
+      over 30 such sds;
+    * with a comparable potential, the chain goes back to the lowest-potential point warmup has
+      seen (its start included) when 3 steps in a row were rejected (thrown far out, where every
+      step overflows) and when arrival or (with exact values) a window ends more than
+      ``T (d/2 + 5 sqrt(d/2))`` above it (near a Gaussian mode ``U - U_min`` is ``T`` times a
+      Gamma(d/2) variable: a chain in the typical set fails this with probability below 0.25%; a
+      chain thrown into a linear tail of the posterior comes back at the drift's pace, ``(h/2) M``
+      times the slope per step, far slower than it left);
     * a Hessian that is not positive definite (a saddle on the way in) counts by its diagonal
       (:func:`usable_curvature`); a curvature that is zero or not finite leaves the
       preconditioner and the step size as they were.
@@ -347,23 +382,35 @@ class WarmupAdapter:
         self.frozen = False
         self.warmup_steps = 0
         self.arrival_end = 0
+        self._arrival_length = 0
+        self._arrival_middle = -1
+        self._middle_potential = math.nan
         self.adapt_at: list[int] = []
         self._hessians: list[Tensor] = []
+        self._secant_a: Tensor | None = None
+        self._secant_b: Tensor | None = None
         self._best = _Best()
         self._rejected_in_a_row = 0
         self.jumps = 0
+        #: The step size warmup's rule gave last (before any halving by the safety rules).
+        self.measured_step_size = math.nan
 
     # ----------------------------------------------------------------------------- phases
 
-    def init(self, theta: Tensor, warmup_steps: int, at_mode: bool = False) -> Adaptation:
+    def init(self, theta: Tensor, warmup_steps: int, at_mode: bool = False, estimate: Any = None) -> Adaptation:
         """The tuning at the chain's start ``theta``: a preconditioner measured there, and the
         step size for arrival (none when the chain starts at the mode, ``at_mode``)."""
         self.warmup_steps = warmup_steps
         adapting = warmup_steps > 0 and (self.adapt_step_size or self.adapt_mass_matrix)
         self.arrival_end, self.adapt_at = adaptation_schedule(warmup_steps, not at_mode) if adapting else (0, [])
+        self._arrival_length = self.arrival_end
+        self._arrival_middle = self.arrival_end // 2 if self.arrival_end else -1
+        self._middle_potential = math.nan
         whitening = Whitening.identity(theta.numel(), theta)
         if self.adapt_mass_matrix and warmup_steps > 0:
             whitening = self._preconditioner(theta, whitening, fresh=True)
+        if estimate is not None:
+            self.accepted(theta, estimate)
         self.current = Adaptation(whitening, self.step_size if self.step_size is not None else math.nan,
                                   dict(self.gaussian_options))
         if self.adapt_step_size and warmup_steps > 0:
@@ -375,18 +422,45 @@ class WarmupAdapter:
 
     def step(self, t: int, theta: Tensor, estimate: Any) -> tuple[Adaptation, Tensor, Any] | None:
         """At the start of warmup iteration ``t`` (the chain at ``theta`` with ``estimate``): a new
-        tuning, and the point to continue from, at the end of a window; else ``None``."""
-        if self.frozen or t not in self.adapt_at:
+        tuning, and the point to continue from, at the end of arrival or of a window; else ``None``."""
+        if self.frozen:
             return None
-        if t == self.arrival_end and not self._arrived(float(estimate.potential), theta.numel()):
+        potential = float(estimate.potential)
+        if t == self._arrival_middle:
+            self._middle_potential = potential
+        if t not in self.adapt_at:
+            return None
+        size = theta.numel()
+        arriving = t == self.arrival_end and self._descending(potential, size) and self._extend_arrival(t)
+        # at a window's end only with noise-free values: the bound is for exact potentials
+        checks = t == self.arrival_end or not self.estimator.noisy_gradient
+        if not arriving and checks and not self._arrived(potential, size):
             theta, estimate = self._best.theta, self._best.estimate
+        fresh = t == self.arrival_end or arriving
+        if t == self.arrival_end and not arriving:
+            self._secant_a = self._secant_b = None
         tuning = self.current
         if self.adapt_mass_matrix:
-            tuning = replace(tuning, whitening=self._preconditioner(theta, tuning.whitening, fresh=t == self.arrival_end))
+            tuning = replace(tuning, whitening=self._preconditioner(theta, tuning.whitening, fresh=fresh))
         if self.adapt_step_size:
-            tuning = self._measure(theta, tuning, arrival=False)
+            tuning = self._measure(theta, tuning, arrival=arriving)
         self.current = tuning
         return tuning, theta, estimate
+
+    def _extend_arrival(self, t: int) -> bool:
+        """Arrival goes on for another arrival's length from ``t``, and the windows are rebuilt
+        over the rest of warmup, unless that would take arrival past half of warmup or leave
+        no window."""
+        length = self._arrival_length
+        end = t + length
+        if not length or end > self.warmup_steps // 2:
+            return False
+        _, ends = adaptation_schedule(self.warmup_steps - end, arrival=False)
+        if not ends:
+            return False
+        self.arrival_end, self._arrival_middle = end, t + length // 2
+        self.adapt_at = [end] + [end + offset for offset in ends]
+        return True
 
     def final(self) -> Adaptation:
         """The end of warmup: nothing adapts from here on."""
@@ -399,18 +473,37 @@ class WarmupAdapter:
     def _compares_values(self) -> bool:
         return self.estimator.exact and not self.frozen
 
-    def is_jump(self, previous: float, new: float, dimension: int) -> bool:
-        """Whether a warmup step from potential ``previous`` to ``new`` is a jump to reject."""
-        if not (self._compares_values and self.adapt_step_size and math.isfinite(previous)):
-            return False
-        limit = self.temperature * max(25.0, 10.0 * math.sqrt(dimension))
-        if self.estimator.noisy_gradient:  # control variates: HMC's 1000 T for their minibatch noise
-            limit = max(limit, 1000.0 * self.temperature)
-        return new - previous > limit
+    @property
+    def judges_steps(self) -> bool:
+        """Whether warmup steps are judged by :meth:`is_jump` (comparable potentials, an adapted
+        step size)."""
+        return self._compares_values and self.adapt_step_size
 
-    def accepted(self, theta: Tensor, estimate: Any) -> None:
-        """A warmup step landed at ``theta`` (its ``estimate``)."""
+    def is_jump(self, previous: float, new: float, dimension: int, log_ratio: float | None = None) -> bool:
+        """Whether a warmup step from potential ``previous`` to ``new`` (with MALA's log
+        acceptance ratio ``log_ratio``, for the Langevin samplers) is a jump to reject."""
+        if not (self.judges_steps and math.isfinite(previous)):
+            return False
+        limit = max(25.0, 10.0 * math.sqrt(dimension))
+        if self.estimator.noisy_gradient:  # control variates: HMC's 1000 T for their minibatch noise
+            limit = max(limit, 1000.0)
+        if log_ratio is not None and self.scores_steps and not log_ratio >= -limit:
+            return True
+        return new - previous > self.temperature * limit
+
+    @property
+    def scores_steps(self) -> bool:
+        """Whether :meth:`is_jump` weighs a Langevin step's MALA ratio (it needs exact gradients)."""
+        return self.judges_steps and not self.estimator.noisy_gradient
+
+    def accepted(self, theta: Tensor, estimate: Any, moved: Tensor | None = None,
+                 previous_grad: Tensor | None = None) -> None:
+        """A warmup step landed at ``theta`` (its ``estimate``), having moved by ``moved`` in the
+        chain's coordinates from a point whose gradient was ``previous_grad``."""
         self._rejected_in_a_row = 0
+        if moved is not None and self._fits_secants:
+            self._add_secant(self.current.whitening.to_theta(moved), estimate.grad - previous_grad,
+                             float(moved.norm()))
         if self._compares_values:
             potential = float(estimate.potential)
             if potential < self._best.potential:
@@ -428,11 +521,21 @@ class WarmupAdapter:
             return self.current, self._best.theta, self._best.estimate
         return self.current, None, None
 
+    def _descending(self, potential: float, dimension: int) -> bool:
+        """Whether the potential fell by more than the typical set's width over the second half
+        of arrival (exact potentials only)."""
+        if not self._compares_values or not math.isfinite(potential) or not math.isfinite(self._middle_potential):
+            return False
+        return self._middle_potential - potential > self._typical_width(dimension)
+
+    def _typical_width(self, dimension: int) -> float:
+        half = dimension / 2
+        return self.temperature * (half + 5 * math.sqrt(half))
+
     def _arrived(self, potential: float, dimension: int) -> bool:
         if self._best.theta is None or not self._compares_values or not math.isfinite(potential):
             return True
-        half = dimension / 2
-        return potential - self._best.potential <= self.temperature * (half + 5 * math.sqrt(half))
+        return potential - self._best.potential <= self._typical_width(dimension)
 
     # ---------------------------------------------------------------------- measurements
 
@@ -475,9 +578,45 @@ class WarmupAdapter:
     def _usable(curvature: Tensor) -> bool:
         return bool(torch.isfinite(curvature).all()) and bool((curvature != 0).any())
 
+    @property
+    def _fits_secants(self) -> bool:
+        return self.adapt_mass_matrix and not self.estimator.noisy_gradient and not self.frozen
+
+    def _add_secant(self, step: Tensor, change: Tensor, length: float) -> None:
+        """One step's secant pair ``(dtheta, dg)`` into the sums ``A`` and ``B`` (their diagonals
+        unless dense), with weight ``1 / length^2``."""
+        if not (length > 0 and math.isfinite(length)):
+            return
+        step, change = step.detach().double().reshape(-1), change.detach().double().reshape(-1)
+        if self._secant_a is None:
+            d = step.numel()
+            shape = (d, d) if self.mass == "dense" else (d,)
+            self._secant_a = torch.zeros(shape, dtype=torch.float64, device=step.device)
+            self._secant_b = torch.zeros(shape, dtype=torch.float64, device=step.device)
+        weight = 1.0 / length**2
+        if self.mass == "dense":
+            self._secant_a.addr_(change, step, alpha=weight)
+            self._secant_b.addr_(step, step, alpha=weight)
+        else:
+            self._secant_a.addcmul_(change, step, value=weight)
+            self._secant_b.addcmul_(step, step, value=weight)
+
     def _add(self, curvature: Tensor, fresh: bool) -> Tensor:
+        """The mean curvature with the Hessian ``curvature`` of one more point (the points restart
+        when ``fresh``), fitted with the steps' secants (see the module's docstring)."""
         self._hessians = [curvature] if fresh else [*self._hessians, curvature]
-        return torch.stack(self._hessians).mean(0)
+        mean = torch.stack(self._hessians).mean(0)
+        if fresh or self._secant_a is None:
+            return mean
+        points = len(self._hessians)
+        scale = self.current.whitening.scale.double()
+        size = scale.shape[0]
+        if self.mass == "dense":
+            place = (scale @ scale.T if scale.dim() == 2 else torch.diag(scale**2)) / size  # C = M / d
+            fit = torch.linalg.solve(self._secant_b + points * place, (self._secant_a + points * mean @ place).T).T
+            return (fit + fit.T) / 2
+        place = (scale.diagonal() if scale.dim() == 2 else scale) ** 2 / size
+        return (self._secant_a + points * mean * place) / (self._secant_b + points * place)
 
     def _measure(self, theta: Tensor, tuning: Adaptation, arrival: bool) -> Adaptation:
         """The step size (and the options the sampler adapts) from the curvature and gradient
@@ -486,6 +625,10 @@ class WarmupAdapter:
         z = whitening.to_z(theta)
         hvp = self._hvp_z(theta, whitening, averaged=self.exact_gaussian)
         largest = _power_iteration(hvp, z, 8)
+        if self.adapt_mass_matrix and math.isfinite(largest) and largest > 0:
+            # the whitened mean curvature is T I: by convexity of lambda_max its mean over the window
+            # is at least T, whatever the point shows
+            largest = max(largest, self.temperature)
         smallest = 0.0
         if self.exact_gaussian and math.isfinite(largest) and largest > 0:
             shift = 1.1 * largest
@@ -500,6 +643,7 @@ class WarmupAdapter:
             warnings.warn("Could not measure the curvature at the initial point (it is zero or not finite); "
                           "warmup starts with step_size=1e-3 until it can (give step_size to choose it)",
                           RuntimeWarning, stacklevel=2)
+            self.measured_step_size = 1e-3
             return replace(tuning, step_size=1e-3, scales=scales)
         adapted = self.sampler_class.adapted_options(largest, noise, self.temperature, self.sampler_options)
         options = {**self.gaussian_options, **self.sampler_options, **adapted}
@@ -507,6 +651,7 @@ class WarmupAdapter:
             options["smallest_curvature"] = smallest if math.isfinite(smallest) else 0.0
         step_size = self.sampler_class.suggest_lr(largest, noise, self.target_bias, self.temperature,
                                                   arrival=arrival, **options)
+        self.measured_step_size = step_size
         return Adaptation(whitening, step_size, {**self.gaussian_options, **adapted}, scales)
 
     def _noise(self, theta: Tensor, whitening: Whitening, draws: int = 12) -> float:

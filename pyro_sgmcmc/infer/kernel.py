@@ -85,6 +85,8 @@ _OTHER_OPTIONS = {
 _SET_BY_KERNEL = {"self", "params", "lr", "temperature", "nbeta", "diagnostics", "generator"}
 #: Estimates of the Monte Carlo error are checked only with at least this many samples.
 _MIN_SAMPLES_TO_JUDGE = 50
+#: A step size that ends warmup below this share of its last measurement (7 halvings) has collapsed.
+_COLLAPSED = 1e-2
 
 
 @dataclass
@@ -102,11 +104,27 @@ class ChainStats:
         return self.mala_total / self.mala_count if self.mala_count else None
 
 
+def rank_normalized(series: Tensor) -> Tensor:
+    """Each column of ``series`` (``[chains, samples, k]``) replaced by the normal scores of its
+    ranks pooled over chains (ties share their average rank): the rank-normalised draws on which
+    Vehtari et al. (2021) compute the bulk effective sample size and split R-hat. Unlike the raw
+    values they are not dominated by a few outliers: a chain thrown far out once, then drifting
+    slowly, has a variance made of the one jump, and the raw R-hat and ESS call it mixed."""
+    chains, samples, k = series.shape
+    flat = series.reshape(chains * samples, k)
+    ordered = flat.sort(0).values
+    below = torch.searchsorted(ordered.T.contiguous(), flat.T.contiguous(), side="left").T
+    through = torch.searchsorted(ordered.T.contiguous(), flat.T.contiguous(), side="right").T
+    rank = (below + through + 1).double() / 2  # average 1-based rank of the ties
+    scores = torch.special.ndtri((rank - 0.375) / (chains * samples + 0.25))  # Blom's offsets, as Vehtari et al.
+    return scores.reshape(chains, samples, k)
+
+
 class MixingMonitor:
     """The potential and a few projections of the whitened point at every sample after warmup:
-    enough to say, at the end, whether the chain mixed (effective sample size, split R-hat), at a
-    cost of ``O(8)`` numbers per sample whatever the model's size. Up to 8 coordinates are
-    recorded as they are, beyond that 8 fixed random directions."""
+    enough to say, at the end, whether the chain mixed (effective sample size, split R-hat, both
+    rank-normalised), at a cost of ``O(8)`` numbers per sample whatever the model's size. Up to 8
+    coordinates are recorded as they are, beyond that 8 fixed random directions."""
 
     PROJECTIONS = 8
     MAX_JUDGED = 2000
@@ -129,14 +147,24 @@ class MixingMonitor:
     def problems(self, stats: ChainStats, exact: bool, langevin: bool, minibatches: bool, dense: bool) -> list[str]:
         """What the run shows that a user must know, each with its remedy ([] if nothing)."""
         n = len(self.records)
+        if n < 2:
+            return []
+        series = torch.stack(self.records)
+        if bool((series == series[:1]).all(0).any()):
+            # a constant record: the step is too small to change the point in its floating-point
+            # precision (or every step was undone); ESS and R-hat are undefined (0 / 0)
+            return ["the chain did not move during sampling (the potential or a coordinate kept exactly one value "
+                    f"over {n} samples: a step size too small to change the point, or every step undone as "
+                    "divergent); remedies: leave adapt_step_size=True (or give a larger step_size), more "
+                    "warmup_steps, or an init_strategy closer to the posterior (e.g. init_to_median)"]
         if n < _MIN_SAMPLES_TO_JUDGE:
             return []
         # evenly thinned to at most MAX_JUDGED points: Pyro's estimators take O(n^2) memory, and
         # the thresholds below (at most 100 effective samples) are far from that many
         stride = -(-n // self.MAX_JUDGED)
-        series = torch.stack(self.records[::stride])[None]  # [1 chain, n / stride, k]
-        ess = float(effective_sample_size(series, chain_dim=0, sample_dim=1).nan_to_num(n).min())
-        rhat = float(split_gelman_rubin(series, chain_dim=0, sample_dim=1).nan_to_num(1.0).max())
+        series = rank_normalized(series[::stride][None])  # [1 chain, n / stride, k]
+        ess = float(effective_sample_size(series, chain_dim=0, sample_dim=1).nan_to_num(0.0).min())
+        rhat = float(split_gelman_rubin(series, chain_dim=0, sample_dim=1).nan_to_num(math.inf).max())
         more = ["a larger num_steps (sampler steps per sample)"]
         if minibatches:
             more.append("control_variates=True (minibatch noise limits the step size)")
@@ -147,12 +175,13 @@ class MixingMonitor:
         if ess < min(100.0, n / 4):
             problems.append(
                 f"the effective sample size is {ess:.0f} of {n} samples (worst of the potential and {series.shape[-1] - 1} "
-                f"projections), so posterior means carry a Monte Carlo error of about {1 / math.sqrt(max(ess, 1)):.0%} "
-                f"of a posterior sd; remedies: more num_samples, " + ", ".join(more))
+                f"projections, rank-normalised), so posterior means carry a Monte Carlo error of about "
+                f"{1 / math.sqrt(max(ess, 1)):.0%} of a posterior sd; remedies: more num_samples, " + ", ".join(more))
         if rhat > 1.1:
             problems.append(
-                f"the chain drifted during sampling (split R-hat {rhat:.2f} > 1.1): it had not reached its stationary "
-                "law when warmup ended; remedies: more warmup_steps, or init_strategy closer to the posterior")
+                f"the chain drifted during sampling (rank-normalised split R-hat {rhat:.2f} > 1.1): it had not reached "
+                "its stationary law when warmup ended; remedies: more warmup_steps, or init_strategy closer to the "
+                "posterior")
         acceptance = stats.mala_acceptance
         if langevin and exact and acceptance is not None and acceptance < 0.5:
             problems.append(
@@ -184,7 +213,7 @@ class SGMCMCKernel(MCMCKernel):
         with it, the options the sampler sets from the same measurements (SGHMC's friction),
         unless given.
     :param adapt_mass_matrix: during warmup, estimate a preconditioner (``T H^-1``, the Hessian
-        averaged over the ends of doubling windows) and freeze it: the chain runs on whitened
+        averaged over the chain's path after arrival) and freeze it: the chain runs on whitened
         coordinates (see :mod:`pyro_sgmcmc.infer.adaptation`).
     :param full_mass: a dense preconditioner (correlated posteriors, e.g. collinear regressors);
         by default (``None``) dense for models of at most :attr:`DENSE_MAX` latent dimensions and
@@ -237,9 +266,11 @@ class SGMCMCKernel(MCMCKernel):
     (momenta, thermostat) are redrawn from their initial law
     (:meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.reset_auxiliary`): a thermostat cools by at most
     1 per unit of time, and the heat of warmup's transient would leave the first samples cold.
-    When the run ends with evidence that it has not mixed (a small effective sample size, a drift
-    over the run, a MALA score that says the step biases the samples) :meth:`diagnostics` warns
-    once, with the cause and the remedy (:class:`MixingWarning`).
+    When the run ends with evidence that it has not mixed (a chain that did not move, a step size
+    that warmup's safety rules halved by orders of magnitude after its last measurement, a small
+    effective sample size or a drift over the run, both on ranks, a MALA score that says the step
+    biases the samples) :meth:`diagnostics` warns once, with the cause and the remedy
+    (:class:`MixingWarning`).
 
     A run is continued, without a new warmup, from :meth:`state_dict` (the adapted
     preconditioner, step size, sampler state, control-variate anchor and the chain's point)::
@@ -521,7 +552,7 @@ class SGMCMCKernel(MCMCKernel):
         if not estimate.finite:
             raise ValueError("The potential energy or its gradient is not finite at the chain's start")
         at_mode = isinstance(self._estimator, ControlVariates)
-        self._tune(self._adapter.init(start, self._warmup_steps, at_mode=at_mode), start, estimate)
+        self._tune(self._adapter.init(start, self._warmup_steps, at_mode=at_mode, estimate=estimate), start, estimate)
         if self._warmup_steps == 0:
             self._adapter.final()
 
@@ -575,18 +606,26 @@ class SGMCMCKernel(MCMCKernel):
             self._reject(previous, f"the potential energy or its gradient is not finite where the step landed "
                                    f"(potential {float(landing.potential):.4g})")
             return
-        if not sampling and self._adapter.is_jump(float(self._estimate.potential), float(landing.potential), z.numel()):
-            self._reject(previous, "warmup jump", jump=True)
-            return
+        grad_z = self._tuning.whitening.pullback(landing.grad)
+        if not sampling and self._adapter.judges_steps:
+            log_ratio = None
+            if self.sampler_class.langevin and self._adapter.scores_steps:
+                self._z.grad = grad_z  # the gradient where the step landed scores it now
+                log_ratio = self._sampler.score_last_step(landing.potential)
+            if self._adapter.is_jump(float(self._estimate.potential), float(landing.potential), z.numel(),
+                                     None if log_ratio is None else float(log_ratio)):
+                self._reject(previous, "warmup jump", jump=True)
+                return
+        previous_grad = self._estimate.grad
         self._estimate = landing
-        self._grad_z = self._tuning.whitening.pullback(landing.grad)
+        self._grad_z = grad_z
         if sampling:
             acceptance = self._sampler.step_diagnostics.get("mala_acceptance")
             if acceptance is not None:
                 self._stats.mala_total += float(acceptance)
                 self._stats.mala_count += 1
         else:
-            self._adapter.accepted(theta, landing)
+            self._adapter.accepted(theta, landing, z - previous, previous_grad)
 
     def _reject(self, previous: Tensor, why: str, jump: bool = False) -> None:
         """Undo the step (the chain stays at ``previous``, whose estimate is kept); count it; during
@@ -691,8 +730,11 @@ class SGMCMCKernel(MCMCKernel):
         a problem."""
         tuning = self._tuning
         problems = []
+        collapse = self._step_collapse()
+        if collapse is not None:
+            problems.append(collapse)
         if self._monitor is not None:
-            problems = self._monitor.problems(
+            problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,
                 langevin=self.sampler_class.langevin, minibatches=self._minibatches,
                 dense=self._mass != "diagonal")
@@ -719,6 +761,23 @@ class SGMCMCKernel(MCMCKernel):
             "mixing problems": problems,
             **(tuning.sampler_options if tuning is not None else {}),
         }
+
+    def _step_collapse(self) -> str | None:
+        """The problem of a warmup that ended with its step size :data:`_COLLAPSED` or less of
+        what its rule measured last (the safety rules halved it at every step undone since),
+        or ``None``."""
+        adapter = self._adapter
+        if adapter is None or not adapter.frozen or not self.adapt_step_size or self._tuning is None:
+            return None
+        measured, final = adapter.measured_step_size, self._tuning.step_size
+        if not (math.isfinite(measured) and measured > 0 and final < _COLLAPSED * measured):
+            return None
+        return (f"warmup ended with step size {final:.2g}, {measured / final:.0f} times smaller than the {measured:.2g} "
+                f"its rule measured last ({math.log2(measured / final):.0f} halvings, one per step undone since: a "
+                "potential or gradient not finite where it landed, or a jump), so the chain moves about "
+                f"{math.sqrt(measured / final):.0f} times slower than it should; remedies: more warmup_steps, an "
+                "init_strategy closer to the posterior (e.g. init_to_median), or a model whose potential is finite "
+                "around the posterior")
 
     def cleanup(self) -> None:
         """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent). What

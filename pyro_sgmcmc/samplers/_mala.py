@@ -45,9 +45,26 @@ class MalaTracker:
         return self.total / self.count if self.count else math.nan
 
     def before(self, sampler: Any, work: list[tuple], loss: Tensor | float | None) -> Tensor | None:
+        current = self._point(sampler, work, loss)
+        log_ratio = self._log_ratio(current)
+        if log_ratio is not None and math.isfinite(float(log_ratio)):
+            self.total += min(1.0, math.exp(min(float(log_ratio), 0.0)))
+            self.count += 1
+        self.pending = current
+        return log_ratio
+
+    def score(self, sampler: Any, work: list[tuple], loss: Tensor | float | None) -> Tensor | None:
+        """The log acceptance ratio of the last step, now, from the point it reached (``work``'s
+        parameters and gradients, ``loss``), without counting it or moving on: ``before`` of
+        the next step scores it again."""
+        return self._log_ratio(self._point(sampler, work, loss))
+
+    @staticmethod
+    def _point(sampler: Any, work: list[tuple], loss: Tensor | float | None) -> _Pending | None:
+        """The current point, its drift and tempered energy (``None`` if they do not define one
+        tempered density, or ``U`` is unknown)."""
         scales = {sampler.grad_scale(group) for _, group, *_ in work}
         if loss is None or len(scales) != 1 or not work:
-            self.pending = None  # the target is not one tempered density, or U is unknown
             return None
         scale = scales.pop()
         energy = torch.as_tensor(loss, dtype=torch.float64).detach() * scale
@@ -70,18 +87,16 @@ class MalaTracker:
                 params.append(p)
                 thetas.append(theta)
                 drifts.append(drift)
-        log_ratio = None
+        return _Pending(params, thetas, drifts, energy)
+
+    def _log_ratio(self, current: _Pending | None) -> Tensor | None:
+        """MALA's log acceptance ratio of the step from the pending point to ``current``."""
         previous = self.pending
-        if previous is not None and previous.lrs is not None and len(previous.params) == len(params) and all(
-            a is b for a, b in zip(previous.params, params)
-        ):
-            log_ratio = mala_log_acceptance(previous.thetas, thetas, previous.drifts, drifts, previous.energy, energy,
-                                            previous.lrs, previous.preconditioners, previous.noise_variances)
-            if math.isfinite(float(log_ratio)):
-                self.total += min(1.0, math.exp(min(float(log_ratio), 0.0)))
-                self.count += 1
-        self.pending = _Pending(params, thetas, drifts, energy)
-        return log_ratio
+        if current is None or previous is None or previous.lrs is None or len(previous.params) != len(
+                current.params) or not all(a is b for a, b in zip(previous.params, current.params)):
+            return None
+        return mala_log_acceptance(previous.thetas, current.thetas, previous.drifts, current.drifts, previous.energy,
+                                   current.energy, previous.lrs, previous.preconditioners, previous.noise_variances)
 
     def after(self, sampler: Any, work: list[tuple]) -> None:
         if self.pending is None:

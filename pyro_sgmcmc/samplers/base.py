@@ -390,6 +390,22 @@ class SGMCMCOptimizer(Optimizer):
         see ``diagnostics``)."""
         return self._mala.mean
 
+    def score_last_step(self, loss: Tensor | float) -> Tensor | None:
+        """MALA's log acceptance ratio of the last step, scored now from the gradients in ``p.grad``
+        and the potential ``loss`` where it landed (``None`` if it cannot be scored: not a
+        Langevin sampler, no ``diagnostics``, or no step to score). Nothing moves and nothing
+        is counted: the next :meth:`step` scores the same step for ``mala_acceptance``. A
+        caller that decides on a step before taking the next one (an MCMC kernel in warmup)
+        uses this."""
+        if not self._score_mala:
+            return None
+        work = []
+        for index, group in enumerate(self.param_groups):
+            params, grads, masks = self._gather(index, group)
+            if params:
+                work.append((index, group, params, grads, masks, None))
+        return self._mala.score(self, work, loss)
+
     def forget_last_step(self) -> None:
         """Do not score the last step for the MALA diagnostic (the caller moved the parameters
         since, e.g. an MCMC kernel undoing a divergent step)."""
