@@ -24,8 +24,9 @@ fi
 if [[ "$extras" == *test* || "$extras" == *tutorials* ]]; then
   # laplace-torch, which tutorials/llc_wbic_marglik.ipynb compares with, requires torchvision, whose
   # resolution replaces the CPU torch with a CUDA build; what the tutorial uses of laplace runs without
-  # it (and without asdfghjkl): install its other requirements, then it without dependencies
+  # it: install its other requirements, then it without dependencies (asdfghjkl too: laplace imports it)
   "$py" -m pip install --quiet linear_operator opt-einsum einops unfoldNd einconv torchmetrics lightning-utilities
-  "$py" -m pip install --quiet --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1" "curvlinops-for-pytorch==3.0.1"
+  "$py" -m pip install --quiet --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1" "curvlinops-for-pytorch==3.0.1" \
+    "asdfghjkl==0.1a4"
 fi
 "$py" -c "import torch, pyro, pyro_sgmcmc; print('installed: torch', torch.__version__, '| pyro', pyro.__version__, '| pyro_sgmcmc', pyro_sgmcmc.__version__)"
