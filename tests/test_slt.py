@@ -507,6 +507,15 @@ def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
 
 
+def test_wbic_reports_the_mixing_problems_its_kernels_found():
+    x, y = linear_regression_data(50, 2, 0.5, seed=3)
+    with pytest.warns(UserWarning):  # the kernel's MixingWarning: the chain did not move
+        result = wbic(regression(x.float(), y.float(), 0.5, 1.0), (x.float(), y.float()), num_samples=30,
+                      warmup_steps=0, num_chains=1, kernel_options={"step_size": 1e-30, "adapt_step_size": False},
+                      progress_bar=False)
+    assert any(message.startswith("chain 0:") and "did not move" in message for message in result.warnings), result
+
+
 def test_marglik_finds_the_evidence_maximising_prior_scale():
     pyro.set_rng_seed(15)
     pyro.clear_param_store()

@@ -62,7 +62,9 @@ class WBICResult:
         its ``target_bias`` (a relative bias of posterior variances, which move
         :math:`\\mathrm{WBIC} - nL_n(w_0)`), else ``None``.
     :param kernel_diagnostics: each chain's kernel ``diagnostics()``.
-    :param warnings: what was warned about.
+    :param warnings: what was warned about: by :func:`wbic` (:class:`LLCWarning`), and each
+        chain's mixing problems that its kernel found (warned as
+        :class:`~pyro_sgmcmc.infer.MixingWarning`).
     """
 
     wbic: float
@@ -188,6 +190,9 @@ def wbic(
         messages.append("the draws fit the data better than w_star, which is not the MAP (or the chains are too cold)")
     for message in messages:
         warnings.warn(message, LLCWarning, stacklevel=2)
+    # the kernels' own mixing checks (already warned, as MixingWarning, by the kernels)
+    messages += [f"chain {k}: {problem}" for k, chain in enumerate(diagnostics)
+                 for problem in chain.get("mixing problems", ())]
     return WBICResult(
         wbic=summary.mean, std_error=summary.std_error, llc=llc, llc_std_error=beta * summary.std_error, beta=beta,
         n=n, reference_nll=reference_nll, nll_draws=draws, per_chain=draws.mean(1), ess=summary.ess,
