@@ -101,6 +101,7 @@ def test_torch_helper_works_with_every_sampler(name):
     assert bool(torch.isfinite(w).all())
 
 
+@pytest.mark.slow
 def test_kernel_with_control_variates_samples_the_regression_posterior():
     """SGLD + control variates on minibatches of 20 out of 400: the chain starts at the mode
     found by L-BFGS; near it the gradient noise is tiny, so the default step-size rule gives
@@ -163,6 +164,7 @@ def test_fast_minibatch_draws_are_uniform_distinct_rows():
     assert draw_indices(small).unique().numel() == 5
 
 
+@pytest.mark.slow
 def test_svi_path_control_variate_gradient_is_unbiased_and_samples_the_posterior():
     """ControlVariateELBO with AutoUnconstrainedDelta: its loss is the potential estimate and its
     gradient the control-variate estimator; SGLD through SVI on minibatches of 20 out of 400, from

@@ -18,6 +18,7 @@ from test_control_variates import scale_model
 from test_mcmc import _regression_data, check
 
 
+@pytest.mark.slow
 def test_exact_gaussian_kernel_takes_near_independent_steps_on_a_regression_posterior():
     """Control variates, a dense preconditioner and exact_gaussian on minibatches of 200 out of
     4000 (20 independent 3-coefficient regressions): the posterior is Gaussian and the Hessian is
@@ -37,6 +38,7 @@ def test_exact_gaussian_kernel_takes_near_independent_steps_on_a_regression_post
     assert 0.99 < diagnostics["smallest curvature"] <= diagnostics["curvature"] < 1.01, diagnostics
 
 
+@pytest.mark.slow
 def test_exact_gaussian_without_a_fitting_preconditioner_takes_small_steps():
     """Safe without a Hessian-shaped preconditioner: no mass adaptation, a curvature far from 1,
     so the rule falls back to steps of plain SGLD's order."""
@@ -90,6 +92,7 @@ def test_traced_and_light_evaluations_equal_the_trace(jit):
     assert float(walked) == pytest.approx(float(exact), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_compiled_kernel_runs_the_same_chain():
     x, y, *_ = _regression_data()
     draws = []
@@ -103,6 +106,7 @@ def test_jit_compiled_kernel_runs_the_same_chain():
     assert torch.allclose(draws[0], draws[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_exact_gaussian_on_a_skewed_constrained_posterior():
     """Beta(41, 21) sampled in logit space (Jacobian included): not Gaussian there (skewed), so
     the measured curvature spreads around 1 and the rule's bias bound must hold where the

@@ -123,6 +123,7 @@ def test_initial_params_must_be_a_dict_and_a_potential_a_tensor():
         run(SGLD(potential_fn=lambda p: 1.0, step_size=0.1), num_samples=2, warmup=0, initial_params={"u": torch.zeros(1)})
 
 
+@pytest.mark.slow
 def test_a_self_subsampling_potential_fn_samples_its_target():
     """A potential_fn that draws its own minibatch (the user says so): its values are not
     compared between points, so warmup does not mistake its noise for jumps. The Gaussian

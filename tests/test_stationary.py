@@ -24,6 +24,8 @@ from pyro_sgmcmc.samplers import SGHMC
 from pyro_sgmcmc.samplers import SGLD
 from pyro_sgmcmc.samplers import SGNHT
 
+pytestmark = pytest.mark.slow  # 500 chains per statistic: the exact-law checks of every sampler
+
 from gaussian import (
     GaussianTarget,
     ANISOTROPIC,

@@ -119,6 +119,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["SGLD", "SGNHT", "SGHMC", "PSGLD"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_exact_posterior_through_svi(case, sampler):
@@ -154,6 +155,7 @@ def test_exact_posterior_through_svi(case, sampler):
     check_moments(draws, mean, var, rel_bias, f"{sampler} {case}")
 
 
+@pytest.mark.slow
 def test_autodelta_is_biased_where_ours_is_not():
     """The same SGLD run with AutoDelta samples p(x, T(u)) in u: the Beta(6, 3) mean comes out
     near 0.71, many standard errors from 0.667 (its missing Jacobian term)."""
