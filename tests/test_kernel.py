@@ -328,3 +328,17 @@ def test_draws_before_an_interruption_are_kept(interruption):
     assert mcmc.num_samples_drawn == 50 and isinstance(mcmc.interrupted, interruption)
     assert "divergences" in mcmc.diagnostics()
     mcmc.summary()
+
+
+def test_the_mixing_report_offers_only_remedies_the_run_does_not_use():
+    from pyro_sgmcmc.infer.kernel import ChainStats, MixingMonitor
+
+    monitor = MixingMonitor(torch.zeros(2))
+    walk = torch.randn(400, 3, generator=torch.Generator().manual_seed(0)).cumsum(0)  # a random walk: ESS ~ a few
+    for row in walk:
+        monitor.record(row[1:], row[0])
+    (plain,) = monitor.problems(ChainStats(), exact=False, langevin=True, minibatches=True, dense=True)[:1]
+    (with_cv,) = monitor.problems(ChainStats(), exact=False, langevin=True, minibatches=True, dense=True,
+                                  control_variates=True)[:1]
+    assert "effective sample size" in plain and "control_variates=True" in plain
+    assert "effective sample size" in with_cv and "control_variates=True" not in with_cv

@@ -144,8 +144,10 @@ class MixingMonitor:
         projected = z if self.directions is None else z @ self.directions
         self.records.append(torch.cat([potential.reshape(1).to(z), projected]).detach().double().cpu())
 
-    def problems(self, stats: ChainStats, exact: bool, langevin: bool, minibatches: bool, dense: bool) -> list[str]:
-        """What the run shows that a user must know, each with its remedy ([] if nothing)."""
+    def problems(self, stats: ChainStats, exact: bool, langevin: bool, minibatches: bool, dense: bool,
+                 control_variates: bool = False) -> list[str]:
+        """What the run shows that a user must know, each with its remedy ([] if nothing; a
+        remedy the run already uses is not offered)."""
         n = len(self.records)
         if n < 2:
             return []
@@ -166,7 +168,7 @@ class MixingMonitor:
         ess = float(effective_sample_size(series, chain_dim=0, sample_dim=1).nan_to_num(0.0).min())
         rhat = float(split_gelman_rubin(series, chain_dim=0, sample_dim=1).nan_to_num(math.inf).max())
         more = ["a larger num_steps (sampler steps per sample)"]
-        if minibatches:
+        if minibatches and not control_variates:
             more.append("control_variates=True (minibatch noise limits the step size)")
         if not dense:
             more.append("full_mass=True or mass_rank=k (correlated coordinates mix slowly under a diagonal "
@@ -737,7 +739,7 @@ class SGMCMCKernel(MCMCKernel):
             problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,
                 langevin=self.sampler_class.langevin, minibatches=self._minibatches,
-                dense=self._mass != "diagonal")
+                dense=self._mass != "diagonal", control_variates=isinstance(self._estimator, ControlVariates))
             if problems and not self._warned:
                 self._warned = True
                 warnings.warn(f"{type(self).__name__} kernel: " + "; ".join(problems), MixingWarning, stacklevel=2)
