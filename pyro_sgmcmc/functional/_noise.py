@@ -224,9 +224,19 @@ class NoiseSource:
     def streams(self) -> list[torch.Generator]:
         """The CPU streams, seeded from the root generator on first use."""
         if self._streams is None:
-            seeds = torch.randint(0, 2**32, (self.num_streams,), generator=self._root("cpu"), dtype=torch.int64)
-            self._streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            self.seed_streams(self.draw_seeds(self.num_streams))
         return self._streams
+
+    def draw_seeds(self, count: int) -> Tensor:
+        """``count`` stream seeds, uniform on ``[0, 2^32)``, drawn from the CPU root generator
+        (the first :attr:`num_streams` of them are what :meth:`streams` seeds the streams with)."""
+        return torch.randint(0, 2**32, (count,), generator=self._root("cpu"), dtype=torch.int64)
+
+    def seed_streams(self, seeds: Sequence[int] | Tensor) -> None:
+        """(Re)seed the CPU streams, one per seed: how noise drawn on several processes is made
+        identical, or independent (:mod:`pyro_sgmcmc.functional.distributed`)."""
+        self._streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.num_streams = len(self._streams)
 
     def _root(self, device_type: str) -> torch.Generator | None:
         if self.generator is not None and self.generator.device.type != device_type:

@@ -1,0 +1,170 @@
+r"""One chain over the ranks of ``torch.distributed``: whose noise each rank draws.
+
+Under data parallelism (``DistributedDataParallel``) every rank holds a replica of the
+parameters and, after the gradients' all-reduce, the same gradient. A sampler step is then the
+same on every rank *if and only if* every rank adds the same noise: a rank that draws its own
+(a generator seeded per rank, as is usual for dropout or data shuffling) moves its replica away
+from the others, silently, since nothing in DDP compares parameters after the first step. Two
+ways keep the replicas one chain:
+
+``"replicated"``
+    Every rank draws all the noise, identically: rank 0 of the group draws the seeds of the
+    noise streams (:class:`~pyro_sgmcmc.functional.NoiseSource`) from its root generator, exactly
+    as a single process would, and broadcasts them. The chain on :math:`W` ranks is then the
+    single-process chain with the same global batch, up to the floating-point order of the
+    gradients' reduction; every rank pays for the whole noise.
+
+``"sharded"``
+    Each rank steps only its share of the parameters and the new values are broadcast from
+    their owner, as ``torch.distributed.optim.ZeroRedundancyOptimizer`` does with a local
+    optimizer per rank: the noise work per rank is :math:`O(d / W)`. The streams must then be
+    *distinct* per rank (else two ranks' shares of the same layout get the same numbers: noise
+    correlated across parameters, a wrong target): rank 0 draws :math:`W` sets of seeds and rank
+    :math:`r` takes set :math:`r`. The chain has the law of the single-process chain, but not
+    its path (which rank owns a parameter depends on :math:`W`).
+
+Off the CPU the noise comes from the root generator itself (:class:`NoiseSource`), which must
+then be given, on the parameters' device: it is reseeded from rank 0's draw (the same seed on
+every rank, or one per rank when sharded).
+
+These functions run collectives: every rank of the group must call them, in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ._noise import NoiseSource
+
+__all__ = ["MODES", "Ranks", "ReplicaMismatchError", "check_replicas", "fingerprints", "share_noise"]
+
+#: The ways a sampler can run under ``torch.distributed`` (``None``: not said; see the module docstring).
+#: ``"independent"``: each rank runs a chain of its own (its own seed), on purpose.
+MODES = ("replicated", "sharded", "independent")
+
+
+class ReplicaMismatchError(RuntimeError):
+    """The replicas of one chain differ between ranks (see :func:`check_replicas`)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """A process group as a sampler uses it.
+
+    :param group: the ``torch.distributed`` process group (``None``: the default group).
+    :param rank: this process's rank in the group.
+    :param world_size: the number of ranks in the group.
+    :param source: the global rank of the group's rank 0 (where seeds are drawn).
+    :param device: where the group's collectives take tensors (CUDA for NCCL, else the CPU).
+    """
+
+    group: Any
+    rank: int
+    world_size: int
+    source: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, group: Any = None, argument: str = "distributed") -> "Ranks":
+        """The ranks of ``group`` (the default group if ``None``); a ``ValueError`` naming
+        ``argument`` if ``torch.distributed`` is not initialized."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"Invalid {argument}: it needs torch.distributed initialized (call "
+                             "torch.distributed.init_process_group on every rank first, or run under torchrun)")
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        source = 0 if group is None else dist.get_global_rank(group, 0)
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        return cls(group, rank, world_size, source, device)
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """``tensor`` of the group's rank 0, on every rank (a copy; ``tensor`` is left as it was)."""
+        import torch.distributed as dist
+
+        buffer = tensor.to(self.device, copy=True)
+        dist.broadcast(buffer, src=self.source, group=self.group)
+        return buffer.to(tensor.device)
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (same shape on all), in rank order, on every rank."""
+        import torch.distributed as dist
+
+        buffer = tensor.to(self.device)
+        out = [torch.empty_like(buffer) for _ in range(self.world_size)]
+        dist.all_gather(out, buffer, group=self.group)
+        return [t.to(tensor.device) for t in out]
+
+
+def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:
+    """Seed ``noise`` on every rank of ``ranks`` for ``mode`` (see the module docstring): rank 0
+    draws the streams' seeds (and, for parameters off the CPU, a seed for the given root
+    generator), for one rank (``"replicated"``) or for each rank (``"sharded"``), and broadcasts
+    them; each rank seeds its streams with its set. A collective.
+
+    :param noise: the sampler's noise source.
+    :param mode: ``"replicated"`` or ``"sharded"``.
+    :param ranks: the group.
+    :param devices: the devices of the parameters (a root generator off the CPU must be given).
+    """
+    if mode not in ("replicated", "sharded"):
+        raise ValueError(f"Invalid mode: {mode!r} (must be 'replicated' or 'sharded')")
+    off_cpu = sorted({torch.device(d).type for d in devices} - {"cpu"})
+    if off_cpu and noise.generator is None:
+        raise ValueError(
+            f"Invalid generator: None with distributed={mode!r} and parameters on {off_cpu[0]} (pass a "
+            "torch.Generator on the parameters' device: off the CPU it draws the noise, and is seeded from rank 0)")
+    sets = ranks.world_size if mode == "sharded" else 1
+    per_set = noise.num_streams + 1  # the streams, and a seed for a root generator off the CPU
+    seeds = torch.empty(sets * per_set, dtype=torch.int64)
+    if ranks.rank == 0:
+        seeds = noise.draw_seeds(sets * per_set)
+    seeds = ranks.broadcast(seeds)
+    mine = seeds.view(sets, per_set)[ranks.rank if mode == "sharded" else 0]
+    noise.seed_streams(mine[:-1])
+    if off_cpu:
+        noise.generator.manual_seed(int(mine[-1]))
+
+
+#: integer dtypes of each element size, to read a tensor's bits
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprints(tensors: Sequence[Tensor]) -> Tensor:
+    """One int64 per tensor: the wrapping sum of its elements' bits (read as integers). Equal
+    tensors have equal fingerprints on every machine (integer sums do not depend on their
+    order); tensors that differ in one element differ in their fingerprint."""
+    out = torch.empty(len(tensors), dtype=torch.int64)
+    for i, t in enumerate(tensors):
+        t = t.detach()
+        bits = t.contiguous().view(_BITS[t.element_size()]) if t.is_floating_point() else t
+        out[i] = bits.to(torch.int64).sum().cpu()
+    return out
+
+
+def check_replicas(tensors: Sequence[Tensor], ranks: Ranks, names: Sequence[str] | None = None,
+                   what: str = "parameter") -> None:
+    """Raise :class:`ReplicaMismatchError` on every rank, naming the first rank and tensor that
+    differ from rank 0's, unless ``tensors`` are bit for bit the same on every rank of ``ranks`` (compared
+    by :func:`fingerprints`). A collective; its cost is one all-gather of one integer per tensor.
+
+    Replicas diverge when ranks add different noise, or start from different values (a model
+    not wrapped in ``DistributedDataParallel``, which broadcasts rank 0's parameters, or wrapped
+    after the sampler was made from other tensors)."""
+    every = ranks.gather(fingerprints(tensors))
+    for rank, theirs in enumerate(every):
+        differ = (theirs != every[0]).nonzero()
+        if len(differ):
+            i = int(differ[0])
+            label = f"{what} {names[i]!r}" if names is not None else f"{what} {i}"
+            raise ReplicaMismatchError(
+                f"the replicas of the chain differ: {label} of rank {rank} is not the one of rank 0 "
+                "(every rank of a data-parallel chain must start from the same values, e.g. a model wrapped in "
+                "DistributedDataParallel, and add the same noise: distributed='replicated')")

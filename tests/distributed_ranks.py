@@ -1,0 +1,231 @@
+"""Helpers of tests/test_distributed.py: run a function on several gloo ranks in spawned
+processes (a free port, short timeouts: a hang fails the test instead of blocking CI), and the
+functions the ranks run. Kept apart from the test module so that a spawned rank imports no pytest."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: The longest a collective may wait for the other ranks before it raises.
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, out: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        result = fn(rank, world, *args)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, out: Path, *args: Any, timeout: float = 240) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks; their results, in rank order. A rank
+    that raised, or ranks still running after ``timeout`` seconds (killed then), fail."""
+    context = mp.start_processes(_entry, args=(fn, world, free_port(), str(out), args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"{world} ranks still running after {timeout} s (a collective hangs?)")
+    results = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    for rank, result in enumerate(results):
+        if isinstance(result, dict) and "error" in result:
+            raise AssertionError(f"rank {rank} failed:\n{result['error']}")
+    return results
+
+
+# ------------------------------------------------------------------------------- the model
+
+N_DATA = 16
+STEPS = 12
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch (the same on every rank; each rank takes its rows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_DATA, 3, generator=g, dtype=torch.float64)
+    return x, torch.sin(x.sum(1, keepdim=True))
+
+
+def net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+
+
+def chain(model: torch.nn.Module, sampler: torch.optim.Optimizer, rows: slice, steps: int) -> list[torch.Tensor]:
+    """``steps`` steps on the rows ``rows`` of the global batch, the loss averaged over them (so
+    that DDP's average over ranks is the average over the global batch: ``nbeta`` scales it);
+    the flat parameters after each step."""
+    x, y = data()
+    path = []
+    for _ in range(steps):
+        sampler.zero_grad()
+        ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+        sampler.step()
+        path.append(flat(model))
+    return path
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def rows_of(rank: int, world: int) -> slice:
+    share = N_DATA // world
+    return slice(rank * share, (rank + 1) * share)
+
+
+SAMPLER_OPTIONS = {"SGLD": dict(lr=1e-3, nbeta=float(N_DATA)),
+                   "SGHMC": dict(lr=1e-3, nbeta=float(N_DATA), friction=1.0)}
+
+
+def make(name: str, params: Any, **options: Any) -> torch.optim.Optimizer:
+    from pyro_sgmcmc.samplers import SAMPLERS
+
+    return SAMPLERS[name](params, **SAMPLER_OPTIONS[name], **options)
+
+
+def reference(name: str, steps: int = STEPS) -> list[torch.Tensor]:
+    """The single-process chain of :func:`replicated` (global batch, rank 0's seed)."""
+    torch.manual_seed(100)
+    model = net()
+    return chain(model, make(name, model.parameters()), slice(None), steps)
+
+
+# ------------------------------------------------------------------------------ the ranks
+
+def replicated(rank: int, world: int, names: tuple[str, ...], everything: bool = False) -> dict[str, Any]:
+    """Per sampler: the DDP chain with distributed='replicated' (each rank seeded apart); its
+    resumption from a state saved halfway; and the chain with distributed=None, which drifts.
+    With ``everything``, also :func:`mismatch` and :func:`sharded` (one set of processes for all)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out: dict[str, Any] = {}
+    for name in names:
+        torch.manual_seed(100 + rank)  # as for per-rank dropout: the noise must not follow it
+        model = DDP(net())
+        sampler = make(name, model.parameters(), distributed="replicated")
+        half = chain(model, sampler, rows_of(rank, world), STEPS // 2)
+        saved, at_half = copy.deepcopy(sampler.state_dict()), [p.detach().clone() for p in model.parameters()]
+        rest = chain(model, sampler, rows_of(rank, world), STEPS - STEPS // 2)
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), at_half):
+                p.copy_(value)
+        resumed = make(name, model.parameters(), distributed="replicated")
+        resumed.load_state_dict(saved)
+        again = chain(model, resumed, rows_of(rank, world), STEPS - STEPS // 2)
+        out[name] = {"path": half + rest, "resumed": again}
+    torch.manual_seed(100 + rank)
+    model = DDP(net())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drift = chain(model, make("SGLD", model.parameters()), rows_of(rank, world), STEPS)
+    out["unsaid"] = {"path": drift, "warnings": [str(w.message) for w in caught]}
+    if everything:
+        out["mismatch"] = mismatch(rank, world)
+        out["zero"] = sharded(rank, world)
+    return out
+
+
+def mismatch(rank: int, world: int) -> str:
+    """distributed='replicated' over parameters that differ between ranks (no DDP to broadcast
+    them): the first step's error."""
+    from pyro_sgmcmc.functional.distributed import ReplicaMismatchError
+
+    torch.manual_seed(rank)
+    model = net()
+    sampler = make("SGLD", model.parameters(), distributed="replicated")
+    try:
+        chain(model, sampler, rows_of(rank, world), 1)
+    except ReplicaMismatchError as error:
+        return str(error)
+    return "no error"
+
+
+class Pair(torch.nn.Module):
+    """Two parameters of one shape: on two ranks ZeRO gives each rank one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.zeros(64, dtype=torch.float64))
+
+
+def sharded(rank: int, world: int) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer over SGLD: the chain on every rank; the noise of two same-shaped
+    parameters owned by two ranks seeded alike (sharded, and unsaid for contrast); an exact
+    resumption from each rank's state; the warning for a consolidated state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pyro_sgmcmc.samplers import SGLD
+    from pyro_sgmcmc.samplers.distributed import load_sharded_state_dict, sharded_state_dict
+
+    out: dict[str, Any] = {}
+    torch.manual_seed(100)  # the same seed on every rank: the sharded mode must still draw apart
+    model = DDP(net())
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=SGLD, **SAMPLER_OPTIONS["SGLD"],
+                                   distributed="sharded")
+    half = chain(model, zero, rows_of(rank, world), STEPS // 2)
+    saved, at_half = copy.deepcopy(sharded_state_dict(zero)), [p.detach().clone() for p in model.parameters()]
+    zero.consolidate_state_dict(to=0)
+    consolidated = zero.state_dict() if rank == 0 else None
+    rest = chain(model, zero, rows_of(rank, world), STEPS - STEPS // 2)
+    out["path"] = half + rest
+
+    def restart() -> ZeroRedundancyOptimizer:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), at_half):
+                p.copy_(value)
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=SGLD, **SAMPLER_OPTIONS["SGLD"],
+                                       distributed="sharded")
+
+    resumed = restart()
+    load_sharded_state_dict(resumed, saved)
+    out["resumed"] = chain(model, resumed, rows_of(rank, world), STEPS - STEPS // 2)
+    out["steps"] = resumed.optim.param_groups[0]["step"]
+
+    objects = [consolidated]
+    dist.broadcast_object_list(objects, src=0)
+    rough = restart()
+    rough.load_state_dict(objects[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chain(model, rough, rows_of(rank, world), 1)
+    out["consolidated_warnings"] = [str(w.message) for w in caught]
+
+    for mode in ("sharded", None):
+        torch.manual_seed(7)  # alike on every rank, as for DDP
+        pair = Pair()
+        zero = ZeroRedundancyOptimizer(pair.parameters(), optimizer_class=SGLD, lr=1.0, distributed=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for p in pair.parameters():
+                p.grad = torch.zeros_like(p)
+            zero.step()  # pure noise
+        out[f"pair_{mode}"] = (pair.a.detach().clone(), pair.b.detach().clone())
+    return out
