@@ -148,6 +148,7 @@ def replicated(rank: int, world: int, names: tuple[str, ...], everything: bool =
     if everything:
         out["mismatch"] = mismatch(rank, world)
         out["zero"] = sharded(rank, world)
+        out["kernels"] = kernels(rank, world)
     return out
 
 
@@ -164,6 +165,27 @@ def mismatch(rank: int, world: int) -> str:
     except ReplicaMismatchError as error:
         return str(error)
     return "no error"
+
+
+def refuse_together(model: torch.nn.Module, zero: Any, rank: int, world: int) -> dict[str, Any]:
+    """A NaN in the gradient of the first parameter (one rank's share): every rank refuses the
+    step and nothing moves; the next step goes on."""
+    from pyro_sgmcmc.functional import NonFiniteError
+
+    x, y = data()
+    rows = rows_of(rank, world)
+    before = flat(model)
+    zero.zero_grad()
+    ((model(x[rows]) - y[rows]) ** 2).mean().backward()
+    next(iter(model.parameters())).grad[0, 0] = float("nan")
+    try:
+        zero.step()
+        error = "stepped"
+    except NonFiniteError as refusal:
+        error = str(refusal)
+    unmoved = torch.equal(before, flat(model))
+    after = chain(model, zero, rows, 1)[-1]
+    return {"error": error, "unmoved": unmoved, "after": after}
 
 
 class Pair(torch.nn.Module):
@@ -208,6 +230,7 @@ def sharded(rank: int, world: int) -> dict[str, Any]:
     load_sharded_state_dict(resumed, saved)
     out["resumed"] = chain(model, resumed, rows_of(rank, world), STEPS - STEPS // 2)
     out["steps"] = resumed.optim.param_groups[0]["step"]
+    out["refused"] = refuse_together(model, resumed, rank, world)
 
     objects = [consolidated]
     dist.broadcast_object_list(objects, src=0)
@@ -229,3 +252,48 @@ def sharded(rank: int, world: int) -> dict[str, Any]:
             zero.step()  # pure noise
         out[f"pair_{mode}"] = (pair.a.detach().clone(), pair.b.detach().clone())
     return out
+
+
+# ------------------------------------------------------------------- the MCMC kernels, sharded data
+
+N_ROWS, N_FEATURES = 64, 2
+
+
+def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_ROWS, N_FEATURES, generator=g, dtype=torch.float64)
+    return x, x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(N_ROWS, generator=g, dtype=torch.float64)
+
+
+def regression(x: torch.Tensor, y: torch.Tensor, world: int = 1, batch: int | None = None) -> None:
+    """A rank's model: the prior once, its shard's likelihood scaled by the number of ranks."""
+    import pyro
+    import pyro.distributions as pdist
+
+    w = pyro.sample("w", pdist.Normal(torch.zeros(N_FEATURES, dtype=torch.float64), 3.0).to_event(1))
+    with pyro.poutine.scale(scale=float(world)), pyro.plate("data", len(y), subsample_size=batch) as idx:
+        pyro.sample("y", pdist.Normal(x[idx] @ w, 1.0), obs=y[idx])
+
+
+def kernel_chain(world: int = 1, rank: int = 0, batch: int | None = None, adapt: bool = False,
+                 samples: int = 10) -> torch.Tensor:
+    """An SGLD kernel's samples on this rank's shard (all the data on one process)."""
+    import pyro
+    from pyro.infer import MCMC
+
+    import pyro_sgmcmc.infer
+
+    pyro.set_rng_seed(3)  # alike on every rank: the kernel's warmup draws random probes
+    x, y = regression_data()
+    options = {} if adapt else dict(step_size=2e-3, adapt_step_size=False, adapt_mass_matrix=False)
+    kernel = pyro_sgmcmc.infer.SGLD(regression, distributed="replicated" if world > 1 else None, **options)
+    mcmc = MCMC(kernel, num_samples=samples, warmup_steps=10 if adapt else 0, disable_progbar=True)
+    mcmc.run(x[rank::world], y[rank::world], world, batch)
+    return mcmc.get_samples()["w"]
+
+
+def kernels(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The exact-potential chain (to compare with one process), and one on minibatches of each
+    rank's shard with warmup's adaptation (to compare across ranks)."""
+    torch.set_default_dtype(torch.float64)
+    return {"exact": kernel_chain(world, rank), "minibatch": kernel_chain(world, rank, batch=8, adapt=True)}

@@ -110,6 +110,16 @@ def test_zero_redundancy_resumes_exactly_per_rank(zero):
             assert torch.equal(resumed, original)
 
 
+def test_zero_redundancy_refuses_a_step_on_every_rank(zero):
+    """A NaN in one rank's share: that rank refuses (naming the parameter), the others refuse
+    with it instead of waiting in ZeRO's broadcast; nothing moves, and the chain goes on."""
+    assert "holds NaN or Inf" in zero[0]["refused"]["error"]
+    assert "another process refused" in zero[1]["refused"]["error"]
+    for rank_result in zero:
+        assert rank_result["refused"]["unmoved"]
+    assert torch.equal(zero[0]["refused"]["after"], zero[1]["refused"]["after"])
+
+
 def test_zero_redundancy_consolidated_state_warns(zero):
     for rank_result in zero:
         assert any("sharded_state_dict" in text for text in rank_result["consolidated_warnings"])
@@ -125,3 +135,29 @@ def test_options_need_an_initialized_group():
         SGLD([theta], lr=1e-3, distributed="zero")
     with pytest.raises(TypeError, match="Invalid process_group"):
         SGLD([theta], lr=1e-3, distributed="replicated", process_group="world")
+
+
+@pytest.fixture(scope="module")
+def kernels(two_ranks):
+    return [rank_result["kernels"] for rank_result in two_ranks]
+
+
+def test_kernel_on_sharded_data_is_the_one_process_chain(kernels):
+    """The SGLD kernel with each rank's shard (its likelihood scaled by 2): the chain is the
+    one-process chain on all the data, up to the order in which the ranks' potentials add."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = ranks.kernel_chain()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(kernels[0]["exact"], kernels[1]["exact"])
+    assert (kernels[0]["exact"] - single).abs().max() < WORLD_SIZE_TOLERANCE
+    assert (single[-1] - single[0]).abs().max() > 1e-3
+
+
+def test_kernel_on_sharded_minibatches_keeps_ranks_identical(kernels):
+    """Minibatches of each rank's shard and warmup's adaptation: every rank holds the same
+    samples (the kernel compares the ranks' chains after each sample)."""
+    assert torch.equal(kernels[0]["minibatch"], kernels[1]["minibatch"])
+    assert bool(torch.isfinite(kernels[0]["minibatch"]).all())

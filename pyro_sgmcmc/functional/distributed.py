@@ -93,6 +93,15 @@ class Ranks:
         dist.broadcast(buffer, src=self.source, group=self.group)
         return buffer.to(tensor.device)
 
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank says ``ok`` (one all-reduce of one integer): how the ranks of a
+        sharded chain refuse a step together (:class:`~pyro_sgmcmc.functional._step.Ballot`)."""
+        import torch.distributed as dist
+
+        vote = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(vote.item())
+
     def gather(self, tensor: Tensor) -> list[Tensor]:
         """Every rank's ``tensor`` (same shape on all), in rank order, on every rank."""
         import torch.distributed as dist
@@ -104,10 +113,11 @@ class Ranks:
 
 
 def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:
-    """Seed ``noise`` on every rank of ``ranks`` for ``mode`` (see the module docstring): rank 0
-    draws the streams' seeds (and, for parameters off the CPU, a seed for the given root
-    generator), for one rank (``"replicated"``) or for each rank (``"sharded"``), and broadcasts
-    them; each rank seeds its streams with its set. A collective.
+    """Seed ``noise`` on every rank of ``ranks`` for ``mode`` (see the module docstring): every
+    rank draws the streams' seeds (and, for parameters off the CPU, a seed for the given root
+    generator), for one rank (``"replicated"``) or for each rank (``"sharded"``), so that every
+    rank's root generator advances alike; rank 0's draw is broadcast, and each rank seeds its
+    streams with its set. A collective.
 
     :param noise: the sampler's noise source.
     :param mode: ``"replicated"`` or ``"sharded"``.
@@ -123,10 +133,8 @@ def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[t
             "torch.Generator on the parameters' device: off the CPU it draws the noise, and is seeded from rank 0)")
     sets = ranks.world_size if mode == "sharded" else 1
     per_set = noise.num_streams + 1  # the streams, and a seed for a root generator off the CPU
-    seeds = torch.empty(sets * per_set, dtype=torch.int64)
-    if ranks.rank == 0:
-        seeds = noise.draw_seeds(sets * per_set)
-    seeds = ranks.broadcast(seeds)
+    # every rank draws (its root generator advances as rank 0's does); rank 0's seeds are kept
+    seeds = ranks.broadcast(noise.draw_seeds(sets * per_set))
     mine = seeds.view(sets, per_set)[ranks.rank if mode == "sharded" else 0]
     noise.seed_streams(mine[:-1])
     if off_cpu:

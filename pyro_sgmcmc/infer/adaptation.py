@@ -65,7 +65,7 @@ import torch
 from pyro.infer.mcmc.adaptation import WarmupAdapter as _PyroWarmupAdapter
 from torch import Tensor
 
-from .estimators import GradientEstimator, hessian_vector_product
+from .estimators import GradientEstimator
 
 
 class Whitening:
@@ -541,7 +541,7 @@ class WarmupAdapter:
 
     def _hvp_z(self, theta: Tensor, whitening: Whitening, averaged: bool) -> Callable[[Tensor], Tensor]:
         """``v -> L^T H L v`` at ``theta``: the Hessian in the coordinates ``z`` (theta's dtype)."""
-        hvp = hessian_vector_product(self.estimator.fixed_potential(averaged), theta)
+        hvp = self.estimator.hessian_vector_product(theta, averaged)
         return lambda v: whitening.pullback(hvp(whitening.to_theta(v.to(theta.dtype))).to(theta.dtype))
 
     def _preconditioner(self, theta: Tensor, whitening: Whitening, fresh: bool) -> Whitening:
@@ -549,7 +549,7 @@ class WarmupAdapter:
         ``fresh``); the old one if that curvature is not usable."""
         size = theta.numel()
         if self.mass == "low-rank":
-            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
+            hvp = self.estimator.hessian_vector_product(theta, averaged=True)
             diagonal = hutchinson_diagonal(hvp, size, theta.device)
             if not self._usable(diagonal):
                 return whitening
@@ -558,7 +558,7 @@ class WarmupAdapter:
             finite = bool(torch.isfinite(low_rank.vectors).all() and torch.isfinite(low_rank.factors).all())
             return low_rank if finite else whitening
         if self.mass == "dense":
-            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
+            hvp = self.estimator.hessian_vector_product(theta, averaged=True)
             eye = torch.eye(size, dtype=torch.float64, device=theta.device)
             hessian = torch.stack([hvp(e) for e in eye], 1)
             hessian = (hessian + hessian.T) / 2

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..functional import control_variate_gradient_
+from ..functional.distributed import Ranks
 from .potential import PotentialEvaluator
 from .subsample import SubsampleControl, SubsampledPlate, draw_indices, full_data_potential, full_data_value_and_grad
 
@@ -150,6 +151,11 @@ class GradientEstimator:
         point; with ``averaged``, the exact full-data potential on small data, or the average over
         :data:`CURVATURE_MINIBATCHES` minibatches."""
         raise NotImplementedError
+
+    def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
+        """``v -> H v`` (float64) for the Hessian of :meth:`fixed_potential` at ``point``
+        (:func:`hessian_vector_product`)."""
+        return hessian_vector_product(self.fixed_potential(averaged), point)
 
     def state_dict(self) -> dict:
         """What must be saved to continue a chain with this estimator (e.g. an anchor)."""
@@ -392,3 +398,82 @@ class ControlVariates(GradientEstimator):
         saved = state.get("anchor")
         if saved is not None:
             self.anchor = Anchor(saved["point"], saved["potential"], saved["grad"])
+
+
+class ShardedPotential(GradientEstimator):
+    r"""The potential of data sharded across the ranks of ``torch.distributed``: each rank's
+    ``inner`` estimator evaluates the potential :math:`U_r` of its own shard, and every rank gets
+    the average :math:`\frac1W \sum_r U_r` and its gradient (one all-reduce of the potential and
+    the gradient per estimate; a differentiable all-reduce for the curvature's
+    ``fixed_potential``). Each rank's model must therefore be the whole potential as its shard
+    estimates it: the prior once and the shard's likelihood scaled by :math:`W` (so that the
+    average counts every row once). A collective: every rank calls it in the same order, which
+    the kernel guarantees by deciding only from these averages.
+
+    :param inner: this rank's estimator (exact, or on minibatches of its shard).
+    :param ranks: the group.
+    """
+
+    def __init__(self, inner: GradientEstimator, ranks: "Ranks"):
+        self.inner = inner
+        self.ranks = ranks
+        self.exact = inner.exact
+        self.noisy_gradient = inner.noisy_gradient
+
+    def prepare(self, point: Tensor) -> Tensor:
+        return self.inner.prepare(point)
+
+    def estimate(self, point: Tensor) -> Estimate:
+        import torch.distributed as dist
+
+        local = self.inner.estimate(point)
+        both = torch.cat([local.potential.reshape(1).to(local.grad.dtype), local.grad.reshape(-1)])
+        both = both.to(self.ranks.device)
+        dist.all_reduce(both, group=self.ranks.group)
+        both = both.to(local.grad.device) / self.ranks.world_size
+        return Estimate(both[0].to(local.potential.dtype), both[1:].view_as(local.grad))
+
+    def _average(self, tensor: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        total = tensor.detach().to(self.ranks.device, copy=True)
+        dist.all_reduce(total, group=self.ranks.group)
+        return total.to(tensor.device) / self.ranks.world_size
+
+    def fixed_potential(self, averaged: bool = False) -> Callable[[Tensor], Tensor]:
+        """The average over the ranks of the inner ``fixed_potential``, with the average of their
+        gradients (first order only: curvature comes from :meth:`hessian_vector_product`)."""
+        local = self.inner.fixed_potential(averaged)
+
+        def potential(point: Tensor) -> Tensor:
+            value = local(_AverageGradient.apply(point, self._average))
+            return value + (self._average(value) - value.detach())
+
+        return potential
+
+    def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
+        """The average over the ranks of their Hessian-vector products (``v`` must be the same on
+        every rank: the kernel draws it from generators seeded alike)."""
+        local = self.inner.hessian_vector_product(point, averaged)
+        return lambda v: self._average(local(v))
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+class _AverageGradient(torch.autograd.Function):
+    """The identity, whose backward replaces the gradient by its average over the ranks: the
+    gradient of a replicated point under a potential that each rank evaluates on its shard."""
+
+    @staticmethod
+    def forward(ctx: Any, point: Tensor, average: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.average = average
+        return point.view_as(point)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.average(grad), None

@@ -36,6 +36,7 @@ from .._validation import (
     check_options,
 )
 from ..functional import NonFiniteError
+from ..functional.distributed import Ranks, check_replicas
 from ..samplers import SGMCMCOptimizer
 from .adaptation import Adaptation, WarmupAdapter, Whitening
 from .estimators import (
@@ -45,6 +46,7 @@ from .estimators import (
     GradientEstimator,
     MinibatchPotential,
     SelfSubsampledPotential,
+    ShardedPotential,
 )
 from .potential import (
     FlatLayout,
@@ -82,7 +84,8 @@ _OTHER_OPTIONS = {
     "generator": "the kernel's noise follows torch's global generator (pyro.set_rng_seed), as its minibatches do",
 }
 #: Sampler arguments the kernel sets itself.
-_SET_BY_KERNEL = {"self", "params", "lr", "temperature", "nbeta", "diagnostics", "generator"}
+_SET_BY_KERNEL = {"self", "params", "lr", "temperature", "nbeta", "diagnostics", "generator", "distributed",
+                  "process_group"}
 #: Estimates of the Monte Carlo error are checked only with at least this many samples.
 _MIN_SAMPLES_TO_JUDGE = 50
 #: A step size that ends warmup below this share of its last measurement (7 halvings) has collapsed.
@@ -258,6 +261,22 @@ class SGMCMCKernel(MCMCKernel):
         values of their latent sites or minibatch.
     :param jit_options: keyword arguments of ``torch.jit.trace`` (default ``{"check_trace": False}``).
     :param ignore_jit_warnings: silence the tracer's warnings.
+    :param distributed: ``"replicated"`` for one chain over the ranks of ``torch.distributed``,
+        each rank with a shard of the data (``None``: one process). Each rank's model (or
+        ``potential_fn``) is the potential as its shard estimates it: the prior once and the
+        shard's likelihood scaled by the number of ranks (e.g. inside
+        ``pyro.poutine.scale(scale=world_size)``), with the shard's own subsampled plate; every
+        potential and gradient the kernel uses is the average over the ranks
+        (:class:`~pyro_sgmcmc.infer.estimators.ShardedPotential`: the full potential), the chain
+        starts at rank 0's initial point, and its sampler adds the same noise on every rank
+        (``distributed="replicated"`` of :mod:`pyro_sgmcmc.samplers`). Every rank then holds the
+        same chain and the same samples (keep rank 0's). Warmup draws random probes from torch's
+        global generator: seed every rank alike (``pyro.set_rng_seed``). After each sample the
+        ranks' chains are compared (one all-gather of one integer), and a chain that differs
+        raises :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError`. Not with
+        ``control_variates`` (its mode search is not sharded yet), nor with ``MCMC``'s
+        ``num_chains > 1``.
+    :param process_group: the group (default: the default group); only with ``distributed``.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...), checked when the kernel is made.
 
@@ -308,6 +327,8 @@ class SGMCMCKernel(MCMCKernel):
         jit_compile: bool = False,
         jit_options: dict[str, Any] | None = None,
         ignore_jit_warnings: bool = False,
+        distributed: str | None = None,
+        process_group: Any = None,
         **sampler_options: Any,
     ) -> None:
         if not hasattr(type(self), "sampler_class"):
@@ -353,6 +374,14 @@ class SGMCMCKernel(MCMCKernel):
         self.jit_options = check_mapping("jit_options", jit_options, what="a dict of torch.jit.trace options",
                                          none_ok=True)
         self.ignore_jit_warnings = check_flag("ignore_jit_warnings", ignore_jit_warnings)
+        self.distributed = check_choice("distributed", distributed, (None, "replicated"))
+        if process_group is not None and self.distributed is None:
+            raise ValueError("Invalid process_group: given with distributed=None (only with distributed='replicated')")
+        if self.distributed is not None and control_variates is not False:
+            raise ValueError("Invalid control_variates: not with distributed='replicated' (the mode search is not "
+                             "sharded across ranks yet)")
+        self.process_group = process_group
+        self._ranks: Ranks | None = None
         self.sampler_options = self._check_sampler_options(sampler_options)
         if self.exact_gaussian and "reference_curvature" not in self._sampler_parameters():
             raise ValueError(f"Invalid exact_gaussian: {self.sampler_class.__name__} has no reference_curvature "
@@ -411,6 +440,8 @@ class SGMCMCKernel(MCMCKernel):
         built, and a valid initial point is found."""
         self._reset()
         self._warmup_steps = check_integer("warmup_steps", warmup_steps)
+        if self.distributed is not None:
+            self._ranks = Ranks.of(self.process_group)
         if self.model is not None:
             sites = model_sites(self.model, args, kwargs)
             transforms = sites.transforms
@@ -425,6 +456,9 @@ class SGMCMCKernel(MCMCKernel):
             potential = self.potential_fn
             self._minibatches = self.stochastic_potential
             draw = None
+        if draw is not None and self._ranks is not None:
+            draw_here = draw
+            draw = lambda: self._from_rank_0(draw_here())  # noqa: E731
         if self._restored is not None:
             initial = self._restored_point()
         elif self._user_initial_params is not None:
@@ -433,11 +467,15 @@ class SGMCMCKernel(MCMCKernel):
             initial = draw()
         else:
             raise ValueError("With potential_fn, give initial_params (to MCMC, as for HMC)")
+        if self._ranks is not None:
+            initial = self._from_rank_0(initial)
         self._layout = FlatLayout(initial)
         evaluator = PotentialEvaluator(potential, self._layout.unflatten, is_model=self.model is not None,
                                        jit_compile=self.jit_compile, jit_options=self.jit_options,
                                        ignore_jit_warnings=self.ignore_jit_warnings)
         self._estimator = self._make_estimator(evaluator, sites.plates if self.model is not None else [])
+        if self._ranks is not None:
+            self._estimator = ShardedPotential(self._estimator, self._ranks)
         if type(self._estimator) is ExactPotential and self.potential_fn is not None and self._restored is None:
             self._detect_subsampling(initial)
         def valid(point: dict[str, Tensor]) -> bool:
@@ -449,6 +487,11 @@ class SGMCMCKernel(MCMCKernel):
                 raise ValueError("Invalid initial_params: the potential energy or its gradient is not finite there")
             initial = find_initial_point(draw, valid)
         self._initial_params = initial
+
+    def _from_rank_0(self, point: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rank 0's ``point``, on every rank (a collective)."""
+        layout = FlatLayout(point)
+        return {name: value.clone() for name, value in layout.unflatten(self._ranks.broadcast(layout.flatten(point))).items()}
 
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
@@ -517,6 +560,8 @@ class SGMCMCKernel(MCMCKernel):
                 self._step()
         if self._t >= self._warmup_steps:
             self._monitor.record(self._z.detach(), self._estimate.potential)
+        if self._ranks is not None:
+            check_replicas([self._z], self._ranks, what="chain state")
         self._t += 1
         return {name: value.clone() for name, value in self._layout.unflatten(self._theta()).items()}
 
@@ -573,6 +618,8 @@ class SGMCMCKernel(MCMCKernel):
             self._sampler = self.sampler_class([{"params": [("z", self._z)]}], lr=tuning.step_size,
                                                temperature=self.temperature,
                                                diagnostics="mala" if self.sampler_class.langevin else False,
+                                               distributed="replicated" if self._ranks is not None else None,
+                                               process_group=self.process_group if self._ranks is not None else None,
                                                **options)
         if self._t < self._adapter.arrival_end or self._adapter.frozen:
             # while arriving, the sampler adapts nothing of its own: PSGLD's squared-gradient

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError
-from ..functional._step import Step, execute
+from ..functional._step import Ballot, Step, execute
 from ..functional.distributed import MODES, Ranks, check_replicas, share_noise
 from .._validation import (check_choice, check_instance, check_integer, check_mask, check_number,
                            check_schedule)
@@ -479,18 +479,24 @@ class SGMCMCOptimizer(Optimizer):
 
     def _run(self, work: list[tuple]) -> None:
         """Update every group of ``work`` as one step: all or nothing (see the class docstring)."""
-        if not work:
-            return
         if self._first_step:
             self._check_distributed()
+        # the ranks of a sharded chain refuse a step together, even a rank with nothing to step
+        ballot = Ballot(self.ranks.agree) if self.distributed == "sharded" else None
+        if not work:
+            if ballot is not None:
+                execute([], self._noise, ballot)
+            return
         diagnostics = Diagnostics() if self.track_diagnostics else None
         steps: list[Step] = []
         try:
             for index, group, params, grads, masks, targets in work:
                 steps.append(self._update_group(group, params, grads, masks, diagnostics, targets))
             tasks = steps[0][0] if len(steps) == 1 else [task for step in steps for task in step[0]]
-            results = execute(tasks, self._noise)
+            results = execute(tasks, self._noise, ballot)
         except NonFiniteError as error:
+            if ballot is not None and not ballot.cast:
+                ballot(False)
             self._forget_fresh_state()
             refusal = self._refusal(error, work, steps)
             if self._noise.interrupted:  # nothing changed; the user asked to stop
@@ -498,6 +504,8 @@ class SGMCMCOptimizer(Optimizer):
                 raise KeyboardInterrupt from refusal
             raise refusal from None
         except BaseException:
+            if ballot is not None and not ballot.cast:
+                ballot(False)
             self._forget_fresh_state()
             raise
         if self._fresh:
