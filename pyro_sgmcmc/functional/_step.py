@@ -74,6 +74,13 @@ class Task:
     #: which of a chunk's views hold the candidate: ``"noise"`` (its first buffer) or ``"spares"``
     candidate = "noise"
 
+    @property
+    def ahead_std(self) -> float | None:
+        """The scale of the noise :meth:`finish` draws into each chunk's ``spare`` buffer with
+        :func:`~pyro_sgmcmc.functional._noise.draw` (so that it can be drawn ahead), or ``None``
+        where it draws otherwise (then nothing is drawn ahead)."""
+        return None
+
     def __init__(self, plan: NoisePlan, indices: list[int]):
         self.plan, self.indices = plan, indices
         self.ops = self.grads = self.limit = self._bound = None
@@ -175,15 +182,23 @@ def run(step: Step, noise: NoiseSource) -> list[list[Any]]:
 def execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None = None) -> list[list[Any]]:
     """Run ``tasks`` as one step, all or nothing (see the module docstring); return each task's
     chunk results in chunk order. With a ``ballot``, the step is applied only if every process
-    approves it; the ballot is cast exactly once, also when this process refuses."""
-    if ballot is None:
+    approves it; the ballot is cast exactly once, also when this process refuses. Noise drawn
+    ahead (:meth:`NoiseSource.draw_ahead <pyro_sgmcmc.functional.NoiseSource.draw_ahead>`) is
+    used if it is this step's, else given back; a refused step gives it back too."""
+    if noise.ahead is not None:
+        task = tasks[0] if len(tasks) == 1 else None
+        noise.settle(None if task is None else task.plan, None if task is None else task.ahead_std)
+    if ballot is None and noise.ahead is None:
         return _execute(tasks, noise, None)
     try:
-        return _execute(tasks, noise, ballot)
+        results = _execute(tasks, noise, ballot)
     except BaseException:
-        if not ballot.cast:
+        noise.cancel_ahead()
+        if ballot is not None and not ballot.cast:
             ballot(False)
         raise
+    noise.claimed()
+    return results
 
 
 def _execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None) -> list[list[Any]]:

@@ -180,6 +180,12 @@ class SGMCMCOptimizer(Optimizer):
         when the sampler is made, a collective: every rank must make it.
     :param process_group: the group the chain spans (default: the default group); only with
         ``distributed="replicated"`` or ``"sharded"``.
+    :param noise_ahead: right after each step, start drawing the next step's noise in the noise
+        threads, so that it overlaps the caller's forward and backward passes (samplers that
+        offer it: SGLD). The numbers are those drawn in ``step()``, bit for bit, and
+        ``state_dict()`` is the same (noise drawn ahead and not used is given back). Drawn ahead
+        only for one parameter group of one device and dtype, on the CPU, of at most
+        ``NUM_STREAMS`` noise chunks (4M entries): beyond, each chunk has no buffer of its own.
 
     **A refused step changes nothing.** :meth:`step` raises
     :class:`~pyro_sgmcmc.functional.NonFiniteError` (naming the parameter) when a gradient holds
@@ -232,8 +238,10 @@ class SGMCMCOptimizer(Optimizer):
         diagnostics: bool | str = False,
         distributed: str | None = None,
         process_group: Any = None,
+        noise_ahead: bool = False,
     ) -> None:
         diagnostics = check_choice("diagnostics", diagnostics, (True, False, "mala"))
+        self.noise_ahead = check_choice("noise_ahead", noise_ahead, (False, True))
         generator = check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
         foreach = check_choice("foreach", foreach, (None, True, False))
         distributed = check_choice("distributed", distributed, (None, *MODES))
@@ -511,6 +519,8 @@ class SGMCMCOptimizer(Optimizer):
         if self._fresh:
             self._fresh.clear()
             self._fresh_rng = None
+        if self.noise_ahead and len(tasks) == 1 and tasks[0].ahead_std:
+            self._noise.draw_ahead(tasks[0].plan, tasks[0].ahead_std)
         offset = 0
         for step_tasks, post in steps:
             if post is not None:

@@ -1,0 +1,114 @@
+"""Noise drawn ahead (``noise_ahead=True``): the next step's noise is drawn in the noise threads
+right after a step; the chain, the refusals and the saved state are bit for bit those of drawing
+in ``step()``, whatever happens between steps (a scale that changes, a refused step, a
+checkpoint, a reload)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pyro_sgmcmc.functional import NonFiniteError
+from pyro_sgmcmc.samplers import SGLD
+
+#: one noise chunk (the common case); three chunks (each its own buffer); two groups (not drawn ahead)
+SHAPES = {"one chunk": [(30, 20), (20,)], "three chunks": [(2_200_000,)], "two groups": [(30, 20), (20,)]}
+
+
+def make(shapes, ahead: bool, **options):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in shapes]
+    groups = [{"params": [p]} for p in params] if options.pop("groups", False) else params
+    return params, SGLD(groups, lr=1e-3, generator=torch.Generator().manual_seed(1), noise_ahead=ahead, **options)
+
+
+def run(params, sampler, steps, events=()):
+    """``steps`` steps on the quadratic potential |p - 1|^2 / 2; ``events[k]`` runs before step k."""
+    events = dict(events)
+    for k in range(steps):
+        if k in events:
+            events[k](params, sampler)
+        for p in params:
+            p.grad = p.detach() - 1.0
+        sampler.step()
+    return [p.detach().clone() for p in params]
+
+
+def refuse_once(params, sampler):
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    with pytest.raises(NonFiniteError):
+        sampler.step()
+
+
+def halve_lr(params, sampler):
+    for group in sampler.param_groups:
+        group["lr"] /= 2
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_noise_ahead_is_the_same_chain(case):
+    events = {2: refuse_once, 3: halve_lr, 5: lambda params, sampler: sampler.state_dict()}
+    paths = []
+    for ahead in (False, True):
+        params, sampler = make(SHAPES[case], ahead, groups=case == "two groups")
+        paths.append(run(params, sampler, 8, events))
+        if ahead:
+            assert (sampler._noise.ahead is not None) == (case != "two groups")  # drawing the next one
+    for plain, ahead in zip(*paths):
+        assert torch.equal(plain, ahead)
+
+
+def test_noise_ahead_saves_and_resumes_exactly():
+    """A checkpoint taken while the next step's noise is drawn holds the streams from before it:
+    the same state as without drawing ahead; resumed (either way), the chain goes on unchanged."""
+    params, plain = make(SHAPES["one chunk"], False)
+    run(params, plain, 4)
+    expected_state = copy.deepcopy(plain.state_dict())
+    expected = run(params, plain, 4)
+
+    params, ahead = make(SHAPES["one chunk"], True)
+    run(params, ahead, 4)
+    state = copy.deepcopy(ahead.state_dict())
+    for saved, wanted in zip(state["noise_state"]["streams"], expected_state["noise_state"]["streams"]):
+        assert torch.equal(saved, wanted)
+    at = [p.detach().clone() for p in params]
+    assert torch.equal(run(params, ahead, 4)[0], expected[0])
+
+    for noise_ahead in (True, False):
+        with torch.no_grad():
+            for p, value in zip(params, at):
+                p.copy_(value)
+        resumed = SGLD(params, lr=1e-3, noise_ahead=noise_ahead)
+        resumed.load_state_dict(state)
+        assert torch.equal(run(params, resumed, 4)[0], expected[0])
+
+
+def test_noise_ahead_option_is_checked():
+    theta = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="Invalid noise_ahead"):
+        SGLD([theta], lr=1e-3, noise_ahead="yes")
+
+
+def test_steps_use_the_noise_drawn_ahead(monkeypatch):
+    """Once running, a step draws no noise itself: the noise threads drew it after the last step."""
+    import threading
+
+    import pyro_sgmcmc.functional._noise as noise_module
+
+    drawn_in_step = []
+    fill = noise_module.fill
+
+    def counting(flat, std, generator):
+        drawn_in_step.append(threading.current_thread() is threading.main_thread())
+        fill(flat, std, generator)
+
+    monkeypatch.setattr(noise_module, "fill", counting)
+    params, sampler = make(SHAPES["three chunks"], True)
+    run(params, sampler, 2)
+    sampler._noise.ahead.wait()
+    drawn_in_step.clear()
+    run(params, sampler, 3)
+    sampler._noise.ahead.wait()
+    assert len(drawn_in_step) == 3 * 3 and not any(drawn_in_step)
