@@ -296,4 +296,38 @@ def kernels(rank: int, world: int) -> dict[str, torch.Tensor]:
     """The exact-potential chain (to compare with one process), and one on minibatches of each
     rank's shard with warmup's adaptation (to compare across ranks)."""
     torch.set_default_dtype(torch.float64)
-    return {"exact": kernel_chain(world, rank), "minibatch": kernel_chain(world, rank, batch=8, adapt=True)}
+    return {"exact": kernel_chain(world, rank), "minibatch": kernel_chain(world, rank, batch=8, adapt=True),
+            "svi": svi_chain(world, rank), "svi_apart": svi_apart(rank, world)}
+
+
+def svi_apart(rank: int, world: int) -> str:
+    """SVI with the ranks seeded apart: their guides start at different points, refused."""
+    from pyro_sgmcmc.functional.distributed import ReplicaMismatchError
+
+    try:
+        svi_chain(world, rank, steps=1, seed=5 + rank)
+    except ReplicaMismatchError as error:
+        return str(error)
+    return "no error"
+
+
+def svi_chain(world: int = 1, rank: int = 0, steps: int = 10, seed: int = 5) -> torch.Tensor:
+    """SVI with the SGLD Pyro optimizer on this rank's shard (seeded alike: the guide's
+    initialisation draws); the flat parameters after each step."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    import pyro_sgmcmc.optim
+    from pyro_sgmcmc.infer import AutoUnconstrainedDelta
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x, y = regression_data()
+    optimizer = pyro_sgmcmc.optim.SGLD({"lr": 2e-3}, distributed="replicated" if world > 1 else None)
+    svi = SVI(regression, AutoUnconstrainedDelta(regression), optimizer, Trace_ELBO())
+    path = []
+    for _ in range(steps):
+        svi.step(x[rank::world], y[rank::world], world)
+        store = pyro.get_param_store()
+        path.append(torch.cat([store[name].detach().reshape(-1) for name in sorted(store.keys())]).clone())
+    return torch.stack(path)

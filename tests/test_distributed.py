@@ -161,3 +161,19 @@ def test_kernel_on_sharded_minibatches_keeps_ranks_identical(kernels):
     samples (the kernel compares the ranks' chains after each sample)."""
     assert torch.equal(kernels[0]["minibatch"], kernels[1]["minibatch"])
     assert bool(torch.isfinite(kernels[0]["minibatch"]).all())
+
+
+def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
+    """SVI with pyro_sgmcmc.optim.SGLD(distributed='replicated'), each rank on its shard: the
+    gradients averaged over the ranks; the one-process chain. Guides that start apart are refused."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = ranks.svi_chain()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(kernels[0]["svi"], kernels[1]["svi"])
+    assert (kernels[0]["svi"] - single).abs().max() < WORLD_SIZE_TOLERANCE
+    assert (single[-1] - single[0]).abs().max() > 1e-3
+    for rank_result in kernels:
+        assert "replicas of the chain differ" in rank_result["svi_apart"]

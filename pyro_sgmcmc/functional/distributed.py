@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ._noise import NoiseSource
 
-__all__ = ["MODES", "Ranks", "ReplicaMismatchError", "check_replicas", "fingerprints", "share_noise"]
+__all__ = ["MODES", "Ranks", "ReplicaMismatchError", "check_process_group", "check_replicas", "fingerprints",
+           "share_noise"]
 
 #: The ways a sampler can run under ``torch.distributed`` (``None``: not said; see the module docstring).
 #: ``"independent"``: each rank runs a chain of its own (its own seed), on purpose.
@@ -110,6 +111,40 @@ class Ranks:
         out = [torch.empty_like(buffer) for _ in range(self.world_size)]
         dist.all_gather(out, buffer, group=self.group)
         return [t.to(tensor.device) for t in out]
+
+
+def check_process_group(process_group: Any, distributed: str | None,
+                        spanning: tuple[str, ...] = ("replicated", "sharded")) -> None:
+    """A ``process_group`` is a ``torch.distributed`` one (or ``None``), and is given only with a
+    ``distributed`` mode in ``spanning`` (a chain that spans ranks)."""
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"Invalid process_group: {process_group!r} (must be a torch.distributed ProcessGroup "
+                        "or None)")
+    if distributed not in spanning:
+        accepted = " or ".join(repr(mode) for mode in spanning)
+        raise ValueError(f"Invalid process_group: given with distributed={distributed!r} (only with "
+                         f"distributed={accepted})")
+
+
+def average(tensors: Sequence[Tensor], ranks: Ranks) -> None:
+    """Replace each of ``tensors`` (in place) by its average over the ranks: one all-reduce of
+    them all, flattened together (a collective)."""
+    import torch.distributed as dist
+
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(ranks.device)
+    dist.all_reduce(flat, group=ranks.group)
+    flat = flat.to(tensors[0].device) / ranks.world_size
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:

@@ -36,7 +36,7 @@ from .._validation import (
     check_options,
 )
 from ..functional import NonFiniteError
-from ..functional.distributed import Ranks, check_replicas
+from ..functional.distributed import Ranks, check_process_group, check_replicas
 from ..samplers import SGMCMCOptimizer
 from .adaptation import Adaptation, WarmupAdapter, Whitening
 from .estimators import (
@@ -375,8 +375,7 @@ class SGMCMCKernel(MCMCKernel):
                                          none_ok=True)
         self.ignore_jit_warnings = check_flag("ignore_jit_warnings", ignore_jit_warnings)
         self.distributed = check_choice("distributed", distributed, (None, "replicated"))
-        if process_group is not None and self.distributed is None:
-            raise ValueError("Invalid process_group: given with distributed=None (only with distributed='replicated')")
+        check_process_group(process_group, self.distributed, ("replicated",))
         if self.distributed is not None and control_variates is not False:
             raise ValueError("Invalid control_variates: not with distributed='replicated' (the mode search is not "
                              "sharded across ranks yet)")

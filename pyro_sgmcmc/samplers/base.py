@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError
 from ..functional._step import Ballot, Step, execute
-from ..functional.distributed import MODES, Ranks, check_replicas, share_noise
+from ..functional.distributed import MODES, Ranks, check_process_group, check_replicas, share_noise
 from .._validation import (check_choice, check_instance, check_integer, check_mask, check_number,
                            check_schedule)
 from ._mala import MalaTracker
@@ -245,7 +245,7 @@ class SGMCMCOptimizer(Optimizer):
         generator = check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
         foreach = check_choice("foreach", foreach, (None, True, False))
         distributed = check_choice("distributed", distributed, (None, *MODES))
-        _check_process_group(process_group, distributed)
+        check_process_group(process_group, distributed)
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
@@ -829,20 +829,6 @@ class SGMCMCOptimizer(Optimizer):
 
     def _after_load(self, group: dict[str, Any]) -> None:
         """Per-group state after loading (e.g. a thermostat moved to the parameters' device)."""
-
-
-def _check_process_group(process_group: Any, distributed: str | None) -> None:
-    """A process group is a ``torch.distributed`` one, and only for a chain that spans ranks."""
-    if process_group is None:
-        return
-    import torch.distributed as dist
-
-    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise TypeError(f"Invalid process_group: {process_group!r} (must be a torch.distributed ProcessGroup "
-                        "or None)")
-    if distributed not in ("replicated", "sharded"):
-        raise ValueError(f"Invalid process_group: given with distributed={distributed!r} (only with "
-                         "distributed='replicated' or 'sharded')")
 
 
 def _all_options() -> set[str]:
