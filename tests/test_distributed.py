@@ -137,6 +137,16 @@ def test_options_need_an_initialized_group():
         SGLD([theta], lr=1e-3, distributed="replicated", process_group="world")
 
 
+def in_float64(fn):
+    """``fn()`` with float64 as torch's default dtype (as in the ranks)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return fn()
+    finally:
+        torch.set_default_dtype(default)
+
+
 @pytest.fixture(scope="module")
 def kernels(two_ranks):
     return [rank_result["kernels"] for rank_result in two_ranks]
@@ -145,12 +155,7 @@ def kernels(two_ranks):
 def test_kernel_on_sharded_data_is_the_one_process_chain(kernels):
     """The SGLD kernel with each rank's shard (its likelihood scaled by 2): the chain is the
     one-process chain on all the data, up to the order in which the ranks' potentials add."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        single = ranks.kernel_chain()
-    finally:
-        torch.set_default_dtype(default)
+    single = in_float64(ranks.kernel_chain)
     assert torch.equal(kernels[0]["exact"], kernels[1]["exact"])
     assert (kernels[0]["exact"] - single).abs().max() < WORLD_SIZE_TOLERANCE
     assert (single[-1] - single[0]).abs().max() > 1e-3
@@ -166,12 +171,7 @@ def test_kernel_on_sharded_minibatches_keeps_ranks_identical(kernels):
 def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
     """SVI with pyro_sgmcmc.optim.SGLD(distributed='replicated'), each rank on its shard: the
     gradients averaged over the ranks; the one-process chain. Guides that start apart are refused."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        single = ranks.svi_chain()
-    finally:
-        torch.set_default_dtype(default)
+    single = in_float64(ranks.svi_chain)
     assert torch.equal(kernels[0]["svi"], kernels[1]["svi"])
     assert (kernels[0]["svi"] - single).abs().max() < WORLD_SIZE_TOLERANCE
     assert (single[-1] - single[0]).abs().max() > 1e-3

@@ -112,3 +112,16 @@ def test_steps_use_the_noise_drawn_ahead(monkeypatch):
     run(params, sampler, 3)
     sampler._noise.ahead.wait()
     assert len(drawn_in_step) == 3 * 3 and not any(drawn_in_step)
+
+
+def test_a_copy_gives_the_noise_drawn_ahead_back():
+    """``copy.deepcopy`` of a sampler's noise source while it draws ahead works (the draws do
+    not copy: they are given back first), and the sampler goes on as drawing in ``step()`` would."""
+    params, plain = make(SHAPES["one chunk"], False)
+    run(params, plain, 2)
+    expected = run(params, plain, 2)[0]
+    params, ahead = make(SHAPES["one chunk"], True)
+    run(params, ahead, 2)
+    copy.deepcopy(ahead._noise)
+    assert ahead._noise.ahead is None
+    assert torch.equal(run(params, ahead, 2)[0], expected)

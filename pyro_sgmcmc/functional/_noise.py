@@ -235,15 +235,22 @@ class Ahead:
     :param futures: the draws, one per chunk, in the noise threads.
     """
 
-    __slots__ = ("plan", "std", "states", "futures", "settled")
+    __slots__ = ("plan", "std", "states", "futures", "settled", "pid")
 
     def __init__(self, plan: NoisePlan, std: float, states: list[Tensor], futures: list[Any]):
         self.plan, self.std, self.states, self.futures = plan, std, states, futures
         self.settled = False  # the draws are done and their chunks marked for the coming step
+        self.pid = os.getpid()  # a forked child has the buffers but not the threads that fill them
+
+    @property
+    def here(self) -> bool:
+        """Whether the draws run in this process (not in the parent of a forked child)."""
+        return self.pid == os.getpid()
 
     def wait(self) -> None:
-        for future in self.futures:
-            future.result()
+        if self.here:
+            for future in self.futures:
+                future.result()
 
 
 class NoiseSource:
@@ -315,7 +322,7 @@ class NoiseSource:
         if ahead is None:
             return
         ahead.wait()
-        if plan is ahead.plan and std == ahead.std:
+        if ahead.here and plan is ahead.plan and std == ahead.std:
             for chunk in plan.chunks:
                 chunk.ahead = True
             ahead.settled = True
@@ -386,6 +393,10 @@ class NoiseSource:
         if self.interrupted:
             self.interrupted = False
             raise KeyboardInterrupt
+
+    def __getstate__(self) -> dict[str, Any]:
+        self.cancel_ahead()  # the draws' futures do not copy; the streams go back to before them
+        return dict(self.__dict__)
 
     def state_dict(self) -> dict[str, Any]:
         self.cancel_ahead()
