@@ -145,6 +145,10 @@ def replicated(rank: int, world: int, names: tuple[str, ...], everything: bool =
         warnings.simplefilter("always")
         drift = chain(model, make("SGLD", model.parameters()), rows_of(rank, world), STEPS)
     out["unsaid"] = {"path": drift, "warnings": [str(w.message) for w in caught]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chain(model, make("SGLD", model.parameters(), distributed="independent"), rows_of(rank, world), 1)
+    out["independent_warnings"] = [str(w.message) for w in caught]
     if everything:
         out["mismatch"] = mismatch(rank, world)
         out["zero"] = sharded(rank, world)

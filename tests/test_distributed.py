@@ -74,6 +74,7 @@ def test_unsaid_mode_drifts_and_warns(two_ranks):
     assert (paths[0] - paths[1]).abs().max() > 1e-3
     for rank_result in two_ranks:
         assert any("distributed='replicated'" in text for text in rank_result["unsaid"]["warnings"])
+        assert not any("distributed=" in text for text in rank_result["independent_warnings"])
 
 
 def test_replicas_that_differ_are_refused(two_ranks):

@@ -25,7 +25,8 @@ numbers do not depend on how many threads draw them. The streams fill their buff
 pool (torch ops release the GIL) and each chunk's update is applied right there, while the noise
 is still in cache. The streams' states are part of the sampler's state, so a saved chain resumes
 exactly. On other devices the root generator fills the chunks in order: there, drawing noise is
-cheap.
+cheap. How a step uses all this (checked first, drawn and applied after) is
+:func:`pyro_sgmcmc.functional._step.execute`.
 
 Noise drawn ahead (:meth:`NoiseSource.draw_ahead`): the noise of a step does not depend on the
 gradient, so right after a step the noise threads can draw the next step's, while the caller runs
@@ -33,8 +34,7 @@ forward and backward. The draws are the very ``normal_`` calls the next step wou
 buffers, streams and scale), so the numbers are the same bit for bit; the streams' states from
 before those draws are kept, and whatever else touches the streams first (a step whose scale
 changed, another plan, a refused step, ``state_dict``, a snapshot) puts them back and forgets the
-draws, so that nothing differs from drawing in the step but when the work is done. How a step uses all this (checked first, drawn and applied after) is
-:func:`pyro_sgmcmc.functional._step.execute`.
+draws, so that nothing differs from drawing in the step but when the work is done.
 """
 
 from __future__ import annotations

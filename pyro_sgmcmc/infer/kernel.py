@@ -490,7 +490,8 @@ class SGMCMCKernel(MCMCKernel):
     def _from_rank_0(self, point: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rank 0's ``point``, on every rank (a collective)."""
         layout = FlatLayout(point)
-        return {name: value.clone() for name, value in layout.unflatten(self._ranks.broadcast(layout.flatten(point))).items()}
+        flat = self._ranks.broadcast(layout.flatten(point))
+        return {name: value.clone() for name, value in layout.unflatten(flat).items()}
 
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
