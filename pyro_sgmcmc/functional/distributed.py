@@ -149,10 +149,11 @@ def average(tensors: Sequence[Tensor], ranks: Ranks) -> None:
 
 def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:
     """Seed ``noise`` on every rank of ``ranks`` for ``mode`` (see the module docstring): every
-    rank draws the streams' seeds (and, for parameters off the CPU, a seed for the given root
-    generator), for one rank (``"replicated"``) or for each rank (``"sharded"``), so that every
-    rank's root generator advances alike; rank 0's draw is broadcast, and each rank seeds its
-    streams with its set. A collective.
+    rank draws the streams' seeds (as many as one process would: the chain on one rank is the
+    single-process chain), or, for parameters off the CPU, a seed for the given root generator
+    (which draws the noise there), for one rank (``"replicated"``) or for each rank
+    (``"sharded"``), so that every rank's root generator advances alike; rank 0's draw is
+    broadcast, and each rank seeds with its own set. A collective.
 
     :param noise: the sampler's noise source.
     :param mode: ``"replicated"`` or ``"sharded"``.
@@ -167,13 +168,15 @@ def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[t
             f"Invalid generator: None with distributed={mode!r} and parameters on {off_cpu[0]} (pass a "
             "torch.Generator on the parameters' device: off the CPU it draws the noise, and is seeded from rank 0)")
     sets = ranks.world_size if mode == "sharded" else 1
-    per_set = noise.num_streams + 1  # the streams, and a seed for a root generator off the CPU
+    mine = ranks.rank if mode == "sharded" else 0
     # every rank draws (its root generator advances as rank 0's does); rank 0's seeds are kept
-    seeds = ranks.broadcast(noise.draw_seeds(sets * per_set))
-    mine = seeds.view(sets, per_set)[ranks.rank if mode == "sharded" else 0]
-    noise.seed_streams(mine[:-1])
-    if off_cpu:
-        noise.generator.manual_seed(int(mine[-1]))
+    if off_cpu:  # the given generator, on the parameters' device, draws the noise: reseed it
+        generator = noise.generator
+        seeds = torch.randint(0, 2**62, (sets,), generator=generator, device=generator.device, dtype=torch.int64)
+        generator.manual_seed(int(ranks.broadcast(seeds.cpu())[mine]))
+        return
+    seeds = ranks.broadcast(noise.draw_seeds(sets * noise.num_streams))  # as many as one process draws
+    noise.seed_streams(seeds.view(sets, noise.num_streams)[mine])
 
 
 #: integer dtypes of each element size, to read a tensor's bits
