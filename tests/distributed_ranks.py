@@ -103,9 +103,15 @@ SAMPLER_OPTIONS = {"SGLD": dict(lr=1e-3, nbeta=float(N_DATA)),
                    "SGHMC": dict(lr=1e-3, nbeta=float(N_DATA), friction=1.0)}
 
 
+#: a sampler drawing its noise ahead of the step: the same chain as "SGLD"
+AHEAD = "SGLD, noise ahead"
+
+
 def make(name: str, params: Any, **options: Any) -> torch.optim.Optimizer:
     from pyro_sgmcmc.samplers import SAMPLERS
 
+    if name == AHEAD:
+        return SAMPLERS["SGLD"](params, **SAMPLER_OPTIONS["SGLD"], noise_ahead=True, **options)
     return SAMPLERS[name](params, **SAMPLER_OPTIONS[name], **options)
 
 
