@@ -50,8 +50,14 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     :param generator: optional root ``torch.Generator`` of the noise.
     :param foreach: passed to the sampler.
     :param diagnostics: passed to the sampler; read them from ``.sampler.step_diagnostics``.
-    :param distributed: ``None`` or ``"replicated"`` (data sharded across ranks: see below).
+    :param distributed: ``None``, ``"replicated"`` (data sharded across ranks: see below) or
+        ``"independent"`` (a chain of its own on each rank, on purpose: silences the sampler's
+        warning when several ranks run).
     :param process_group: the ``torch.distributed`` group (default: the default group).
+    :param noise_ahead: passed to the sampler (samplers that offer it: SGLD).
+
+    These keyword options concern the whole optimizer: given as keys of ``optim_args`` they are
+    refused (naming the keyword to use), never taken for a parameter group's option.
 
     Parameters seen for the first time in a step join the sampler as a new parameter group
     (one per distinct set of options). Tensors outside Pyro's param store (``optimizer([a, b])``,
@@ -94,6 +100,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         diagnostics: bool | str = False,
         distributed: str | None = None,
         process_group: Any = None,
+        noise_ahead: bool = False,
     ) -> None:
         if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
             raise TypeError(
@@ -107,8 +114,12 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
         check_choice("foreach", foreach, (None, True, False))
         check_choice("diagnostics", diagnostics, (True, False, "mala"))
-        check_choice("distributed", distributed, (None, "replicated"))
+        check_choice("distributed", distributed, (None, "replicated", "independent"))
         check_process_group(process_group, distributed, ("replicated",))
+        check_choice("noise_ahead", noise_ahead, (False, True))
+        if noise_ahead and "noise_ahead" not in inspect.signature(sampler_constructor.__init__).parameters:
+            raise ValueError(f"Invalid noise_ahead: True, but {sampler_constructor.__name__} does not draw its noise "
+                             "ahead (samplers that do: SGLD)")
         self._accepted = _group_options(sampler_constructor)
         self._where = f"{type(self).__module__.split('.')[0]}.optim.{sampler_constructor.__name__}"
         if not callable(optim_args):
@@ -120,6 +131,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         super().__init__(sampler_constructor, optim_args, clip_args)
         self.sampler_options = dict(generator=generator, foreach=foreach, diagnostics=diagnostics,
                                     distributed=distributed, process_group=process_group)
+        if noise_ahead:
+            self.sampler_options["noise_ahead"] = True
         self._ranks: Ranks | None = None
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}
@@ -132,7 +145,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     def _check_options(self, options: Mapping[str, Any]) -> None:
         check_options(options, self._accepted, self._where, hints={
             key: f"it is an option of the Pyro optimizer itself: {self._where}(optim_args, {key}=...)"
-            for key in ("generator", "foreach", "diagnostics", "distributed", "process_group")})
+            for key in _OPTIMIZER_WIDE})
 
     def freeze_adaptation(self) -> None:
         """Stop the sampler's own adaptation (PSGLD's preconditioner), now and for parameters
@@ -173,7 +186,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         """The updated values of ``params`` after one sampling step, differentiable in ``params``
         (the noise is a reparameterised draw). The sampler's state (momenta, thermostats, step
         counts, noise streams) advances as in :meth:`step`; ``params`` themselves are unchanged."""
-        if self.sampler_options["distributed"] is not None:
+        if self.sampler_options["distributed"] == "replicated":
             raise ValueError("Invalid distributed: get_step (a differentiable step) is not supported with "
                              "distributed='replicated'; use step")
         values = list(params.values())
@@ -259,7 +272,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                     f"Parameter {name!r} was replaced by a new tensor after the sampler started "
                     "(was the param store cleared?); make a new optimizer for a new run"
                 )
-        if self.sampler_options["distributed"] is not None:
+        if self.sampler_options["distributed"] == "replicated":
             if self._ranks is None:
                 self._ranks = Ranks.of(self.sampler_options["process_group"])
             # the first gradient was taken at each rank's values: they must be one point already
@@ -377,12 +390,17 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         self.set_state(state)
 
 
+#: The sampler's options that concern the whole optimizer, not a parameter group: keyword
+#: arguments of the Pyro optimizer itself, never keys of ``optim_args``.
+_OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead")
+
+
 def _group_options(sampler_class: type[SGMCMCOptimizer]) -> list[str]:
     """The options a Pyro optimizer of ``sampler_class`` takes in ``optim_args``: the keyword
     arguments of its constructor but the optimizer-wide ones."""
     parameters = inspect.signature(sampler_class.__init__).parameters
     return [name for name, parameter in parameters.items()
-            if name not in ("self", "params", "generator", "foreach", "diagnostics")
+            if name not in ("self", "params") + _OPTIMIZER_WIDE
             and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
 
 
@@ -439,9 +457,11 @@ class _NamedPyroOptim(SGMCMCPyroOptim):
 
     def __init__(self, optim_args: OptimArgs, clip_args: OptimArgs | None = None, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
-                 diagnostics: bool | str = False, distributed: str | None = None, process_group: Any = None) -> None:
+                 diagnostics: bool | str = False, distributed: str | None = None, process_group: Any = None,
+                 noise_ahead: bool = False) -> None:
         super().__init__(self.sampler_class, optim_args, clip_args, generator=generator, foreach=foreach,
-                         diagnostics=diagnostics, distributed=distributed, process_group=process_group)
+                         diagnostics=diagnostics, distributed=distributed, process_group=process_group,
+                         noise_ahead=noise_ahead)
 
 
 class SGLD(_NamedPyroOptim):
@@ -454,7 +474,7 @@ class SGLD(_NamedPyroOptim):
     :param clip_args: gradient clipping, as in Pyro.
 
     The keyword options (``generator``, ``foreach``, ``diagnostics``, ``distributed``,
-    ``process_group``): see :class:`SGMCMCPyroOptim`.
+    ``process_group``, ``noise_ahead``): see :class:`SGMCMCPyroOptim`.
     """
 
     sampler_class = samplers.SGLD
