@@ -269,10 +269,11 @@ def sharded(rank: int, world: int) -> dict[str, Any]:
 N_ROWS, N_FEATURES = 64, 2
 
 
-def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+def regression_data(features: int = N_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(N_ROWS, N_FEATURES, generator=g, dtype=torch.float64)
-    return x, x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(N_ROWS, generator=g, dtype=torch.float64)
+    x = torch.randn(N_ROWS, features, generator=g, dtype=torch.float64)
+    coefficients = torch.tensor([1.0, -0.5], dtype=torch.float64).repeat(features)[:features]
+    return x, x @ coefficients + torch.randn(N_ROWS, generator=g, dtype=torch.float64)
 
 
 def regression(x: torch.Tensor, y: torch.Tensor, world: int = 1, batch: int | None = None) -> None:
@@ -280,33 +281,96 @@ def regression(x: torch.Tensor, y: torch.Tensor, world: int = 1, batch: int | No
     import pyro
     import pyro.distributions as pdist
 
-    w = pyro.sample("w", pdist.Normal(torch.zeros(N_FEATURES, dtype=torch.float64), 3.0).to_event(1))
+    w = pyro.sample("w", pdist.Normal(torch.zeros(x.shape[1], dtype=torch.float64), 3.0).to_event(1))
     with pyro.poutine.scale(scale=float(world)), pyro.plate("data", len(y), subsample_size=batch) as idx:
         pyro.sample("y", pdist.Normal(x[idx] @ w, 1.0), obs=y[idx])
 
 
 def kernel_chain(world: int = 1, rank: int = 0, batch: int | None = None, adapt: bool = False,
-                 samples: int = 10) -> torch.Tensor:
-    """An SGLD kernel's samples on this rank's shard (all the data on one process)."""
+                 samples: int = 10, with_kernel: bool = False, **options: Any) -> Any:
+    """An SGLD kernel's samples on this rank's shard (all the data on one process); with
+    ``with_kernel``, the kernel too."""
     import pyro
     from pyro.infer import MCMC
 
     import pyro_sgmcmc.infer
 
-    pyro.set_rng_seed(3)  # alike on every rank: the kernel's warmup draws random probes
+    pyro.set_rng_seed(3)
     x, y = regression_data()
-    options = {} if adapt else dict(step_size=2e-3, adapt_step_size=False, adapt_mass_matrix=False)
+    if not adapt:
+        options = dict(step_size=2e-3, adapt_step_size=False, adapt_mass_matrix=False, **options)
     kernel = pyro_sgmcmc.infer.SGLD(regression, distributed="replicated" if world > 1 else None, **options)
     mcmc = MCMC(kernel, num_samples=samples, warmup_steps=10 if adapt else 0, disable_progbar=True)
     mcmc.run(x[rank::world], y[rank::world], world, batch)
+    return (mcmc.get_samples()["w"], kernel) if with_kernel else mcmc.get_samples()["w"]
+
+
+def curvature(kernel: Any) -> torch.Tensor:
+    """The kernel's Hessian-vector product (of the full potential: small data) at a fixed point,
+    along a fixed direction."""
+    point = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    return kernel._estimator.hessian_vector_product(point, averaged=True)(torch.tensor([1.0, 2.0],
+                                                                                       dtype=torch.float64))
+
+
+def uneven_probes(rank: int, world: int) -> Any:
+    """Warmup with a diagonal mass on 20 coordinates (Hutchinson's random probes) over minibatches
+    of shards of different sizes (40 and 24 rows: each rank's minibatches draw a different amount
+    from its global generator): the samples, or the error."""
+    import pyro
+    from pyro.infer import MCMC
+
+    import pyro_sgmcmc.infer
+    from pyro_sgmcmc.functional.distributed import ReplicaMismatchError
+
+    pyro.set_rng_seed(3)
+    x, y = regression_data(20)
+    rows = slice(0, 40) if rank == 0 else slice(40, None)
+    kernel = pyro_sgmcmc.infer.SGLD(regression, distributed="replicated", full_mass=False)
+    mcmc = MCMC(kernel, num_samples=3, warmup_steps=6, disable_progbar=True)
+    try:
+        mcmc.run(x[rows], y[rows], world, 8)
+    except ReplicaMismatchError as error:
+        return str(error)
     return mcmc.get_samples()["w"]
+
+
+def self_subsampled(rank: int, world: int) -> dict[str, Any]:
+    """A potential_fn that draws its own minibatch of the rank's shard, not said: the kernel
+    detects it (on the rank's own potential) as in one process."""
+    import pyro
+    from pyro.infer import MCMC
+
+    import pyro_sgmcmc.infer
+
+    pyro.set_rng_seed(4 + rank)
+    x, y = regression_data()
+    x, y = x[rank::world], y[rank::world]
+
+    def potential_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = params["w"]
+        idx = torch.randint(len(y), (8,))
+        likelihood = -0.5 * ((y[idx] - x[idx] @ w) ** 2).sum() * len(y) / 8
+        return -(world * likelihood - 0.5 * (w ** 2).sum() / 9.0)
+
+    kernel = pyro_sgmcmc.infer.SGLD(potential_fn=potential_fn, distributed="replicated", step_size=1e-3,
+                                    adapt_step_size=False, adapt_mass_matrix=False)
+    mcmc = MCMC(kernel, num_samples=3, warmup_steps=0, disable_progbar=True,
+                initial_params={"w": torch.zeros(N_FEATURES, dtype=torch.float64)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mcmc.run()
+    return {"warnings": [str(w.message) for w in caught], "inner": type(kernel._estimator.inner).__name__,
+            "samples": mcmc.get_samples()["w"]}
 
 
 def kernels(rank: int, world: int) -> dict[str, torch.Tensor]:
     """The exact-potential chain (to compare with one process), and one on minibatches of each
     rank's shard with warmup's adaptation (to compare across ranks)."""
     torch.set_default_dtype(torch.float64)
-    return {"exact": kernel_chain(world, rank), "minibatch": kernel_chain(world, rank, batch=8, adapt=True),
+    minibatch, kernel = kernel_chain(world, rank, batch=8, adapt=True, with_kernel=True)
+    return {"exact": kernel_chain(world, rank), "minibatch": minibatch, "curvature": curvature(kernel),
+            "uneven_probes": uneven_probes(rank, world), "self_subsampled": self_subsampled(rank, world),
             "svi": svi_chain(world, rank), "svi_apart": svi_apart(rank, world)}
 
 

@@ -6,6 +6,8 @@ would otherwise break silently."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,6 +140,29 @@ def test_options_need_an_initialized_group():
         SGLD([theta], lr=1e-3, distributed="replicated", process_group="world")
 
 
+def test_kernel_refuses_parallel_chains_and_takes_independent():
+    import pyro_sgmcmc.infer
+    from pyro_sgmcmc.infer import MCMC
+
+    def model():
+        import pyro
+        import pyro.distributions as pdist
+
+        pyro.sample("w", pdist.Normal(0.0, 1.0))
+
+    kernel = pyro_sgmcmc.infer.SGLD(model, distributed="replicated")
+    with pytest.raises(ValueError, match="Invalid num_chains: 2"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pyro's: more chains than CPUs
+        MCMC(kernel, num_samples=2, num_chains=2)
+    kernel._made_in = -1  # as in a child process of pyro's parallel chains
+    with pytest.raises(ValueError, match="Invalid num_chains"):
+        kernel.setup(0)
+    kernel = pyro_sgmcmc.infer.SGLD(model, distributed="independent", step_size=1e-2, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=2, warmup_steps=0, disable_progbar=True)
+    mcmc.run()
+    assert kernel._sampler.distributed == "independent"
+
+
 def in_float64(fn):
     """``fn()`` with float64 as torch's default dtype (as in the ranks)."""
     default = torch.get_default_dtype()
@@ -167,6 +192,36 @@ def test_kernel_on_sharded_minibatches_keeps_ranks_identical(kernels):
     samples (the kernel compares the ranks' chains after each sample)."""
     assert torch.equal(kernels[0]["minibatch"], kernels[1]["minibatch"])
     assert bool(torch.isfinite(kernels[0]["minibatch"]).all())
+
+
+def test_kernel_curvature_on_sharded_minibatches_is_the_one_process_one(kernels):
+    """The Hessian-vector product the kernel's warmup uses, on 2 ranks' shards (each likelihood
+    scaled by 2), is the one-process one: the ranks' products are averaged, not summed (which
+    would double the likelihood's part)."""
+    _, single = in_float64(lambda: ranks.kernel_chain(batch=8, adapt=True, with_kernel=True))
+    expected = in_float64(lambda: ranks.curvature(single))
+    for rank_result in kernels:
+        assert (rank_result["curvature"] - expected).abs().max() < WORLD_SIZE_TOLERANCE * expected.abs().max()
+
+
+def test_kernel_probes_are_the_same_on_ranks_with_uneven_shards(kernels):
+    """A diagonal mass on 20 coordinates (Hutchinson's random probes) over shards of 40 and 24
+    rows: the ranks' minibatches draw differently from their global generators, the probes
+    (from a generator seeded from rank 0's) do not: one preconditioner, one chain."""
+    for rank_result in kernels:
+        assert not isinstance(rank_result["uneven_probes"], str), rank_result["uneven_probes"]
+    assert torch.equal(kernels[0]["uneven_probes"], kernels[1]["uneven_probes"])
+    assert bool(torch.isfinite(kernels[0]["uneven_probes"]).all())
+
+
+def test_kernel_detects_a_self_subsampling_potential_fn_on_ranks(kernels):
+    """A potential_fn drawing its own minibatch of each rank's shard, not said: detected on the
+    rank's own potential as in one process (it used to be hidden behind the ranks' average)."""
+    for rank_result in kernels:
+        found = rank_result["self_subsampled"]
+        assert found["inner"] == "SelfSubsampledPotential"
+        assert any("stochastic_potential=True" in text for text in found["warnings"])
+    assert torch.equal(kernels[0]["self_subsampled"]["samples"], kernels[1]["self_subsampled"]["samples"])
 
 
 def test_svi_on_sharded_data_is_the_one_process_chain(kernels):

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ._noise import NoiseSource
 
-__all__ = ["MODES", "Ranks", "ReplicaMismatchError", "check_process_group", "check_replicas", "fingerprints",
-           "share_noise"]
+__all__ = ["MODES", "Ranks", "ReplicaMismatchError", "average", "check_process_group", "check_replicas",
+           "fingerprints", "share_noise", "shared_generator"]
 
 #: The ways a sampler can run under ``torch.distributed`` (``None``: not said; see the module docstring).
 #: ``"independent"``: each rank runs a chain of its own (its own seed), on purpose.
@@ -145,6 +145,19 @@ def average(tensors: Sequence[Tensor], ranks: Ranks) -> None:
         for t in tensors:
             t.copy_(flat[offset: offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def shared_generator(ranks: Ranks, device: torch.device | str = "cpu") -> torch.Generator:
+    """A new generator on ``device`` in the same state on every rank of ``ranks``: seeded from
+    rank 0's torch global CPU generator, which is read, not advanced (its state is broadcast and
+    one seed drawn from a copy; a collective). For random draws that must be the same on every
+    rank (warmup's curvature probes) where the global generators of the ranks may have drawn
+    differently (minibatches of shards of different sizes)."""
+    copy = torch.Generator()
+    copy.set_state(ranks.broadcast(torch.get_rng_state()))
+    seed = int(torch.randint(0, 2**62, (1,), generator=copy, dtype=torch.int64))
+    # a stream apart from the global one: the copy's first draw seeds it, scrambled
+    return torch.Generator(device=device).manual_seed(seed ^ 0x5DEECE66D)
 
 
 def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..functional import control_variate_gradient_
-from ..functional.distributed import Ranks
+from ..functional.distributed import Ranks, average
 from .potential import PotentialEvaluator
 from .subsample import SubsampleControl, SubsampledPlate, draw_indices, full_data_potential, full_data_value_and_grad
 
@@ -404,17 +404,21 @@ class ShardedPotential(GradientEstimator):
     r"""The potential of data sharded across the ranks of ``torch.distributed``: each rank's
     ``inner`` estimator evaluates the potential :math:`U_r` of its own shard, and every rank gets
     the average :math:`\frac1W \sum_r U_r` and its gradient (one all-reduce of the potential and
-    the gradient per estimate; a differentiable all-reduce for the curvature's
-    ``fixed_potential``). Each rank's model must therefore be the whole potential as its shard
-    estimates it: the prior once and the shard's likelihood scaled by :math:`W` (so that the
-    average counts every row once). A collective: every rank calls it in the same order, which
-    the kernel guarantees by deciding only from these averages.
+    the gradient per estimate), and the average of the ranks' Hessian-vector products. Each
+    rank's model must therefore be the whole potential as its shard estimates it: the prior once
+    and the shard's likelihood scaled by :math:`W` (so that the average counts every row once).
+    A collective: every rank calls it in the same order, which the kernel guarantees by deciding
+    only from these averages. It offers no :meth:`fixed_potential` (nothing uses one over the
+    ranks: the curvature comes from :meth:`hessian_vector_product`).
+
+    An exception in one rank's ``inner`` (the model raised) leaves the other ranks waiting in the
+    all-reduce until the process group's timeout, when they raise too.
 
     :param inner: this rank's estimator (exact, or on minibatches of its shard).
     :param ranks: the group.
     """
 
-    def __init__(self, inner: GradientEstimator, ranks: "Ranks"):
+    def __init__(self, inner: GradientEstimator, ranks: "Ranks") -> None:
         self.inner = inner
         self.ranks = ranks
         self.exact = inner.exact
@@ -424,56 +428,25 @@ class ShardedPotential(GradientEstimator):
         return self.inner.prepare(point)
 
     def estimate(self, point: Tensor) -> Estimate:
-        import torch.distributed as dist
-
         local = self.inner.estimate(point)
         both = torch.cat([local.potential.reshape(1).to(local.grad.dtype), local.grad.reshape(-1)])
-        both = both.to(self.ranks.device)
-        dist.all_reduce(both, group=self.ranks.group)
-        both = both.to(local.grad.device) / self.ranks.world_size
+        average([both], self.ranks)
         return Estimate(both[0].to(local.potential.dtype), both[1:].view_as(local.grad))
-
-    def _average(self, tensor: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        total = tensor.detach().to(self.ranks.device, copy=True)
-        dist.all_reduce(total, group=self.ranks.group)
-        return total.to(tensor.device) / self.ranks.world_size
-
-    def fixed_potential(self, averaged: bool = False) -> Callable[[Tensor], Tensor]:
-        """The average over the ranks of the inner ``fixed_potential``, with the average of their
-        gradients (first order only: curvature comes from :meth:`hessian_vector_product`)."""
-        local = self.inner.fixed_potential(averaged)
-
-        def potential(point: Tensor) -> Tensor:
-            value = local(_AverageGradient.apply(point, self._average))
-            return value + (self._average(value) - value.detach())
-
-        return potential
 
     def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
         """The average over the ranks of their Hessian-vector products (``v`` must be the same on
-        every rank: the kernel draws it from generators seeded alike)."""
+        every rank: the kernel draws it from a generator in the same state on every rank)."""
         local = self.inner.hessian_vector_product(point, averaged)
-        return lambda v: self._average(local(v))
+
+        def product(v: Tensor) -> Tensor:
+            result = local(v).detach().clone()
+            average([result], self.ranks)
+            return result
+
+        return product
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
-
-
-class _AverageGradient(torch.autograd.Function):
-    """The identity, whose backward replaces the gradient by its average over the ranks: the
-    gradient of a replicated point under a potential that each rank evaluates on its shard."""
-
-    @staticmethod
-    def forward(ctx: Any, point: Tensor, average: Callable[[Tensor], Tensor]) -> Tensor:
-        ctx.average = average
-        return point.view_as(point)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return ctx.average(grad), None

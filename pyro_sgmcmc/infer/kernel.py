@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -36,7 +37,7 @@ from .._validation import (
     check_options,
 )
 from ..functional import NonFiniteError
-from ..functional.distributed import Ranks, check_process_group, check_replicas
+from ..functional.distributed import Ranks, check_process_group, check_replicas, shared_generator
 from ..samplers import SGMCMCOptimizer
 from .adaptation import Adaptation, WarmupAdapter, Whitening
 from .estimators import (
@@ -270,13 +271,19 @@ class SGMCMCKernel(MCMCKernel):
         (:class:`~pyro_sgmcmc.infer.estimators.ShardedPotential`: the full potential), the chain
         starts at rank 0's initial point, and its sampler adds the same noise on every rank
         (``distributed="replicated"`` of :mod:`pyro_sgmcmc.samplers`). Every rank then holds the
-        same chain and the same samples (keep rank 0's). Warmup draws random probes from torch's
-        global generator: seed every rank alike (``pyro.set_rng_seed``). After each sample the
+        same chain and the same samples (keep rank 0's). Warmup's random curvature probes come
+        from a generator seeded from rank 0's (:func:`~pyro_sgmcmc.functional.distributed.shared_generator`),
+        the same on every rank whatever each rank's minibatches draw. After each sample the
         ranks' chains are compared (one all-gather of one integer), and a chain that differs
-        raises :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError`. Not with
-        ``control_variates`` (its mode search is not sharded yet), nor with ``MCMC``'s
-        ``num_chains > 1``.
-    :param process_group: the group (default: the default group); only with ``distributed``.
+        raises :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError`. A model or
+        ``potential_fn`` that raises on one rank leaves the others waiting in the average until
+        the process group's timeout: make each rank's model fail alike (or set a short
+        ``timeout`` in ``init_process_group``). Not with ``control_variates`` (its mode search is
+        not sharded yet), nor with ``MCMC``'s ``num_chains > 1`` (refused: parallel chains would run
+        in child processes sharing their parent's process group).
+        ``"independent"``: a chain of its own on each rank, on purpose (silences the sampler's
+        warning when several ranks run).
+    :param process_group: the group (default: the default group); only with ``distributed="replicated"``.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...), checked when the kernel is made.
 
@@ -374,13 +381,14 @@ class SGMCMCKernel(MCMCKernel):
         self.jit_options = check_mapping("jit_options", jit_options, what="a dict of torch.jit.trace options",
                                          none_ok=True)
         self.ignore_jit_warnings = check_flag("ignore_jit_warnings", ignore_jit_warnings)
-        self.distributed = check_choice("distributed", distributed, (None, "replicated"))
+        self.distributed = check_choice("distributed", distributed, (None, "replicated", "independent"))
         check_process_group(process_group, self.distributed, ("replicated",))
-        if self.distributed is not None and control_variates is not False:
+        if self.distributed == "replicated" and control_variates is not False:
             raise ValueError("Invalid control_variates: not with distributed='replicated' (the mode search is not "
                              "sharded across ranks yet)")
         self.process_group = process_group
         self._ranks: Ranks | None = None
+        self._made_in = os.getpid()  # a chain that spans ranks runs in the process that made its kernel
         self.sampler_options = self._check_sampler_options(sampler_options)
         if self.exact_gaussian and "reference_curvature" not in self._sampler_parameters():
             raise ValueError(f"Invalid exact_gaussian: {self.sampler_class.__name__} has no reference_curvature "
@@ -437,9 +445,13 @@ class SGMCMCKernel(MCMCKernel):
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
         chains, and calls ``setup`` again in the parent after parallel ones), the estimator is
         built, and a valid initial point is found."""
+        if self.distributed == "replicated" and os.getpid() != self._made_in:
+            raise ValueError("Invalid num_chains: a kernel with distributed='replicated' runs one chain over the ranks, "
+                             "in the processes that made it; MCMC's parallel chains run it in child processes, whose "
+                             "process group is their parent's (use num_chains=1)")
         self._reset()
         self._warmup_steps = check_integer("warmup_steps", warmup_steps)
-        if self.distributed is not None:
+        if self.distributed == "replicated":
             self._ranks = Ranks.of(self.process_group)
         if self.model is not None:
             sites = model_sites(self.model, args, kwargs)
@@ -463,20 +475,20 @@ class SGMCMCKernel(MCMCKernel):
         elif self._user_initial_params is not None:
             initial = {name: torch.as_tensor(value).detach().clone() for name, value in self._user_initial_params.items()}
         elif draw is not None:
-            initial = draw()
+            initial = draw()  # rank 0's already
         else:
             raise ValueError("With potential_fn, give initial_params (to MCMC, as for HMC)")
-        if self._ranks is not None:
+        if self._ranks is not None and (self._restored is not None or self._user_initial_params is not None):
             initial = self._from_rank_0(initial)
         self._layout = FlatLayout(initial)
         evaluator = PotentialEvaluator(potential, self._layout.unflatten, is_model=self.model is not None,
                                        jit_compile=self.jit_compile, jit_options=self.jit_options,
                                        ignore_jit_warnings=self.ignore_jit_warnings)
         self._estimator = self._make_estimator(evaluator, sites.plates if self.model is not None else [])
+        if type(self._estimator) is ExactPotential and self.potential_fn is not None and self._restored is None:
+            self._detect_subsampling(initial)  # on this rank's potential, before the ranks' average
         if self._ranks is not None:
             self._estimator = ShardedPotential(self._estimator, self._ranks)
-        if type(self._estimator) is ExactPotential and self.potential_fn is not None and self._restored is None:
-            self._detect_subsampling(initial)
         def valid(point: dict[str, Tensor]) -> bool:
             with pyro.validation_enabled(False):  # an invalid point is retried, not a validation error
                 return self._estimator.estimate(self._layout.flatten(point)).finite
@@ -500,7 +512,10 @@ class SGMCMCKernel(MCMCKernel):
         flat = self._layout.flatten(point)
         with torch.no_grad():
             first, second = (self._estimator.fixed_potential()(flat) for _ in range(2))
-        if bool(torch.isfinite(first)) and not torch.equal(first, second):
+        detected = bool(torch.isfinite(first)) and not torch.equal(first, second)
+        if self._ranks is not None:  # the ranks decide together: one rank's potential that subsamples is enough
+            detected = not self._ranks.agree(not detected)
+        if detected:
             warnings.warn("potential_fn returned two different values at the same point: it seems to draw its own "
                           "minibatch, so the kernel treats it as stochastic_potential=True (pass that to say so)",
                           UserWarning, stacklevel=3)
@@ -579,7 +594,10 @@ class SGMCMCKernel(MCMCKernel):
             adapt_mass_matrix=self.adapt_mass_matrix,
             mass=self._mass, mass_rank=self.mass_rank,
             target_bias=self.target_bias, temperature=self.temperature, exact_gaussian=exact_gaussian,
-            sampler_options=self.sampler_options)
+            sampler_options=self.sampler_options,
+            # the curvature's probes, the same on every rank (each rank's minibatches draw from its
+            # global generator as many numbers as its shard's size asks)
+            generator=shared_generator(self._ranks, theta.device) if self._ranks is not None else None)
         restored = self._restored
         if restored is not None and self._warmup_steps == 0:
             self._estimator.load_state_dict(restored["estimator"])
@@ -618,7 +636,7 @@ class SGMCMCKernel(MCMCKernel):
             self._sampler = self.sampler_class([{"params": [("z", self._z)]}], lr=tuning.step_size,
                                                temperature=self.temperature,
                                                diagnostics="mala" if self.sampler_class.langevin else False,
-                                               distributed="replicated" if self._ranks is not None else None,
+                                               distributed=self.distributed,
                                                process_group=self.process_group if self._ranks is not None else None,
                                                **options)
         if self._t < self._adapter.arrival_end or self._adapter.frozen:
