@@ -91,9 +91,11 @@ def test_noise_ahead_option_is_checked():
         SGLD([theta], lr=1e-3, noise_ahead="yes")
 
 
-def test_steps_use_the_noise_drawn_ahead(monkeypatch):
-    """Once running, a step draws no noise itself: the noise threads drew it after the last step."""
-    import threading
+@pytest.mark.parametrize("case", ["one chunk", "three chunks"])
+def test_steps_use_the_noise_drawn_ahead(monkeypatch, case):
+    """Once running, a step draws no noise itself (no fill from the step's ``draw``): the noise
+    threads drew it after the last step, one fill per chunk and step."""
+    import sys
 
     import pyro_sgmcmc.functional._noise as noise_module
 
@@ -101,17 +103,58 @@ def test_steps_use_the_noise_drawn_ahead(monkeypatch):
     fill = noise_module.fill
 
     def counting(flat, std, generator):
-        drawn_in_step.append(threading.current_thread() is threading.main_thread())
+        drawn_in_step.append(sys._getframe(1).f_code.co_name == "draw")  # the step's draw, not the threads'
         fill(flat, std, generator)
 
     monkeypatch.setattr(noise_module, "fill", counting)
-    params, sampler = make(SHAPES["three chunks"], True)
+    params, sampler = make(SHAPES[case], True)
     run(params, sampler, 2)
     sampler._noise.ahead.wait()
+    chunks = len(sampler._noise.ahead.plan.chunks)
     drawn_in_step.clear()
     run(params, sampler, 3)
     sampler._noise.ahead.wait()
-    assert len(drawn_in_step) == 3 * 3 and not any(drawn_in_step)
+    assert len(drawn_in_step) == 3 * chunks and not any(drawn_in_step)
+    # without drawing ahead every fill is the step's own (the check above can fail)
+    params, sampler = make(SHAPES[case], False)
+    drawn_in_step.clear()
+    run(params, sampler, 2)
+    assert len(drawn_in_step) == 2 * chunks and all(drawn_in_step)
+
+
+class _Interrupting:
+    """A draw's future whose first wait is interrupted by a Ctrl-C (the draw itself goes on)."""
+
+    def __init__(self, future):
+        self.future, self.interrupted = future, False
+
+    def exception(self):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return self.future.exception()
+
+    def done(self):
+        return self.future.done()
+
+    def result(self):
+        return self.future.result()
+
+
+def test_ctrl_c_while_giving_the_noise_back_keeps_the_chain():
+    """A Ctrl-C while a checkpoint waits for the draws ahead is raised once the streams are back
+    in their states from before the draws: the chain then goes on as drawing in ``step()``."""
+    params, plain = make(SHAPES["one chunk"], False)
+    run(params, plain, 2)
+    expected = run(params, plain, 2)[0]
+    params, ahead = make(SHAPES["one chunk"], True)
+    run(params, ahead, 2)
+    noise = ahead._noise
+    noise.ahead.futures = [_Interrupting(future) for future in noise.ahead.futures]
+    with pytest.raises(KeyboardInterrupt):
+        ahead.state_dict()
+    assert noise.ahead is None
+    assert torch.equal(run(params, ahead, 2)[0], expected)
 
 
 def test_a_copy_gives_the_noise_drawn_ahead_back():

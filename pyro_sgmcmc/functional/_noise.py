@@ -247,10 +247,25 @@ class Ahead:
         """Whether the draws run in this process (not in the parent of a forked child)."""
         return self.pid == os.getpid()
 
-    def wait(self) -> None:
-        if self.here:
-            for future in self.futures:
-                future.result()
+    def wait(self) -> bool:
+        """Wait for the draws (an error of one is raised here); a Ctrl-C meanwhile is held back
+        until they are all done (whoever waits must not act on draws still running): ``True``
+        if one came, for the caller to raise once its state is consistent."""
+        if not self.here:
+            return False
+        interrupted = False
+        pending = list(self.futures)
+        while pending:
+            try:
+                for future in pending:
+                    future.exception()
+                pending = []
+            except KeyboardInterrupt:
+                interrupted = True
+                pending = [future for future in pending if not future.done()]
+        for future in self.futures:
+            future.result()
+        return interrupted
 
 
 class NoiseSource:
@@ -321,7 +336,8 @@ class NoiseSource:
         ahead = self.ahead
         if ahead is None:
             return
-        ahead.wait()
+        if ahead.wait():
+            self.interrupted = True  # raised after the step, as a Ctrl-C while the step's lanes run
         if ahead.here and plan is ahead.plan and std == ahead.std:
             for chunk in plan.chunks:
                 chunk.ahead = True
@@ -331,15 +347,19 @@ class NoiseSource:
 
     def cancel_ahead(self) -> None:
         """Forget noise drawn ahead: the streams go back to their states from before it, as if it
-        had never been drawn."""
-        ahead, self.ahead = self.ahead, None
+        had never been drawn. A Ctrl-C while waiting for the draws is raised once the streams
+        are back (it used to leave them where the draws had taken them: other noise after)."""
+        ahead = self.ahead
         if ahead is None:
             return
-        ahead.wait()
+        interrupted = ahead.wait()
+        self.ahead = None
         for chunk in ahead.plan.chunks:
             chunk.ahead = False
         for generator, state in zip(self._streams or (), ahead.states):
             generator.set_state(state)
+        if interrupted:
+            raise KeyboardInterrupt
 
     def claimed(self) -> None:
         """A step used the noise drawn ahead (or there was none)."""
