@@ -335,6 +335,35 @@ def uneven_probes(rank: int, world: int) -> Any:
     return mcmc.get_samples()["w"]
 
 
+def one_rank_raises(rank: int, world: int) -> str:
+    """A potential_fn that raises on rank 1 at its 5th call: the error on each rank (at once,
+    not after the collectives' timeout)."""
+    import pyro_sgmcmc.infer
+    from pyro.infer import MCMC
+
+    x, y = regression_data()
+    x, y = x[rank::world], y[rank::world]
+    calls = [0]
+
+    def potential_fn(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 5:
+            raise ValueError("the model of rank 1 failed")
+        w = params["w"]
+        return 0.5 * world * ((y - x @ w) ** 2).sum() + 0.5 * (w ** 2).sum() / 9.0
+
+    kernel = pyro_sgmcmc.infer.SGLD(potential_fn=potential_fn, distributed="replicated", step_size=1e-3,
+                                    adapt_step_size=False, adapt_mass_matrix=False)
+    mcmc = MCMC(kernel, num_samples=10, warmup_steps=0, disable_progbar=True,
+                initial_params={"w": torch.zeros(N_FEATURES, dtype=torch.float64)})
+    start = time.monotonic()
+    try:
+        mcmc.run()
+    except Exception as error:
+        return f"{type(error).__name__}: {error} after {time.monotonic() - start:.1f} s"
+    return "no error"
+
+
 def self_subsampled(rank: int, world: int) -> dict[str, Any]:
     """A potential_fn that draws its own minibatch of the rank's shard, not said: the kernel
     detects it (on the rank's own potential) as in one process."""
@@ -371,6 +400,7 @@ def kernels(rank: int, world: int) -> dict[str, torch.Tensor]:
     minibatch, kernel = kernel_chain(world, rank, batch=8, adapt=True, with_kernel=True)
     return {"exact": kernel_chain(world, rank), "minibatch": minibatch, "curvature": curvature(kernel),
             "uneven_probes": uneven_probes(rank, world), "self_subsampled": self_subsampled(rank, world),
+            "one_rank_raises": one_rank_raises(rank, world),
             "svi": svi_chain(world, rank), "svi_apart": svi_apart(rank, world)}
 
 

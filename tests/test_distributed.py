@@ -224,6 +224,16 @@ def test_kernel_detects_a_self_subsampling_potential_fn_on_ranks(kernels):
     assert torch.equal(kernels[0]["self_subsampled"]["samples"], kernels[1]["self_subsampled"]["samples"])
 
 
+def test_kernel_stops_every_rank_when_one_rank_model_raises(kernels):
+    """The model raises on rank 1: rank 1 raises its error, rank 0 a RuntimeError saying so, at
+    once (the ranks vote in the potential's all-reduce) rather than at the collectives' timeout."""
+    assert kernels[1]["one_rank_raises"].startswith("ValueError: the model of rank 1 failed")
+    assert kernels[0]["one_rank_raises"].startswith("RuntimeError: another rank failed")
+    for rank_result in kernels:
+        seconds = float(rank_result["one_rank_raises"].rsplit(" after ", 1)[1].split()[0])
+        assert seconds < ranks.COLLECTIVE_TIMEOUT_S / 2
+
+
 def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
     """SVI with pyro_sgmcmc.optim.SGLD(distributed='replicated'), each rank on its shard: the
     gradients averaged over the ranks; the one-process chain. Guides that start apart are refused."""

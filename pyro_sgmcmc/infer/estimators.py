@@ -411,8 +411,11 @@ class ShardedPotential(GradientEstimator):
     only from these averages. It offers no :meth:`fixed_potential` (nothing uses one over the
     ranks: the curvature comes from :meth:`hessian_vector_product`).
 
-    An exception in one rank's ``inner`` (the model raised) leaves the other ranks waiting in the
-    all-reduce until the process group's timeout, when they raise too.
+    An exception in one rank's ``inner`` (its model raised) is raised there, and on the other
+    ranks a ``RuntimeError`` saying so, at once: the ranks vote on it in the same all-reduce as
+    the potential (one more number), instead of leaving the others waiting until the process
+    group's timeout. Only :meth:`estimate` votes; an exception elsewhere (e.g. in a curvature
+    product) still leaves the others waiting.
 
     :param inner: this rank's estimator (exact, or on minibatches of its shard).
     :param ranks: the group.
@@ -428,10 +431,25 @@ class ShardedPotential(GradientEstimator):
         return self.inner.prepare(point)
 
     def estimate(self, point: Tensor) -> Estimate:
-        local = self.inner.estimate(point)
-        both = torch.cat([local.potential.reshape(1).to(local.grad.dtype), local.grad.reshape(-1)])
-        average([both], self.ranks)
-        return Estimate(both[0].to(local.potential.dtype), both[1:].view_as(local.grad))
+        failure: Exception | None = None
+        try:
+            local = self.inner.estimate(point)
+        except Exception as error:  # the others must hear of it, not wait for this rank
+            failure = error
+        if failure is None:
+            dtype = local.grad.dtype
+            both = torch.cat([local.potential.reshape(1).to(dtype), local.grad.reshape(-1),
+                              torch.zeros(1, dtype=dtype, device=local.grad.device)])
+        else:
+            both = torch.zeros(point.numel() + 2, dtype=point.dtype, device=point.device)
+            both[-1] = 1.0
+        average([both], self.ranks)  # potential, gradient, and whether a rank failed
+        if failure is not None:
+            raise failure
+        if bool(both[-1] != 0):
+            raise RuntimeError("another rank failed to estimate the potential (its model raised: see its error); "
+                               "this rank stops with it")
+        return Estimate(both[0].to(local.potential.dtype), both[1:-1].view_as(local.grad))
 
     def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
         """The average over the ranks of their Hessian-vector products (``v`` must be the same on
