@@ -364,6 +364,31 @@ def one_rank_raises(rank: int, world: int) -> str:
     return "no error"
 
 
+def groups(rank: int, world: int) -> dict[str, str]:
+    """A sampler made on a rank outside its process_group, and ZeRO over a subgroup (the sampler
+    it makes spans the default group): the errors."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from pyro_sgmcmc.samplers import SGLD
+    from pyro_sgmcmc.samplers.distributed import sharded_state_dict
+
+    first, every = dist.new_group([0]), dist.new_group(list(range(world)))  # collectives: every rank
+    out = {"outside": "no error", "zero_subgroup": "no error"}
+    if rank != 0:
+        try:
+            SGLD([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, distributed="replicated", process_group=first)
+        except ValueError as error:
+            out["outside"] = str(error)
+    torch.manual_seed(0)
+    zero = ZeroRedundancyOptimizer(net().parameters(), optimizer_class=SGLD, process_group=every, lr=1e-3,
+                                   distributed="sharded")
+    try:
+        sharded_state_dict(zero)
+    except ValueError as error:
+        out["zero_subgroup"] = str(error)
+    return out
+
+
 def self_subsampled(rank: int, world: int) -> dict[str, Any]:
     """A potential_fn that draws its own minibatch of the rank's shard, not said: the kernel
     detects it (on the rank's own potential) as in one process."""
@@ -400,7 +425,7 @@ def kernels(rank: int, world: int) -> dict[str, torch.Tensor]:
     minibatch, kernel = kernel_chain(world, rank, batch=8, adapt=True, with_kernel=True)
     return {"exact": kernel_chain(world, rank), "minibatch": minibatch, "curvature": curvature(kernel),
             "uneven_probes": uneven_probes(rank, world), "self_subsampled": self_subsampled(rank, world),
-            "one_rank_raises": one_rank_raises(rank, world),
+            "one_rank_raises": one_rank_raises(rank, world), "groups": groups(rank, world),
             "svi": svi_chain(world, rank), "svi_apart": svi_apart(rank, world)}
 
 

@@ -234,6 +234,15 @@ def test_kernel_stops_every_rank_when_one_rank_model_raises(kernels):
         assert seconds < ranks.COLLECTIVE_TIMEOUT_S / 2
 
 
+def test_groups_a_sampler_cannot_span_are_refused(kernels):
+    """A process outside the given process_group, and ZeRO over a subgroup (ZeRO keeps its
+    process_group: the sampler inside spans the default group), are refused with a ValueError."""
+    assert kernels[0]["groups"]["outside"] == "no error"
+    assert "Invalid process_group: this process (global rank 1) is not in it" in kernels[1]["groups"]["outside"]
+    for rank_result in kernels:
+        assert "ZeRO over a subgroup is not supported" in rank_result["groups"]["zero_subgroup"]
+
+
 def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
     """SVI with pyro_sgmcmc.optim.SGLD(distributed='replicated'), each rank on its shard: the
     gradients averaged over the ranks; the one-process chain. Guides that start apart are refused."""

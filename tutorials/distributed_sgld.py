@@ -1,7 +1,10 @@
 """Data-parallel SGLD: one chain over the ranks of torch.distributed, each rank with a shard of the data.
 
     torchrun --nproc_per_node 2 tutorials/distributed_sgld.py
-    python tutorials/distributed_sgld.py            # one rank: the same chain, up to rounding
+    python tutorials/distributed_sgld.py            # one rank: the same posterior, not the same chain
+
+(Each rank draws BATCH rows a step: W ranks estimate each step from W x BATCH rows, one rank from
+BATCH; the chain is the one-process chain only for the same global batch.)
 
 A Bayesian linear regression (exact posterior known) whose 2,000 rows are split across the ranks.
 The model is wrapped in ``DistributedDataParallel``; every step, each rank draws a minibatch of its

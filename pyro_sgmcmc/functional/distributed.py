@@ -9,10 +9,13 @@ ways keep the replicas one chain:
 
 ``"replicated"``
     Every rank draws all the noise, identically: rank 0 of the group draws the seeds of the
-    noise streams (:class:`~pyro_sgmcmc.functional.NoiseSource`) from its root generator, exactly
-    as a single process would, and broadcasts them. The chain on :math:`W` ranks is then the
-    single-process chain with the same global batch, up to the floating-point order of the
-    gradients' reduction; every rank pays for the whole noise.
+    noise streams (:class:`~pyro_sgmcmc.functional.NoiseSource`) from its root generator, the
+    same numbers a single process draws, and broadcasts them. The chain on :math:`W` ranks is
+    then the single-process chain with the same global batch, up to the floating-point order of
+    the gradients' reduction, on one condition: the seeds are drawn when the sampler is made
+    (a collective), where one process draws them at its first step; so the root generator (by
+    default torch's global one) must draw nothing in between, or the two draw other seeds.
+    Every rank pays for the whole noise.
 
 ``"sharded"``
     Each rank steps only its share of the parameters and the new values are broadcast from
@@ -20,8 +23,13 @@ ways keep the replicas one chain:
     optimizer per rank: the noise work per rank is :math:`O(d / W)`. The streams must then be
     *distinct* per rank (else two ranks' shares of the same layout get the same numbers: noise
     correlated across parameters, a wrong target): rank 0 draws :math:`W` sets of seeds and rank
-    :math:`r` takes set :math:`r`. The chain has the law of the single-process chain, but not
-    its path (which rank owns a parameter depends on :math:`W`).
+    :math:`r` takes set :math:`r`. For SGLD, SGHMC and PSGLD, whose updates are per coordinate,
+    the chain has the law of the single-process chain, but not its path (which rank owns a
+    parameter depends on :math:`W`). Not for SGNHT: its thermostat is shared by a parameter group,
+    and each rank's local sampler has one for its share (:math:`W` thermostats where one process
+    has one). ``ZeroRedundancyOptimizer`` keeps its ``process_group`` for itself (the sampler it
+    makes spans the default group): ZeRO over a subgroup is not supported (refused by
+    :mod:`pyro_sgmcmc.samplers.distributed`'s state functions, where it can be seen).
 
 Off the CPU the noise comes from the root generator itself (:class:`NoiseSource`), which must
 then be given, on the parameters' device: it is reseeded from rank 0's draw (the same seed on
@@ -78,7 +86,11 @@ class Ranks:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"Invalid {argument}: it needs torch.distributed initialized (call "
                              "torch.distributed.init_process_group on every rank first, or run under torchrun)")
-        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"Invalid process_group: this process (global rank {dist.get_rank()}) is not in it "
+                             "(make the sampler only on the group's ranks)")
+        world_size = dist.get_world_size(group)
         source = 0 if group is None else dist.get_global_rank(group, 0)
         if dist.get_backend(group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -121,6 +133,11 @@ def check_process_group(process_group: Any, distributed: str | None,
         return
     import torch.distributed as dist
 
+    outside = getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", object())
+    if process_group is outside or (isinstance(process_group, int) and process_group == outside):
+        # what torch.distributed.new_group returns on the ranks it leaves out
+        raise ValueError(f"Invalid process_group: this process (global rank {dist.get_rank()}) is not in it "
+                         "(make the sampler only on the group's ranks)")
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
         raise TypeError(f"Invalid process_group: {process_group!r} (must be a torch.distributed ProcessGroup "
                         "or None)")
@@ -162,11 +179,13 @@ def shared_generator(ranks: Ranks, device: torch.device | str = "cpu") -> torch.
 
 def share_noise(noise: NoiseSource, mode: str, ranks: Ranks, devices: Sequence[torch.device] = ()) -> None:
     """Seed ``noise`` on every rank of ``ranks`` for ``mode`` (see the module docstring): every
-    rank draws the streams' seeds (as many as one process would: the chain on one rank is the
-    single-process chain), or, for parameters off the CPU, a seed for the given root generator
-    (which draws the noise there), for one rank (``"replicated"``) or for each rank
-    (``"sharded"``), so that every rank's root generator advances alike; rank 0's draw is
-    broadcast, and each rank seeds with its own set. A collective.
+    rank draws the streams' seeds from its root generator, one set of ``num_streams`` for
+    ``"replicated"`` (what one process draws: on one rank, the single-process chain) or one set
+    per rank for ``"sharded"`` (:math:`W` x ``num_streams``: more than one process draws, so
+    the root generator afterwards is not the single-process one); for parameters off the CPU,
+    one seed for the given root generator (which draws the noise there) per set. Every rank's
+    root generator advances alike; rank 0's draw is broadcast, and each rank seeds with its own
+    set. A collective.
 
     :param noise: the sampler's noise source.
     :param mode: ``"replicated"`` or ``"sharded"``.

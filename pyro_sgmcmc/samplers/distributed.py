@@ -8,6 +8,10 @@ not a local optimizer's other entries: the noise streams of our samplers are los
 resumed that way goes on with other noise than the saved run's (a warning says so at its first
 step). These two functions save and load each rank's local state whole, so that a run resumed
 on the same number of ranks continues exactly.
+
+ZeRO keeps its ``process_group`` argument for itself: the sampler it makes with
+``distributed="sharded"`` spans the default group. ZeRO over a subgroup is therefore not
+supported (these functions refuse it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ def _local(zero: Any) -> SGMCMCOptimizer:
     if not isinstance(sampler, SGMCMCOptimizer):
         raise TypeError(f"Invalid zero: {type(zero).__name__} (must be a ZeroRedundancyOptimizer whose "
                         "optimizer_class is a pyro_sgmcmc sampler)")
+    group, ranks = getattr(zero, "process_group", None), getattr(sampler, "ranks", None)
+    if group is not None and ranks is not None:
+        import torch.distributed as dist
+
+        if group is not (ranks.group if ranks.group is not None else dist.group.WORLD):
+            raise ValueError("Invalid zero: its process_group is not the group its sampler spans (ZeRO keeps "
+                             "process_group for itself, so the sampler it makes spans the default group): ZeRO over a "
+                             "subgroup is not supported")
     return sampler
 
 
