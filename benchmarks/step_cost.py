@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
-import time
 import warnings
 
 import torch
 
+from _rounds import interleaved
 from pyro_sgmcmc.functional._noise import _gathers as gathers
 from pyro_sgmcmc.samplers import SGLD
 from pyro_sgmcmc.samplers import PSGLD
@@ -143,18 +142,7 @@ def time_case(sizes, rounds, reps):
     for m in methods.values():  # warm up (plans, lazy state)
         for _ in range(2):
             m.step()
-    times = {name: [] for name in methods}
-    order = random.Random(0)
-    names = list(methods)
-    for _ in range(rounds):
-        order.shuffle(names)  # no method always runs after the same neighbour
-        for name in names:
-            m = methods[name]
-            start = time.perf_counter()
-            for _ in range(reps):
-                m.step()
-            times[name].append((time.perf_counter() - start) / reps)
-    return times
+    return interleaved({name: m.step for name, m in methods.items()}, rounds, reps)
 
 
 def fmt(seconds):

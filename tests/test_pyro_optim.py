@@ -254,6 +254,31 @@ def test_bad_arguments_are_rejected_clearly():
         optim.SGLD({"lr": 1e-3}).set_state({"AutoDelta.loc": {}})
 
 
+@pytest.mark.parametrize("key, value", [("distributed", "replicated"), ("process_group", None),
+                                        ("noise_ahead", True), ("generator", None)])
+def test_optimizer_wide_options_are_not_group_options(key, value):
+    """Options of the whole sampler given in optim_args are refused, naming the keyword to use
+    (they used to become a group's key, and the sampler ran without them)."""
+    with pytest.raises(ValueError, match=f"Invalid option '{key}' .*{key}=\\.\\.\\."):
+        optim.SGLD({"lr": 1e-3, key: value})
+    with pytest.raises(ValueError, match=f"Invalid option '{key}'"):
+        svi, _ = make_svi(optim.SGLD(lambda name: {"lr": 1e-3, key: value}))
+        svi.step(DATA)
+
+
+def test_optimizer_wide_options_reach_the_sampler():
+    opt = optim.SGLD({"lr": 1e-3}, noise_ahead=True, distributed="independent")
+    svi, _ = make_svi(opt)
+    svi.step(DATA)
+    assert opt.sampler.noise_ahead is True and opt.sampler.distributed == "independent"
+    assert all(set(group) >= {"lr"} and "noise_ahead" not in group and "distributed" not in group
+               for group in opt.sampler.param_groups)
+    with pytest.raises(ValueError, match="Invalid noise_ahead: True, but SGHMC"):
+        optim.SGHMC({"lr": 1e-3}, noise_ahead=True)
+    with pytest.raises(ValueError, match="Invalid distributed: 'sharded'"):
+        optim.SGLD({"lr": 1e-3}, distributed="sharded")
+
+
 def test_bayesian_nn_with_pyro_sample_priors():
     class BNN(PyroModule):
         def __init__(self):

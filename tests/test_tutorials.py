@@ -30,3 +30,14 @@ def test_quickstart_runs_and_matches_the_exact_posterior():
                          timeout=600, check=True).stdout
     error = float(out.rsplit("largest error of a posterior mean:", 1)[1].split()[0])
     assert error < 0.5, out  # in posterior sds; Monte Carlo error of the mean is ~0.1 sd here
+
+
+@pytest.mark.tutorial
+def test_distributed_tutorial_runs_on_two_ranks_and_matches_the_exact_posterior(monkeypatch):
+    monkeypatch.setenv("PYRO_SGMCMC_QUICK", "1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "tutorials" / "distributed_sgld.py")], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert "2 rank(s)" in out and "replicas identical" in out, out
+    error = float(out.rsplit("largest error of a posterior mean:", 1)[1].split()[0])
+    assert error < 0.5, out  # in posterior sds; Monte Carlo error of the mean is ~0.1 sd here

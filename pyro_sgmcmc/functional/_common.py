@@ -16,13 +16,15 @@ Ops = PerTensorOps | ForeachOps
 
 
 class NonFiniteError(FloatingPointError):
-    """A step refused because a gradient holds NaN or Inf (``kind="gradient"``), or because the
-    update built from finite gradients would write a non-finite value (``kind="update"``);
-    nothing was changed.
+    """A step refused because a gradient holds NaN or Inf (``kind="gradient"``), because the
+    update built from finite gradients would write a non-finite value (``kind="update"``), or,
+    in a chain sharded across ranks, because another rank refused its share of the step
+    (``kind="elsewhere"``, ``index=-1``: no tensor of this rank is at fault); nothing was changed.
 
-    :param index: index of the offending tensor in the list handed to the update.
+    :param index: index of the offending tensor in the list handed to the update (``-1`` for
+        ``kind="elsewhere"``).
     :param message: the text (a default names the tensor by index).
-    :param kind: ``"gradient"`` or ``"update"``.
+    :param kind: ``"gradient"``, ``"update"`` or ``"elsewhere"``.
     :param task: the :class:`~pyro_sgmcmc.functional._step.Task` of the tensor, if known.
     """
 

@@ -27,6 +27,14 @@ is still in cache. The streams' states are part of the sampler's state, so a sav
 exactly. On other devices the root generator fills the chunks in order: there, drawing noise is
 cheap. How a step uses all this (checked first, drawn and applied after) is
 :func:`pyro_sgmcmc.functional._step.execute`.
+
+Noise drawn ahead (:meth:`NoiseSource.draw_ahead`): the noise of a step does not depend on the
+gradient, so right after a step the noise threads can draw the next step's, while the caller runs
+forward and backward. The draws are the very ``normal_`` calls the next step would make (same
+buffers, streams and scale), so the numbers are the same bit for bit; the streams' states from
+before those draws are kept, and whatever else touches the streams first (a step whose scale
+changed, another plan, a refused step, ``state_dict``, a snapshot) puts them back and forgets the
+draws, so that nothing differs from drawing in the step but when the work is done.
 """
 
 from __future__ import annotations
@@ -79,11 +87,14 @@ class Chunk:
         gathered into the flat buffers with one ``torch.cat`` (see ``GATHER_MEAN_NUMEL``).
     """
 
-    __slots__ = ("start", "stop", "span", "flat", "spare", "cut", "noise", "spares", "owners", "gathers", "whole")
+    __slots__ = ("start", "stop", "span", "flat", "spare", "cut", "noise", "spares", "owners", "gathers", "whole",
+                 "ahead")
 
     def __init__(self, start: int, stop: int, span: tuple[int, int] | None, flat: Tensor, spare: Tensor,
                  cut: list[bool] | None, shapes: list[torch.Size], gathers: bool = False, whole: bool = False):
         self.start, self.stop, self.span, self.flat, self.spare, self.cut = start, stop, span, flat, spare, cut
+        #: ``spare`` already holds this step's noise (drawn ahead): :func:`draw` draws nothing
+        self.ahead = False
         #: the chunk holds every tensor of its plan, uncut: :meth:`pieces` are the tensors themselves
         self.whole = whole and span is None and cut is None
         self.gathers = gathers
@@ -206,6 +217,57 @@ def fill(flat: Tensor, std: float, generator: torch.Generator | None) -> None:
     flat.normal_(0.0, std, generator=generator)
 
 
+def draw(chunk: Chunk, std: float, generator: torch.Generator | None) -> None:
+    """The chunk's noise into ``chunk.spare``: :func:`fill`, unless it was drawn ahead (with this
+    ``std``, from this generator: :meth:`NoiseSource.settle` checked it)."""
+    if chunk.ahead:
+        chunk.ahead = False
+        return
+    fill(chunk.spare, std, generator)
+
+
+class Ahead:
+    """Noise drawn ahead for the next step of one plan (see the module docstring).
+
+    :param plan: the plan whose chunks' ``spare`` buffers are being filled.
+    :param std: the scale they are drawn with.
+    :param states: the streams' states from before the draws.
+    :param futures: the draws, one per chunk, in the noise threads.
+    """
+
+    __slots__ = ("plan", "std", "states", "futures", "settled", "pid")
+
+    def __init__(self, plan: NoisePlan, std: float, states: list[Tensor], futures: list[Any]):
+        self.plan, self.std, self.states, self.futures = plan, std, states, futures
+        self.settled = False  # the draws are done and their chunks marked for the coming step
+        self.pid = os.getpid()  # a forked child has the buffers but not the threads that fill them
+
+    @property
+    def here(self) -> bool:
+        """Whether the draws run in this process (not in the parent of a forked child)."""
+        return self.pid == os.getpid()
+
+    def wait(self) -> bool:
+        """Wait for the draws (an error of one is raised here); a Ctrl-C meanwhile is held back
+        until they are all done (whoever waits must not act on draws still running): ``True``
+        if one came, for the caller to raise once its state is consistent."""
+        if not self.here:
+            return False
+        interrupted = False
+        pending = list(self.futures)
+        while pending:
+            try:
+                for future in pending:
+                    future.exception()
+                pending = []
+            except KeyboardInterrupt:
+                interrupted = True
+                pending = [future for future in pending if not future.done()]
+        for future in self.futures:
+            future.result()
+        return interrupted
+
+
 class NoiseSource:
     """Where a sampler's noise comes from (see the module docstring).
 
@@ -217,16 +279,32 @@ class NoiseSource:
         self.generator = generator
         self.num_streams = num_streams
         self._streams: list[torch.Generator] | None = None
+        #: the next step's noise being drawn, or drawn (:meth:`draw_ahead`)
+        self.ahead: Ahead | None = None
         #: a Ctrl-C that arrived while the calling thread waited for the noise threads: the step
         #: was finished first; whoever owns the step raises it once its bookkeeping is done too
         self.interrupted = False
 
     def streams(self) -> list[torch.Generator]:
-        """The CPU streams, seeded from the root generator on first use."""
+        """The CPU streams, seeded from the root generator on first use (noise drawn ahead and
+        not yet claimed by a step is given back first: see :meth:`cancel_ahead`)."""
+        if self.ahead is not None and not self.ahead.settled:
+            self.cancel_ahead()
         if self._streams is None:
-            seeds = torch.randint(0, 2**32, (self.num_streams,), generator=self._root("cpu"), dtype=torch.int64)
-            self._streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            self.seed_streams(self.draw_seeds(self.num_streams))
         return self._streams
+
+    def draw_seeds(self, count: int) -> Tensor:
+        """``count`` stream seeds, uniform on ``[0, 2^32)``, drawn from the CPU root generator
+        (the first :attr:`num_streams` of them are what :meth:`streams` seeds the streams with)."""
+        return torch.randint(0, 2**32, (count,), generator=self._root("cpu"), dtype=torch.int64)
+
+    def seed_streams(self, seeds: Sequence[int] | Tensor) -> None:
+        """(Re)seed the CPU streams, one per seed: how noise drawn on several processes is made
+        identical, or independent (:mod:`pyro_sgmcmc.functional.distributed`)."""
+        self.cancel_ahead()
+        self._streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.num_streams = len(self._streams)
 
     def _root(self, device_type: str) -> torch.Generator | None:
         if self.generator is not None and self.generator.device.type != device_type:
@@ -235,6 +313,57 @@ class NoiseSource:
                 f"{device_type} (must be on the parameters' device)"
             )
         return self.generator
+
+    def draw_ahead(self, plan: NoisePlan, std: float) -> bool:
+        """Start drawing the next step's noise of ``plan`` at scale ``std`` in the noise threads
+        (see the module docstring); ``False`` (nothing started) where a plan's chunks share
+        buffers (more chunks than streams), off the CPU, or for a differentiable step's plan."""
+        if not plan.on_cpu or not plan.threaded or len(plan.chunks) > len(plan.spares):
+            return False
+        streams = self.streams()
+        states = [g.get_state() for g in streams]
+        warn_if_forked()
+        pool = _thread_pool(max(1, min(len(plan.chunks), torch.get_num_threads())))
+        futures = [pool.submit(fill, chunk.spare, std, streams[index % self.num_streams])
+                   for index, chunk in enumerate(plan.chunks)]
+        self.ahead = Ahead(plan, std, states, futures)
+        return True
+
+    def settle(self, plan: NoisePlan | None, std: float | None) -> None:
+        """Before a step of ``plan`` that draws at scale ``std``: wait for the noise drawn ahead;
+        if it is this step's (same plan and scale), mark its chunks so that :func:`draw` uses it,
+        else give it back (:meth:`cancel_ahead`)."""
+        ahead = self.ahead
+        if ahead is None:
+            return
+        if ahead.wait():
+            self.interrupted = True  # raised after the step, as a Ctrl-C while the step's lanes run
+        if ahead.here and plan is ahead.plan and std == ahead.std:
+            for chunk in plan.chunks:
+                chunk.ahead = True
+            ahead.settled = True
+        else:
+            self.cancel_ahead()
+
+    def cancel_ahead(self) -> None:
+        """Forget noise drawn ahead: the streams go back to their states from before it, as if it
+        had never been drawn. A Ctrl-C while waiting for the draws is raised once the streams
+        are back (it used to leave them where the draws had taken them: other noise after)."""
+        ahead = self.ahead
+        if ahead is None:
+            return
+        interrupted = ahead.wait()
+        self.ahead = None
+        for chunk in ahead.plan.chunks:
+            chunk.ahead = False
+        for generator, state in zip(self._streams or (), ahead.states):
+            generator.set_state(state)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def claimed(self) -> None:
+        """A step used the noise drawn ahead (or there was none)."""
+        self.ahead = None
 
     def generators(self, plan: NoisePlan) -> list[torch.Generator | None]:
         """The generator of each chunk of ``plan`` (see :meth:`chunk_generator`)."""
@@ -251,6 +380,7 @@ class NoiseSource:
         """What :meth:`restore` needs to undo every draw made after this call: the streams'
         states (or that they are not seeded yet) and the states of the root generators of the
         CPU and of ``devices``."""
+        self.cancel_ahead()
         streams = None if self._streams is None else [g.get_state() for g in self._streams]
         roots = {}
         for device in (torch.device("cpu"), *devices):
@@ -261,6 +391,7 @@ class NoiseSource:
 
     def restore(self, snapshot: tuple) -> None:
         """Undo every draw made since :meth:`snapshot`."""
+        self.cancel_ahead()
         streams, roots = snapshot
         if streams is None:
             self._streams = None
@@ -283,13 +414,19 @@ class NoiseSource:
             self.interrupted = False
             raise KeyboardInterrupt
 
+    def __getstate__(self) -> dict[str, Any]:
+        self.cancel_ahead()  # the draws' futures do not copy; the streams go back to before them
+        return dict(self.__dict__)
+
     def state_dict(self) -> dict[str, Any]:
+        self.cancel_ahead()
         state: dict[str, Any] = {"streams": None if self._streams is None else [g.get_state() for g in self._streams]}
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cancel_ahead()
         streams = state.get("streams")
         if streams is None:
             self._streams = None

@@ -25,6 +25,12 @@ threads. Either way, before anything is drawn or written:
   the tensors it writes and the generators' states are copied first, and restored if a written
   value is not finite (the step is then refused as above).
 
+Where several processes each step a share of one chain (``distributed="sharded"``), they must
+refuse a step together: a :class:`Ballot` given to :func:`execute` is cast once per step, when
+this process's decision is final (before the noise is drawn, or after a guarded step's check),
+and a step that another process refused is refused here too (``kind="elsewhere"``), restored if
+it was already written.
+
 On the CPU, the chunks of a plan are worked on in the noise threads (one lane per buffer, see
 :mod:`._noise`). A ``KeyboardInterrupt`` that reaches the calling thread while it waits for them
 is held back: the lanes finish the step, and :attr:`NoiseSource.interrupted` says that the step's
@@ -67,6 +73,13 @@ class Task:
 
     #: which of a chunk's views hold the candidate: ``"noise"`` (its first buffer) or ``"spares"``
     candidate = "noise"
+
+    @property
+    def ahead_std(self) -> float | None:
+        """The scale of the noise :meth:`finish` draws into each chunk's ``spare`` buffer with
+        :func:`~pyro_sgmcmc.functional._noise.draw` (so that it can be drawn ahead), or ``None``
+        where it draws otherwise (then nothing is drawn ahead)."""
+        return None
 
     def __init__(self, plan: NoisePlan, indices: list[int]):
         self.plan, self.indices = plan, indices
@@ -132,6 +145,30 @@ def update_limit(dtype: torch.dtype, factor: float, noise_bound: float, scalars:
     return room * room if room > 0 else -1.0
 
 
+class Ballot:
+    """One vote per step on whether every process may apply it (see the module docstring).
+
+    :param vote: ``vote(ok)`` sends this process's verdict and returns whether every process
+        said ``True`` (a collective: every process calls it once per step).
+    """
+
+    __slots__ = ("vote", "cast")
+
+    def __init__(self, vote: Callable[[bool], bool]):
+        self.vote = vote
+        self.cast = False
+
+    def __call__(self, ok: bool) -> bool:
+        self.cast = True
+        return self.vote(ok)
+
+    def approve(self) -> None:
+        """Vote ``True``; raise the refusal of the step if another process voted ``False``."""
+        if not self(True):
+            raise NonFiniteError(-1, "step() refused: another process refused its share of this step (see its "
+                                     "error); no parameter was changed", kind="elsewhere")
+
+
 def run(step: Step, noise: NoiseSource) -> list[list[Any]]:
     """Execute one update rule's step and its ``post``, then raise a held-back Ctrl-C."""
     tasks, post = step
@@ -142,10 +179,32 @@ def run(step: Step, noise: NoiseSource) -> list[list[Any]]:
     return results
 
 
-def execute(tasks: Sequence[Task], noise: NoiseSource) -> list[list[Any]]:
+def execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None = None) -> list[list[Any]]:
     """Run ``tasks`` as one step, all or nothing (see the module docstring); return each task's
-    chunk results in chunk order."""
+    chunk results in chunk order. With a ``ballot``, the step is applied only if every process
+    approves it; the ballot is cast exactly once, also when this process refuses. Noise drawn
+    ahead (:meth:`NoiseSource.draw_ahead <pyro_sgmcmc.functional.NoiseSource.draw_ahead>`) is
+    used if it is this step's, else given back; a refused step gives it back too."""
+    if noise.ahead is not None:
+        task = tasks[0] if len(tasks) == 1 else None
+        noise.settle(None if task is None else task.plan, None if task is None else task.ahead_std)
+    if ballot is None and noise.ahead is None:
+        return _execute(tasks, noise, None)
+    try:
+        results = _execute(tasks, noise, ballot)
+    except BaseException:
+        noise.cancel_ahead()
+        if ballot is not None and not ballot.cast:
+            ballot(False)
+        raise
+    noise.claimed()
+    return results
+
+
+def _execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None) -> list[list[Any]]:
     if not tasks:
+        if ballot is not None:
+            ballot.approve()
         return []
     for task in tasks:
         if task.limit == REFUSED:
@@ -162,12 +221,14 @@ def execute(tasks: Sequence[Task], noise: NoiseSource) -> list[list[Any]]:
             total, context = task.prepare(chunk)
             limit = task.limit
             if limit is None or float(total) < limit:
+                if ballot is not None:
+                    ballot.approve()
                 generator = noise.streams()[0] if plan.on_cpu else noise.chunk_generator(plan, 0)
                 return [[task.finish(chunk, context, generator)]]
             _judge(task, chunk, float(total))
         finally:
             del guard
-        return _guarded(tasks, noise, [[context]])
+        return _guarded(tasks, noise, [[context]], ballot)
     bounds = [_map_chunks(task, _bound(task), noise) for task in tasks]
     guarded = False
     for task, task_bounds in zip(tasks, bounds):
@@ -179,7 +240,11 @@ def execute(tasks: Sequence[Task], noise: NoiseSource) -> list[list[Any]]:
                 if not total < task.limit:
                     _judge(task, chunk, total)
                     guarded = True
-    return _guarded(tasks, noise) if guarded else _apply(tasks, noise)
+    if guarded:
+        return _guarded(tasks, noise, None, ballot)
+    if ballot is not None:
+        ballot.approve()
+    return _apply(tasks, noise)
 
 
 def _bound(task: Task) -> Callable[[int, Chunk], float]:
@@ -220,23 +285,34 @@ def _apply(tasks: Sequence[Task], noise: NoiseSource, contexts: list[list[Any]] 
     return results
 
 
-def _guarded(tasks: Sequence[Task], noise: NoiseSource, contexts: list[list[Any]] | None = None) -> list[list[Any]]:
+def _guarded(tasks: Sequence[Task], noise: NoiseSource, contexts: list[list[Any]] | None = None,
+             ballot: Ballot | None = None) -> list[list[Any]]:
     """The step, with everything it writes copied first and restored if a written value is not
-    finite (then refused with ``kind="update"``)."""
+    finite (then refused with ``kind="update"``), or if another process refused the step."""
     snapshot = noise.snapshot([task.plan.device for task in tasks])
     saved = [[[t.detach().clone() for t in tensors] for tensors in task.written] for task in tasks]
     results = _apply(tasks, noise, contexts)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for task_saved, restoring in zip(saved, tasks):
+                for copies, originals in zip(task_saved, restoring.written):
+                    for copy, original in zip(copies, originals):
+                        original.detach().copy_(copy)
+        noise.restore(snapshot)
+
     for task in tasks:
         for tensors in task.written:
             bad = first_nonfinite(tensors)
             if bad is not None:
-                with torch.no_grad():
-                    for task_saved, restoring in zip(saved, tasks):
-                        for copies, originals in zip(task_saved, restoring.written):
-                            for copy, original in zip(copies, originals):
-                                original.detach().copy_(copy)
-                noise.restore(snapshot)
+                restore()
                 raise NonFiniteError(task.indices[bad], kind="update", task=task)
+    if ballot is not None:
+        try:
+            ballot.approve()
+        except NonFiniteError:
+            restore()
+            raise
     return results
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._common import Diagnostics, apply_buffer, fill_drift, plan_layout, sum_of_squares, take
-from ._noise import Chunk, NoisePlanCache, NoiseSource, fill
+from ._noise import Chunk, NoisePlanCache, NoiseSource, draw
 from ._step import Z_MAX, Step, Task, drift_bound, gathered, run
 
 
@@ -131,6 +131,10 @@ class SGLDTask(Task):
     def written(self) -> list[Sequence[Tensor]]:
         return [self.params]
 
+    @property
+    def ahead_std(self) -> float | None:
+        return self.noise_std or None
+
     def prepare(self, chunk: Chunk, measure: bool = True) -> tuple[Tensor | None, None]:
         anchors = self.anchors
         fill_drift(self.ops, chunk, chunk.pieces(self.grads, readonly=True), chunk.pieces(self.params),
@@ -149,7 +153,7 @@ class SGLDTask(Task):
         noise_std, diagnostics = self.noise_std, self.diagnostics
         parts = None
         if noise_std:
-            fill(chunk.spare, noise_std, generator)
+            draw(chunk, noise_std, generator)
         elif diagnostics is not None:
             chunk.spare.zero_()
         if diagnostics is not None:

@@ -65,7 +65,7 @@ import torch
 from pyro.infer.mcmc.adaptation import WarmupAdapter as _PyroWarmupAdapter
 from torch import Tensor
 
-from .estimators import GradientEstimator, hessian_vector_product
+from .estimators import GradientEstimator
 
 
 class Whitening:
@@ -136,26 +136,27 @@ class LowRankWhitening(Whitening):
 
 
 def hutchinson_diagonal(hvp: Callable[[Tensor], Tensor], size: int, device: torch.device, probes: int = 16,
-                        dtype: torch.dtype = torch.float64) -> Tensor:
+                        dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None) -> Tensor:
     """The Hessian's diagonal (float64) from ``probes`` products with ``hvp``: Hutchinson's
     estimate ``E[v * H v]`` over Rademacher ``v`` (of ``dtype``), or, when ``size <= probes``, the
     exact diagonal from the ``size`` unit vectors, which costs no more products. Hutchinson's
     estimate of ``H_ii`` is off by ``sum_j H_ij mean(v_i v_j)``: where two coordinates are
     strongly coupled (a location and a log-scale far from the mode) this can cancel the
     diagonal, and a near-zero curvature then whitens that coordinate to a huge scale (measured:
-    the first arrival step of a two-site model jumped 90 posterior sds)."""
+    the first arrival step of a two-site model jumped 90 posterior sds). The probes are drawn
+    from ``generator`` (on ``device``; default: torch's global generator)."""
     if size <= probes:
         eye = torch.eye(size, dtype=dtype, device=device)
         return torch.stack([hvp(e)[i] for i, e in enumerate(eye)]).double()
     estimate = torch.zeros(size, dtype=torch.float64, device=device)
     for _ in range(probes):
-        v = torch.randint(0, 2, (size,), device=device).to(dtype) * 2 - 1
+        v = torch.randint(0, 2, (size,), device=device, generator=generator).to(dtype) * 2 - 1
         estimate += v.double() * hvp(v).double()
     return estimate / probes
 
 
 def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: int, temperature: float,
-                       dtype: torch.dtype) -> LowRankWhitening:
+                       dtype: torch.dtype, generator: torch.Generator | None = None) -> LowRankWhitening:
     """Whitening from the Hessian's ``diagonal`` (averaged by the caller) plus the ``rank``
     eigen-directions of the diagonally whitened Hessian ``A = S H S`` whose eigenvalues are
     furthest (in log) from ``T``: the stiffest directions limit the step size, the softest
@@ -163,7 +164,7 @@ def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: 
     products with ``hvp`` (``v -> H v`` in theta coordinates, float64, e.g. by double backward on
     one minibatch: finite differences in float32 cannot resolve directions 1000x softer than the
     stiffest), then one product per kept direction to check it (residual within 10% of its
-    eigenvalue)."""
+    eigenvalue). Lanczos' start is drawn from ``generator`` (default: torch's global generator)."""
     diag = diagonal.abs().clamp(min=max(float(diagonal.abs().max()), 1e-12) * 1e-8)
     scale = (temperature / diag).sqrt()
     size = diagonal.numel()
@@ -171,7 +172,7 @@ def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: 
     steps = min(size, 4 * rank + 20)
     basis = torch.zeros(size, steps, dtype=torch.float64, device=device)
     alphas, betas = [], []
-    v = torch.randn(size, dtype=torch.float64, device=device)
+    v = torch.randn(size, dtype=torch.float64, device=device, generator=generator)
     v /= v.norm()
     for j in range(steps):
         basis[:, j] = v
@@ -214,9 +215,11 @@ def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: 
     return LowRankWhitening(scale.to(dtype), vectors.to(dtype), factors.to(dtype))
 
 
-def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int) -> float:
-    """The largest eigenvalue (in magnitude) of ``operator`` by ``iterations`` power steps."""
-    v = torch.randn_like(like)
+def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int,
+                     generator: torch.Generator | None = None) -> float:
+    """The largest eigenvalue (in magnitude) of ``operator`` by ``iterations`` power steps, from
+    a start drawn from ``generator`` (default: torch's global generator)."""
+    v = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
     v /= v.norm()
     value = 0.0
     for _ in range(iterations):
@@ -364,8 +367,12 @@ class WarmupAdapter:
 
     def __init__(self, estimator: GradientEstimator, sampler_class: type, *, step_size: float | None,
                  adapt_step_size: bool, adapt_mass_matrix: bool, mass: str, mass_rank: int, target_bias: float,
-                 temperature: float, exact_gaussian: bool, sampler_options: dict[str, Any]):
+                 temperature: float, exact_gaussian: bool, sampler_options: dict[str, Any],
+                 generator: torch.Generator | None = None):
         self.estimator = estimator
+        #: where the random probes of the curvature come from (``None``: torch's global generator);
+        #: over sharded data, one in the same state on every rank, whatever each rank's minibatches draw
+        self.generator = generator
         self.sampler_class = sampler_class
         self.step_size = step_size
         self.adapt_step_size = adapt_step_size
@@ -541,7 +548,7 @@ class WarmupAdapter:
 
     def _hvp_z(self, theta: Tensor, whitening: Whitening, averaged: bool) -> Callable[[Tensor], Tensor]:
         """``v -> L^T H L v`` at ``theta``: the Hessian in the coordinates ``z`` (theta's dtype)."""
-        hvp = hessian_vector_product(self.estimator.fixed_potential(averaged), theta)
+        hvp = self.estimator.hessian_vector_product(theta, averaged)
         return lambda v: whitening.pullback(hvp(whitening.to_theta(v.to(theta.dtype))).to(theta.dtype))
 
     def _preconditioner(self, theta: Tensor, whitening: Whitening, fresh: bool) -> Whitening:
@@ -549,16 +556,16 @@ class WarmupAdapter:
         ``fresh``); the old one if that curvature is not usable."""
         size = theta.numel()
         if self.mass == "low-rank":
-            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
-            diagonal = hutchinson_diagonal(hvp, size, theta.device)
+            hvp = self.estimator.hessian_vector_product(theta, averaged=True)
+            diagonal = hutchinson_diagonal(hvp, size, theta.device, generator=self.generator)
             if not self._usable(diagonal):
                 return whitening
             mean = self._add(diagonal, fresh)
-            low_rank = low_rank_whitening(hvp, mean, self.mass_rank, self.temperature, theta.dtype)
+            low_rank = low_rank_whitening(hvp, mean, self.mass_rank, self.temperature, theta.dtype, self.generator)
             finite = bool(torch.isfinite(low_rank.vectors).all() and torch.isfinite(low_rank.factors).all())
             return low_rank if finite else whitening
         if self.mass == "dense":
-            hvp = hessian_vector_product(self.estimator.fixed_potential(averaged=True), theta)
+            hvp = self.estimator.hessian_vector_product(theta, averaged=True)
             eye = torch.eye(size, dtype=torch.float64, device=theta.device)
             hessian = torch.stack([hvp(e) for e in eye], 1)
             hessian = (hessian + hessian.T) / 2
@@ -566,7 +573,7 @@ class WarmupAdapter:
             # Hutchinson's probes in the current whitened coordinates, where the cross terms that
             # bias it are small, then back to theta's diagonal (approximate if L is dense)
             diagonal_z = hutchinson_diagonal(self._hvp_z(theta, whitening, averaged=False), size, theta.device,
-                                             dtype=theta.dtype)
+                                             dtype=theta.dtype, generator=self.generator)
             scale = whitening.scale.double()
             hessian = diagonal_z / (scale.diagonal() if whitening.dense else scale) ** 2
         if not self._usable(hessian):
@@ -624,7 +631,7 @@ class WarmupAdapter:
         whitening = tuning.whitening
         z = whitening.to_z(theta)
         hvp = self._hvp_z(theta, whitening, averaged=self.exact_gaussian)
-        largest = _power_iteration(hvp, z, 8)
+        largest = _power_iteration(hvp, z, 8, self.generator)
         if self.adapt_mass_matrix and math.isfinite(largest) and largest > 0:
             # the whitened mean curvature is T I: by convexity of lambda_max its mean over the window
             # is at least T, whatever the point shows
@@ -632,7 +639,7 @@ class WarmupAdapter:
         smallest = 0.0
         if self.exact_gaussian and math.isfinite(largest) and largest > 0:
             shift = 1.1 * largest
-            smallest = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 16)
+            smallest = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 16, self.generator)
         noise = self._noise(theta, whitening)
         scales = Scales(largest, noise, smallest)
         if not (math.isfinite(largest) and math.isfinite(noise) and largest > 0):

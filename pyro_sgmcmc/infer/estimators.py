@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..functional import control_variate_gradient_
+from ..functional.distributed import Ranks, average
 from .potential import PotentialEvaluator
 from .subsample import SubsampleControl, SubsampledPlate, draw_indices, full_data_potential, full_data_value_and_grad
 
@@ -150,6 +151,11 @@ class GradientEstimator:
         point; with ``averaged``, the exact full-data potential on small data, or the average over
         :data:`CURVATURE_MINIBATCHES` minibatches."""
         raise NotImplementedError
+
+    def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
+        """``v -> H v`` (float64) for the Hessian of :meth:`fixed_potential` at ``point``
+        (:func:`hessian_vector_product`)."""
+        return hessian_vector_product(self.fixed_potential(averaged), point)
 
     def state_dict(self) -> dict:
         """What must be saved to continue a chain with this estimator (e.g. an anchor)."""
@@ -392,3 +398,73 @@ class ControlVariates(GradientEstimator):
         saved = state.get("anchor")
         if saved is not None:
             self.anchor = Anchor(saved["point"], saved["potential"], saved["grad"])
+
+
+class ShardedPotential(GradientEstimator):
+    r"""The potential of data sharded across the ranks of ``torch.distributed``: each rank's
+    ``inner`` estimator evaluates the potential :math:`U_r` of its own shard, and every rank gets
+    the average :math:`\frac1W \sum_r U_r` and its gradient (one all-reduce of the potential and
+    the gradient per estimate), and the average of the ranks' Hessian-vector products. Each
+    rank's model must therefore be the whole potential as its shard estimates it: the prior once
+    and the shard's likelihood scaled by :math:`W` (so that the average counts every row once).
+    A collective: every rank calls it in the same order, which the kernel guarantees by deciding
+    only from these averages. It offers no :meth:`fixed_potential` (nothing uses one over the
+    ranks: the curvature comes from :meth:`hessian_vector_product`).
+
+    An exception in one rank's ``inner`` (its model raised) is raised there, and on the other
+    ranks a ``RuntimeError`` saying so, at once: the ranks vote on it in the same all-reduce as
+    the potential (one more number), instead of leaving the others waiting until the process
+    group's timeout. Only :meth:`estimate` votes; an exception elsewhere (e.g. in a curvature
+    product) still leaves the others waiting.
+
+    :param inner: this rank's estimator (exact, or on minibatches of its shard).
+    :param ranks: the group.
+    """
+
+    def __init__(self, inner: GradientEstimator, ranks: "Ranks") -> None:
+        self.inner = inner
+        self.ranks = ranks
+        self.exact = inner.exact
+        self.noisy_gradient = inner.noisy_gradient
+
+    def prepare(self, point: Tensor) -> Tensor:
+        return self.inner.prepare(point)
+
+    def estimate(self, point: Tensor) -> Estimate:
+        failure: Exception | None = None
+        try:
+            local = self.inner.estimate(point)
+        except Exception as error:  # the others must hear of it, not wait for this rank
+            failure = error
+        if failure is None:
+            dtype = local.grad.dtype
+            both = torch.cat([local.potential.reshape(1).to(dtype), local.grad.reshape(-1),
+                              torch.zeros(1, dtype=dtype, device=local.grad.device)])
+        else:
+            both = torch.zeros(point.numel() + 2, dtype=point.dtype, device=point.device)
+            both[-1] = 1.0
+        average([both], self.ranks)  # potential, gradient, and whether a rank failed
+        if failure is not None:
+            raise failure
+        if bool(both[-1] != 0):
+            raise RuntimeError("another rank failed to estimate the potential (its model raised: see its error); "
+                               "this rank stops with it")
+        return Estimate(both[0].to(local.potential.dtype), both[1:-1].view_as(local.grad))
+
+    def hessian_vector_product(self, point: Tensor, averaged: bool = False) -> Callable[[Tensor], Tensor]:
+        """The average over the ranks of their Hessian-vector products (``v`` must be the same on
+        every rank: the kernel draws it from a generator in the same state on every rank)."""
+        local = self.inner.hessian_vector_product(point, averaged)
+
+        def product(v: Tensor) -> Tensor:
+            result = local(v).detach().clone()
+            average([result], self.ranks)
+            return result
+
+        return product
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -36,6 +37,7 @@ from .._validation import (
     check_options,
 )
 from ..functional import NonFiniteError
+from ..functional.distributed import Ranks, check_process_group, check_replicas, shared_generator
 from ..samplers import SGMCMCOptimizer
 from .adaptation import Adaptation, WarmupAdapter, Whitening
 from .estimators import (
@@ -45,6 +47,7 @@ from .estimators import (
     GradientEstimator,
     MinibatchPotential,
     SelfSubsampledPotential,
+    ShardedPotential,
 )
 from .potential import (
     FlatLayout,
@@ -82,7 +85,8 @@ _OTHER_OPTIONS = {
     "generator": "the kernel's noise follows torch's global generator (pyro.set_rng_seed), as its minibatches do",
 }
 #: Sampler arguments the kernel sets itself.
-_SET_BY_KERNEL = {"self", "params", "lr", "temperature", "nbeta", "diagnostics", "generator"}
+_SET_BY_KERNEL = {"self", "params", "lr", "temperature", "nbeta", "diagnostics", "generator", "distributed",
+                  "process_group"}
 #: Estimates of the Monte Carlo error are checked only with at least this many samples.
 _MIN_SAMPLES_TO_JUDGE = 50
 #: A step size that ends warmup below this share of its last measurement (7 halvings) has collapsed.
@@ -260,6 +264,28 @@ class SGMCMCKernel(MCMCKernel):
         values of their latent sites or minibatch.
     :param jit_options: keyword arguments of ``torch.jit.trace`` (default ``{"check_trace": False}``).
     :param ignore_jit_warnings: silence the tracer's warnings.
+    :param distributed: ``"replicated"`` for one chain over the ranks of ``torch.distributed``,
+        each rank with a shard of the data (``None``: one process). Each rank's model (or
+        ``potential_fn``) is the potential as its shard estimates it: the prior once and the
+        shard's likelihood scaled by the number of ranks (e.g. inside
+        ``pyro.poutine.scale(scale=world_size)``), with the shard's own subsampled plate; every
+        potential and gradient the kernel uses is the average over the ranks
+        (:class:`~pyro_sgmcmc.infer.estimators.ShardedPotential`: the full potential), the chain
+        starts at rank 0's initial point, and its sampler adds the same noise on every rank
+        (``distributed="replicated"`` of :mod:`pyro_sgmcmc.samplers`). Every rank then holds the
+        same chain and the same samples (keep rank 0's). Warmup's random curvature probes come
+        from a generator seeded from rank 0's (:func:`~pyro_sgmcmc.functional.distributed.shared_generator`),
+        the same on every rank whatever each rank's minibatches draw. After each sample the
+        ranks' chains are compared (one all-gather of one integer), and a chain that differs
+        raises :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError`. A model or
+        ``potential_fn`` that raises on one rank leaves the others waiting in the average until
+        the process group's timeout: make each rank's model fail alike (or set a short
+        ``timeout`` in ``init_process_group``). Not with ``control_variates`` (its mode search is
+        not sharded yet), nor with ``MCMC``'s ``num_chains > 1`` (refused: parallel chains would run
+        in child processes sharing their parent's process group).
+        ``"independent"``: a chain of its own on each rank, on purpose (silences the sampler's
+        warning when several ranks run).
+    :param process_group: the group (default: the default group); only with ``distributed="replicated"``.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...), checked when the kernel is made.
 
@@ -310,6 +336,8 @@ class SGMCMCKernel(MCMCKernel):
         jit_compile: bool = False,
         jit_options: dict[str, Any] | None = None,
         ignore_jit_warnings: bool = False,
+        distributed: str | None = None,
+        process_group: Any = None,
         **sampler_options: Any,
     ) -> None:
         if not hasattr(type(self), "sampler_class"):
@@ -355,6 +383,14 @@ class SGMCMCKernel(MCMCKernel):
         self.jit_options = check_mapping("jit_options", jit_options, what="a dict of torch.jit.trace options",
                                          none_ok=True)
         self.ignore_jit_warnings = check_flag("ignore_jit_warnings", ignore_jit_warnings)
+        self.distributed = check_choice("distributed", distributed, (None, "replicated", "independent"))
+        check_process_group(process_group, self.distributed, ("replicated",))
+        if self.distributed == "replicated" and control_variates is not False:
+            raise ValueError("Invalid control_variates: not with distributed='replicated' (the mode search is not "
+                             "sharded across ranks yet)")
+        self.process_group = process_group
+        self._ranks: Ranks | None = None
+        self._made_in = os.getpid()  # a chain that spans ranks runs in the process that made its kernel
         self.sampler_options = self._check_sampler_options(sampler_options)
         if self.exact_gaussian and "reference_curvature" not in self._sampler_parameters():
             raise ValueError(f"Invalid exact_gaussian: {self.sampler_class.__name__} has no reference_curvature "
@@ -411,8 +447,14 @@ class SGMCMCKernel(MCMCKernel):
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
         chains, and calls ``setup`` again in the parent after parallel ones), the estimator is
         built, and a valid initial point is found."""
+        if self.distributed == "replicated" and os.getpid() != self._made_in:
+            raise ValueError("Invalid num_chains: a kernel with distributed='replicated' runs one chain over the ranks, "
+                             "in the processes that made it; MCMC's parallel chains run it in child processes, whose "
+                             "process group is their parent's (use num_chains=1)")
         self._reset()
         self._warmup_steps = check_integer("warmup_steps", warmup_steps)
+        if self.distributed == "replicated":
+            self._ranks = Ranks.of(self.process_group)
         if self.model is not None:
             sites = model_sites(self.model, args, kwargs)
             transforms = sites.transforms
@@ -427,21 +469,28 @@ class SGMCMCKernel(MCMCKernel):
             potential = self.potential_fn
             self._minibatches = self.stochastic_potential
             draw = None
+        if draw is not None and self._ranks is not None:
+            draw_here = draw
+            draw = lambda: self._from_rank_0(draw_here())  # noqa: E731
         if self._restored is not None:
             initial = self._restored_point()
         elif self._user_initial_params is not None:
             initial = {name: torch.as_tensor(value).detach().clone() for name, value in self._user_initial_params.items()}
         elif draw is not None:
-            initial = draw()
+            initial = draw()  # rank 0's already
         else:
             raise ValueError("With potential_fn, give initial_params (to MCMC, as for HMC)")
+        if self._ranks is not None and (self._restored is not None or self._user_initial_params is not None):
+            initial = self._from_rank_0(initial)
         self._layout = FlatLayout(initial)
         evaluator = PotentialEvaluator(potential, self._layout.unflatten, is_model=self.model is not None,
                                        jit_compile=self.jit_compile, jit_options=self.jit_options,
                                        ignore_jit_warnings=self.ignore_jit_warnings)
         self._estimator = self._make_estimator(evaluator, sites.plates if self.model is not None else [])
         if type(self._estimator) is ExactPotential and self.potential_fn is not None and self._restored is None:
-            self._detect_subsampling(initial)
+            self._detect_subsampling(initial)  # on this rank's potential, before the ranks' average
+        if self._ranks is not None:
+            self._estimator = ShardedPotential(self._estimator, self._ranks)
         def valid(point: dict[str, Tensor]) -> bool:
             with pyro.validation_enabled(False):  # an invalid point is retried, not a validation error
                 return self._estimator.estimate(self._layout.flatten(point)).finite
@@ -452,6 +501,12 @@ class SGMCMCKernel(MCMCKernel):
             initial = find_initial_point(draw, valid)
         self._initial_params = initial
 
+    def _from_rank_0(self, point: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Rank 0's ``point``, on every rank (a collective)."""
+        layout = FlatLayout(point)
+        flat = self._ranks.broadcast(layout.flatten(point))
+        return {name: value.clone() for name, value in layout.unflatten(flat).items()}
+
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
         treated as exact, warmup would take its noise for jumps and freeze the chain. Say so, and
@@ -459,7 +514,10 @@ class SGMCMCKernel(MCMCKernel):
         flat = self._layout.flatten(point)
         with torch.no_grad():
             first, second = (self._estimator.fixed_potential()(flat) for _ in range(2))
-        if bool(torch.isfinite(first)) and not torch.equal(first, second):
+        detected = bool(torch.isfinite(first)) and not torch.equal(first, second)
+        if self._ranks is not None:  # the ranks decide together: one rank's potential that subsamples is enough
+            detected = not self._ranks.agree(not detected)
+        if detected:
             warnings.warn("potential_fn returned two different values at the same point: it seems to draw its own "
                           "minibatch, so the kernel treats it as stochastic_potential=True (pass that to say so)",
                           UserWarning, stacklevel=3)
@@ -519,6 +577,8 @@ class SGMCMCKernel(MCMCKernel):
                 self._step()
         if self._t >= self._warmup_steps:
             self._monitor.record(self._z.detach(), self._estimate.potential)
+        if self._ranks is not None:
+            check_replicas([self._z], self._ranks, what="chain state")
         self._t += 1
         return {name: value.clone() for name, value in self._layout.unflatten(self._theta()).items()}
 
@@ -536,7 +596,10 @@ class SGMCMCKernel(MCMCKernel):
             adapt_mass_matrix=self.adapt_mass_matrix,
             mass=self._mass, mass_rank=self.mass_rank,
             target_bias=self.target_bias, temperature=self.temperature, exact_gaussian=exact_gaussian,
-            sampler_options=self.sampler_options)
+            sampler_options=self.sampler_options,
+            # the curvature's probes, the same on every rank (each rank's minibatches draw from its
+            # global generator as many numbers as its shard's size asks)
+            generator=shared_generator(self._ranks, theta.device) if self._ranks is not None else None)
         restored = self._restored
         if restored is not None and self._warmup_steps == 0:
             self._estimator.load_state_dict(restored["estimator"])
@@ -575,6 +638,8 @@ class SGMCMCKernel(MCMCKernel):
             self._sampler = self.sampler_class([{"params": [("z", self._z)]}], lr=tuning.step_size,
                                                temperature=self.temperature,
                                                diagnostics="mala" if self.sampler_class.langevin else False,
+                                               distributed=self.distributed,
+                                               process_group=self.process_group if self._ranks is not None else None,
                                                **options)
         if self._t < self._adapter.arrival_end or self._adapter.frozen:
             # while arriving, the sampler adapts nothing of its own: PSGLD's squared-gradient

@@ -33,6 +33,10 @@ class MCMC(pyro.infer.MCMC):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.num_chains > 1 and getattr(self.kernel, "distributed", None) == "replicated":
+            raise ValueError(f"Invalid num_chains: {self.num_chains} with a kernel of distributed='replicated' (one "
+                             "chain spans the ranks; parallel chains would run in child processes sharing their "
+                             "parent's process group): use num_chains=1, or a run per chain")
         self.interrupted: BaseException | None = None
         self.num_samples_drawn = 0
 

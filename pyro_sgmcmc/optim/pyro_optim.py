@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import samplers
 from .._validation import check_callable, check_choice, check_instance, check_mapping, check_number, check_options
 from ..functional import NonFiniteError
+from ..functional.distributed import Ranks, average, check_process_group, check_replicas
 from ..samplers import SGMCMCOptimizer
 
 OptimArgs = dict[str, Any] | Callable[..., dict[str, Any]]
@@ -49,6 +50,14 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     :param generator: optional root ``torch.Generator`` of the noise.
     :param foreach: passed to the sampler.
     :param diagnostics: passed to the sampler; read them from ``.sampler.step_diagnostics``.
+    :param distributed: ``None``, ``"replicated"`` (data sharded across ranks: see below) or
+        ``"independent"`` (a chain of its own on each rank, on purpose: silences the sampler's
+        warning when several ranks run).
+    :param process_group: the ``torch.distributed`` group (default: the default group).
+    :param noise_ahead: passed to the sampler (samplers that offer it: SGLD).
+
+    These keyword options concern the whole optimizer: given as keys of ``optim_args`` they are
+    refused (naming the keyword to use), never taken for a parameter group's option.
 
     Parameters seen for the first time in a step join the sampler as a new parameter group
     (one per distinct set of options). Tensors outside Pyro's param store (``optimizer([a, b])``,
@@ -64,6 +73,17 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     parameters, as ``SVI`` does after every step it completes: the exception propagates, and the
     next ``svi.step()`` starts from clean gradients.
 
+    ``distributed="replicated"``: one chain over the ranks of ``torch.distributed``, each rank
+    with a shard of the data. Each rank's model is the potential as its shard estimates it (the
+    prior once, the shard's likelihood scaled by the number of ranks), so that the average of the
+    ranks' gradients, taken here before each step (one all-reduce), is the full gradient; the
+    sampler adds the same noise on every rank (``distributed="replicated"`` of
+    :mod:`pyro_sgmcmc.samplers`), so every rank holds the same parameters. New parameters must
+    start equal on every rank (seed every rank alike before the first step: Pyro's
+    initialisations draw at random), else
+    :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError` names the first that
+    differs. Not with :meth:`get_step`. ``process_group``: the group (default: the default group).
+
     Stepping a guide that is not a point mass (``AutoNormal``, ``AutoDiagonalNormal``...), or
     Pyro's ``AutoDelta`` with constrained sites (its loss lacks the change of variables), warns:
     use :class:`~pyro_sgmcmc.infer.AutoUnconstrainedDelta`.
@@ -78,6 +98,9 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
+        noise_ahead: bool = False,
     ) -> None:
         if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
             raise TypeError(
@@ -91,6 +114,12 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
         check_choice("foreach", foreach, (None, True, False))
         check_choice("diagnostics", diagnostics, (True, False, "mala"))
+        check_choice("distributed", distributed, (None, "replicated", "independent"))
+        check_process_group(process_group, distributed, ("replicated",))
+        check_choice("noise_ahead", noise_ahead, (False, True))
+        if noise_ahead and "noise_ahead" not in inspect.signature(sampler_constructor.__init__).parameters:
+            raise ValueError(f"Invalid noise_ahead: True, but {sampler_constructor.__name__} does not draw its noise "
+                             "ahead (samplers that do: SGLD)")
         self._accepted = _group_options(sampler_constructor)
         self._where = f"{type(self).__module__.split('.')[0]}.optim.{sampler_constructor.__name__}"
         if not callable(optim_args):
@@ -100,7 +129,11 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
             clip_args = dict(clip_args)
             _check_clip_args(clip_args)
         super().__init__(sampler_constructor, optim_args, clip_args)
-        self.sampler_options = dict(generator=generator, foreach=foreach, diagnostics=diagnostics)
+        self.sampler_options = dict(generator=generator, foreach=foreach, diagnostics=diagnostics,
+                                    distributed=distributed, process_group=process_group)
+        if noise_ahead:
+            self.sampler_options["noise_ahead"] = True
+        self._ranks: Ranks | None = None
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}
         self._unnamed: dict[int, tuple[Tensor, str]] = {}
@@ -112,7 +145,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
     def _check_options(self, options: Mapping[str, Any]) -> None:
         check_options(options, self._accepted, self._where, hints={
             key: f"it is an option of the Pyro optimizer itself: {self._where}(optim_args, {key}=...)"
-            for key in ("generator", "foreach", "diagnostics")})
+            for key in _OPTIMIZER_WIDE})
 
     def freeze_adaptation(self) -> None:
         """Stop the sampler's own adaptation (PSGLD's preconditioner), now and for parameters
@@ -153,6 +186,9 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         """The updated values of ``params`` after one sampling step, differentiable in ``params``
         (the noise is a reparameterised draw). The sampler's state (momenta, thermostats, step
         counts, noise streams) advances as in :meth:`step`; ``params`` themselves are unchanged."""
+        if self.sampler_options["distributed"] == "replicated":
+            raise ValueError("Invalid distributed: get_step (a differentiable step) is not supported with "
+                             "distributed='replicated'; use step")
         values = list(params.values())
         grads = torch.autograd.grad(loss, values, create_graph=True)
         names = sorted(params)
@@ -169,6 +205,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         if self._saved is not None and not self._warned_pending:
             self._warn_pending(names)
         stepping = {id(named[name]) for name in names}
+        if self._ranks is not None:  # the ranks' gradients, averaged: the full gradient
+            average([named[name].grad for name in names if named[name].grad is not None], self._ranks)
         if self.pt_clip_args:
             with torch.no_grad():
                 for name in names:
@@ -234,6 +272,11 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                     f"Parameter {name!r} was replaced by a new tensor after the sampler started "
                     "(was the param store cleared?); make a new optimizer for a new run"
                 )
+        if self.sampler_options["distributed"] == "replicated":
+            if self._ranks is None:
+                self._ranks = Ranks.of(self.sampler_options["process_group"])
+            # the first gradient was taken at each rank's values: they must be one point already
+            check_replicas([named[name] for name in new], self._ranks, new)
         layout = self._saved["layout"] if self._saved is not None else None
         groups = self._groups_for(new, named, layout)
         if self.sampler is None:
@@ -347,12 +390,17 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         self.set_state(state)
 
 
+#: The sampler's options that concern the whole optimizer, not a parameter group: keyword
+#: arguments of the Pyro optimizer itself, never keys of ``optim_args``.
+_OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead")
+
+
 def _group_options(sampler_class: type[SGMCMCOptimizer]) -> list[str]:
     """The options a Pyro optimizer of ``sampler_class`` takes in ``optim_args``: the keyword
     arguments of its constructor but the optimizer-wide ones."""
     parameters = inspect.signature(sampler_class.__init__).parameters
     return [name for name, parameter in parameters.items()
-            if name not in ("self", "params", "generator", "foreach", "diagnostics")
+            if name not in ("self", "params") + _OPTIMIZER_WIDE
             and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
 
 
@@ -409,9 +457,11 @@ class _NamedPyroOptim(SGMCMCPyroOptim):
 
     def __init__(self, optim_args: OptimArgs, clip_args: OptimArgs | None = None, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
-                 diagnostics: bool | str = False) -> None:
+                 diagnostics: bool | str = False, distributed: str | None = None, process_group: Any = None,
+                 noise_ahead: bool = False) -> None:
         super().__init__(self.sampler_class, optim_args, clip_args, generator=generator, foreach=foreach,
-                         diagnostics=diagnostics)
+                         diagnostics=diagnostics, distributed=distributed, process_group=process_group,
+                         noise_ahead=noise_ahead)
 
 
 class SGLD(_NamedPyroOptim):
@@ -423,7 +473,8 @@ class SGLD(_NamedPyroOptim):
         returning one).
     :param clip_args: gradient clipping, as in Pyro.
 
-    The keyword options (``generator``, ``foreach``, ``diagnostics``): see :class:`SGMCMCPyroOptim`.
+    The keyword options (``generator``, ``foreach``, ``diagnostics``, ``distributed``,
+    ``process_group``, ``noise_ahead``): see :class:`SGMCMCPyroOptim`.
     """
 
     sampler_class = samplers.SGLD

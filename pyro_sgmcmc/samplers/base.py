@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Diagnostics, NoisePlanCache, NoiseSource, NonFiniteError
-from ..functional._step import Step, execute
+from ..functional._step import Ballot, Step, execute
+from ..functional.distributed import MODES, Ranks, check_process_group, check_replicas, share_noise
 from .._validation import (check_choice, check_instance, check_integer, check_mask, check_number,
                            check_schedule)
 from ._mala import MalaTracker
@@ -165,6 +166,27 @@ class SGMCMCOptimizer(Optimizer):
         averages it over the steps scored. ``diagnostics="mala"`` keeps only that score (what
         the MCMC kernels use: a fraction of the cost of the norms on a small model).
 
+    :param distributed: how the sampler runs under ``torch.distributed``
+        (:mod:`pyro_sgmcmc.functional.distributed`): ``"replicated"`` for a replica of one chain
+        on every rank (``DistributedDataParallel``: the noise is seeded from rank 0, so every
+        rank adds the same; at the first step the parameters are checked to be the same on every
+        rank, else :class:`~pyro_sgmcmc.functional.distributed.ReplicaMismatchError`);
+        ``"sharded"`` for one rank's share of the parameters, as the local optimizer of
+        ``torch.distributed.optim.ZeroRedundancyOptimizer`` (noise streams distinct per rank, so
+        the shares' noises are independent); ``"independent"`` for a chain of its own on each
+        rank. ``None`` (default): a single process; a warning at the first step if
+        ``torch.distributed`` runs more than one rank, since a DDP replica that draws its own
+        noise drifts away from the others. ``"replicated"`` and ``"sharded"`` seed the noise
+        when the sampler is made, a collective: every rank must make it.
+    :param process_group: the group the chain spans (default: the default group); only with
+        ``distributed="replicated"`` or ``"sharded"``.
+    :param noise_ahead: right after each step, start drawing the next step's noise in the noise
+        threads, so that it overlaps the caller's forward and backward passes (samplers that
+        offer it: SGLD). The numbers are those drawn in ``step()``, bit for bit, and
+        ``state_dict()`` is the same (noise drawn ahead and not used is given back). Drawn ahead
+        only for one parameter group of one device and dtype, on the CPU, of at most
+        ``NUM_STREAMS`` noise chunks (4M entries): beyond, each chunk has no buffer of its own.
+
     **A refused step changes nothing.** :meth:`step` raises
     :class:`~pyro_sgmcmc.functional.NonFiniteError` (naming the parameter) when a gradient holds
     NaN or Inf, or when the update from finite gradients would write a non-finite value (an
@@ -214,10 +236,16 @@ class SGMCMCOptimizer(Optimizer):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
+        noise_ahead: bool = False,
     ) -> None:
         diagnostics = check_choice("diagnostics", diagnostics, (True, False, "mala"))
+        self.noise_ahead = check_choice("noise_ahead", noise_ahead, (False, True))
         generator = check_instance("generator", generator, torch.Generator, what="a torch.Generator", none_ok=True)
         foreach = check_choice("foreach", foreach, (None, True, False))
+        distributed = check_choice("distributed", distributed, (None, *MODES))
+        check_process_group(process_group, distributed)
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
@@ -232,7 +260,16 @@ class SGMCMCOptimizer(Optimizer):
         self._fresh_rng: tuple | None = None  # the root generator before the step drew first momenta
         self._low_precision: dict[int, float] | None = None  # per group: the lr last checked
         defaults = {"mask": None, **defaults}
+        self.distributed = distributed
+        #: the group the chain spans (``distributed="replicated"`` or ``"sharded"``), else ``None``
+        self.ranks: Ranks | None = None
+        self._first_step = True  # checks of the distributed set-up wait for it
+        if distributed in ("replicated", "sharded"):
+            self.ranks = Ranks.of(process_group)  # before the groups: refuse early, touching nothing
         super().__init__(params, defaults)
+        if self.ranks is not None:
+            devices = {p.device for group in self.param_groups for p in group["params"]}
+            share_noise(self._noise, distributed, self.ranks, sorted(devices, key=str))
 
     # ---------------------------------------------------------------- groups and validation
 
@@ -450,7 +487,13 @@ class SGMCMCOptimizer(Optimizer):
 
     def _run(self, work: list[tuple]) -> None:
         """Update every group of ``work`` as one step: all or nothing (see the class docstring)."""
+        if self._first_step:
+            self._check_distributed()
+        # the ranks of a sharded chain refuse a step together, even a rank with nothing to step
+        ballot = Ballot(self.ranks.agree) if self.distributed == "sharded" else None
         if not work:
+            if ballot is not None:
+                execute([], self._noise, ballot)
             return
         diagnostics = Diagnostics() if self.track_diagnostics else None
         steps: list[Step] = []
@@ -458,8 +501,10 @@ class SGMCMCOptimizer(Optimizer):
             for index, group, params, grads, masks, targets in work:
                 steps.append(self._update_group(group, params, grads, masks, diagnostics, targets))
             tasks = steps[0][0] if len(steps) == 1 else [task for step in steps for task in step[0]]
-            results = execute(tasks, self._noise)
+            results = execute(tasks, self._noise, ballot)
         except NonFiniteError as error:
+            if ballot is not None and not ballot.cast:
+                ballot(False)
             self._forget_fresh_state()
             refusal = self._refusal(error, work, steps)
             if self._noise.interrupted:  # nothing changed; the user asked to stop
@@ -467,11 +512,15 @@ class SGMCMCOptimizer(Optimizer):
                 raise KeyboardInterrupt from refusal
             raise refusal from None
         except BaseException:
+            if ballot is not None and not ballot.cast:
+                ballot(False)
             self._forget_fresh_state()
             raise
         if self._fresh:
             self._fresh.clear()
             self._fresh_rng = None
+        if self.noise_ahead and len(tasks) == 1 and tasks[0].ahead_std:
+            self._noise.draw_ahead(tasks[0].plan, tasks[0].ahead_std)
         offset = 0
         for step_tasks, post in steps:
             if post is not None:
@@ -481,6 +530,37 @@ class SGMCMCOptimizer(Optimizer):
             dict.__setitem__(item[1], "step", item[1]["step"] + 1)
         if diagnostics is not None:
             self.step_diagnostics = diagnostics.result()
+
+    def _check_distributed(self) -> None:
+        """What the first step checks of the distributed set-up (see ``distributed``)."""
+        mode = self.distributed
+        if mode is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                warnings.warn(
+                    f"torch.distributed runs {dist.get_world_size()} ranks and this {type(self).__name__} draws "
+                    "its own noise on each: under DistributedDataParallel the replicas then drift apart; pass "
+                    "distributed='replicated' (one chain over the ranks), 'sharded' (inside "
+                    "ZeroRedundancyOptimizer) or 'independent' (a chain per rank, on purpose)",
+                    UserWarning,
+                    stacklevel=5,
+                )
+        elif mode == "replicated":
+            params = [p for group in self.param_groups for p in group["params"]]
+            names = [name for group in self.param_groups for name in group.get("param_names", ())]
+            check_replicas(params, self.ranks, names if len(names) == len(params) else None)
+        elif mode == "sharded" and any(group["step"] for group in self.param_groups):
+            warnings.warn(
+                "this sampler's groups count steps already taken, but its noise streams were seeded when it "
+                "was made: its state was loaded without the noise (ZeroRedundancyOptimizer.load_state_dict "
+                "does not pass it on), so the chain goes on with other noise than the saved run's; for an exact "
+                "resume save and load each rank's state with pyro_sgmcmc.samplers.distributed."
+                "sharded_state_dict / load_sharded_state_dict",
+                UserWarning,
+                stacklevel=5,
+            )
+        self._first_step = False
 
     def _remember_fresh(self, state: dict, key: str) -> None:
         """A state entry made during this step: removed again if the step is refused."""
@@ -671,6 +751,8 @@ class SGMCMCOptimizer(Optimizer):
             self.param_groups[i] = group
         if noise_state is not None:
             self._noise.load_state_dict(noise_state)
+            if self.distributed == "sharded":
+                self._first_step = False  # the loaded streams are the saved run's: nothing to warn of
 
     @classmethod
     def check_state_dict(cls, state_dict: Any) -> None:

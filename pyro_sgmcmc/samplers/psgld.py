@@ -61,7 +61,8 @@ class PSGLD(SGMCMCOptimizer):
         started there shrinks the steps for hundreds of iterations.
 
     ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
-    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach``, ``diagnostics``, ``distributed`` and
+    ``process_group`` are as for
     :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
     ``fork`` and float16 / bfloat16 parameters do.
     """
@@ -95,6 +96,8 @@ class PSGLD(SGMCMCOptimizer):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -110,7 +113,8 @@ class PSGLD(SGMCMCOptimizer):
             bounding_box_size=bounding_box_size,
             mask=mask,
         )
-        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
+        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics,
+                         distributed=distributed, process_group=process_group)
 
     @staticmethod
     def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,

@@ -65,7 +65,8 @@ class SGHMC(MomentumSampler):
         :math:`h^2\hat V/T^2 < 1 - e^{-2Ch}`.
 
     ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
-    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach``, ``diagnostics``, ``distributed`` and
+    ``process_group`` are as for
     :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
     ``fork`` and float16 / bfloat16 parameters do.
     With a bounding box, the momentum of an entry that hits the wall is reversed.
@@ -94,6 +95,8 @@ class SGHMC(MomentumSampler):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -107,7 +110,8 @@ class SGHMC(MomentumSampler):
             bounding_box_size=bounding_box_size,
             mask=mask,
         )
-        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
+        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics,
+                         distributed=distributed, process_group=process_group)
 
     def noise_estimate(self, group: dict[str, Any]) -> float:
         """:math:`\\hat B = h \\hat V / (2 T^2)` for the group's current step size (the gradient

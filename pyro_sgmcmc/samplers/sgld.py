@@ -83,7 +83,8 @@ class SGLD(SGMCMCOptimizer):
         gradient noise).
 
     ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
-    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach``, ``diagnostics``, ``distributed``,
+    ``process_group`` and ``noise_ahead`` are as for
     :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
     ``fork`` and float16 / bfloat16 parameters do.
     """
@@ -113,6 +114,9 @@ class SGLD(SGMCMCOptimizer):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
+        noise_ahead: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -126,7 +130,8 @@ class SGLD(SGMCMCOptimizer):
             bounding_box_size=bounding_box_size,
             mask=mask,
         )
-        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
+        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics,
+                         distributed=distributed, process_group=process_group, noise_ahead=noise_ahead)
 
     def noise_variance_factor(self, group: dict[str, Any]) -> float:
         r""":math:`\sigma^2 / \text{noise\_level}^2 = 1 - \epsilon(c + \hat V/T^2)/4` at the

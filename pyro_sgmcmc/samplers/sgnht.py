@@ -49,7 +49,8 @@ class SGNHT(MomentumSampler):
     :param diffusion_factor: :math:`A > 0`, the injected noise and the thermostat's start.
 
     ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
-    ``bounding_box_size``, ``mask``, ``generator``, ``foreach`` and ``diagnostics`` are as for
+    ``bounding_box_size``, ``mask``, ``generator``, ``foreach``, ``diagnostics``, ``distributed`` and
+    ``process_group`` are as for
     :class:`~pyro_sgmcmc.samplers.SGMCMCOptimizer`, which also says what a refused step, Ctrl-C,
     ``fork`` and float16 / bfloat16 parameters do.
     With a bounding box, the momentum of an entry that hits the wall is reversed.
@@ -73,6 +74,8 @@ class SGNHT(MomentumSampler):
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         diagnostics: bool | str = False,
+        distributed: str | None = None,
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -85,7 +88,8 @@ class SGNHT(MomentumSampler):
             bounding_box_size=bounding_box_size,
             mask=mask,
         )
-        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics)
+        super().__init__(params, defaults, generator=generator, foreach=foreach, diagnostics=diagnostics,
+                         distributed=distributed, process_group=process_group)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         if "thermostat" not in group:
