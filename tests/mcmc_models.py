@@ -42,3 +42,15 @@ def logistic_regression(x, y, batch=None):
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
     with pyro.plate("data", len(y), subsample_size=batch) as idx:
         pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+
+def hierarchical_normal(y, chains, batch=None, sigma=1.0, tau=1.0, prior=3.0):
+    """mu ~ N(0, prior^2); per group i, theta_i ~ N(mu, tau^2) (local to the subsampled plate
+    "groups"), y_ji ~ N(theta_i, sigma^2) for the n rows j of y [n, groups]."""
+    n, groups = y.shape
+    with pyro.plate("chains", chains, dim=-1):
+        mu = pyro.sample("mu", dist.Normal(0.0, prior))
+        with pyro.plate("groups", groups, subsample_size=batch, dim=-2) as idx:
+            theta = pyro.sample("theta", dist.Normal(mu, tau))  # [m, chains]
+            with pyro.plate("obs", n, dim=-3):
+                pyro.sample("y", dist.Normal(theta, sigma), obs=y[:, idx, None].expand(n, len(idx), chains))

@@ -1,0 +1,369 @@
+r"""Latent variables local to a subsampled plate: one row per element of the plate, kept in a
+persistent table and updated a minibatch of rows at a time (a random-scan, blocked SG-MCMC scheme).
+
+A model such as ::
+
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("groups", N, subsample_size=m) as idx:
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))          # local: one value per group
+        with pyro.plate("obs", n):
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y[:, idx])
+
+has global latents :math:`g` (``mu``) and, for each element :math:`i` of the plate, local
+latents :math:`z_i` (``theta``) whose terms all sit inside the plate, so that
+
+.. math:: \log p(g, z, y) = \log p(g) + \sum_{i=1}^N \ell_i(g, z_i),
+          \qquad \ell_i = \log p(z_i \mid g) + \log p(y_i \mid z_i, g) + \log|\det J_i|
+
+in unconstrained coordinates (:math:`J_i` the Jacobian of the local transform of row :math:`i`).
+Each step draws a minibatch :math:`S` of :math:`m` rows, runs the model on the globals and on the
+table's rows of :math:`S`, and from the one gradient of :math:`\hat U = -\log p(g) -
+\frac{N}{m}\sum_{i\in S}\ell_i` (Pyro's plate scaling):
+
+* the globals take a step of the kernel's sampler with :math:`\nabla_g \hat U`, an unbiased
+  estimate of :math:`-\nabla_g \log p(g, z, y)` at the current table;
+* each row :math:`i \in S` takes an SGLD step with its exact conditional gradient
+  :math:`\frac{m}{N}\nabla_{z_i}\hat U = -\nabla_{z_i}\ell_i` (the plate's :math:`N/m` undone: a row's
+  own terms count once) and its own step size; rows outside :math:`S` are untouched.
+
+**Stationary law.** The continuous-time dynamics are a sum of generators, one per block (the
+globals' sampler, and each row's Langevin diffusion run at rate :math:`m/N`), each of which
+leaves the conditional law of its block given the others, hence the joint posterior
+:math:`p(g, z \mid y)`, invariant; which rows move is drawn independently of the state (random
+scan). The chain therefore samples :math:`p(g, z \mid y)` (at temperature :math:`T`, as the kernel)
+up to (a) the :math:`O(\epsilon)` discretisation bias of each block, bounded by the kernel's
+``target_bias`` on variances through each block's step-size rule, and (b) the minibatch noise of
+the globals' gradient (as without local latents) and of the rows' gradients when a plate nested
+inside is subsampled too (an unbiased estimate, whose noise the rows' SGLD step does not correct).
+The blocks move given each other (Gibbs-like): where globals and locals are strongly correlated
+a posteriori (a centred hierarchy with weakly identified groups) the chain mixes slowly;
+non-centred parameterisations help, as for Gibbs samplers.
+
+The scheme is the one of Ahn, Korattikara, Liu, Rajan and Welling (2015), "Large-scale
+distributed Bayesian matrix factorization using stochastic gradient MCMC" (KDD), which updates
+the factors of the users and items in a minibatch with SGLD and the rest not at all, and of the
+blocked (Metropolis-within-Gibbs) Langevin samplers of the latent-variable SG-MCMC literature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.ops.streaming import CountMeanVarianceStats
+from torch import Tensor
+
+from .. import samplers
+from ..functional import NoiseSource, sgld
+from .estimators import _LINEAR_ALGEBRA_FAILURES, Estimate, MinibatchPotential
+from .potential import PotentialEvaluator
+from .sites import LocalSite
+from .subsample import SubsampleControl, SubsampledPlate
+
+__all__ = ["LocalBlock", "LocalEstimate", "LocalLatents", "LocalMoments", "LocalRecorder", "LocalSteps",
+           "LocalTable"]
+
+#: Minibatches on which the rows' largest curvature is measured.
+CURVATURE_MINIBATCHES = 4
+#: Power iterations per measurement (exact in one for a scalar per row).
+POWER_ITERATIONS = 8
+
+
+class LocalTable:
+    """The unconstrained values of every local site, one row per element of its plate.
+
+    :param sites: the local sites.
+    :param values: ``{site: tensor}`` of each site's table shape (:attr:`LocalSite.shape`).
+    """
+
+    def __init__(self, sites: list[LocalSite], values: dict[str, Tensor]):
+        self.sites = {site.name: site for site in sites}
+        for name, site in self.sites.items():
+            if tuple(values[name].shape) != tuple(site.shape):
+                raise ValueError(f"Invalid table of local site {name!r}: shape {tuple(values[name].shape)}, the "
+                                 f"model's is {tuple(site.shape)}")
+        self.values = {name: values[name].detach().clone() for name in self.sites}
+
+    def gather(self, indices: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The rows of each site at its plate's minibatch ``indices[plate]``."""
+        out = {}
+        for name, site in self.sites.items():
+            index = indices.get(site.plate)
+            if index is None:
+                raise RuntimeError(f"no minibatch indices were given for the plate {site.plate!r} of the local site "
+                                   f"{name!r}")
+            out[name] = self.values[name].index_select(site.dim, index)
+        return out
+
+    def scatter_(self, indices: dict[str, Tensor], rows: dict[str, Tensor]) -> None:
+        """Write ``rows`` back at the minibatch ``indices`` (distinct rows)."""
+        for name, value in rows.items():
+            site = self.sites[name]
+            self.values[name].index_copy_(site.dim, indices[site.plate], value.detach())
+
+    def constrained(self) -> dict[str, Tensor]:
+        """The table in the sites' supports."""
+        return {name: site.transform.inv(self.values[name]) for name, site in self.sites.items()}
+
+    @classmethod
+    def initial(cls, model: Callable, model_args: tuple, model_kwargs: dict, sites: list[LocalSite],
+                init_strategy: Callable) -> "LocalTable":
+        """Every row drawn by ``init_strategy``: the model run on the plate's elements in
+        minibatch-sized pieces (the last one padded with rows from the start, not written)."""
+        values = {site.name: None for site in sites}
+        for plate in sorted({site.plate for site in sites}):
+            mine = [site for site in sites if site.plate == plate]
+            n, m = mine[0].full_size, mine[0].subsample_size
+            everything = torch.arange(n)
+            for k in range(math.ceil(n / m)):
+                piece = everything[k * m: (k + 1) * m]
+                valid = len(piece)
+                if valid < m:
+                    piece = torch.cat([piece, everything[: m - valid]])
+                control = SubsampleControl({plate: piece})
+                with poutine.block(), pyro.validation_enabled(False):
+                    trace = poutine.trace(InitMessenger(init_strategy)(control(model))).get_trace(
+                        *model_args, **model_kwargs)
+                for site in mine:
+                    row = site.transform(trace.nodes[site.name]["value"].detach()).detach()
+                    if values[site.name] is None:
+                        values[site.name] = row.new_zeros(site.shape)
+                    device_piece = piece[:valid].to(row.device)
+                    values[site.name].index_copy_(site.dim, device_piece, row.narrow(site.dim, 0, valid))
+        return cls(sites, values)
+
+
+@dataclass(frozen=True)
+class LocalBlock:
+    """The local rows one evaluation saw: the minibatch, their values and their conditional
+    gradients (the plate's ``N/m`` undone)."""
+
+    indices: dict[str, Tensor]
+    rows: dict[str, Tensor]
+    grads: dict[str, Tensor]
+
+    @property
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(g).all()) for g in self.grads.values())
+
+
+@dataclass(frozen=True)
+class LocalEstimate(Estimate):
+    """An :class:`~pyro_sgmcmc.infer.estimators.Estimate` of the globals, with the local block it
+    was computed on."""
+
+    block: LocalBlock | None = None
+
+    @property
+    def finite(self) -> bool:
+        return Estimate.finite.fget(self) and (self.block is None or self.block.finite)
+
+
+class LocalLatents(MinibatchPotential):
+    """The minibatch potential of a model with local latent sites: at every call a fresh
+    minibatch of every subsampled plate, the table's rows of that minibatch as the local sites'
+    values, and the gradient with respect to the globals (``N/m``-scaled, unbiased) and to the rows
+    (each divided by its plate's ``N/m``: the exact conditional gradient of the row).
+
+    Every other evaluation (curvature of the globals, full-data walks) reads the rows from the
+    table as it stands, through the evaluator's ``local_rows``.
+    """
+
+    def __init__(self, evaluator: PotentialEvaluator, plates: list[SubsampledPlate], table: LocalTable):
+        super().__init__(evaluator, plates)
+        self.table = table
+
+    def estimate(self, point: Tensor) -> LocalEstimate:
+        control = self.minibatch()
+        rows = {name: value.detach().requires_grad_(True) for name, value in self.table.gather(control.indices).items()}
+        here = point.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                value = self.evaluator([here], control, rows=rows)[0]
+                grad, *row_grads = torch.autograd.grad(value, [here, *rows.values()], allow_unused=True)
+        except RuntimeError as error:
+            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+                return LocalEstimate.failed(point.detach())
+            raise
+        grad = torch.zeros_like(here) if grad is None else grad
+        grads = {}
+        for (name, row), row_grad in zip(rows.items(), row_grads):
+            row_grad = torch.zeros_like(row) if row_grad is None else row_grad
+            grads[name] = row_grad / self.table.sites[name].scale
+        block = LocalBlock(control.indices, {name: row.detach() for name, row in rows.items()}, grads)
+        return LocalEstimate(value.detach(), grad, block)
+
+    def row_curvature(self, point: Tensor, name: str) -> float:
+        r"""The largest curvature of one row's conditional potential :math:`-\ell_i` in the site
+        ``name`` over the rows of :data:`CURVATURE_MINIBATCHES` minibatches, at the globals
+        ``point``: per-row power iteration on Hessian-vector products (rows are independent given
+        the globals, so the Hessian is block-diagonal over rows; a scalar per row is exact in one
+        iteration)."""
+        site = self.table.sites[name]
+        largest = 0.0
+        for _ in range(CURVATURE_MINIBATCHES):
+            control = self.minibatch()
+            rows = self.table.gather(control.indices)
+            leaf = rows[name].detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self.evaluator([point.detach()], control, rows={**rows, name: leaf})[0]
+                (grad,) = torch.autograd.grad(value, leaf, create_graph=True)
+            if not grad.requires_grad:
+                continue  # linear in the row
+            v = torch.randn_like(leaf)
+            rayleigh = None
+            for _ in range(POWER_ITERATIONS):
+                v = v / _per_row(v, site.dim).norm(dim=1).clamp_min(1e-30).reshape(_row_shape(v, site.dim))
+                (hv,) = torch.autograd.grad(grad, leaf, v, retain_graph=True)
+                rayleigh = (_per_row(v, site.dim) * _per_row(hv, site.dim)).sum(1)
+                v = hv.detach()
+            curvature = float(rayleigh.abs().max()) / site.scale
+            if math.isfinite(curvature):
+                largest = max(largest, curvature)
+        return largest
+
+
+def _per_row(x: Tensor, dim: int) -> Tensor:
+    """``x`` as ``[rows, everything else]`` (rows along ``dim``)."""
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+
+
+def _row_shape(x: Tensor, dim: int) -> tuple[int, ...]:
+    """The shape that broadcasts one number per row against ``x``."""
+    return tuple(x.shape[d] if d == dim else 1 for d in range(x.dim()))
+
+
+class LocalSteps:
+    r"""The rows' SGLD steps (:func:`pyro_sgmcmc.functional.sgld`, the one implementation of the
+    update), one step size per local site:
+
+    .. math:: z_i \leftarrow z_i - \frac{\epsilon_s}{2}\,\frac{1}{T}\nabla_{z_i}(-\ell_i)
+              + \sqrt{\epsilon_s}\,\xi_i, \qquad i \in S.
+
+    Whatever the kernel's sampler, rows take SGLD steps: a momentum or thermostat per row would
+    go stale between a row's visits (each row is visited at a rate ``m/N``).
+
+    **Step sizes.** Each site's :math:`\epsilon_s` follows SGLD's bias rule
+    (:meth:`pyro_sgmcmc.samplers.SGLD.suggest_lr`, ``4 t / lambda``) with ``lambda`` the largest
+    curvature of a row's conditional measured on a few minibatches
+    (:meth:`LocalLatents.row_curvature`): the rows' conditional curvature is not the globals'
+    (it is that of one group's data, not of all of it), so they cannot share the globals' step.
+    The rule bounds the relative bias on each row's conditional variance by ``target_bias`` for
+    the rows measured; a row whose curvature exceeds the largest one measured has a larger bias.
+    Gradient noise of the rows (a nested subsampled plate) is not in the rule.
+
+    :param table: the local table, updated in place.
+    :param temperature: the kernel's temperature.
+    """
+
+    def __init__(self, table: LocalTable, temperature: float):
+        self.table = table
+        self.temperature = temperature
+        self.step_sizes: dict[str, float] = {}
+        self.noise = NoiseSource(None)
+
+    def measure(self, estimator: LocalLatents, point: Tensor, target_bias: float, arrival: bool) -> None:
+        """Set every site's step size from its measured row curvature (see the class docstring);
+        while ``arrival``, the largest stable step of SGLD's rule instead."""
+        for name in self.table.sites:
+            curvature = estimator.row_curvature(point, name)
+            if curvature > 0:
+                self.step_sizes[name] = samplers.SGLD.suggest_lr(curvature, 0.0, target_bias, self.temperature,
+                                                                  arrival)
+            elif name not in self.step_sizes:
+                raise ValueError(f"The conditional potential of the local site {name!r} has no curvature at the "
+                                 "chain's start (it does not depend on the site?): give local_step_size")
+
+    def step(self, block: LocalBlock) -> dict[str, Tensor]:
+        """The SGLD step of the block's rows, written into the table; returns the rows before it
+        (for :meth:`undo`). Raises :class:`~pyro_sgmcmc.functional.NonFiniteError`, changing
+        nothing, if a gradient or the update is not finite."""
+        updated = {}
+        for name, rows in block.rows.items():
+            new = rows.clone()
+            sgld([new], [block.grads[name]], lr=self.step_sizes[name], grad_scale=1.0 / self.temperature,
+                 noise=self.noise)
+            updated[name] = new
+        self.table.scatter_(block.indices, updated)
+        return block.rows
+
+    def undo(self, block: LocalBlock, previous: dict[str, Tensor]) -> None:
+        """Put the rows of ``block`` back to ``previous``."""
+        self.table.scatter_(block.indices, previous)
+
+
+@dataclass(frozen=True)
+class LocalMoments:
+    """The running mean and variance of a local site's rows (constrained values), over ``count``
+    samples."""
+
+    count: int
+    mean: Tensor
+    variance: Tensor
+
+    @property
+    def sd(self) -> Tensor:
+        return self.variance.sqrt()
+
+
+class LocalRecorder:
+    """The samples of the local sites of one chain: running moments of every row always
+    (``O(N)`` memory), and with ``keep="all"`` every ``thin``-th sample of every row too.
+
+    :param keep: ``"moments"`` or ``"all"``.
+    :param thin: keep every ``thin``-th sample (``"all"`` only).
+    """
+
+    def __init__(self, keep: str, thin: int):
+        self.keep = keep
+        self.thin = thin
+        self.count = 0
+        self.stats: dict[str, CountMeanVarianceStats] = {}
+        self.kept: dict[str, list[Tensor]] = {}
+
+    def record(self, table: LocalTable) -> None:
+        values = table.constrained()
+        for name, value in values.items():
+            self.stats.setdefault(name, CountMeanVarianceStats()).update(value.detach())
+            if self.keep == "all" and self.count % self.thin == 0:
+                self.kept.setdefault(name, []).append(value.detach().clone())
+        self.count += 1
+
+    def moments(self) -> dict[str, LocalMoments]:
+        out = {}
+        for name, stats in self.stats.items():
+            got = stats.get()
+            out[name] = LocalMoments(int(got["count"]), got["mean"], got["variance"])
+        return out
+
+    def samples(self) -> dict[str, Tensor]:
+        return {name: torch.stack(values) for name, values in self.kept.items()}
+
+
+def merged_moments(recorders: list[LocalRecorder]) -> dict[str, LocalMoments]:
+    """The moments of several chains' recorders pooled."""
+    merged: dict[str, CountMeanVarianceStats] = {}
+    for recorder in recorders:
+        for name, stats in recorder.stats.items():
+            merged[name] = stats if name not in merged else merged[name].merge(stats)
+    out = {}
+    for name, stats in merged.items():
+        got = stats.get()
+        out[name] = LocalMoments(int(got["count"]), got["mean"], got["variance"])
+    return out
+
+
+def check_local_options(keep: Any, thin: Any) -> tuple[str, int]:
+    """Validate the kernel's ``local_samples`` and ``local_thin``."""
+    if keep not in ("moments", "all"):
+        raise ValueError(f"Invalid local_samples: {keep!r} (must be 'moments', running means and variances of every "
+                         "row, or 'all', every local_thin-th sample of every row)")
+    if isinstance(thin, bool) or not isinstance(thin, int) or thin < 1:
+        raise ValueError(f"Invalid local_thin: {thin!r} (must be an integer >= 1)")
+    return keep, thin
+
