@@ -71,3 +71,95 @@ def test_a_scheme_that_keeps_the_plates_scaling_on_the_local_gradient_fails(monk
     mean, cov = exact.blocked_sgld_moments(y, BATCH, STEP, LOCAL_STEP)
     with pytest.raises(AssertionError, match="variance"):
         check(draws, mean, cov.diagonal(), 0.0, "wrong scheme")
+
+
+def _scale_model(y, batch):
+    """A constrained local: s_i ~ LogNormal(0, 1) per group, y_ji ~ N(mu, s_i^2)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+    with pyro.plate("groups", y.shape[1], subsample_size=batch, dim=-1) as idx:
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("obs", y.shape[0], dim=-2):
+            pyro.sample("y", dist.Normal(mu, s), obs=y[:, idx])
+
+
+def test_row_gradient_is_the_unscaled_conditional_gradient_with_its_jacobian():
+    from pyro_sgmcmc.infer.local import LocalLatents, LocalTable
+    from pyro_sgmcmc.infer.potential import FlatLayout, ModelPotential, PotentialEvaluator, model_sites
+
+    y = _data()
+    groups, batch = y.shape[1], 3
+    sites = model_sites(_scale_model, (y, batch), {}, allow_local=True)
+    assert list(sites.transforms) == ["mu"] and [s.name for s in sites.local_sites] == ["s"]
+    u = torch.linspace(-0.5, 0.5, groups)
+    table = LocalTable(sites.local_sites, {"s": u.clone()})
+    layout = FlatLayout({"mu": torch.tensor(0.3)})
+    potential = ModelPotential(_scale_model, sites.transforms, (y, batch), {}, sites.local_sites)
+    evaluator = PotentialEvaluator(potential, layout.unflatten, is_model=True, local_rows=table.gather)
+    estimate = LocalLatents(evaluator, sites.plates, table).estimate(torch.tensor([0.3]))
+    idx = estimate.block.indices["groups"]
+    mu, rows, obs = 0.3, u[idx].double(), y[:, idx].double()
+    squares = ((obs - mu) ** 2).sum(0)
+    # -l_i = u^2 / 2 + n u + sum_j (y_ji - mu)^2 / (2 e^{2u}) + const: its gradient, once per row
+    torch.testing.assert_close(estimate.block.grads["s"].double(), rows + y.shape[0] - squares * (-2 * rows).exp(),
+                               rtol=1e-5, atol=1e-5)  # float32
+    # the global's gradient keeps the plate's N/m: an unbiased estimate over the groups
+    scale = groups / batch
+    grad_mu = mu / 9 - scale * ((obs - mu) * (-2 * rows).exp()).sum()
+    torch.testing.assert_close(estimate.grad.double(), grad_mu.reshape(1), rtol=1e-5, atol=1e-5)
+    normal = torch.distributions.Normal
+    log_joint = normal(0.0, 3.0).log_prob(torch.tensor(mu).double()) + scale * (
+        normal(0.0, 1.0).log_prob(rows) + normal(mu, rows.exp()).log_prob(obs).sum(0)).sum()
+    torch.testing.assert_close(estimate.potential.double(), -log_joint, rtol=1e-5, atol=1e-4)
+
+
+def test_measured_local_step_size_follows_sglds_bias_rule():
+    # the rows' conditional curvature is 1 / tau^2 + n / sigma^2 = 6 in every row
+    kernel = SGLD(models.hierarchical_normal, target_bias=0.05)
+    run(kernel, _data(), 1, BATCH, num_samples=5, warmup=30)
+    assert kernel.diagnostics()["local step sizes"]["theta"] == pytest.approx(4 * 0.05 / 6, rel=1e-4)
+    moments = kernel.local_moments()["theta"]
+    assert moments.count == 5 and moments.mean.shape == (GROUPS, 1)
+    with pytest.raises(RuntimeError, match="local_samples='all'"):
+        kernel.local_samples()
+
+
+def test_nested_subsampled_plate_inside_the_local_plate_runs_and_continues_from_a_state():
+    def nested(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+        with pyro.plate("groups", y.shape[1], subsample_size=BATCH, dim=-1) as idx:
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+            with pyro.plate("obs", y.shape[0], subsample_size=2, dim=-2) as jdx:
+                pyro.sample("y", dist.Normal(theta, 1.0), obs=y[jdx][:, idx])
+
+    y = _data()
+    kernel = SGLD(nested, local_samples="all", local_thin=2)
+    mcmc = run(kernel, y, num_samples=10, warmup=20)
+    assert mcmc.get_samples()["mu"].shape == (10,)
+    assert kernel.local_samples()["theta"].shape == (5, GROUPS)
+    state = kernel.state_dict()
+    table = state["locals"]["table"]["theta"]
+    assert table.shape == (GROUPS,) and bool(torch.isfinite(table).all())
+    again = SGLD(nested)
+    again.load_state_dict(state)
+    run(again, y, num_samples=3, warmup=0)
+    assert again.diagnostics()["local step sizes"] == kernel.diagnostics()["local step sizes"]
+
+
+def test_what_stays_unsupported_is_refused_naming_the_site():
+    y = _data()
+    with pytest.raises(NotImplementedError, match="control_variates.*'theta'"):
+        run(SGLD(models.hierarchical_normal, control_variates=True), y, 1, BATCH, num_samples=2, warmup=0)
+    with pytest.raises(NotImplementedError, match="jit_compile.*'theta'"):
+        run(SGLD(models.hierarchical_normal, jit_compile=True), y, 1, BATCH, num_samples=2, warmup=0)
+
+    def only_local(y):
+        with pyro.plate("groups", y.shape[1], subsample_size=BATCH) as idx:
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(theta, 1.0), obs=y[0, idx])
+
+    with pytest.raises(NotImplementedError, match="'theta'.*all local"):
+        run(SGLD(only_local), y, num_samples=2, warmup=0)
+    with pytest.raises(ValueError, match="Invalid local_samples"):
+        SGLD(models.hierarchical_normal, local_samples="rows")
+    with pytest.raises(ValueError, match="Invalid local_thin"):
+        SGLD(models.hierarchical_normal, local_thin=0)
