@@ -163,3 +163,26 @@ def test_what_stays_unsupported_is_refused_naming_the_site():
         SGLD(models.hierarchical_normal, local_samples="rows")
     with pytest.raises(ValueError, match="Invalid local_thin"):
         SGLD(models.hierarchical_normal, local_thin=0)
+
+
+@pytest.mark.slow
+def test_default_kernel_samples_the_hierarchical_posterior():
+    """Warmup's choices (the globals' preconditioner and step, the locals' measured steps) against
+    the exact posterior: each block's step follows a bias rule designed for a relative bias of
+    target_bias on variances, which is the allowance."""
+    y = _data()
+    kernel = SGLD(models.hierarchical_normal, num_steps=5, local_samples="all")
+    draws = _draws(kernel, y, num_samples=1500, warmup=200)
+    mean, cov = exact.exact_moments(y)
+    check(draws, mean, cov.diagonal(), kernel.target_bias, "default SGLD with local latents")
+
+
+@pytest.mark.parametrize("name", ["SGNHT", "SGHMC", "PSGLD"])
+def test_every_kernel_takes_local_latents(name):
+    import pyro_sgmcmc.infer as infer
+
+    kernel = getattr(infer, name)(models.hierarchical_normal)
+    mcmc = run(kernel, _data(), 1, BATCH, num_samples=10, warmup=20)
+    assert bool(torch.isfinite(mcmc.get_samples()["mu"]).all())
+    moments = kernel.local_moments()["theta"]
+    assert bool((moments.variance > 0).all()) and kernel.diagnostics()["divergent steps"] == 0
