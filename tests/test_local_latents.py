@@ -186,3 +186,17 @@ def test_every_kernel_takes_local_latents(name):
     assert bool(torch.isfinite(mcmc.get_samples()["mu"]).all())
     moments = kernel.local_moments()["theta"]
     assert bool((moments.variance > 0).all()) and kernel.diagnostics()["divergent steps"] == 0
+
+
+def test_local_samples_and_globals_thinned_alike_feed_predictive():
+    from pyro.infer import Predictive
+
+    y = _data()
+    kernel = SGLD(models.hierarchical_normal, local_samples="all", local_thin=2)
+    mcmc = run(kernel, y, 1, BATCH, num_samples=6, warmup=10)
+    samples = {**{k: v[::2] for k, v in mcmc.get_samples().items()}, **kernel.local_samples()}
+    assert samples["mu"].shape == (3, 1) and samples["theta"].shape == (3, GROUPS, 1)
+    # on the model without subsampling, every group's theta is the kept row
+    trace = Predictive(models.hierarchical_normal, samples, return_sites=["theta", "y"])(y, 1, None)
+    torch.testing.assert_close(trace["theta"].reshape(3, GROUPS, 1), samples["theta"])
+    assert trace["y"].shape[0] == 3
