@@ -45,8 +45,8 @@ def check_latent_site(name: str, site: dict[str, Any], allow_local: bool = False
         raise NotImplementedError(
             f"Latent site {name!r} is local to the subsampled plate {frame.name!r} (size {frame.size} of "
             f"{frame.full_size}): its log density is scaled by N/m there, which would sample it at the wrong "
-            "temperature. The MCMC kernels (pyro_sgmcmc.infer.SGLD, ...) sample such local latents; on this path, "
-            "move it out of the subsampled plate, marginalise it, or run without subsampling. "
+            "temperature. The MCMC kernels (pyro_sgmcmc.infer.SGLD, ...) and AutoUnconstrainedDelta sample such local "
+            "latents; here, move it out of the subsampled plate, marginalise it, or run without subsampling. "
             + GLOBAL_IN_PLATE_HINT
         )
     if len(frames) > 1:
