@@ -227,3 +227,12 @@ def test_svi_path_runs_the_same_chain_and_matches_its_exact_law():
     draws = torch.cat([samples["mu"][:, :, None], samples["theta"].transpose(1, 2)], -1)
     mean, cov = exact.blocked_sgld_moments(y, BATCH, STEP, LOCAL_STEP)
     check(draws, mean, cov.diagonal(), 0.0, "SVI blocked SGLD vs its exact law")
+    # a resumed optimizer still follows the guide's live mask (its saved mask is copied into it)
+    resumed = pyro_sgmcmc.optim.SGLD(lambda name: {"lr": STEP, **guide.local_options(name, lr=LOCAL_STEP)})
+    resumed.set_state(optim.get_state())
+    svi = SVI(models.hierarchical_normal, guide, resumed, Trace_ELBO())
+    for _ in range(3):
+        before = guide.current_sample()["theta"]
+        svi.step(y, CHAINS, BATCH)
+        moved = (guide.current_sample()["theta"] != before).all(1)
+        assert int(moved.sum()) == BATCH and bool(moved[guide._local_masks["theta"][:, 0].bool()].all())
