@@ -236,3 +236,18 @@ def test_svi_path_runs_the_same_chain_and_matches_its_exact_law():
         svi.step(y, CHAINS, BATCH)
         moved = (guide.current_sample()["theta"] != before).all(1)
         assert int(moved.sum()) == BATCH and bool(moved[guide._local_masks["theta"][:, 0].bool()].all())
+
+
+def test_svi_without_the_tables_mask_warns_that_rows_drift():
+    from pyro.infer import SVI, Trace_ELBO
+
+    import pyro_sgmcmc.optim
+    from pyro_sgmcmc.infer import AutoUnconstrainedDelta
+
+    y = _data()
+    pyro.clear_param_store()
+    guide = AutoUnconstrainedDelta(models.hierarchical_normal)
+    svi = SVI(models.hierarchical_normal, guide, pyro_sgmcmc.optim.SGLD({"lr": 0.01}), Trace_ELBO())
+    svi.step(y, 1, BATCH)
+    with pytest.warns(UserWarning, match="rows of the local site 'theta' outside the last minibatch"):
+        svi.step(y, 1, BATCH)

@@ -15,6 +15,7 @@ correlation, ...), and an SG-MCMC optimizer on the param store's ``u`` samples t
 from __future__ import annotations
 
 import operator
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -29,10 +30,13 @@ from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn.module import PyroModule, PyroParam
 from torch.distributions import biject_to
 
-from .local import LocalTable
+from .local import LocalTable, per_row
 from .sites import LocalSite, check_latent_site, trace_model
 
 __all__ = ["AutoUnconstrainedDelta"]
+
+#: Rows outside a minibatch checked at the next call for moves the optimizer should not have made.
+_WATCHED_ROWS = 8
 
 
 class AutoUnconstrainedDelta(AutoGuide):
@@ -105,6 +109,8 @@ class AutoUnconstrainedDelta(AutoGuide):
         self._event_dims: dict[str, int] = {}
         self._local_sites: dict[str, LocalSite] = {}
         self._local_masks: dict[str, torch.Tensor] = {}
+        self._watched: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warned_rows: set[str] = set()
         self.locs = PyroModule()
         found = False
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -180,12 +186,33 @@ class AutoUnconstrainedDelta(AutoGuide):
         mask of the table set to those rows."""
         with torch.no_grad():
             mask = self._local_masks[local.name]
+            self._check_still(local, table)
             mask.zero_()
             mask.index_fill_(local.dim, index.to(mask.device), 1.0)
+            # a few rows outside this minibatch, to see at the next call whether the optimizer left them
+            outside = (per_row(mask, local.dim).amax(1) == 0).nonzero().reshape(-1)[:_WATCHED_ROWS]
+            self._watched[local.name] = (outside, table.detach().index_select(local.dim, outside).clone())
         rows = table.index_select(local.dim, index.to(table.device))
         if rows.requires_grad:
             rows.register_hook(lambda grad: grad / local.scale)
         return rows
+
+    def _check_still(self, local: LocalSite, table: torch.Tensor) -> None:
+        """Warn (once per site) if rows outside the last minibatch moved since the last call: an
+        optimizer without the table's mask (:meth:`local_options`) moves every row with noise, so
+        the rows outside the minibatch random-walk away from their posterior."""
+        watched = self._watched.get(local.name)
+        if watched is None or local.name in self._warned_rows:
+            return
+        rows, values = watched
+        if not torch.equal(table.detach().index_select(local.dim, rows), values):
+            self._warned_rows.add(local.name)
+            warnings.warn(
+                f"AutoUnconstrainedDelta: rows of the local site {local.name!r} outside the last minibatch of the plate "
+                f"{local.plate!r} changed between two calls: an SG-MCMC optimizer without the table's mask moves every "
+                "row, with noise, and samples the rows outside the minibatch from a drifting target; give it "
+                "guide.local_options(name, lr=...) in optim_args (see AutoUnconstrainedDelta)", UserWarning,
+                stacklevel=4)
 
     @torch.no_grad()
     def current_sample(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

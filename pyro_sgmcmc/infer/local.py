@@ -218,9 +218,9 @@ class LocalLatents(MinibatchPotential):
             v = torch.randn_like(leaf)
             rayleigh = None
             for _ in range(POWER_ITERATIONS):
-                v = v / _per_row(v, site.dim).norm(dim=1).clamp_min(1e-30).reshape(_row_shape(v, site.dim))
+                v = v / per_row(v, site.dim).norm(dim=1).clamp_min(1e-30).reshape(row_shape(v, site.dim))
                 (hv,) = torch.autograd.grad(grad, leaf, v, retain_graph=True)
-                rayleigh = (_per_row(v, site.dim) * _per_row(hv, site.dim)).sum(1)
+                rayleigh = (per_row(v, site.dim) * per_row(hv, site.dim)).sum(1)
                 v = hv.detach()
             curvature = float(rayleigh.abs().max()) / site.scale
             if math.isfinite(curvature):
@@ -228,12 +228,12 @@ class LocalLatents(MinibatchPotential):
         return largest
 
 
-def _per_row(x: Tensor, dim: int) -> Tensor:
+def per_row(x: Tensor, dim: int) -> Tensor:
     """``x`` as ``[rows, everything else]`` (rows along ``dim``)."""
     return x.movedim(dim, 0).reshape(x.shape[dim], -1)
 
 
-def _row_shape(x: Tensor, dim: int) -> tuple[int, ...]:
+def row_shape(x: Tensor, dim: int) -> tuple[int, ...]:
     """The shape that broadcasts one number per row against ``x``."""
     return tuple(x.shape[d] if d == dim else 1 for d in range(x.dim()))
 
