@@ -9,7 +9,7 @@
 
 Default: the conjugate random-effects model of ``tests/mcmc_models.py`` (``hierarchical_normal``:
 mu global, theta_i local, tau and sigma known) with ``--groups`` groups of 5 rows, minibatches of
-``--batch`` groups, sampled by the default SGLD kernel; the exact posterior of mu is Gaussian
+``--batch`` groups, sampled by the default SGLD kernel (``--local-exact-gaussian``: with ``local_exact_gaussian=True``); the exact posterior of mu is Gaussian
 (precision ``1/s^2 + sum_i 1/(tau^2 + sigma^2/n)``), so the benchmark reports the wall time (warmup
 included) until the running mean of mu is within 0.1 posterior sd and its running sd within 10%,
 checked every 100 samples, and where the run ended.
@@ -65,14 +65,14 @@ def summarise(draws: torch.Tensor) -> dict:
             "variance_sd": squared.std(0).tolist()}
 
 
-def time_to_accuracy(groups: int, batch: int, max_samples: int, rows: int = 5) -> None:
+def time_to_accuracy(groups: int, batch: int, max_samples: int, local_exact_gaussian: bool, rows: int = 5) -> None:
     gen = torch.Generator().manual_seed(0)
     y = 1.0 + torch.randn(groups, generator=gen) + torch.randn(rows, groups, generator=gen)
     sigma, tau, prior = 1.0, 1.0, 3.0
     precision = 1 / prior**2 + groups / (tau**2 + sigma**2 / rows)
     mean = (y.double().mean(0) / (tau**2 + sigma**2 / rows)).sum() / precision
     sd = precision**-0.5
-    kernel = infer.SGLD(models.hierarchical_normal)
+    kernel = infer.SGLD(models.hierarchical_normal, local_exact_gaussian=local_exact_gaussian)
     draws: list[float] = []
     start = time.perf_counter()
     reached = None
@@ -94,7 +94,7 @@ def time_to_accuracy(groups: int, batch: int, max_samples: int, rows: int = 5) -
         mcmc.run(y, 1, batch)
     x = torch.tensor(draws, dtype=torch.float64)
     total = time.perf_counter() - start
-    print(f"{groups} groups, minibatches of {batch}: exact mu {float(mean):.4f} +- {sd:.4f}; after {len(draws)} "
+    print(f"local_exact_gaussian={local_exact_gaussian}, {groups} groups, minibatches of {batch}: exact mu {float(mean):.4f} +- {sd:.4f}; after {len(draws)} "
           f"samples ({total:.0f} s): {float(x.mean()):.4f} +- {float(x.std()):.4f} "
           f"(mean off by {abs(float(x.mean()) - float(mean)) / sd:.2f} sd, sd ratio {float(x.std()) / sd:.3f}); "
           + ("never within 0.1 sd / 10%" if reached is None else
@@ -109,11 +109,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--max-samples", type=int, default=5000)
+    parser.add_argument("--local-exact-gaussian", action="store_true", help="rows' steps exact on their Gaussian")
     args = parser.parse_args()
     if args.reference:
         make_reference()
     else:
-        time_to_accuracy(args.groups, args.batch, args.max_samples)
+        time_to_accuracy(args.groups, args.batch, args.max_samples, args.local_exact_gaussian)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def exact_moments(y, **model):
     return cov @ c, cov
 
 
-def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, **model):
+def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noise=1.0, **model):
     """The stationary mean and covariance of the blocked random-scan SGLD chain (module docstring)
     with global step ``step`` and local step ``local_step``; ``local_scale`` multiplies the rows'
-    gradient (1 is the right scheme; ``N/m`` the wrong one that keeps the plate's scaling)."""
+    gradient (1 is the right scheme; ``N/m`` the wrong one that keeps the plate's scaling);
+    ``local_noise`` multiplies the variance of the rows' noise (``1 - local_step c / 4`` for steps
+    exact on a Gaussian of curvature ``c``)."""
     precision, c = posterior(y, **model)
     groups = y.shape[1]
     d = groups + 1
@@ -69,7 +71,9 @@ def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, **model):
         rhs[1:] = rhs[1:] * local_scale
         mats.append(eye - 0.5 * steps[:, None] * h)
         shifts.append(0.5 * steps * rhs)
-        diagonals.append(torch.diag(steps))
+        noise = steps.clone()
+        noise[list(subset)] = local_step * local_noise
+        diagonals.append(torch.diag(noise))
     a_mean = torch.stack(mats).mean(0)
     b_mean = torch.stack(shifts).mean(0)
     mean = torch.linalg.solve(eye - a_mean, b_mean)

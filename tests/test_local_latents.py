@@ -63,6 +63,23 @@ def test_blocked_chain_matches_its_exact_stationary_law_and_the_posterior():
     torch.testing.assert_close(moments.mean, kernel.local_samples()["theta"].mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_rows_exact_on_their_gaussian_conditional_take_large_steps_and_match_the_exact_law():
+    """local_exact_gaussian: the rows' noise scaled to 1 - lr c / 4 with c the measured row
+    curvature (6 in every row here), at lr * c = 1.8: each visit nearly redraws the row, and its
+    conditional variance is exact (plain SGLD at this step would make it 1 / (1 - lr c / 4) = 1.8x too large)."""
+    y = _data()
+    local_step = 0.3
+    kernel = SGLD(models.hierarchical_normal, step_size=STEP, local_step_size=local_step, local_exact_gaussian=True,
+                  num_steps=5, local_samples="all", **FIXED)
+    draws = _draws(kernel, y)
+    assert kernel.diagnostics()["local reference curvatures"]["theta"] == pytest.approx(6.0, rel=1e-4)
+    mean, cov = exact.blocked_sgld_moments(y, BATCH, STEP, local_step, local_noise=1 - local_step * 6 / 4)
+    check(draws, mean, cov.diagonal(), 0.0, "blocked SGLD, rows exact on their Gaussian, vs its exact law")
+    plain = exact.blocked_sgld_moments(y, BATCH, STEP, local_step)[1].diagonal()
+    posterior = exact.exact_moments(y)[1].diagonal()
+    assert float((cov.diagonal()[1:] / posterior[1:] - 1).abs().max()) < 0.02 < float((plain[1:] / posterior[1:] - 1).min())
+
+
 def test_a_scheme_that_keeps_the_plates_scaling_on_the_local_gradient_fails(monkeypatch):
     """The rows' gradient left N/m times too large (Pyro's plate scale not undone) samples the
     locals at temperature m/N: the same check must see it."""

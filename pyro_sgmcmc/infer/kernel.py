@@ -275,6 +275,10 @@ class SGMCMCKernel(MCMCKernel):
     :param local_thin: with ``local_samples="all"``, keep every ``local_thin``-th sample.
     :param local_step_size: the local sites' step size (default: measured, per site, during
         warmup; see :class:`~pyro_sgmcmc.infer.local.LocalSteps`).
+    :param local_exact_gaussian: make the local rows' steps exact on a Gaussian of the rows'
+        measured curvature (:class:`~pyro_sgmcmc.infer.local.LocalSteps`): steps up to ``2 /
+        curvature``, so each visit redraws a near-Gaussian row almost independently (many groups,
+        each well identified); off by default for the reason ``exact_gaussian`` is.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...), checked when the kernel is made.
 
@@ -340,6 +344,7 @@ class SGMCMCKernel(MCMCKernel):
         local_samples: str = "moments",
         local_thin: int = 1,
         local_step_size: float | None = None,
+        local_exact_gaussian: bool = False,
         **sampler_options: Any,
     ) -> None:
         if not hasattr(type(self), "sampler_class"):
@@ -387,6 +392,7 @@ class SGMCMCKernel(MCMCKernel):
         self.ignore_jit_warnings = check_flag("ignore_jit_warnings", ignore_jit_warnings)
         self.local_samples_kept, self.local_thin = check_local_options(local_samples, local_thin)
         self.local_step_size = check_number("local_step_size", local_step_size, none_ok=True)
+        self.local_exact_gaussian = check_flag("local_exact_gaussian", local_exact_gaussian)
         self._local_records: list[LocalRecorder] = []
         self.sampler_options = self._check_sampler_options(sampler_options)
         if self.exact_gaussian and "reference_curvature" not in self._sampler_parameters():
@@ -506,21 +512,23 @@ class SGMCMCKernel(MCMCKernel):
         else:
             table = LocalTable.initial(self.model, args, kwargs, local_sites, self.init_strategy)
         self._local_table = table
-        self._local_steps = LocalSteps(table, self.temperature)
+        self._local_steps = LocalSteps(table, self.temperature, self.local_exact_gaussian)
         if saved is not None:
             self._local_steps.step_sizes = dict(saved["step_sizes"])
+            self._local_steps.reference = dict(saved.get("reference", {}))
         elif self.local_step_size is not None:
             self._local_steps.step_sizes = {site.name: self.local_step_size for site in local_sites}
         self._local_records.append(LocalRecorder(self.local_samples_kept, self.local_thin))
         return table.gather
 
     def _measure_local_steps(self, arrival: bool) -> None:
-        """Measure the local sites' step sizes at the chain's globals (unless given)."""
-        if self._local_table is None or self.local_step_size is not None:
+        """Measure the local sites' step sizes at the chain's globals (unless given; their reference
+        curvatures too, for ``local_exact_gaussian``)."""
+        if self._local_table is None or (self.local_step_size is not None and not self.local_exact_gaussian):
             return
         if self._restored is not None and self._warmup_steps == 0:
             return
-        self._local_steps.measure(self._estimator, self._theta(), self.target_bias, arrival)
+        self._local_steps.measure(self._estimator, self._theta(), self.target_bias, arrival, self.local_step_size)
 
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
@@ -779,7 +787,8 @@ class SGMCMCKernel(MCMCKernel):
             "temperature": self.temperature,
             **({} if self._local_table is None else {"locals": {
                 "table": {name: value.clone() for name, value in self._local_table.values.items()},
-                "step_sizes": dict(self._local_steps.step_sizes)}}),
+                "step_sizes": dict(self._local_steps.step_sizes),
+                "reference": dict(self._local_steps.reference)}}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -862,7 +871,8 @@ class SGMCMCKernel(MCMCKernel):
                 "anchor potential": float(self._estimator.anchor.potential),
                 "full-data evaluations": self._estimator.full_evaluations},
             "mixing problems": problems,
-            **({} if self._local_steps is None else {"local step sizes": dict(self._local_steps.step_sizes)}),
+            **({} if self._local_steps is None else {"local step sizes": dict(self._local_steps.step_sizes),
+                                                     "local reference curvatures": dict(self._local_steps.reference)}),
             **(tuning.sampler_options if tuning is not None else {}),
         }
 

@@ -66,7 +66,7 @@ from .sites import LocalSite
 from .subsample import SubsampleControl, SubsampledPlate
 
 __all__ = ["LocalBlock", "LocalEstimate", "LocalLatents", "LocalMoments", "LocalRecorder", "LocalSteps",
-           "LocalTable"]
+           "LocalTable", "RowCurvature"]
 
 #: Minibatches on which the rows' largest curvature is measured.
 CURVATURE_MINIBATCHES = 4
@@ -198,14 +198,14 @@ class LocalLatents(MinibatchPotential):
         block = LocalBlock(control.indices, {name: row.detach() for name, row in rows.items()}, grads)
         return LocalEstimate(value.detach(), grad, block)
 
-    def row_curvature(self, point: Tensor, name: str) -> float:
-        r"""The largest curvature of one row's conditional potential :math:`-\ell_i` in the site
-        ``name`` over the rows of :data:`CURVATURE_MINIBATCHES` minibatches, at the globals
-        ``point``: per-row power iteration on Hessian-vector products (rows are independent given
-        the globals, so the Hessian is block-diagonal over rows; a scalar per row is exact in one
-        iteration)."""
+    def row_curvature(self, point: Tensor, name: str) -> RowCurvature:
+        r"""The largest and smallest curvature of the rows' conditional potentials :math:`-\ell_i`
+        in the site ``name`` over the rows of :data:`CURVATURE_MINIBATCHES` minibatches, at the
+        globals ``point``: per-row power iteration on Hessian-vector products (rows are independent
+        given the globals, so the Hessian is block-diagonal over rows; a scalar per row is exact in
+        one iteration), then on ``largest - H`` per row for the smallest."""
         site = self.table.sites[name]
-        largest = 0.0
+        largest, smallest = 0.0, math.inf
         for _ in range(CURVATURE_MINIBATCHES):
             control = self.minibatch()
             rows = self.table.gather(control.indices)
@@ -215,17 +215,36 @@ class LocalLatents(MinibatchPotential):
                 (grad,) = torch.autograd.grad(value, leaf, create_graph=True)
             if not grad.requires_grad:
                 continue  # linear in the row
-            v = torch.randn_like(leaf)
-            rayleigh = None
-            for _ in range(POWER_ITERATIONS):
-                v = v / per_row(v, site.dim).norm(dim=1).clamp_min(1e-30).reshape(row_shape(v, site.dim))
-                (hv,) = torch.autograd.grad(grad, leaf, v, retain_graph=True)
-                rayleigh = (per_row(v, site.dim) * per_row(hv, site.dim)).sum(1)
-                v = hv.detach()
-            curvature = float(rayleigh.abs().max()) / site.scale
-            if math.isfinite(curvature):
-                largest = max(largest, curvature)
-        return largest
+            def product(v: Tensor) -> Tensor:
+                return torch.autograd.grad(grad, leaf, v, retain_graph=True)[0]
+
+            top = _power_iteration(product, leaf, site.dim).abs()
+            shift = top.reshape(row_shape(leaf, site.dim))
+            bottom = top - _power_iteration(lambda v: shift * v - product(v), leaf, site.dim)
+            high, low = float(top.max()) / site.scale, float(bottom.min()) / site.scale
+            if math.isfinite(high) and math.isfinite(low):
+                largest, smallest = max(largest, high), min(smallest, low)
+        return RowCurvature(largest, smallest if math.isfinite(smallest) else 0.0)
+
+
+@dataclass(frozen=True)
+class RowCurvature:
+    """The largest and smallest curvature of the rows' conditionals measured (per unit of ``U``)."""
+
+    largest: float
+    smallest: float
+
+
+def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, dim: int) -> Tensor:
+    """Each row's largest eigenvalue (Rayleigh quotient) of a row-block-diagonal ``operator``."""
+    v = torch.randn_like(like)
+    rayleigh = like.new_zeros(like.shape[dim])
+    for _ in range(POWER_ITERATIONS):
+        v = v / per_row(v, dim).norm(dim=1).clamp_min(1e-30).reshape(row_shape(v, dim))
+        w = operator(v).detach()
+        rayleigh = (per_row(v, dim) * per_row(w, dim)).sum(1)
+        v = w
+    return rayleigh
 
 
 def per_row(x: Tensor, dim: int) -> Tensor:
@@ -257,27 +276,59 @@ class LocalSteps:
     the rows measured; a row whose curvature exceeds the largest one measured has a larger bias.
     Gradient noise of the rows (a nested subsampled plate) is not in the rule.
 
+    **Exact on Gaussian rows** (``exact_gaussian``): the noise is scaled down to
+    :math:`\sigma^2 = 1 - \epsilon_s c_s/4` with :math:`c_s` the midpoint of the rows' measured
+    (tempered) curvatures, SGLD's ``reference_curvature`` (see :class:`pyro_sgmcmc.samplers.SGLD`):
+    a row whose conditional is Gaussian of curvature :math:`c_s` is then sampled exactly at any
+    step below :math:`4/c_s`, and the step follows that rule's bound
+    (``suggest_lr(..., smallest_curvature, reference_curvature)``), up to :math:`2/c_s`, an almost
+    independent draw of the row at each visit. Rows far from Gaussian (a hierarchical scale per
+    row) are better served by plain steps.
+
     :param table: the local table, updated in place.
     :param temperature: the kernel's temperature.
+    :param exact_gaussian: scale the noise for rows exact on a reference Gaussian (above).
     """
 
-    def __init__(self, table: LocalTable, temperature: float):
+    def __init__(self, table: LocalTable, temperature: float, exact_gaussian: bool = False):
         self.table = table
         self.temperature = temperature
+        self.exact_gaussian = exact_gaussian
         self.step_sizes: dict[str, float] = {}
+        self.reference: dict[str, float] = {}
         self.noise = NoiseSource(None)
 
-    def measure(self, estimator: LocalLatents, point: Tensor, target_bias: float, arrival: bool) -> None:
-        """Set every site's step size from its measured row curvature (see the class docstring);
-        while ``arrival``, the largest stable step of SGLD's rule instead."""
+    def measure(self, estimator: LocalLatents, point: Tensor, target_bias: float, arrival: bool,
+                step_size: float | None = None) -> None:
+        """Set every site's step size from its measured row curvatures (see the class docstring),
+        unless ``step_size`` is given (then only the reference curvature is measured); while
+        ``arrival``, the largest stable step of SGLD's rule instead, without a reference."""
         for name in self.table.sites:
             curvature = estimator.row_curvature(point, name)
-            if curvature > 0:
-                self.step_sizes[name] = samplers.SGLD.suggest_lr(curvature, 0.0, target_bias, self.temperature,
-                                                                  arrival)
-            elif name not in self.step_sizes:
-                raise ValueError(f"The conditional potential of the local site {name!r} has no curvature at the "
-                                 "chain's start (it does not depend on the site?): give local_step_size")
+            if curvature.largest <= 0:
+                if name not in self.step_sizes:
+                    raise ValueError(f"The conditional potential of the local site {name!r} has no curvature at the "
+                                     "chain's start (it does not depend on the site?): give local_step_size")
+                continue
+            reference = 0.0
+            if self.exact_gaussian and not arrival:
+                reference = (curvature.largest + curvature.smallest) / 2 / self.temperature
+            self.reference[name] = reference
+            if step_size is not None:
+                self.step_sizes[name] = step_size
+            else:
+                self.step_sizes[name] = samplers.SGLD.suggest_lr(
+                    curvature.largest, 0.0, target_bias, self.temperature, arrival,
+                    smallest_curvature=curvature.smallest, reference_curvature=reference)
+
+    def noise_level(self, name: str) -> float:
+        """:math:`\sigma` of the site's rows: 1, or :math:`\sqrt{1 - \epsilon_s c_s/4}` on a reference."""
+        factor = 1.0 - self.step_sizes[name] * self.reference.get(name, 0.0) / 4
+        if factor <= 0:
+            raise ValueError(f"Invalid local_step_size: {self.step_sizes[name]:g} with the local site {name!r}'s "
+                             f"reference curvature {self.reference[name]:g} leaves no noise to inject (must be "
+                             f"below {4 / self.reference[name]:g})")
+        return math.sqrt(factor)
 
     def step(self, block: LocalBlock) -> dict[str, Tensor]:
         """The SGLD step of the block's rows, written into the table; returns the rows before it
@@ -287,7 +338,7 @@ class LocalSteps:
         for name, rows in block.rows.items():
             new = rows.clone()
             sgld([new], [block.grads[name]], lr=self.step_sizes[name], grad_scale=1.0 / self.temperature,
-                 noise=self.noise)
+                 noise_level=self.noise_level(name), noise=self.noise)
             updated[name] = new
         self.table.scatter_(block.indices, updated)
         return block.rows
