@@ -39,6 +39,14 @@ The blocks move given each other (Gibbs-like): where globals and locals are stro
 a posteriori (a centred hierarchy with weakly identified groups) the chain mixes slowly;
 non-centred parameterisations help, as for Gibbs samplers.
 
+**Cost and mixing.** A step costs one model evaluation on the minibatch, whatever ``N``; each row
+moves at a rate ``m/N`` per step. The globals' minibatch gradient carries the spread of the rows'
+terms (for random effects, of the effects around their mean), whose variance grows with ``N/m``
+and bounds the globals' step size (the kernels' bias rule counts it): at ``N/m = 100`` the globals
+of a random-effects model move far too slowly to settle in a few thousand steps
+(``benchmarks/local_latents.py``). Control variates, which remove that noise without local
+latents, would need an anchor for every row and are refused here.
+
 The scheme is the one of Ahn, Korattikara, Liu, Rajan and Welling (2015), "Large-scale
 distributed Bayesian matrix factorization using stochastic gradient MCMC" (KDD), which updates
 the factors of the users and items in a minibatch with SGLD and the rest not at all, and of the
