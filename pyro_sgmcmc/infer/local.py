@@ -31,16 +31,19 @@ globals' sampler, and each row's Langevin diffusion run at rate :math:`m/N`), ea
 leaves the conditional law of its block given the others, hence the joint posterior
 :math:`p(g, z \mid y)`, invariant; which rows move is drawn independently of the state (random
 scan). The chain therefore samples :math:`p(g, z \mid y)` (at temperature :math:`T`, as the kernel)
-up to (a) the :math:`O(\epsilon)` discretisation bias of each block, bounded by the kernel's
-``target_bias`` on variances through each block's step-size rule, and (b) the minibatch noise of
-the globals' gradient (as without local latents) and of the rows' gradients when a plate nested
-inside is subsampled too (an unbiased estimate, whose noise the rows' SGLD step does not correct).
+up to (a) the :math:`O(\epsilon)` discretisation bias of each block, which each block's step-size
+rule holds to about the kernel's ``target_bias`` on its conditional variances (the joint's
+variances then move by about as much: on a conjugate hierarchical model the exact stationary law
+of the chain is computed in ``tests/hierarchical_normal.py``), (b) the minibatch noise of the
+globals' gradient, which their rule counts as without local latents, and (c) that of the rows'
+gradients when a plate nested inside is subsampled too (unbiased, but not in the rows' rule).
 The blocks move given each other (Gibbs-like): where globals and locals are strongly correlated
 a posteriori (a centred hierarchy with weakly identified groups) the chain mixes slowly;
 non-centred parameterisations help, as for Gibbs samplers.
 
-**Cost and mixing.** A step costs one model evaluation on the minibatch, whatever ``N``; each row
-moves at a rate ``m/N`` per step. The globals' minibatch gradient carries the spread of the rows'
+**Cost and mixing.** A step costs one model evaluation on the minibatch, whatever ``N`` (each
+recorded sample ``O(N)``: the running moments of every row); each row moves at a rate ``m/N``
+per step. The globals' minibatch gradient carries the spread of the rows'
 terms (for random effects, of the effects around their mean), whose variance grows with ``N/m``
 and bounds the globals' step size (the kernels' bias rule counts it): at ``N/m = 100`` the globals
 of a random-effects model move far too slowly to settle in a few thousand steps
