@@ -143,6 +143,70 @@ def test_measured_local_step_size_follows_sglds_bias_rule():
         kernel.local_samples()
 
 
+class _Curvatures:
+    """A stand-in estimator whose rows' curvature is given, call by call."""
+
+    def __init__(self, *largest):
+        self.largest = list(largest)
+
+    def row_curvature(self, point, name, minibatches=4, smallest=True):
+        from pyro_sgmcmc.infer.local import RowCurvature
+
+        value = self.largest.pop(0)
+        return RowCurvature(value, value / 2)
+
+
+def _steps():
+    from pyro_sgmcmc.infer.local import LocalSteps, LocalTable
+
+    site = LocalSite("theta", "groups", 0, GROUPS, BATCH, torch.Size([GROUPS]), 0, dist.transforms.identity_transform)
+    return LocalSteps(LocalTable([site], {"theta": torch.zeros(GROUPS)}), temperature=1.0)
+
+
+def test_local_step_holds_the_rule_over_every_curvature_measured_after_arrival():
+    """The rows' curvature depends on the globals: the step is the rule's at the largest curvature
+    measured since the last fresh measurement, not at the last point (arrival's own measurements
+    set the arrival step by the same rule and are forgotten)."""
+    steps, point = _steps(), torch.zeros(1)
+    estimator = _Curvatures(100.0, 2.0, 8.0, 4.0)
+    steps.measure(estimator, point, 0.05, arrival=True)
+    assert steps.step_sizes["theta"] == pytest.approx(4 * 0.05 / 100)
+    for _ in range(3):
+        steps.measure(estimator, point, 0.05, arrival=False)
+    assert steps.step_sizes["theta"] == pytest.approx(4 * 0.05 / 8)  # not 4 * 0.05 / 4, the last one
+    assert steps.measured["theta"].largest == 8.0 and steps.measured["theta"].smallest == 1.0
+    # a fresh measurement (the first of the second half of warmup) forgets where the chain came from
+    steps.measure(_Curvatures(3.0), point, 0.05, arrival=False, fresh=True)
+    assert steps.step_sizes["theta"] == pytest.approx(4 * 0.05 / 3)
+
+
+def test_a_local_step_too_large_for_the_globals_visited_after_warmup_is_reported():
+    steps, point = _steps(), torch.zeros(1)
+    steps.measure(_Curvatures(6.0), point, 0.05, arrival=False)
+    steps.probe(_Curvatures(6.0), point)
+    assert steps.problems(0.05) == []  # where warmup measured, the rule holds
+    steps.probe(_Curvatures(30.0), point)  # bias 5 times the target there
+    (problem,) = steps.problems(0.05)
+    assert "'theta'" in problem and "curvature of 30" in problem and "5.0 times target_bias" in problem
+    steps.probe(_Curvatures(200.0), point)
+    assert "unstable" in steps.problems(0.05)[0]
+    # the user's step: its bias is the user's choice, an unstable one is still reported
+    steps.given = True
+    assert "unstable" in steps.problems(0.05)[0]
+    steps.probed.clear()
+    steps.probe(_Curvatures(30.0), point)
+    assert steps.problems(0.05) == []
+
+
+def test_kernel_reports_an_unstable_local_step():
+    """A local step beyond SGLD's stability (lr * curvature = 4.8, curvature 6) is never silent."""
+    kernel = SGLD(models.hierarchical_normal, step_size=STEP, local_step_size=0.8, num_steps=5, **FIXED)
+    with pytest.warns(MixingWarning, match="rows of the local site 'theta'.*unstable"):
+        run(kernel, _data(), 1, BATCH, num_samples=5, warmup=0)
+        problems = kernel.diagnostics()["mixing problems"]
+    assert any("unstable" in problem for problem in problems)
+
+
 def test_nested_subsampled_plate_inside_the_local_plate_runs_and_continues_from_a_state():
     def nested(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
@@ -202,7 +266,9 @@ def test_every_kernel_takes_local_latents(name):
     import pyro_sgmcmc.infer as infer
 
     kernel = getattr(infer, name)(models.hierarchical_normal)
-    mcmc = run(kernel, _data(), 1, BATCH, num_samples=10, warmup=20)
+    # 30 samples: every one of the 8 rows is visited (a row missed by 10 single-step samples of
+    # minibatches of 2, probability 6%, has variance 0 by chance)
+    mcmc = run(kernel, _data(), 1, BATCH, num_samples=30, warmup=20)
     assert bool(torch.isfinite(mcmc.get_samples()["mu"]).all())
     moments = kernel.local_moments()["theta"]
     assert bool((moments.variance > 0).all()) and kernel.diagnostics()["divergent steps"] == 0
@@ -273,19 +339,15 @@ def test_svi_without_the_tables_mask_warns_that_rows_drift():
         svi.step(y, 1, BATCH)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="known bug: the rows' step is measured at the globals of one point of warmup, and the rows' "
-                          "curvature depends on the globals (1 + sigma^2 sum p(1 - p) here): when warmup measures at "
-                          "a collapsed sigma, the rows' step is unstable at larger sigma, the rows oscillate, and "
-                          "sigma's gradient throws log sigma to -1e4, from where it crawls back", strict=False)
-def test_hierarchical_logistic_regression_matches_nuts():
+def _logistic_matches_nuts(seed):
     """A non-conjugate model: a random intercept per group (non-centred, local to the subsampled
     plate of groups), a constrained global scale, minibatches of 5 of 20 groups, against NUTS on
     the full data (tests/data/hierarchical_logistic_nuts.json). As in test_real_models: the
     standard error of each difference (ours from our ESS, NUTS's from its own) must be at most
     0.15 NUTS sds; means within 4 of them plus 0.1 sd (sigma's posterior is skewed: the bias of
     the step moves its mean by a fraction of the variance bias), sds within 4 of theirs plus the
-    step-size rule's target bias (on variances, so half of it on sds, doubled for the two blocks)."""
+    step-size rule's target bias (on variances, so half of it on sds, doubled for the two blocks).
+    ``seed`` draws the chain's start (init_to_uniform) and its path."""
     from real_models import reference
     from test_real_models import thinned_ess
 
@@ -293,11 +355,13 @@ def test_hierarchical_logistic_regression_matches_nuts():
     ref = reference("hierarchical_logistic")
     nuts_mean, nuts_sd = torch.tensor(ref["mean"]), torch.tensor(ref["sd"])
     kernel = SGLD(models.hierarchical_logistic, num_steps=5, target_bias=0.05, local_samples="all")
-    pyro.set_rng_seed(0)
+    pyro.set_rng_seed(seed)
     mcmc = MCMC(kernel, num_samples=3000, warmup_steps=300, disable_progbar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MixingWarning)  # the information check below is this test's own
         mcmc.run(x, y, x.shape[0], 5)
+    # the rows' step held its rule at every globals probed after warmup
+    assert not [problem for problem in kernel.diagnostics()["mixing problems"] if "local site" in problem]
     draws = models.hierarchical_logistic_draws({**mcmc.get_samples(), **kernel.local_samples()})
     ess = thinned_ess(draws[None])
     stderr = torch.sqrt(draws.var(0) / ess + nuts_sd**2 / torch.tensor(ref["ess_mean"]))
@@ -309,5 +373,31 @@ def test_hierarchical_logistic_regression_matches_nuts():
                                  + torch.tensor(ref["variance_sd"]) ** 2 / torch.tensor(ref["ess_variance"]))
     sd_stderr = variance_stderr / (2 * nuts_sd)  # delta method
     sd_error = (draws.std(0) - nuts_sd).abs()
+    print(f"seed {seed}: sd / NUTS sd {[round(v, 3) for v in (draws.std(0) / nuts_sd).tolist()]}; |mean error| / NUTS sd "
+          f"max {float((error / nuts_sd).max()):.3f}; sd stderr / sd max {float((sd_stderr / nuts_sd).max()):.3f}; local "
+          f"step {kernel.diagnostics()['local step sizes']}")
     assert bool((sd_error <= 4 * sd_stderr + kernel.target_bias * nuts_sd).all()), (
         draws.std(0) / nuts_sd, sd_stderr / nuts_sd)
+
+
+_TOO_LITTLE_INFORMATION = pytest.mark.xfail(
+    reason="too little information: warmup no longer collapses sigma (no arrival step for the globals, secants on one "
+           "minibatch, the rows' rule over the second half of warmup; no local-step problem probed), but 3000 samples "
+           "give Monte Carlo errors of 0.07 to 0.18 NUTS sds from seed 0 and up to 0.33 from seed 1, where the test "
+           "needs 0.15; more samples exceed the slow tests' budget", strict=False)
+
+
+@pytest.mark.slow
+@_TOO_LITTLE_INFORMATION
+def test_hierarchical_logistic_regression_matches_nuts():
+    _logistic_matches_nuts(0)
+
+
+@pytest.mark.slow
+@_TOO_LITTLE_INFORMATION
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hierarchical_logistic_regression_matches_nuts_from_other_starts(seed):
+    """The same check from other starts and paths: warmup's choices must hold wherever it begins
+    (the bug this guards against: a random-effect scale collapsed during arrival, a step measured
+    there, and a chain thrown out by it, depended on where the chain started)."""
+    _logistic_matches_nuts(seed)

@@ -55,6 +55,8 @@ from .potential import (
     model_sites,
 )
 from .local import (
+    PROBE_EVERY,
+    WARMUP_OBSERVATIONS,
     LocalBlock,
     LocalLatents,
     LocalMoments,
@@ -302,7 +304,8 @@ class SGMCMCKernel(MCMCKernel):
     When the run ends with evidence that it has not mixed (a chain that did not move, a step size
     that warmup's safety rules halved by orders of magnitude after its last measurement, a small
     effective sample size or a drift over the run, both on ranks, a MALA score that says the step
-    biases the samples) :meth:`diagnostics` warns once, with the cause and the remedy
+    biases the samples, a local rows' step that the rows' curvature probed after warmup says
+    is biased beyond its rule or unstable at the globals the chain visits) :meth:`diagnostics` warns once, with the cause and the remedy
     (:class:`MixingWarning`).
 
     A run is continued, without a new warmup, from :meth:`state_dict` (the adapted
@@ -447,6 +450,7 @@ class SGMCMCKernel(MCMCKernel):
         self._exact_gaussian = False
         self._local_table: LocalTable | None = None
         self._local_steps: LocalSteps | None = None
+        self._local_observed = False
 
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
@@ -518,17 +522,19 @@ class SGMCMCKernel(MCMCKernel):
             self._local_steps.reference = dict(saved.get("reference", {}))
         elif self.local_step_size is not None:
             self._local_steps.step_sizes = {site.name: self.local_step_size for site in local_sites}
+            self._local_steps.given = True
         self._local_records.append(LocalRecorder(self.local_samples_kept, self.local_thin))
         return table.gather
 
-    def _measure_local_steps(self, arrival: bool) -> None:
+    def _measure_local_steps(self, arrival: bool, fresh: bool = False) -> None:
         """Measure the local sites' step sizes at the chain's globals (unless given; their reference
         curvatures too, for ``local_exact_gaussian``)."""
         if self._local_table is None or (self.local_step_size is not None and not self.local_exact_gaussian):
             return
         if self._restored is not None and self._warmup_steps == 0:
             return
-        self._local_steps.measure(self._estimator, self._theta(), self.target_bias, arrival, self.local_step_size)
+        self._local_steps.measure(self._estimator, self._theta(), self.target_bias, arrival, self.local_step_size,
+                                  fresh=fresh)
 
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
@@ -583,13 +589,25 @@ class SGMCMCKernel(MCMCKernel):
             self._start(params)
         elif self._t < self._warmup_steps:
             update = self._adapter.step(self._t, self._theta(), self._estimate)
+            half = self._warmup_steps // 2
             if update is not None:
                 self._tune(*update)
-                self._measure_local_steps(arrival=self._t < self._adapter.arrival_end)
+                # the rows' rule over the second half of warmup: its first measurement starts afresh
+                later = self._t >= half
+                self._measure_local_steps(arrival=self._t < self._adapter.arrival_end,
+                                          fresh=not (later and self._local_observed))
+                self._local_observed = self._local_observed or later
+            elif self._local_steps is not None and self._t >= max(half, self._adapter.arrival_end) and \
+                    self._t % max(1, self._warmup_steps // WARMUP_OBSERVATIONS) == 0:
+                # the rows' curvature at more of the globals the chain visits
+                self._local_steps.observe(self._estimator, self._theta(), fresh=not self._local_observed)
+                self._local_observed = True
         elif self._t == self._warmup_steps and self._t > 0:  # MCMC never calls end_warmup
             self._tuning = self._adapter.final()
             self._sampler.freeze_adaptation()
             self._sampler.reset_auxiliary()
+            # the rows' rule at the final globals too; then frozen
+            self._measure_local_steps(arrival=False, fresh=not self._local_observed)
         if self._t >= self._warmup_steps and self._monitor is None:
             self._monitor = MixingMonitor(self._z.detach())
         for _ in range(self.num_steps):
@@ -602,6 +620,8 @@ class SGMCMCKernel(MCMCKernel):
             self._monitor.record(self._z.detach(), self._estimate.potential)
             if self._local_table is not None:
                 self._local_records[-1].record(self._local_table)
+                if (self._local_records[-1].count - 1) % PROBE_EVERY == 0:
+                    self._local_steps.probe(self._estimator, self._theta())
         self._t += 1
         return {name: value.clone() for name, value in self._layout.unflatten(self._theta()).items()}
 
@@ -638,7 +658,7 @@ class SGMCMCKernel(MCMCKernel):
             raise ValueError("The potential energy or its gradient is not finite at the chain's start")
         at_mode = isinstance(self._estimator, ControlVariates)
         self._tune(self._adapter.init(start, self._warmup_steps, at_mode=at_mode, estimate=estimate), start, estimate)
-        self._measure_local_steps(arrival=self._adapter.arrival_end > 0)
+        self._measure_local_steps(arrival=self._adapter.arrival_end > 0, fresh=True)
         if self._warmup_steps == 0:
             self._adapter.final()
 
@@ -706,6 +726,7 @@ class SGMCMCKernel(MCMCKernel):
                 self._reject(previous, "warmup jump", jump=True, local=local)
                 return
         previous_grad = self._estimate.grad
+        previous_estimate = self._estimate
         self._estimate = landing
         self._grad_z = grad_z
         if sampling:
@@ -714,7 +735,13 @@ class SGMCMCKernel(MCMCKernel):
                 self._stats.mala_total += float(acceptance)
                 self._stats.mala_count += 1
         else:
-            self._adapter.accepted(theta, landing, z - previous, previous_grad)
+            change = None
+            if self._estimator.fixed_minibatch_secants and self._adapter.fits_secants:
+                # the step's secant on the minibatch it started from (one more evaluation per
+                # warmup step): the globals' Hessian along the step without minibatch noise
+                same = self._estimator.gradient_on(theta, previous_estimate)
+                change = None if same is None else same - previous_grad
+            self._adapter.accepted(theta, landing, z - previous, previous_grad, change)
 
     def _step_local_rows(self, previous: Tensor) -> tuple[LocalBlock, dict[str, Tensor]] | None | bool:
         """The SGLD step of the local rows of the cached estimate's minibatch (at the same state as
@@ -845,6 +872,8 @@ class SGMCMCKernel(MCMCKernel):
         collapse = self._step_collapse()
         if collapse is not None:
             problems.append(collapse)
+        if self._local_steps is not None:
+            problems += self._local_steps.problems(self.target_bias)
         if self._monitor is not None:
             problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,

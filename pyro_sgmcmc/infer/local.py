@@ -41,6 +41,24 @@ The blocks move given each other (Gibbs-like): where globals and locals are stro
 a posteriori (a centred hierarchy with weakly identified groups) the chain mixes slowly;
 non-centred parameterisations help, as for Gibbs samplers.
 
+**Warmup.** Three things differ from a model without local latents (measured on the
+hierarchical logistic regression of ``tests/test_local_latents.py``, where without them the
+random-effect scale collapsed during arrival and ``log sigma`` then dived to -500 or below):
+
+* the globals take no arrival step (the sampler's largest stable one): their bias rule from the
+  start. Rows move at a rate ``m/N`` and start far from their conditional law (drawn by the
+  init strategy, independently of the data); globals that take near-independent steps given such
+  rows see a scale that only adds noise to the likelihood, collapse it, and the rows given a
+  collapsed scale carry no information to bring it back (a Gibbs trap at the funnel's neck);
+* the globals' preconditioner takes in the secants of warmup's steps as without minibatches,
+  each on the minibatch its step started from (:meth:`LocalLatents.gradient_on`, one more
+  evaluation per warmup step): the Hessians at the windows' ends alone see a few places, and a
+  scale measured where it is small whitens it far beyond its posterior spread (there, without
+  the secants: ``log sigma`` whitened by 7.1, where its posterior sd is about 0.3; 0.2 with all
+  three);
+* the rows' step follows its rule over every globals measured (:class:`LocalSteps`), and is
+  probed after warmup.
+
 **Cost and mixing.** A step costs one model evaluation on the minibatch, whatever ``N`` (each
 recorded sample ``O(N)``: the running moments of every row); each row moves at a rate ``m/N``
 per step. The globals' minibatch gradient carries the spread of the rows'
@@ -83,6 +101,16 @@ __all__ = ["LocalBlock", "LocalEstimate", "LocalLatents", "LocalMoments", "Local
 CURVATURE_MINIBATCHES = 4
 #: Power iterations per measurement (exact in one for a scalar per row).
 POWER_ITERATIONS = 8
+#: Between the adaptation points after arrival, the rows' largest curvature is measured (on one
+#: minibatch) at about this many of warmup's iterations.
+WARMUP_OBSERVATIONS = 50
+#: After warmup, the rows' largest curvature is probed (on one minibatch, at the chain's globals)
+#: every this many recorded samples, to report a step that the globals visited make too large.
+PROBE_EVERY = 50
+#: A probe reports a problem when the rows' step times the curvature it found exceeds this many
+#: times the ``4 * target_bias`` of the rule (the bias on the rows' variances is then more than
+#: this many times the target).
+PROBE_TOLERANCE = 2.0
 
 
 class LocalTable:
@@ -209,15 +237,41 @@ class LocalLatents(MinibatchPotential):
         block = LocalBlock(control.indices, {name: row.detach() for name, row in rows.items()}, grads)
         return LocalEstimate(value.detach(), grad, block)
 
-    def row_curvature(self, point: Tensor, name: str) -> RowCurvature:
+    fixed_minibatch_secants = True
+    #: No arrival step for the globals: see the module's docstring, "Warmup".
+    arrival_steps = False
+
+    def gradient_on(self, point: Tensor, estimate: Estimate) -> Tensor | None:
+        """The globals' gradient at ``point`` on ``estimate``'s minibatch with its rows as they
+        were (before their step): a step's secant ``gradient_on(new) - estimate.grad`` is then
+        the globals' Hessian (given the rows, on that minibatch) along the step, free of
+        minibatch noise."""
+        block = getattr(estimate, "block", None)
+        if block is None:
+            return None
+        here = point.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                value = self.evaluator([here], SubsampleControl(dict(block.indices)), rows=dict(block.rows))[0]
+                (grad,) = torch.autograd.grad(value, here, allow_unused=True)
+        except RuntimeError as error:
+            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+                return None
+            raise
+        grad = torch.zeros_like(here) if grad is None else grad
+        return grad if bool(torch.isfinite(grad).all()) else None
+
+    def row_curvature(self, point: Tensor, name: str, minibatches: int = CURVATURE_MINIBATCHES,
+                      smallest: bool = True) -> RowCurvature:
         r"""The largest and smallest curvature of the rows' conditional potentials :math:`-\ell_i`
-        in the site ``name`` over the rows of :data:`CURVATURE_MINIBATCHES` minibatches, at the
+        in the site ``name`` over the rows of ``minibatches`` minibatches, at the
         globals ``point``: per-row power iteration on Hessian-vector products (rows are independent
         given the globals, so the Hessian is block-diagonal over rows; a scalar per row is exact in
-        one iteration), then on ``largest - H`` per row for the smallest."""
+        one iteration), then (unless ``smallest=False``) on ``largest - H`` per row for the smallest."""
         site = self.table.sites[name]
+        want_smallest = smallest
         largest, smallest = 0.0, math.inf
-        for _ in range(CURVATURE_MINIBATCHES):
+        for _ in range(minibatches):
             control = self.minibatch()
             rows = self.table.gather(control.indices)
             leaf = rows[name].detach().requires_grad_(True)
@@ -230,8 +284,11 @@ class LocalLatents(MinibatchPotential):
                 return torch.autograd.grad(grad, leaf, v, retain_graph=True)[0]
 
             top = _power_iteration(product, leaf, site.dim).abs()
-            shift = top.reshape(row_shape(leaf, site.dim))
-            bottom = top - _power_iteration(lambda v: shift * v - product(v), leaf, site.dim)
+            if want_smallest:
+                shift = top.reshape(row_shape(leaf, site.dim))
+                bottom = top - _power_iteration(lambda v: shift * v - product(v), leaf, site.dim)
+            else:
+                bottom = top
             high, low = float(top.max()) / site.scale, float(bottom.min()) / site.scale
             if math.isfinite(high) and math.isfinite(low):
                 largest, smallest = max(largest, high), min(smallest, low)
@@ -280,12 +337,31 @@ class LocalSteps:
 
     **Step sizes.** Each site's :math:`\epsilon_s` follows SGLD's bias rule
     (:meth:`pyro_sgmcmc.samplers.SGLD.suggest_lr`, ``4 t / lambda``) with ``lambda`` the largest
-    curvature of a row's conditional measured on a few minibatches
-    (:meth:`LocalLatents.row_curvature`): the rows' conditional curvature is not the globals'
-    (it is that of one group's data, not of all of it), so they cannot share the globals' step.
-    The rule bounds the relative bias on each row's conditional variance by ``target_bias`` for
-    the rows measured; a row whose curvature exceeds the largest one measured has a larger bias.
-    Gradient noise of the rows (a nested subsampled plate) is not in the rule.
+    curvature of a row's conditional (:meth:`LocalLatents.row_curvature`, a few minibatches): the
+    rows' conditional curvature is not the globals' (it is that of one group's data, not of all of
+    it), so they cannot share the globals' step. A row's curvature depends on the globals (with a
+    random intercept ``sigma * eta_i`` in a logistic regression it is ``1 + sigma^2 sum_j
+    p_ij (1 - p_ij)``), so ``lambda`` is not measured at one point: it is the largest curvature
+    measured over the second half of warmup, at its adaptation points (the windows' ends, a few
+    minibatches each), at about :data:`WARMUP_OBSERVATIONS` / 2 iterations between them (one
+    minibatch each, :meth:`observe`) and once more at the end of warmup, at the final globals.
+    Earlier measurements set the step of the moment only: the chain may still be on its way in
+    (from a start at ``sigma = 7``, a curvature of 180 was measured after arrival and would
+    have frozen the rows). The step is then frozen: after warmup the rows' sampler has fixed
+    parameters, as the globals' has.
+
+    What the rule guarantees: a relative bias of at most about ``target_bias`` on each row's
+    conditional variance for every row and every globals at which a curvature was measured in
+    the second half of warmup (and wherever the rows' curvature is no larger). What it does not: a row or a globals that warmup
+    never saw may have a larger curvature (a scale parameter that warmup only saw small): its bias
+    is then ``lr * curvature / 4`` and the step is unstable beyond ``curvature = 4 / lr``. That is
+    not silent: after warmup the rows' largest curvature is probed on one minibatch at the chain's
+    globals every :data:`PROBE_EVERY` recorded samples (:meth:`probe`; the chain is not changed),
+    and a step whose bias there exceeds :data:`PROBE_TOLERANCE` times the target, or that is
+    unstable there, is reported by the kernel's :meth:`~pyro_sgmcmc.infer.SGMCMCKernel.diagnostics`
+    (``"mixing problems"``, :class:`~pyro_sgmcmc.infer.MixingWarning`). A row step whose gradient or
+    update is not finite is undone and counted as a divergence. Gradient noise of the rows (a
+    nested subsampled plate) is not in the rule.
 
     **Exact on Gaussian rows** (``exact_gaussian``): the noise is scaled down to
     :math:`\sigma^2 = 1 - \epsilon_s c_s/4` with :math:`c_s` the midpoint of the rows' measured
@@ -307,13 +383,22 @@ class LocalSteps:
         self.exact_gaussian = exact_gaussian
         self.step_sizes: dict[str, float] = {}
         self.reference: dict[str, float] = {}
+        #: The extremes of the rows' curvatures measured since arrival ended, per site.
+        self.measured: dict[str, RowCurvature] = {}
+        #: After warmup: the largest ``(step * curvature, curvature)`` probed, per site.
+        self.probed: dict[str, tuple[float, float]] = {}
+        #: Whether the step sizes are the user's (``local_step_size``), not the rule's.
+        self.given = False
         self.noise = NoiseSource(None)
 
     def measure(self, estimator: LocalLatents, point: Tensor, target_bias: float, arrival: bool,
-                step_size: float | None = None) -> None:
-        """Set every site's step size from its measured row curvatures (see the class docstring),
-        unless ``step_size`` is given (then only the reference curvature is measured); while
-        ``arrival``, the largest stable step of SGLD's rule instead, without a reference."""
+                step_size: float | None = None, fresh: bool = False) -> None:
+        """Measure the rows' curvatures at the globals ``point`` and set every site's step size
+        (see the class docstring), unless ``step_size`` is given (then only the reference curvature
+        is set). While ``arrival``: the rule at this point alone, without a reference, and nothing
+        is kept (a place the chain leaves). After arrival: the extremes of every measurement since
+        the last ``fresh`` one (in the first half of warmup, where the chain may still be on its
+        way, each measurement is fresh), this one included."""
         for name in self.table.sites:
             curvature = estimator.row_curvature(point, name)
             if curvature.largest <= 0:
@@ -321,6 +406,16 @@ class LocalSteps:
                     raise ValueError(f"The conditional potential of the local site {name!r} has no curvature at the "
                                      "chain's start (it does not depend on the site?): give local_step_size")
                 continue
+            if arrival:
+                self.measured.pop(name, None)
+            elif fresh:
+                self.measured[name] = curvature
+            else:
+                seen = self.measured.get(name)
+                if seen is not None:
+                    curvature = RowCurvature(max(seen.largest, curvature.largest),
+                                             min(seen.smallest, curvature.smallest))
+                self.measured[name] = curvature
             reference = 0.0
             if self.exact_gaussian and not arrival:
                 reference = (curvature.largest + curvature.smallest) / 2 / self.temperature
@@ -328,12 +423,62 @@ class LocalSteps:
             if step_size is not None:
                 self.step_sizes[name] = step_size
             else:
+                # the bias rule while arriving too: the globals' arrival step (the largest stable
+                # one) would make every visit of a row a near-independent draw from an inflated
+                # law, and the globals, seeing rows uncorrelated with their data, collapse a
+                # scale (measured: sigma of a hierarchical logistic regression to 1e-200)
                 self.step_sizes[name] = samplers.SGLD.suggest_lr(
-                    curvature.largest, 0.0, target_bias, self.temperature, arrival,
+                    curvature.largest, 0.0, target_bias, self.temperature,
                     smallest_curvature=curvature.smallest, reference_curvature=reference)
 
+    def observe(self, estimator: LocalLatents, point: Tensor, fresh: bool = False) -> None:
+        """During the second half of warmup: the rows' largest curvature on one minibatch at the
+        globals ``point`` joins the measurements (replaces them if ``fresh``; the step follows at
+        the next :meth:`measure`)."""
+        for name in self.table.sites:
+            seen = self.measured.get(name)
+            if seen is None:
+                continue
+            largest = estimator.row_curvature(point, name, minibatches=1, smallest=False).largest
+            if math.isfinite(largest) and (fresh or largest > seen.largest):
+                self.measured[name] = RowCurvature(largest, seen.smallest)
+
+    def probe(self, estimator: LocalLatents, point: Tensor) -> None:
+        """After warmup: the rows' largest curvature on one minibatch at the globals ``point``;
+        keeps the largest ``step * curvature`` (tempered) seen per site (:meth:`problems`)."""
+        for name in self.table.sites:
+            if name not in self.step_sizes:
+                continue
+            largest = estimator.row_curvature(point, name, minibatches=1, smallest=False).largest / self.temperature
+            # the bias grows with the curvature's excess over the reference (none: over 0)
+            product = self.step_sizes[name] * (largest - self.reference.get(name, 0.0))
+            if self.step_sizes[name] * largest >= 4:
+                product = max(product, 4.0)  # unstable, reference or not
+            if math.isfinite(product) and product > self.probed.get(name, (0.0, 0.0))[0]:
+                self.probed[name] = (product, largest)
+
+    def problems(self, target_bias: float) -> list[str]:
+        """The sites whose probed ``step * curvature`` (its excess over the reference curvature,
+        with ``exact_gaussian``) exceeds :data:`PROBE_TOLERANCE` times the rule's ``4 target_bias``,
+        or 4, where the step is unstable, as mixing problems. With the user's ``local_step_size``
+        (:attr:`given`), only an unstable one: its bias is the user's choice."""
+        out = []
+        for name, (product, largest) in self.probed.items():
+            if product < 4 and (self.given or product <= PROBE_TOLERANCE * 4 * target_bias):
+                continue
+            measured = self.measured.get(name)
+            warmup = "" if measured is None else f" (warmup measured at most {measured.largest / self.temperature:.3g})"
+            what = ("unstable there (step * curvature >= 4: the rows oscillate and grow)" if product >= 4 else
+                    f"a relative bias of about {product / 4:.2g} on the rows' conditional variances there, "
+                    f"{product / 4 / target_bias:.1f} times target_bias")
+            out.append(f"the rows of the local site {name!r} reached a curvature of {largest:.3g} at the globals the "
+                       f"chain visited after warmup{warmup}: their step {self.step_sizes[name]:.3g} gives {what}; "
+                       "remedies: more warmup_steps (so that warmup sees the globals the chain visits), a smaller "
+                       "local_step_size, or a parameterisation whose rows' curvature depends less on the globals")
+        return out
+
     def noise_level(self, name: str) -> float:
-        """:math:`\sigma` of the site's rows: 1, or :math:`\sqrt{1 - \epsilon_s c_s/4}` on a reference."""
+        r""":math:`\sigma` of the site's rows: 1, or :math:`\sqrt{1 - \epsilon_s c_s/4}` on a reference."""
         factor = 1.0 - self.step_sizes[name] * self.reference.get(name, 0.0) / 4
         if factor <= 0:
             raise ValueError(f"Invalid local_step_size: {self.step_sizes[name]:g} with the local site {name!r}'s "
