@@ -42,3 +42,43 @@ def logistic_regression(x, y, batch=None):
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
     with pyro.plate("data", len(y), subsample_size=batch) as idx:
         pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+
+def hierarchical_normal(y, chains, batch=None, sigma=1.0, tau=1.0, prior=3.0):
+    """mu ~ N(0, prior^2); per group i, theta_i ~ N(mu, tau^2) (local to the subsampled plate
+    "groups"), y_ji ~ N(theta_i, sigma^2) for the n rows j of y [n, groups]."""
+    n, groups = y.shape
+    with pyro.plate("chains", chains, dim=-1):
+        mu = pyro.sample("mu", dist.Normal(0.0, prior))
+        with pyro.plate("groups", groups, subsample_size=batch, dim=-2) as idx:
+            theta = pyro.sample("theta", dist.Normal(mu, tau))  # [m, chains]
+            with pyro.plate("obs", n, dim=-3):
+                pyro.sample("y", dist.Normal(theta, sigma), obs=y[:, idx, None].expand(n, len(idx), chains))
+
+
+def hierarchical_logistic_data(groups=20, n=20, seed=0):
+    """``(x [groups, n, 2], y [groups, n])`` drawn from :func:`hierarchical_logistic` with
+    beta = (1, -0.5), sigma = 0.8."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(groups, n, 2, generator=gen)
+    eta = torch.randn(groups, 1, generator=gen)
+    y = torch.bernoulli(torch.sigmoid(x @ torch.tensor([1.0, -0.5]) + 0.8 * eta), generator=gen)
+    return x, y
+
+
+def hierarchical_logistic_draws(samples):
+    """``[num_samples, 3 + groups]``: beta, sigma, then eta of every group."""
+    eta = samples["eta"].reshape(samples["eta"].shape[0], -1)
+    return torch.cat([samples["beta"], samples["sigma"].reshape(-1, 1), eta], 1).double()
+
+
+def hierarchical_logistic(x, y, groups, batch=None):
+    """Logistic regression with a random intercept per group, non-centred: beta ~ N(0, 2^2 I),
+    sigma ~ HalfNormal(1), eta_g ~ N(0, 1) (local to the subsampled plate of groups), and
+    y_gj ~ Bernoulli(logit = x_gj . beta + sigma eta_g). x [groups, n, d], y [groups, n]."""
+    beta = pyro.sample("beta", dist.Normal(0.0, 2.0).expand([x.shape[-1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("groups", groups, subsample_size=batch, dim=-2) as idx:
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))  # [m, 1]
+        with pyro.plate("obs", x.shape[1], dim=-1):
+            pyro.sample("y", dist.Bernoulli(logits=x[idx] @ beta + sigma * eta), obs=y[idx])

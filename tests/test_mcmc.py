@@ -213,19 +213,20 @@ def test_discrete_local_and_empty_models_are_refused():
         k = pyro.sample("k", dist.Bernoulli(0.5))
         pyro.sample("x", dist.Normal(k, 1.0), obs=torch.tensor(0.0))
 
-    def local(data):
+    def local(data):  # local to two subsampled plates: refused (one local plate is supported)
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("rows", 100, subsample_size=10) as idx:
-            z = pyro.sample("z", dist.Normal(mu, 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
+        with pyro.plate("rows", 100, subsample_size=10, dim=-1) as idx:
+            with pyro.plate("cols", 20, subsample_size=5, dim=-2) as jdx:
+                z = pyro.sample("z", dist.Normal(mu, 1.0))
+                pyro.sample("x", dist.Normal(z, 1.0), obs=data[jdx][:, idx])
 
     def empty():
         pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
 
     with pytest.raises(ValueError, match="'k' is discrete"):
         run(SGLD(discrete), num_samples=2, warmup=0)
-    with pytest.raises(NotImplementedError, match="'z' is local to the subsampled plate 'rows'"):
-        run(SGLD(local), torch.randn(100), num_samples=2, warmup=0)
+    with pytest.raises(NotImplementedError, match="'z' is local to 2 subsampled plates"):
+        run(SGLD(local), torch.randn(20, 100), num_samples=2, warmup=0)
     with pytest.raises(ValueError, match="no latent sites"):
         run(SGLD(empty), num_samples=2, warmup=0)
 

@@ -97,17 +97,28 @@ def test_samples_convert_to_arviz():
     assert float(arviz.summary(data, var_names=["s"])["mean"].iloc[0]) == 3.0
 
 
-def test_local_latents_in_subsampled_plates_are_refused_clearly():
+def test_local_latents_get_a_table_and_two_subsampled_plates_are_refused_clearly():
     def local_model(data):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("rows", 100, subsample_size=10) as idx:
             z = pyro.sample("z", dist.Normal(mu, 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
 
+    def two_plates(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", 100, subsample_size=10, dim=-1) as idx:
+            with pyro.plate("cols", 20, subsample_size=5, dim=-2) as jdx:
+                z = pyro.sample("z", dist.Normal(mu, 1.0))
+                pyro.sample("x", dist.Normal(z, 1.0), obs=data[jdx][:, idx])
+
     pyro.clear_param_store()
     guide = AutoUnconstrainedDelta(local_model)
-    with pytest.raises(NotImplementedError, match="'z' is local to the subsampled plate 'rows'"):
-        guide(torch.randn(100))
+    assert guide(torch.randn(100))["z"].shape == (10,)
+    assert guide.current_sample(torch.randn(100))["z"].shape == (100,)
+    pyro.clear_param_store()
+    guide = AutoUnconstrainedDelta(two_plates)
+    with pytest.raises(NotImplementedError, match="'z' is local to 2 subsampled plates"):
+        guide(torch.randn(20, 100))
 
 
 def test_global_latents_with_subsampled_likelihood_are_fine():

@@ -40,7 +40,9 @@ directions, and the next window is slower still (measured: the variance of a col
 collapsed to 2% of its value). Curvature needs no mixing. With minibatch noise in the gradient
 (control variates included) a secant is biased by the noise of the gradient that moved the step
 (``dg`` carries ``-eps_old``, and ``dtheta`` carries ``-(h/2) M eps_old``): only the measured
-Hessians count there, each on a fixed minibatch.
+Hessians count there, each on a fixed minibatch, unless the estimator gives a step's gradient
+change on the minibatch the step started from (``fixed_minibatch_secants``: local latent sites,
+:mod:`pyro_sgmcmc.infer.local`).
 
 The step size comes from the sampler's own bias rule (``suggest_lr``) with two quantities measured
 in the ``z`` coordinates: the largest curvature of the potential (power iteration on exact
@@ -319,7 +321,8 @@ class WarmupAdapter:
     r"""Everything warmup adapts, in one object with ``init`` / ``step`` / ``final``.
 
     Schedule (:func:`adaptation_schedule`): the first 15% of warmup is arrival, with the largest
-    stable step (the sampler's ``suggest_lr(arrival=True)``); an arrival over whose second half
+    stable step (the sampler's ``suggest_lr(arrival=True)``; its bias rule for an estimator whose
+    ``arrival_steps`` is false: local latent sites); an arrival over whose second half
     the potential still fell by more than the typical set's width ``T (d/2 + 5 sqrt(d/2))`` (the
     chain is still on its way in) goes on for another 15%, with the preconditioner and the step
     measured again where the chain is, up to half of warmup, and the windows are rebuilt over
@@ -504,13 +507,16 @@ class WarmupAdapter:
         return self.judges_steps and not self.estimator.noisy_gradient
 
     def accepted(self, theta: Tensor, estimate: Any, moved: Tensor | None = None,
-                 previous_grad: Tensor | None = None) -> None:
+                 previous_grad: Tensor | None = None, change: Tensor | None = None) -> None:
         """A warmup step landed at ``theta`` (its ``estimate``), having moved by ``moved`` in the
-        chain's coordinates from a point whose gradient was ``previous_grad``."""
+        chain's coordinates from a point whose gradient was ``previous_grad``; ``change``: the
+        gradient's change along the step on one minibatch (for a noisy gradient whose estimator
+        has ``fixed_minibatch_secants``)."""
         self._rejected_in_a_row = 0
-        if moved is not None and self._fits_secants:
-            self._add_secant(self.current.whitening.to_theta(moved), estimate.grad - previous_grad,
-                             float(moved.norm()))
+        if change is None and moved is not None and not self.estimator.noisy_gradient:
+            change = estimate.grad - previous_grad
+        if moved is not None and change is not None and self._fits_secants:
+            self._add_secant(self.current.whitening.to_theta(moved), change, float(moved.norm()))
         if self._compares_values:
             potential = float(estimate.potential)
             if potential < self._best.potential:
@@ -587,7 +593,13 @@ class WarmupAdapter:
 
     @property
     def _fits_secants(self) -> bool:
-        return self.adapt_mass_matrix and not self.estimator.noisy_gradient and not self.frozen
+        return self.adapt_mass_matrix and not self.frozen and (
+            not self.estimator.noisy_gradient or self.estimator.fixed_minibatch_secants)
+
+    @property
+    def fits_secants(self) -> bool:
+        """Whether warmup's preconditioner takes in the steps' secants now."""
+        return self._fits_secants
 
     def _add_secant(self, step: Tensor, change: Tensor, length: float) -> None:
         """One step's secant pair ``(dtheta, dg)`` into the sums ``A`` and ``B`` (their diagonals
@@ -657,7 +669,7 @@ class WarmupAdapter:
         if self.exact_gaussian:
             options["smallest_curvature"] = smallest if math.isfinite(smallest) else 0.0
         step_size = self.sampler_class.suggest_lr(largest, noise, self.target_bias, self.temperature,
-                                                  arrival=arrival, **options)
+                                                  arrival=arrival and self.estimator.arrival_steps, **options)
         self.measured_step_size = step_size
         return Adaptation(whitening, step_size, {**self.gaussian_options, **adapted}, scales)
 

@@ -15,6 +15,7 @@ correlation, ...), and an SG-MCMC optimizer on the param store's ``u`` samples t
 from __future__ import annotations
 
 import operator
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -29,9 +30,13 @@ from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn.module import PyroModule, PyroParam
 from torch.distributions import biject_to
 
-from .sites import check_latent_site, trace_model
+from .local import LocalTable, per_row
+from .sites import LocalSite, check_latent_site, trace_model
 
 __all__ = ["AutoUnconstrainedDelta"]
+
+#: Rows outside a minibatch checked at the next call for moves the optimizer should not have made.
+_WATCHED_ROWS = 8
 
 
 class AutoUnconstrainedDelta(AutoGuide):
@@ -54,9 +59,32 @@ class AutoUnconstrainedDelta(AutoGuide):
     :param callable init_loc_fn: per-site initialisation, as for ``AutoDelta``.
     :param callable create_plates: as for other autoguides.
 
-    Discrete latent sites are refused, and so are local latent sites inside a subsampled plate
-    (one value per data row): under subsampling Pyro scales their log density by ``N/m``, which
-    would sample them at the wrong temperature.
+    Discrete latent sites are refused.
+
+    **Latent sites local to a subsampled plate** (one value per group or data row, sampled inside
+    ``pyro.plate(name, N, subsample_size=m)``) get a parameter with one row per element of the
+    plate (drawn by ``init_loc_fn``, the model run on the plate in minibatch-sized pieces); each
+    call reads the rows of the plate's minibatch. Two things make an SG-MCMC optimizer sample
+    them right, as the MCMC kernels' scheme does (:mod:`pyro_sgmcmc.infer.local`: the joint
+    posterior, up to each block's discretisation bias):
+
+    * the gradient that reaches the rows is divided by the plate's ``N/m`` (the plate scales a
+      row's terms by it; a row's own terms count once): each minibatch row gets its exact
+      conditional gradient, every other row 0;
+    * rows outside the minibatch must not move, noise included: :meth:`local_options` gives the
+      optimizer a 0/1 ``mask`` per table that each call rewrites in place (1 on the minibatch's
+      rows). The rows also need a step size of their own (their curvature is one group's, not all
+      the data's), e.g. SGLD's bias rule ``4 * 0.02 / curvature``::
+
+          guide = AutoUnconstrainedDelta(model)
+          guide(*args)                                   # sets the guide up
+          optim = pyro_sgmcmc.optim.SGLD(lambda name: {"lr": 1e-3, **guide.local_options(name, lr=1e-2)})
+          svi = SVI(model, guide, optim, Trace_ELBO())
+
+    With a Langevin optimizer (SGLD, PSGLD) this is the kernels' blocked random-scan scheme; a
+    momentum or thermostat would go stale in rows between visits, so use SGLD for the tables.
+    A site local to two subsampled plates is refused. :meth:`current_sample` holds whole tables:
+    collect them with ``SampleCollector(keep="moments")`` when ``N`` is large.
     """
 
     def __init__(self, model: Callable, init_loc_fn: Callable = init_to_median, *, create_plates: Callable | None = None):
@@ -79,18 +107,47 @@ class AutoUnconstrainedDelta(AutoGuide):
         finally:
             pyro.util.set_rng_state(rng)
         self._event_dims: dict[str, int] = {}
+        self._local_sites: dict[str, LocalSite] = {}
+        self._local_masks: dict[str, torch.Tensor] = {}
+        self._watched: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warned_rows: set[str] = set()
         self.locs = PyroModule()
         found = False
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             found = True
-            check_latent_site(name, site)
+            frame = check_latent_site(name, site, allow_local=True)
             support = site["fn"].support
             with helpful_support_errors(site):
                 unconstrained = biject_to(support).inv(site["value"].detach()).detach()
             self._event_dims[name] = site["fn"].event_dim + unconstrained.dim() - site["value"].dim()
+            if frame is not None:
+                self._local_sites[name] = LocalSite.of(name, site, frame, biject_to(support).inv)
+                continue
             deep_setattr(self.locs, name, PyroParam(unconstrained, constraints.real, self._event_dims[name]))
         if not found:
             raise ValueError("AutoUnconstrainedDelta: the model has no latent sites to sample")
+        if self._local_sites:
+            rng = pyro.util.get_rng_state()  # as the prototype: a resumed run continues bit for bit
+            try:
+                table = LocalTable.initial(self.model, args, kwargs, list(self._local_sites.values()),
+                                           self.init_loc_fn)
+            finally:
+                pyro.util.set_rng_state(rng)
+            for name, value in table.values.items():
+                deep_setattr(self.locs, name, PyroParam(value, constraints.real, self._event_dims[name]))
+                self._local_masks[name] = torch.zeros_like(value)
+
+    def local_options(self, param_name: str, **options: Any) -> dict[str, Any]:
+        """``options`` and the live ``mask`` of a local site's table if ``param_name`` (as an
+        optimizer's ``optim_args`` callable receives it) is one, else ``{}``: merge it into the
+        table's options (see the class docstring). The mask is rewritten in place at every call
+        of the guide (1 on the rows of the minibatch), so the optimizer must hold this very tensor."""
+        if self.prototype_trace is None:
+            raise RuntimeError("local_options() needs the guide set up: call the guide (or svi.step) once first")
+        for name, mask in self._local_masks.items():
+            if param_name == name or param_name.endswith(f"locs.{name}"):
+                return {**options, "mask": mask}
+        return {}
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Sample every latent site at the guide's point, with the log-Jacobian as density.
@@ -103,11 +160,18 @@ class AutoUnconstrainedDelta(AutoGuide):
         result = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             transform = biject_to(site["fn"].support)
+            local = self._local_sites.get(name)
+            # a table is read outside the plates (inside, Pyro would subsample it itself) and indexed here
+            table = operator.attrgetter(name)(self.locs) if local is not None else None
             with ExitStack() as stack:
+                indices = {}
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                u = operator.attrgetter(name)(self.locs)
+                        indices[frame.name] = stack.enter_context(plates[frame.name])
+                if local is None:
+                    u = operator.attrgetter(name)(self.locs)
+                else:
+                    u = self._minibatch_rows(local, table, indices[local.plate])
                 z = transform(u)
                 log_det = sum_rightmost(
                     transform.log_abs_det_jacobian(u, z), self._event_dims[name] - transform.domain.event_dim
@@ -116,6 +180,39 @@ class AutoUnconstrainedDelta(AutoGuide):
                     name, dist.Delta(z, log_density=-log_det, event_dim=site["fn"].event_dim)
                 )
         return result
+
+    def _minibatch_rows(self, local: LocalSite, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The table's rows at the minibatch ``index``, whose gradient is divided by ``N/m``; the
+        mask of the table set to those rows."""
+        with torch.no_grad():
+            mask = self._local_masks[local.name]
+            self._check_still(local, table)
+            mask.zero_()
+            mask.index_fill_(local.dim, index.to(mask.device), 1.0)
+            # a few rows outside this minibatch, to see at the next call whether the optimizer left them
+            outside = (per_row(mask, local.dim).amax(1) == 0).nonzero().reshape(-1)[:_WATCHED_ROWS]
+            self._watched[local.name] = (outside, table.detach().index_select(local.dim, outside).clone())
+        rows = table.index_select(local.dim, index.to(table.device))
+        if rows.requires_grad:
+            rows.register_hook(lambda grad: grad / local.scale)
+        return rows
+
+    def _check_still(self, local: LocalSite, table: torch.Tensor) -> None:
+        """Warn (once per site) if rows outside the last minibatch moved since the last call: an
+        optimizer without the table's mask (:meth:`local_options`) moves every row with noise, so
+        the rows outside the minibatch random-walk away from their posterior."""
+        watched = self._watched.get(local.name)
+        if watched is None or local.name in self._warned_rows:
+            return
+        rows, values = watched
+        if not torch.equal(table.detach().index_select(local.dim, rows), values):
+            self._warned_rows.add(local.name)
+            warnings.warn(
+                f"AutoUnconstrainedDelta: rows of the local site {local.name!r} outside the last minibatch of the plate "
+                f"{local.plate!r} changed between two calls: an SG-MCMC optimizer without the table's mask moves every "
+                "row, with noise, and samples the rows outside the minibatch from a drifting target; give it "
+                "guide.local_options(name, lr=...) in optim_args (see AutoUnconstrainedDelta)", UserWarning,
+                stacklevel=4)
 
     @torch.no_grad()
     def current_sample(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

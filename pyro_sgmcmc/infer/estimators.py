@@ -136,6 +136,16 @@ class GradientEstimator:
 
     exact = True
     noisy_gradient = False
+    #: Whether :meth:`gradient_on` gives a step's gradient on the minibatch it started from
+    #: (noise-free secants for warmup's preconditioner despite a noisy gradient).
+    fixed_minibatch_secants = False
+    #: Whether warmup's arrival may take the sampler's largest stable step (else its bias rule).
+    arrival_steps = True
+
+    def gradient_on(self, point: Tensor, estimate: Estimate) -> Tensor | None:
+        """The gradient at ``point`` of the potential ``estimate`` was computed on (its minibatch
+        and whatever else it held fixed), or ``None`` if not available."""
+        return None
 
     def prepare(self, point: Tensor) -> Tensor:
         """Called once, with the chain's initial point; returns where the chain starts

@@ -57,6 +57,18 @@ from .potential import (
     initial_values,
     model_sites,
 )
+from .local import (
+    PROBE_EVERY,
+    WARMUP_OBSERVATIONS,
+    LocalBlock,
+    LocalLatents,
+    LocalMoments,
+    LocalRecorder,
+    LocalSteps,
+    LocalTable,
+    check_local_options,
+    merged_moments,
+)
 from .subsample import unconstrained_anchor
 
 __all__ = ["PSGLD", "SGHMC", "SGLD", "SGMCMCKernel", "SGNHT", "KERNELS", "MixingWarning"]
@@ -286,8 +298,31 @@ class SGMCMCKernel(MCMCKernel):
         ``"independent"``: a chain of its own on each rank, on purpose (silences the sampler's
         warning when several ranks run).
     :param process_group: the group (default: the default group); only with ``distributed="replicated"``.
+    :param local_samples: for latent sites local to a subsampled plate (see below): ``"moments"``
+        keeps running means and variances of every row (:meth:`local_moments`, ``O(N)`` memory
+        whatever the number of samples), ``"all"`` also every ``local_thin``-th sample of every
+        row (:meth:`local_samples`).
+    :param local_thin: with ``local_samples="all"``, keep every ``local_thin``-th sample.
+    :param local_step_size: the local sites' step size (default: measured, per site, during
+        warmup; see :class:`~pyro_sgmcmc.infer.local.LocalSteps`).
+    :param local_exact_gaussian: make the local rows' steps exact on a Gaussian of the rows'
+        measured curvature (:class:`~pyro_sgmcmc.infer.local.LocalSteps`): steps up to ``2 /
+        curvature``, so each visit redraws a near-Gaussian row almost independently (many groups,
+        each well identified); off by default for the reason ``exact_gaussian`` is.
     :param sampler_options: further options of the torch sampler (``diffusion_factor``,
         ``localization``, ...), checked when the kernel is made.
+
+    **Latent sites local to a subsampled plate** (one value per group, user, datum: a site
+    sampled inside ``pyro.plate(name, N, subsample_size=m)``) are kept in a table with one row
+    per element of the plate, outside the samples ``MCMC`` returns: each step updates the globals
+    with the ``N/m``-scaled minibatch gradient and the minibatch's rows with SGLD on their own,
+    unscaled, conditional gradient (a random-scan blocked scheme after Ahn et al. 2015; its
+    stationary law and remaining bias: :mod:`pyro_sgmcmc.infer.local`). ``mcmc.get_samples()``
+    holds the globals; :meth:`local_moments` and :meth:`local_samples` the locals. A local site
+    must be local to one subsampled plate (nested plates inside it may be subsampled too) and
+    every term that depends on a row must sit inside that plate. Not with ``control_variates``
+    or ``jit_compile``; with several chains, only sequential ones (``mp_context`` runs keep
+    their tables in their processes).
 
     After warmup nothing adapts: the sampler's own adaptation is frozen
     (:meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables
@@ -297,7 +332,8 @@ class SGMCMCKernel(MCMCKernel):
     When the run ends with evidence that it has not mixed (a chain that did not move, a step size
     that warmup's safety rules halved by orders of magnitude after its last measurement, a small
     effective sample size or a drift over the run, both on ranks, a MALA score that says the step
-    biases the samples) :meth:`diagnostics` warns once, with the cause and the remedy
+    biases the samples, a local rows' step that the rows' curvature probed after warmup says
+    is biased beyond its rule or unstable at the globals the chain visits) :meth:`diagnostics` warns once, with the cause and the remedy
     (:class:`MixingWarning`).
 
     A run is continued, without a new warmup, from :meth:`state_dict` (the adapted
@@ -338,6 +374,10 @@ class SGMCMCKernel(MCMCKernel):
         ignore_jit_warnings: bool = False,
         distributed: str | None = None,
         process_group: Any = None,
+        local_samples: str = "moments",
+        local_thin: int = 1,
+        local_step_size: float | None = None,
+        local_exact_gaussian: bool = False,
         **sampler_options: Any,
     ) -> None:
         if not hasattr(type(self), "sampler_class"):
@@ -391,6 +431,10 @@ class SGMCMCKernel(MCMCKernel):
         self.process_group = process_group
         self._ranks: Ranks | None = None
         self._made_in = os.getpid()  # a chain that spans ranks runs in the process that made its kernel
+        self.local_samples_kept, self.local_thin = check_local_options(local_samples, local_thin)
+        self.local_step_size = check_number("local_step_size", local_step_size, none_ok=True)
+        self.local_exact_gaussian = check_flag("local_exact_gaussian", local_exact_gaussian)
+        self._local_records: list[LocalRecorder] = []
         self.sampler_options = self._check_sampler_options(sampler_options)
         if self.exact_gaussian and "reference_curvature" not in self._sampler_parameters():
             raise ValueError(f"Invalid exact_gaussian: {self.sampler_class.__name__} has no reference_curvature "
@@ -442,6 +486,9 @@ class SGMCMCKernel(MCMCKernel):
         self._minibatches = False
         self._mass = "diagonal"
         self._exact_gaussian = False
+        self._local_table: LocalTable | None = None
+        self._local_steps: LocalSteps | None = None
+        self._local_observed = False
 
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Prepare a new chain: all state is reset (``MCMC`` reuses one kernel for sequential
@@ -455,13 +502,16 @@ class SGMCMCKernel(MCMCKernel):
         self._warmup_steps = check_integer("warmup_steps", warmup_steps)
         if self.distributed == "replicated":
             self._ranks = Ranks.of(self.process_group)
+        local_rows = None
         if self.model is not None:
-            sites = model_sites(self.model, args, kwargs)
+            sites = model_sites(self.model, args, kwargs, allow_local=True)
             transforms = sites.transforms
             if self._given_transforms is not None:
                 transforms = {**transforms, **self._given_transforms}
             self.transforms = transforms
-            potential = ModelPotential(self.model, transforms, args, kwargs)
+            potential = ModelPotential(self.model, transforms, args, kwargs, sites.local_sites)
+            if sites.local_sites:
+                local_rows = self._setup_local_sites(sites.local_sites, args, kwargs)
             self._minibatches = bool(sites.plates)
             draw = lambda: initial_values(self.model, args, kwargs, transforms, self.init_strategy)  # noqa: E731
         else:
@@ -485,7 +535,7 @@ class SGMCMCKernel(MCMCKernel):
         self._layout = FlatLayout(initial)
         evaluator = PotentialEvaluator(potential, self._layout.unflatten, is_model=self.model is not None,
                                        jit_compile=self.jit_compile, jit_options=self.jit_options,
-                                       ignore_jit_warnings=self.ignore_jit_warnings)
+                                       ignore_jit_warnings=self.ignore_jit_warnings, local_rows=local_rows)
         self._estimator = self._make_estimator(evaluator, sites.plates if self.model is not None else [])
         if type(self._estimator) is ExactPotential and self.potential_fn is not None and self._restored is None:
             self._detect_subsampling(initial)  # on this rank's potential, before the ranks' average
@@ -506,6 +556,44 @@ class SGMCMCKernel(MCMCKernel):
         layout = FlatLayout(point)
         flat = self._ranks.broadcast(layout.flatten(point))
         return {name: value.clone() for name, value in layout.unflatten(flat).items()}
+    def _setup_local_sites(self, local_sites: list, args: tuple, kwargs: dict) -> Callable:
+        """The table of the local sites (restored, or drawn by the init strategy), their stepper
+        and this chain's recorder; returns the evaluator's row lookup."""
+        names = ", ".join(repr(site.name) for site in local_sites)
+        if self.distributed == "replicated":
+            raise NotImplementedError(f"Invalid distributed: 'replicated' is not supported with the latent sites {names} "
+                                      "local to a subsampled plate (each rank would hold its own table of rows)")
+        if self.control_variates is not False:
+            raise NotImplementedError(f"Invalid control_variates: not supported with the latent sites {names} local "
+                                      "to a subsampled plate (the anchor would need a full-data mode of every row)")
+        if self.jit_compile:
+            raise NotImplementedError(f"Invalid jit_compile: True is not supported with the latent sites {names} local "
+                                      "to a subsampled plate (their rows would have to be inputs of the traced graph)")
+        saved = (self._restored or {}).get("locals")
+        if saved is not None:
+            table = LocalTable(local_sites, saved["table"])
+        else:
+            table = LocalTable.initial(self.model, args, kwargs, local_sites, self.init_strategy)
+        self._local_table = table
+        self._local_steps = LocalSteps(table, self.temperature, self.local_exact_gaussian)
+        if saved is not None:
+            self._local_steps.step_sizes = dict(saved["step_sizes"])
+            self._local_steps.reference = dict(saved.get("reference", {}))
+        elif self.local_step_size is not None:
+            self._local_steps.step_sizes = {site.name: self.local_step_size for site in local_sites}
+            self._local_steps.given = True
+        self._local_records.append(LocalRecorder(self.local_samples_kept, self.local_thin))
+        return table.gather
+
+    def _measure_local_steps(self, arrival: bool, fresh: bool = False) -> None:
+        """Measure the local sites' step sizes at the chain's globals (unless given; their reference
+        curvatures too, for ``local_exact_gaussian``)."""
+        if self._local_table is None or (self.local_step_size is not None and not self.local_exact_gaussian):
+            return
+        if self._restored is not None and self._warmup_steps == 0:
+            return
+        self._local_steps.measure(self._estimator, self._theta(), self.target_bias, arrival, self.local_step_size,
+                                  fresh=fresh)
 
     def _detect_subsampling(self, point: dict[str, Tensor]) -> None:
         """A ``potential_fn`` that returns two values at one point draws its own minibatches:
@@ -527,6 +615,8 @@ class SGMCMCKernel(MCMCKernel):
     def _make_estimator(self, evaluator: PotentialEvaluator, plates: list) -> GradientEstimator:
         if self.potential_fn is not None:
             return SelfSubsampledPotential(evaluator) if self.stochastic_potential else ExactPotential(evaluator)
+        if self._local_table is not None:
+            return LocalLatents(evaluator, plates, self._local_table)
         if not plates:
             if self.control_variates is not False:
                 raise ValueError("Invalid control_variates: the model has no subsampled plate "
@@ -561,12 +651,25 @@ class SGMCMCKernel(MCMCKernel):
             self._start(params)
         elif self._t < self._warmup_steps:
             update = self._adapter.step(self._t, self._theta(), self._estimate)
+            half = self._warmup_steps // 2
             if update is not None:
                 self._tune(*update)
+                # the rows' rule over the second half of warmup: its first measurement starts afresh
+                later = self._t >= half
+                self._measure_local_steps(arrival=self._t < self._adapter.arrival_end,
+                                          fresh=not (later and self._local_observed))
+                self._local_observed = self._local_observed or later
+            elif self._local_steps is not None and self._t >= max(half, self._adapter.arrival_end) and \
+                    self._t % max(1, self._warmup_steps // WARMUP_OBSERVATIONS) == 0:
+                # the rows' curvature at more of the globals the chain visits
+                self._local_steps.observe(self._estimator, self._theta(), fresh=not self._local_observed)
+                self._local_observed = True
         elif self._t == self._warmup_steps and self._t > 0:  # MCMC never calls end_warmup
             self._tuning = self._adapter.final()
             self._sampler.freeze_adaptation()
             self._sampler.reset_auxiliary()
+            # the rows' rule at the final globals too; then frozen
+            self._measure_local_steps(arrival=False, fresh=not self._local_observed)
         if self._t >= self._warmup_steps and self._monitor is None:
             self._monitor = MixingMonitor(self._z.detach())
         for _ in range(self.num_steps):
@@ -577,6 +680,10 @@ class SGMCMCKernel(MCMCKernel):
                 self._step()
         if self._t >= self._warmup_steps:
             self._monitor.record(self._z.detach(), self._estimate.potential)
+            if self._local_table is not None:
+                self._local_records[-1].record(self._local_table)
+                if (self._local_records[-1].count - 1) % PROBE_EVERY == 0:
+                    self._local_steps.probe(self._estimator, self._theta())
         if self._ranks is not None:
             check_replicas([self._z], self._ranks, what="chain state")
         self._t += 1
@@ -618,6 +725,7 @@ class SGMCMCKernel(MCMCKernel):
             raise ValueError("The potential energy or its gradient is not finite at the chain's start")
         at_mode = isinstance(self._estimator, ControlVariates)
         self._tune(self._adapter.init(start, self._warmup_steps, at_mode=at_mode, estimate=estimate), start, estimate)
+        self._measure_local_steps(arrival=self._adapter.arrival_end > 0, fresh=True)
         if self._warmup_steps == 0:
             self._adapter.final()
 
@@ -667,11 +775,14 @@ class SGMCMCKernel(MCMCKernel):
         if not bool(torch.isfinite(z).all()):
             self._reject(previous, "the sampler's update is not finite")
             return
+        local = self._step_local_rows(previous)
+        if local is False:
+            return
         theta = self._tuning.whitening.to_theta(z)
         landing = self._estimator.estimate(theta)
         if not landing.finite:
             self._reject(previous, f"the potential energy or its gradient is not finite where the step landed "
-                                   f"(potential {float(landing.potential):.4g})")
+                                   f"(potential {float(landing.potential):.4g})", local=local)
             return
         grad_z = self._tuning.whitening.pullback(landing.grad)
         if not sampling and self._adapter.judges_steps:
@@ -681,9 +792,10 @@ class SGMCMCKernel(MCMCKernel):
                 log_ratio = self._sampler.score_last_step(landing.potential)
             if self._adapter.is_jump(float(self._estimate.potential), float(landing.potential), z.numel(),
                                      None if log_ratio is None else float(log_ratio)):
-                self._reject(previous, "warmup jump", jump=True)
+                self._reject(previous, "warmup jump", jump=True, local=local)
                 return
         previous_grad = self._estimate.grad
+        previous_estimate = self._estimate
         self._estimate = landing
         self._grad_z = grad_z
         if sampling:
@@ -692,11 +804,36 @@ class SGMCMCKernel(MCMCKernel):
                 self._stats.mala_total += float(acceptance)
                 self._stats.mala_count += 1
         else:
-            self._adapter.accepted(theta, landing, z - previous, previous_grad)
+            change = None
+            if self._estimator.fixed_minibatch_secants and self._adapter.fits_secants:
+                # the step's secant on the minibatch it started from (one more evaluation per
+                # warmup step): the globals' Hessian along the step without minibatch noise
+                same = self._estimator.gradient_on(theta, previous_estimate)
+                change = None if same is None else same - previous_grad
+            self._adapter.accepted(theta, landing, z - previous, previous_grad, change)
 
-    def _reject(self, previous: Tensor, why: str, jump: bool = False) -> None:
-        """Undo the step (the chain stays at ``previous``, whose estimate is kept); count it; during
-        warmup, let the adapter halve the step size (and, when stuck, go back to its best point)."""
+    def _step_local_rows(self, previous: Tensor) -> tuple[LocalBlock, dict[str, Tensor]] | None | bool:
+        """The SGLD step of the local rows of the cached estimate's minibatch (at the same state as
+        the globals' step): ``(block, rows before)`` to undo it, ``None`` without local sites,
+        ``False`` if it was refused (the whole step is then undone)."""
+        if self._local_table is None:
+            return None
+        block = getattr(self._estimate, "block", None)
+        if block is None:
+            return None
+        try:
+            return block, self._local_steps.step(block)
+        except NonFiniteError as error:
+            self._reject(previous, f"local rows: {error}")
+            return False
+
+    def _reject(self, previous: Tensor, why: str, jump: bool = False,
+                local: tuple[LocalBlock, dict[str, Tensor]] | None = None) -> None:
+        """Undo the step (the chain stays at ``previous``, whose estimate is kept; the local rows
+        it moved go back); count it; during warmup, let the adapter halve the step size (and, when
+        stuck, go back to its best point)."""
+        if local is not None:
+            self._local_steps.undo(*local)
         with torch.no_grad():
             self._z.copy_(previous)
         self._sampler.reset_auxiliary()
@@ -744,6 +881,10 @@ class SGMCMCKernel(MCMCKernel):
             "estimator": self._estimator.state_dict(),
             "sampling_steps": self._sampling_steps,
             "temperature": self.temperature,
+            **({} if self._local_table is None else {"locals": {
+                "table": {name: value.clone() for name, value in self._local_table.values.items()},
+                "step_sizes": dict(self._local_steps.step_sizes),
+                "reference": dict(self._local_steps.reference)}}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -800,6 +941,8 @@ class SGMCMCKernel(MCMCKernel):
         collapse = self._step_collapse()
         if collapse is not None:
             problems.append(collapse)
+        if self._local_steps is not None:
+            problems += self._local_steps.problems(self.target_bias)
         if self._monitor is not None:
             problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,
@@ -826,6 +969,8 @@ class SGMCMCKernel(MCMCKernel):
                 "anchor potential": float(self._estimator.anchor.potential),
                 "full-data evaluations": self._estimator.full_evaluations},
             "mixing problems": problems,
+            **({} if self._local_steps is None else {"local step sizes": dict(self._local_steps.step_sizes),
+                                                     "local reference curvatures": dict(self._local_steps.reference)}),
             **(tuning.sampler_options if tuning is not None else {}),
         }
 
@@ -845,6 +990,34 @@ class SGMCMCKernel(MCMCKernel):
                 f"{math.sqrt(measured / final):.0f} times slower than it should; remedies: more warmup_steps, an "
                 "init_strategy closer to the posterior (e.g. init_to_median), or a model whose potential is finite "
                 "around the posterior")
+
+    # -------------------------------------------------------------------- local latent sites
+
+    def _recorded(self) -> list[LocalRecorder]:
+        records = [record for record in self._local_records if record.count]
+        if not records:
+            raise RuntimeError("No samples of local latent sites were recorded: the model has none, no run has "
+                               "sampled yet, or the chains ran in other processes (use sequential chains)")
+        return records
+
+    def local_moments(self) -> dict[str, LocalMoments]:
+        """``{site: LocalMoments(count, mean, variance)}``: the posterior mean and variance of
+        every row of every local site (constrained values), from all samples after warmup of the
+        chains run so far, pooled."""
+        return merged_moments(self._recorded())
+
+    def local_samples(self) -> dict[str, Tensor]:
+        """``{site: tensor[num_kept, *shape]}`` (constrained values, every row; the chains run
+        so far one after the other): every ``local_thin``-th sample, for ``local_samples="all"``.
+        With :meth:`pyro.infer.MCMC.get_samples` thinned alike (one chain:
+        ``{k: v[::local_thin] for k, v in mcmc.get_samples().items()}``) it forms the dict that
+        :class:`pyro.infer.Predictive` takes."""
+        if self.local_samples_kept != "all":
+            raise RuntimeError("local_samples() needs local_samples='all' (this kernel keeps running moments only: "
+                               "see local_moments())")
+        records = self._recorded()
+        per_chain = [record.samples() for record in records]
+        return {name: torch.cat([samples[name] for samples in per_chain]) for name in per_chain[0]}
 
     def cleanup(self) -> None:
         """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent). What

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
@@ -33,7 +33,7 @@ from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import biject_to
 
-from .sites import check_latent_site, trace_model
+from .sites import LocalSite, check_latent_site, trace_model
 from .subsample import SubsampleControl, SubsampledPlate, subsampled_plates
 
 __all__ = ["FlatLayout", "ModelPotential", "ModelSites", "PotentialEvaluator", "find_initial_point", "model_sites"]
@@ -44,9 +44,10 @@ class _LogJoint(Messenger):
     sample site as the model runs: ``poutine.trace(poutine.condition(model, values)).log_prob_sum()``
     without building the trace (15% of a small model's evaluation, measured)."""
 
-    def __init__(self, values: dict[str, Tensor]):
+    def __init__(self, values: dict[str, Tensor], row_log_det: dict[str, Tensor] | None = None):
         super().__init__()
         self.values = values
+        self.row_log_det = row_log_det or {}
         self.total: Tensor | float = 0.0
 
     def _pyro_sample(self, msg: dict) -> None:
@@ -59,6 +60,9 @@ class _LogJoint(Messenger):
         if site_is_subsample(msg):
             return
         log_p = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        log_det = self.row_log_det.get(msg["name"])
+        if log_det is not None:  # a local site's Jacobian, row by row, scaled as its log density
+            log_p = log_p + log_det
         self.total = self.total + scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
 
 
@@ -83,11 +87,16 @@ class ModelPotential:
     :param transforms: ``{site: transform}`` from constrained to unconstrained space.
     :param model_args: the model's positional arguments.
     :param model_kwargs: the model's keyword arguments.
+    :param local_sites: sites local to a subsampled plate (:class:`~pyro_sgmcmc.infer.sites.LocalSite`):
+        ``params`` holds their minibatch rows, and the log-Jacobian of each row is added to the
+        row's log density, so that the plate scales it as it scales the row (by ``N/m``).
     """
 
-    def __init__(self, model: Callable, transforms: dict[str, Any], model_args: tuple, model_kwargs: dict):
+    def __init__(self, model: Callable, transforms: dict[str, Any], model_args: tuple, model_kwargs: dict,
+                 local_sites: Sequence[LocalSite] = ()):
         self.model = model
         self.transforms = transforms
+        self.local_sites = {site.name: site for site in local_sites}
         self.model_args = model_args
         self.model_kwargs = model_kwargs
         self._validated = False
@@ -110,10 +119,18 @@ class ModelPotential:
                 log_det = log_det + to_constrained.log_abs_det_jacobian(params[name], value).sum()
                 if to_constrained.codomain is not torch.distributions.constraints.real:
                     log_det = log_det + 0.0 * value.detach().sum()  # NaN if the value overflowed
+        row_log_det = {}
+        for name, site in self.local_sites.items():
+            to_constrained = site.transform.inv
+            values[name] = value = to_constrained(params[name])
+            ladj = to_constrained.log_abs_det_jacobian(params[name], value)
+            row_log_det[name] = sum_rightmost(ladj, site.event_dim - to_constrained.codomain.event_dim)
+            if to_constrained.codomain is not torch.distributions.constraints.real:
+                log_det = log_det + 0.0 * value.detach().sum()  # NaN if the value overflowed
         self.evaluated = True
         # Pyro's argument/support checks once (when validation is on), not at every one of thousands of calls
         if self._validated or not is_validation_enabled():
-            log_joint = _LogJoint(values)
+            log_joint = _LogJoint(values, row_log_det)
             model = self.model if control is None else control(self.model)
             with pyro.validation_enabled(False), log_joint:
                 model(*self.model_args, **self.model_kwargs)
@@ -122,6 +139,9 @@ class ModelPotential:
         if control is not None:
             conditioned = control(conditioned)
         trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
+        for name, row in row_log_det.items():
+            node = trace.nodes[name]
+            log_det = log_det + scale_and_mask(row, node["scale"], node["mask"]).sum()
         potential = -(trace.log_prob_sum() + log_det)
         self._validated = True
         return potential
@@ -129,16 +149,18 @@ class ModelPotential:
 
 @dataclass(frozen=True)
 class ModelSites:
-    """What a kernel needs to know of a model's latent sites: their transforms to unconstrained
-    space and the model's subsampled plates."""
+    """What a kernel needs to know of a model's latent sites: the transforms to unconstrained
+    space of its global ones, the model's subsampled plates, and its sites local to one of them."""
 
     transforms: dict[str, Any]
     plates: list[SubsampledPlate]
+    local_sites: list[LocalSite] = field(default_factory=list)
 
 
-def model_sites(model: Callable, model_args: tuple, model_kwargs: dict) -> ModelSites:
+def model_sites(model: Callable, model_args: tuple, model_kwargs: dict, allow_local: bool = False) -> ModelSites:
     """Run the model once (drawing from its prior) for its structure. Refuses, with a clear
-    error, the latent sites SG-MCMC cannot sample (:func:`~pyro_sgmcmc.infer.sites.check_latent_site`)
+    error, the latent sites SG-MCMC cannot sample (:func:`~pyro_sgmcmc.infer.sites.check_latent_site`;
+    with ``allow_local``, sites local to one subsampled plate are returned in ``local_sites``)
     and a model with no latent site. The global RNG is left as it was."""
     rng = pyro.util.get_rng_state()  # the structure run must not move the RNG (a continued chain draws as before)
     try:
@@ -146,15 +168,24 @@ def model_sites(model: Callable, model_args: tuple, model_kwargs: dict) -> Model
             structure = trace_model(model, *model_args, **model_kwargs)
     finally:
         pyro.util.set_rng_state(rng)
-    transforms = {}
+    transforms, local_sites = {}, []
     for name, site in structure.iter_stochastic_nodes():
         if site_is_subsample(site):
             continue
-        check_latent_site(name, site)
-        transforms[name] = biject_to(site["fn"].support).inv
-    if not transforms:
+        frame = check_latent_site(name, site, allow_local)
+        transform = biject_to(site["fn"].support).inv
+        if frame is None:
+            transforms[name] = transform
+        else:
+            local_sites.append(LocalSite.of(name, site, frame, transform))
+    if not transforms and not local_sites:
         raise ValueError("The model has no latent sites to sample (every sample site is observed)")
-    return ModelSites(transforms, subsampled_plates(structure))
+    if not transforms:
+        raise NotImplementedError(
+            f"The model's latent sites ({', '.join(repr(s.name) for s in local_sites)}) are all local to a subsampled "
+            "plate: the kernels need at least one global latent site (one value for all the data) to return as "
+            "samples; without one, the rows are conditionally independent: run without subsampling")
+    return ModelSites(transforms, subsampled_plates(structure), local_sites)
 
 
 def initial_values(model: Callable, model_args: tuple, model_kwargs: dict, transforms: dict[str, Any],
@@ -222,11 +253,19 @@ class PotentialEvaluator:
     :param jit_options: keyword arguments of ``torch.jit.trace`` (default ``{"check_trace": False}``,
         as Pyro's HMC).
     :param ignore_jit_warnings: silence the tracer's warnings while tracing.
+    :param local_rows: for a model with sites local to a subsampled plate, ``indices -> {site: rows}``
+        (:meth:`pyro_sgmcmc.infer.local.LocalTable.gather`): the rows of each local site at the
+        minibatch a call imposes, unless the call gives them (``rows``).
     """
 
     def __init__(self, potential: Callable, unflatten: Callable[[Tensor], dict[str, Tensor]], *, is_model: bool,
                  jit_compile: bool = False, jit_options: dict[str, Any] | None = None,
-                 ignore_jit_warnings: bool = False):
+                 ignore_jit_warnings: bool = False,
+                 local_rows: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None):
+        if local_rows is not None and jit_compile:
+            raise NotImplementedError("Invalid jit_compile: True is not supported with latent sites local to a "
+                                      "subsampled plate (their rows would have to be inputs of the traced graph)")
+        self.local_rows = local_rows
         self.potential = potential
         self.unflatten = unflatten
         self.is_model = is_model
@@ -236,8 +275,15 @@ class PotentialEvaluator:
         self._traced: dict[tuple, Callable] = {}
 
     def __call__(self, points: Sequence[Tensor], control: SubsampleControl | None = None,
-                 jacobian: bool = True) -> list[Tensor]:
-        """``[U(point) for point in points]``, every one under ``control`` (the same minibatch)."""
+                 jacobian: bool = True, rows: dict[str, Tensor] | None = None) -> list[Tensor]:
+        """``[U(point) for point in points]``, every one under ``control`` (the same minibatch);
+        ``rows``: the local sites' rows at that minibatch (default: from ``local_rows``)."""
+        if self.local_rows is not None:
+            if rows is None:
+                if control is None:
+                    raise RuntimeError("a model with local latent sites is evaluated on given minibatch indices only")
+                rows = self.local_rows(control.indices)
+            return [self._python(point, control, jacobian, rows) for point in points]
         # the model's first evaluation runs in Python: it is the one Pyro validates
         if not self.jit_compile or (self.is_model and not self.potential.evaluated):
             return [self._python(point, control, jacobian) for point in points]
@@ -253,8 +299,11 @@ class PotentialEvaluator:
         out = traced(*inputs)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
-    def _python(self, point: Tensor, control: SubsampleControl | None, jacobian: bool) -> Tensor:
+    def _python(self, point: Tensor, control: SubsampleControl | None, jacobian: bool,
+                rows: dict[str, Tensor] | None = None) -> Tensor:
         params = self.unflatten(point)
+        if rows:
+            params = {**params, **rows}
         if not self.is_model:
             value = self.potential(params)
             if not isinstance(value, Tensor):

@@ -733,7 +733,9 @@ class SGMCMCOptimizer(Optimizer):
         or state tensors that do not match the parameters, noise streams of the wrong number or
         size. A state without noise streams (e.g. a plain torch optimizer's layout) loads with a
         warning: the noise then does not continue exactly. Group tensors (masks, thermostats)
-        move to the parameters' device."""
+        move to the parameters' device. A mask tensor the group already holds keeps its identity
+        (the saved values are copied into it), so a caller that rewrites its mask in place (e.g.
+        :meth:`pyro_sgmcmc.infer.AutoUnconstrainedDelta.local_options`) still drives the group."""
         self.check_state_dict(state_dict)
         self._check_state_fits(state_dict)
         state_dict = dict(state_dict)
@@ -743,11 +745,13 @@ class SGMCMCOptimizer(Optimizer):
             warnings.warn("the state has no noise_state: the chain continues, but its noise is not the one the "
                           "saved run would have drawn (save with state_dict() of a pyro_sgmcmc sampler)",
                           UserWarning, stacklevel=2)
+        held = [group.get("mask") for group in self.param_groups]
         super().load_state_dict(state_dict)
         for i, loaded in enumerate(self.param_groups):
             group = ParamGroup({"params": loaded["params"]}, type(self))
             group.update(loaded)
             self._after_load(group)
+            group["mask"] = _keep_mask_tensors(held[i] if i < len(held) else None, group["mask"])
             self.param_groups[i] = group
         if noise_state is not None:
             self._noise.load_state_dict(noise_state)
@@ -875,3 +879,18 @@ def _check_noise_state(noise_state: Any) -> None:
     generator = noise_state.get("generator")
     if generator is not None and not (isinstance(generator, Tensor) and generator.dtype == torch.uint8):
         raise ValueError("Invalid state_dict: noise_state['generator'] is not a generator state (a uint8 tensor)")
+
+
+def _keep_mask_tensors(held: list[Tensor | None] | None, loaded: list[Tensor | None] | None
+                       ) -> list[Tensor | None] | None:
+    """``loaded``'s mask values in the tensors of ``held`` where both have one of the same shape."""
+    if held is None or loaded is None or len(held) != len(loaded):
+        return loaded
+    out = []
+    for old, new in zip(held, loaded):
+        if old is not None and new is not None and old.shape == new.shape:
+            with torch.no_grad():
+                old.copy_(new)
+            new = old
+        out.append(new)
+    return out

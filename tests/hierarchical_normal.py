@@ -1,0 +1,84 @@
+r"""The conjugate hierarchical normal model of :func:`mcmc_models.hierarchical_normal`: its exact
+posterior, and the exact stationary law of the blocked random-scan SGLD chain that the kernels run
+on it (:mod:`pyro_sgmcmc.infer.local`) at given step sizes.
+
+With :math:`x = (\mu, \theta_1, \dots, \theta_N)` the posterior is Gaussian with precision
+:math:`P` (``P[0, 0] = 1/s^2 + N/\tau^2``, ``P[i, i] = 1/\tau^2 + n/\sigma^2``,
+``P[0, i] = -1/\tau^2``) and ``P mean = c`` (``c_i = \sum_j y_{ji}/\sigma^2``).
+
+One step of the chain on the minibatch :math:`S` (drawn independently of the state) is
+:math:`x' = A_S x + b_S + D_S^{1/2}\xi` with :math:`D_S` the diagonal of step sizes
+(:math:`\epsilon` for :math:`\mu`, :math:`\epsilon_l` for :math:`\theta_i, i \in S`, 0 else),
+:math:`A_S = I - \frac12 D_S H_S`, :math:`b_S = \frac12 D_S c`, and :math:`H_S` the rows of
+:math:`P` with :math:`\mu`'s replaced by its ``N/m``-scaled minibatch estimate. Its stationary
+mean solves :math:`m = E[A_S] m + E[b_S]` (the posterior mean: each block's drift is unbiased),
+and its second moment :math:`M = E[A_S M A_S^T + A_S m b_S^T + b_S m^T A_S^T + b_S b_S^T + D_S]`,
+a linear system in :math:`M` solved exactly over all minibatches.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def posterior(y, sigma=1.0, tau=1.0, prior=3.0):
+    """``(precision, c)`` of the exact Gaussian posterior of ``(mu, theta_1..N)`` (float64)."""
+    n, groups = y.shape
+    d = groups + 1
+    precision = torch.zeros(d, d, dtype=torch.float64)
+    precision[0, 0] = 1 / prior**2 + groups / tau**2
+    for i in range(1, d):
+        precision[i, i] = 1 / tau**2 + n / sigma**2
+        precision[0, i] = precision[i, 0] = -1 / tau**2
+    c = torch.zeros(d, dtype=torch.float64)
+    c[1:] = y.double().sum(0) / sigma**2
+    return precision, c
+
+
+def exact_moments(y, **model):
+    """The posterior mean and covariance of ``(mu, theta_1..N)``."""
+    precision, c = posterior(y, **model)
+    cov = torch.linalg.inv(precision)
+    return cov @ c, cov
+
+
+def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noise=1.0, **model):
+    """The stationary mean and covariance of the blocked random-scan SGLD chain (module docstring)
+    with global step ``step`` and local step ``local_step``; ``local_scale`` multiplies the rows'
+    gradient (1 is the right scheme; ``N/m`` the wrong one that keeps the plate's scaling);
+    ``local_noise`` multiplies the variance of the rows' noise (``1 - local_step c / 4`` for steps
+    exact on a Gaussian of curvature ``c``)."""
+    precision, c = posterior(y, **model)
+    groups = y.shape[1]
+    d = groups + 1
+    scale = groups / batch
+    local_scale = 1.0 if local_scale is None else local_scale
+    eye = torch.eye(d, dtype=torch.float64)
+    subsets = list(itertools.combinations(range(1, d), batch))
+    mats, shifts, diagonals = [], [], []
+    for subset in subsets:
+        h = torch.zeros(d, d, dtype=torch.float64)
+        h[0, 0] = precision[0, 0]
+        for i in subset:
+            h[0, i] = scale * precision[0, i]
+            h[i] = local_scale * precision[i]
+        steps = torch.zeros(d, dtype=torch.float64)
+        steps[0] = step
+        steps[list(subset)] = local_step
+        rhs = c.clone()
+        rhs[1:] = rhs[1:] * local_scale
+        mats.append(eye - 0.5 * steps[:, None] * h)
+        shifts.append(0.5 * steps * rhs)
+        noise = steps.clone()
+        noise[list(subset)] = local_step * local_noise
+        diagonals.append(torch.diag(noise))
+    a_mean = torch.stack(mats).mean(0)
+    b_mean = torch.stack(shifts).mean(0)
+    mean = torch.linalg.solve(eye - a_mean, b_mean)
+    kron = torch.stack([torch.kron(a, a) for a in mats]).mean(0)
+    rest = sum(a @ mean[:, None] @ b[None] + b[:, None] @ mean[None] @ a.T + torch.outer(b, b) + dg
+               for a, b, dg in zip(mats, shifts, diagonals)) / len(mats)
+    second = torch.linalg.solve(torch.eye(d * d, dtype=torch.float64) - kron, rest.reshape(-1)).reshape(d, d)
+    return mean, second - torch.outer(mean, mean)
