@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
+import warnings
 from typing import Callable
+
+import torch
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, list[float]]:
@@ -22,3 +26,18 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, reps: int) ->
                 step()
             times[name].append((time.perf_counter() - start) / reps)
     return times
+
+
+def timing_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every timing benchmark takes: ``--quick`` (few rounds, a smoke run) and
+    ``--threads`` (torch's thread count, 2 by default: the machine the figures are for)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Apply the common options: torch's thread count; the peers' warnings silenced."""
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")

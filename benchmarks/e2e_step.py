@@ -27,16 +27,14 @@ The machine's load is printed with the figures: on a shared machine they move wi
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from _rounds import interleaved
+from _rounds import interleaved, prepare, timing_parser
 from pyro_sgmcmc.samplers import SGLD
 
 BATCH, LR = 128, 1e-6
@@ -127,13 +125,10 @@ def time_model(key: str, rounds: int, reps: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--models", default="mlp,conv")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+    prepare(args)
     rounds, reps = (4, 3) if args.quick else (12, 5)
     load_before = os.getloadavg()[0]
     results = {key: time_model(key, rounds, reps) for key in args.models.split(",")}

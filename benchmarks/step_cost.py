@@ -24,14 +24,12 @@ Ratios are printed against the floor and against torch SGD, with the issue's tar
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import warnings
 
 import torch
 
-from _rounds import interleaved
+from _rounds import interleaved, prepare, timing_parser
 from pyro_sgmcmc.functional._noise import _gathers as gathers
 from pyro_sgmcmc.samplers import SGLD
 from pyro_sgmcmc.samplers import PSGLD
@@ -150,13 +148,10 @@ def fmt(seconds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--cases", default="abc")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")
+    prepare(args)
     results, rounds_of = {}, {}
     for key in args.cases:
         label, sizes = CASES[key]
