@@ -111,6 +111,32 @@ def gradient_estimate(objective: ChainObjective, batch, control: ControlVariates
     return _contiguous(own), losses.detach() - at_anchor.detach() - taylor + control.init_loss
 
 
+def virial(objective: ChainObjective, grads: list[Tensor], nbeta: float, localization: float) -> Tensor:
+    r"""The virial :math:`(w - w^*)\cdot\nabla\hat U(w)` of each chain (``[C]``, float64), with
+    :math:`\nabla\hat U = n\beta\hat g + \gamma(w - w^*)` the gradient the chain follows.
+
+    By equipartition (integration by parts against :math:`\pi \propto e^{-U}`:
+    :math:`E_\pi[(w - w^*)\cdot\nabla U] = E_\pi[\nabla\cdot(w - w^*)]`), at equilibrium the virial's
+    mean is :math:`d`, the number of sampled coordinates, for *any* potential; the gradient's minibatch noise, drawn after :math:`w`, adds nothing to the mean.
+    Each direction contributes 1, stiff or flat, and a direction whose variance has not grown from
+    its start at :math:`w^*` contributes less: a deficit counts the directions that have not
+    relaxed, which the loss trace alone does not show when they are slow and carry little of its
+    variance (see :func:`expected_virial` for SGLD's own offset)."""
+    offsets = [p.detach() - a.detach() for p, a in zip(objective.params, objective.anchor_stack)]
+    forces = [nbeta * g + localization * o for g, o in zip(grads, offsets)]
+    return _chain_dot(offsets, forces, objective.num_chains).to(torch.float64)
+
+
+def expected_virial(lr: float, scales: Scales, num_sampled: int, localization: float) -> float:
+    r"""The virial's mean at SGLD's own equilibrium with step :math:`\epsilon`: along a direction of
+    precision :math:`a` with gradient noise :math:`B` the stationary variance is
+    :math:`(1 + \epsilon B/4)/(a(1 - \epsilon a/4))`, so each direction gives
+    :math:`1 + \epsilon(a + B)/4` to first order, and all of them
+
+    .. math:: d + \frac{\epsilon}{4}\big(n\beta\,\mathrm{tr}\,\nabla^2 L + \gamma d + \textstyle\sum_j B_j\big)."""
+    return num_sampled + lr / 4 * (scales.hessian_trace + localization * num_sampled + scales.noise_trace)
+
+
 def _grads(total: Tensor, inputs: list[Tensor], **options) -> list[Tensor]:
     grads = torch.autograd.grad(total, inputs, allow_unused=True, **options)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]

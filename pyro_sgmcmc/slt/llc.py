@@ -17,7 +17,7 @@ from ..functional import NonFiniteError
 from ..samplers import SGLD
 from ._data import REDUCTIONS, Minibatches
 from ._objective import ChainObjective, ModuleObjective
-from ._scales import ControlVariates, Scales, choose_step, gradient_estimate, measure, step_bias
+from ._scales import ControlVariates, Scales, choose_step, expected_virial, gradient_estimate, measure, step_bias, virial
 from ._stats import chain_mean
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
@@ -25,6 +25,9 @@ __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "esti
 #: Split R-hat above this says the chains did not equilibrate (Vehtari et al. 2021 ask for 1.01 on
 #: final results; minibatch loss traces are noisy enough that 1.01 fires on healthy runs).
 R_HAT_LIMIT = 1.05
+#: Standard errors by which the virial must fall short of its equilibrium value before the chains
+#: are said to be still relaxing.
+UNRELAXED_LIMIT = 4.0
 #: Adaptation rounds at most (each a pilot run, then a measurement).
 _MAX_ROUNDS = 6
 #: A pilot whose step is too large is retried from w* with a step this many times smaller.
@@ -44,6 +47,12 @@ class LLCDiagnostics:
 
     :param ess: effective sample size of the loss draws, all chains together.
     :param r_hat: split :math:`\\hat R` of the loss draws (above 1.05: not equilibrated).
+    :param unrelaxed: about how many sampled directions had not relaxed from :math:`w^*` during
+        the draws: the mean virial :math:`(w - w^*)\\cdot\\nabla U` short of its equilibrium value
+        :math:`d` (plus SGLD's offset; see :func:`~pyro_sgmcmc.slt._scales.virial`). Near 0 at
+        equilibrium; flat directions, held only by the localization, relax over
+        :math:`3/(\\epsilon\\gamma)` steps, and the loss trace alone hardly shows them.
+    :param unrelaxed_std_error: its Monte Carlo standard error.
     :param step_bias: the relative bias of :math:`\\hat\\lambda` that the step size causes, estimated
         from the curvature and gradient noise measured at the chains' final points and
         :math:`\\hat\\lambda` (the bound that chose the step).
@@ -61,6 +70,8 @@ class LLCDiagnostics:
 
     ess: float
     r_hat: float
+    unrelaxed: float
+    unrelaxed_std_error: float
     step_bias: float
     target_bias: float | None
     scales: Scales
@@ -83,6 +94,9 @@ class LLCResult:
     :param loss_trace: the estimate of :math:`L_n` at every step of every chain (``[chains, steps]``),
         the excluded steps first (after a restart, see ``diagnostics.restarts``, the steps of the last
         start only).
+    :param virial_trace: :math:`(w - w^*)\\cdot\\nabla\\hat U` at the same steps (``[chains, steps]``),
+        whose mean over the draws is about the number of sampled coordinates at equilibrium (see
+        ``diagnostics.unrelaxed``).
     :param num_excluded: how many leading steps of ``loss_trace`` are adaptation and burn-in.
     :param init_loss: :math:`L_n(w^*)`, exact.
     :param n: the data set's size.
@@ -96,6 +110,7 @@ class LLCResult:
     std_error: float
     per_chain: Tensor
     loss_trace: Tensor
+    virial_trace: Tensor
     num_excluded: int
     init_loss: float
     n: int
@@ -315,14 +330,26 @@ def estimate_llc(
     scales = measure(objective, nbeta, localization, control)
     bias = step_bias(lr, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
+    virial_trace = driver.virial_trace()
+    virials = chain_mean(virial_trace[:, excluded:])
+    unrelaxed = expected_virial(lr, scales, objective.num_sampled, localization) - virials.mean
+    if unrelaxed > UNRELAXED_LIMIT * virials.std_error and unrelaxed / 2 > std_error:
+        relax = (f" (directions held only by the localization relax over 3/(step·γ) = "
+                 f"{math.ceil(3 / (lr * localization))} steps)" if localization > 0 else "")
+        messages.insert(0, f"about {unrelaxed:.3g} ± {virials.std_error:.2g} of the {objective.num_sampled} sampled "
+                           "directions had not relaxed from w* (the virial (w - w*)·∇U averages d at equilibrium; it "
+                           "fell short by that much): the draws are not yet from the localized posterior and the "
+                           "estimate may still move, by up to about half that if those directions count as quadratic "
+                           f"ones do; give more num_burnin{relax}, or more localization")
     for message in messages:
         warnings.warn(message, LLCWarning, stacklevel=2)
     diagnostics = LLCDiagnostics(
-        ess=summary.ess, r_hat=summary.r_hat, step_bias=bias, target_bias=None if step_size is not None else target_bias,
+        ess=summary.ess, r_hat=summary.r_hat, unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
+        step_bias=bias, target_bias=None if step_size is not None else target_bias,
         scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts, vectorized=objective.vectorized,
         control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
     return LLCResult(
-        llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace,
+        llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace, virial_trace=virial_trace,
         num_excluded=excluded, init_loss=init_loss, n=n, nbeta=nbeta, localization=localization, step_size=lr,
         diagnostics=diagnostics)
 
@@ -383,6 +410,8 @@ class _Chains:
         group = {"params": objective.params, "mask": None if all(m is None for m in masks) else masks}
         self.sampler = SGLD([group], lr=0.0, nbeta=nbeta, localization=localization)
         self._records: list[Tensor] = []
+        self._virials: list[Tensor] = []  # the virial at each recorded step (see _scales.virial)
+        self._virial: Tensor | None = None
         self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
         self.llc_guess: float | None = None
         self.start_scales = measure(objective, nbeta, localization, control)
@@ -406,8 +435,17 @@ class _Chains:
     def trace(self) -> Tensor:
         return torch.stack(self._records, 1)
 
+    def virial_trace(self) -> Tensor:
+        return torch.stack(self._virials, 1)
+
+    def _forget(self, start: int) -> None:
+        """Drop the records from step ``start`` on."""
+        del self._records[start:]
+        del self._virials[start:]
+
     def _step(self) -> Tensor:
         grads, values = gradient_estimate(self.objective, self.objective.draw(), self.control)
+        self._virial = virial(self.objective, grads, self.nbeta, self.localization)
         for p, g in zip(self.objective.params, grads):
             p.grad = g
         self.sampler.step()
@@ -432,6 +470,7 @@ class _Chains:
             if self._diverged(values):
                 return f"step {k}: the loss left every plausible range"
             self._records.append(values)
+            self._virials.append(self._virial)
             if self._bar is not None:
                 self._bar.update(1)
                 if k % 50 == 49:
@@ -464,7 +503,7 @@ class _Chains:
                 raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {lr:.3g}; give a "
                                    "smaller step_size (or target_bias), or more localization")
             restarts += 1
-            del self._records[start:]
+            self._forget(start)
             with torch.no_grad():
                 for p, kept in zip(self.objective.params, self.snapshots[0]):
                     p.copy_(kept)
@@ -495,7 +534,7 @@ class _Chains:
                 self._bar.total += pilot
             before = len(self._records)
             if self.run(pilot, phase="pilot") is not None:
-                del self._records[before:]
+                self._forget(before)
                 retries += 1
                 if retries > 40:
                     raise RuntimeError("Could not find a stable step size for the LLC chains from w*; give step_size")
