@@ -339,8 +339,8 @@ def estimate_llc(
         messages.insert(0, f"about {unrelaxed:.3g} ± {virials.std_error:.2g} of the {objective.num_sampled} sampled "
                            "directions had not relaxed from w* (the virial (w - w*)·∇U averages d at equilibrium; it "
                            "fell short by that much): the draws are not yet from the localized posterior and the "
-                           "estimate may still move, by up to about half that if those directions count as quadratic "
-                           f"ones do; give more num_burnin{relax}, or more localization")
+                           "estimate may still move (on a quadratic loss by at most half that, each direction adding "
+                           f"up to 1/2 as it relaxes); give more num_burnin{relax}, or more localization")
     for message in messages:
         warnings.warn(message, LLCWarning, stacklevel=2)
     diagnostics = LLCDiagnostics(
