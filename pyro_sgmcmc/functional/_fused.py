@@ -1,0 +1,199 @@
+r"""Where the fused SGLD step runs, and the plans it runs with (the kernel: :mod:`._triton`).
+
+The eager step (:mod:`._noise`, :mod:`._step`) draws each chunk's noise into a buffer with
+``normal_`` and adds it with foreach ops. On a GPU the noise can instead be generated inside the
+update kernel by a counter-based generator, so a step reads each parameter and gradient once and
+writes each parameter once, with no noise in memory at all.
+
+**Bytes per parameter** (float32, plain SGLD): the step first checks the gradients (one
+multi-tensor norm, reading each gradient: 4 bytes), then the kernel reads the parameter and the
+gradient and writes the parameter (12): **16 bytes**, against 12 for torch's foreach SGD. The
+check is what lets a step that would write a NaN or Inf be refused with nothing changed
+(:mod:`._step`): a kernel that wrote as it checked could not take back the entries written before
+it met the bad one. At the memory-bandwidth limit the fused step therefore costs about 16/12 =
+1.33 SGD steps. Weight decay or localization read the parameter in the check too (+4 each for
+the parameter and the anchor), an anchor in the update +4, a mask +4. The functional
+:func:`~pyro_sgmcmc.functional.sgld` with ``check_finite=False`` skips the check: 12 bytes, as
+SGD, and a NaN gradient is then written into the parameters.
+
+The per-step seed is drawn from the generator the eager step draws from: the device's root
+generator (torch's default one, or the sampler's ``generator``), so ``torch.manual_seed`` /
+``pyro.set_rng_seed`` reproduce a run and a saved generator state resumes it exactly; a refused
+step gives the draw back with the rest (:mod:`._step`).
+
+**Where it runs**: CUDA tensors, with Triton installed (it comes with the CUDA builds of torch);
+float16, bfloat16, float32 and float64; dense, contiguous, plain tensors (not a DTensor or other
+subclass). Anywhere else :func:`fused_problem` says why not. Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is first imported) runs the same kernel with NumPy on
+CPU tensors: far too slow to sample with, it is how the kernel is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import buckets, take
+from ._noise import Layout, NoisePlanCache
+
+#: parameter dtypes the kernel takes
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``), on any device."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_problem(tensors: Sequence[Tensor]) -> str | None:
+    """Why the fused step cannot update ``tensors`` (``None``: it can); see the module docstring."""
+    if not triton_installed():
+        return "Triton is not installed (pip install triton; it comes with the CUDA builds of torch)"
+    for i, t in enumerate(tensors):
+        if type(t) not in (Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+            return f"parameter {i} is a {type(t).__name__} of layout {t.layout}, the fused step takes plain dense ones"
+        if t.device.type != "cuda" and not interpreting():
+            return f"parameter {i} is on {t.device}, the fused step runs on CUDA devices"
+        if t.dtype not in FUSED_DTYPES:
+            return f"parameter {i} is {t.dtype}, the fused step takes float16, bfloat16, float32 and float64"
+        if not t.is_contiguous():
+            return f"parameter {i} is not contiguous"
+    return None
+
+
+class FusedChunk:
+    """The one "chunk" of a fused plan: all of its tensors, whole (what :mod:`._step` asks of a
+    chunk when it names a non-finite tensor). ``inputs`` are the tensors read besides the
+    gradients (the parameters), for a task's ``candidate``."""
+
+    __slots__ = ("owners", "inputs")
+
+    whole = True
+
+    def __init__(self, count: int):
+        self.owners = list(range(count))
+        self.inputs: Sequence[Tensor] = ()
+
+    def pieces(self, tensors: Sequence[Tensor], readonly: bool = False) -> Sequence[Tensor]:
+        return tensors
+
+
+class FusedPlan:
+    """A (device, dtype) bucket of a fused step: one chunk, no noise buffers, and the kernel's
+    tables (see :mod:`._triton`): which tensor and first entry each program takes, the tensors'
+    sizes, and where each tensor's noise counters start. Made once per list of tensors."""
+
+    threaded = False
+    buffers = (None,)
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        from ._triton import BLOCK
+
+        first = tensors[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.on_cpu = self.device.type == "cpu"
+        self.chunks = [FusedChunk(len(tensors))]
+        blocks, counters, counter = [], [], 0
+        for index, t in enumerate(tensors):
+            n = t.numel()
+            blocks.extend((index, start) for start in range(0, n, BLOCK))
+            counters.append(counter)
+            counter += (n + 3) // 4  # four normals per Philox counter; each tensor starts a fresh one
+        self.num_blocks = len(blocks)
+        self.blocks = torch.tensor(blocks, dtype=torch.int64, device=self.device).view(-1)
+        self.numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=self.device)
+        self.counters = torch.tensor(counters, dtype=torch.int64, device=self.device)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._pointers: tuple[int, ...] | None = None
+        self._table: Tensor | None = None
+        self._values: tuple[float, ...] | None = None
+        self._scalars: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def table(self, *lists: Sequence[Tensor] | None) -> Tensor:
+        """The pointer table of these lists of tensors (``None``: a row of zeros), uploaded
+        only when an address changed since the last step."""
+        count = len(self.chunks[0].owners)
+        pointers = tuple(p for tensors in lists
+                         for p in ((0,) * count if tensors is None else (t.data_ptr() for t in tensors)))
+        if pointers != self._pointers:
+            self._pointers = pointers
+            self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
+        return self._table
+
+    def scalars(self, values: tuple[float, ...]) -> Tensor:
+        """The step's scalars as a float64 tensor on the device (exact for float64 parameters,
+        where a Python float argument of a Triton kernel would be rounded to float32), uploaded
+        only when one changed."""
+        if values != self._values:
+            self._values = values
+            self._scalars = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self._scalars
+
+
+def fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: NoisePlanCache | None) -> Layout:
+    """The (device, dtype) buckets of ``params`` with their :class:`FusedPlan`; refused with a
+    ``ValueError`` where the fused step cannot run (:func:`fused_problem`), or for a
+    differentiable step (the kernel has no derivative)."""
+    if torch.is_grad_enabled():
+        raise ValueError("Invalid fused: True for a differentiable step (the fused kernel has no derivative; "
+                         "use fused=None)")
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
+    if plans is None:
+        plans = NoisePlanCache()
+    return plans.layout(params, _make_fused_layout, params, kind="fused")
+
+
+def _make_fused_layout(params: Sequence[Tensor]) -> Layout:
+    problem = fused_problem(params)
+    if problem is not None:
+        raise ValueError(f"Invalid fused: True ({problem}; use fused=None)")
+    return Layout([(indices, FusedPlan(take(indices, params))) for indices in buckets(params)], False)
+
+
+def launch(plan: FusedPlan, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
+           masks: Sequence[Tensor] | None, values: tuple[float, ...], generator: torch.Generator | None,
+           localize: bool, boxed: bool) -> None:
+    """One fused update of a bucket (see :mod:`._triton`; ``values`` in the order of its
+    ``STEP_SIZE ... BOX``): draw the step's seed from ``generator`` if there is noise, then
+    launch the kernel."""
+    from ._triton import BLOCK, NUM_WARPS, sgld_kernel
+
+    if not plan.num_blocks:
+        return
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    if masks is not None:
+        masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
+    noise = values[1] != 0.0
+    if noise:
+        torch.randint(0, 2**62, (1,), generator=generator, out=plan.seed)
+    table = plan.table(params, grads, anchors if (localize or boxed) else None, masks)
+    sgld_kernel[(plan.num_blocks,)](
+        table, plan.blocks, plan.numels, plan.counters, plan.seed, plan.scalars(values), len(params),
+        DTYPE=_tl_dtype(plan.dtype), COMPUTE=_tl_dtype(torch.float64 if plan.dtype is torch.float64 else torch.float32),
+        SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=noise, MASK=masks is not None,
+        BOXED=boxed, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    """Triton's name of a torch floating dtype."""
+    import triton.language as tl
+
+    return getattr(tl, str(dtype).removeprefix("torch."))

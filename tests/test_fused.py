@@ -1,0 +1,77 @@
+"""The ``fused`` switch of SGLD on a machine without a GPU: validated at construction, refused
+clearly where the fused step cannot run, the default path untouched; and the kernel's own tests
+(``tests/test_fused_kernel.py``) run on the CPU in Triton's interpreter where Triton is installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyro_sgmcmc.functional._fused as fused_module
+from pyro_sgmcmc.functional import sgld
+from pyro_sgmcmc.samplers import SGLD
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def param(*shape):
+    return torch.nn.Parameter(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0, torch.tensor(True)])
+def test_fused_is_checked(value):
+    with pytest.raises(ValueError, match=r"Invalid fused: .* \(must be one of None, True, False\)"):
+        SGLD([param(3)], lr=0.1, fused=value)
+
+
+@pytest.mark.parametrize("option", [dict(foreach=True), dict(diagnostics=True), dict(diagnostics="mala"),
+                                    dict(noise_ahead=True)])
+def test_fused_refuses_what_it_does_not_do(option):
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=rf"Invalid fused: True with {name}={value!r} .*use fused=None"):
+        SGLD([param(3)], lr=0.1, fused=True, **option)
+
+
+def test_fused_refuses_cpu_parameters_naming_the_group_and_the_device(monkeypatch):
+    monkeypatch.setattr(fused_module, "triton_installed", lambda: True)
+    monkeypatch.setattr(fused_module, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[0\], parameter 0 is on cpu, the "
+                                         r"fused step runs on CUDA devices; use fused=None\)"):
+        SGLD([param(3), param(2)], lr=0.1, fused=True)
+    monkeypatch.setattr(fused_module, "triton_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[0\], Triton is not installed"):
+        SGLD([param(3)], lr=0.1, fused=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"Invalid fused: True \(Triton is not installed"):
+        sgld([param(3)], [torch.zeros(3)], lr=0.1, fused=True)
+    with pytest.raises(ValueError, match=r"Invalid fused: True for a differentiable step"):
+        sgld([param(3)], [torch.zeros(3)], lr=0.1, fused=True)
+
+
+def test_fused_false_is_the_default_step_bit_for_bit():
+    chains = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        ps = [param(5, 4), param(3)]
+        sampler = SGLD(ps, lr=0.05, weight_decay=0.1, fused=fused)
+        for _ in range(3):
+            for p in ps:
+                p.grad = p.detach() * 2
+            sampler.step()
+        chains.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*chains))
+
+
+@pytest.mark.skipif(not fused_module.triton_installed(), reason="Triton is not installed")
+def test_the_kernel_tests_pass_in_tritons_interpreter():
+    """Triton's interpreter runs the kernel with NumPy on CPU tensors; it must be chosen before
+    Triton is imported, hence a process of its own."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             os.path.join(ROOT, "tests", "test_fused_kernel.py")],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-500:]

@@ -1,0 +1,210 @@
+"""The fused SGLD step (``SGLD(fused=True)``): its noise's law, independence, reproducibility and
+resume, its drift against the eager step, and its refusal of non-finite steps.
+
+Runs on a CUDA device where there is one (with Triton), else on the CPU in Triton's interpreter
+when ``TRITON_INTERPRET=1`` was set before Triton was imported (``tests/test_fused.py`` runs this
+file that way where Triton is installed); skipped otherwise. On a GPU:
+``python benchmarks/gpu_step.py`` runs it and then times the step.
+
+Statistical checks are at 4 standard errors, on 2^16 + 4099 draws per step: a 10% error in the
+variance is 4.5 of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from pyro_sgmcmc.functional import NonFiniteError
+from pyro_sgmcmc.functional._fused import interpreting, triton_installed
+from pyro_sgmcmc.samplers import SGLD
+
+if triton_installed() and torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
+elif triton_installed() and interpreting():
+    DEVICE = torch.device("cpu")
+else:
+    pytestmark = pytest.mark.skip(reason="needs Triton and a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1)")
+    DEVICE = torch.device("cpu")
+
+SHAPES = [(1 << 16,), (37, 113)]  # a tensor of whole blocks, and one that ends inside a block and a counter
+
+
+def params(dtype=torch.float32, fill=None):
+    if fill is None:
+        return [torch.nn.Parameter(torch.zeros(s, device=DEVICE, dtype=dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(fill(s).to(device=DEVICE, dtype=dtype)) for s in SHAPES]
+
+
+def increments(ps, sampler, steps, grads=None):
+    """Each step's change of every parameter, flattened and joined: ``[steps, numel]``."""
+    out = []
+    for k in range(steps):
+        before = torch.cat([p.detach().reshape(-1).double() for p in ps])
+        for i, p in enumerate(ps):
+            p.grad = torch.zeros_like(p) if grads is None else grads[k][i].clone()
+        sampler.step()
+        out.append(torch.cat([p.detach().reshape(-1).double() for p in ps]) - before)
+    return torch.stack(out).cpu()
+
+
+def se_bound(n):
+    return 4 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("lr, noise_level", [(0.25, 1.0), (1e-3, 0.5)])
+def test_noise_has_mean_zero_and_variance_noise_level_squared_times_lr(lr, noise_level):
+    torch.manual_seed(0)
+    ps = params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_level != 1
+        sampler = SGLD(ps, lr=lr, noise_level=noise_level, fused=True)
+    z = increments(ps, sampler, 1)[0] / (noise_level * math.sqrt(lr))
+    n = z.numel()
+    assert abs(float(z.mean())) < se_bound(n)
+    assert abs(float(z.var()) - 1) < 4 * math.sqrt(2 / n)
+    assert abs(float((z**4).mean()) - 3) < 4 * math.sqrt(96 / n)  # Gaussian tails, not just two moments
+    tail = float((z.abs() > 2).double().mean())
+    p = math.erfc(2 / math.sqrt(2))
+    assert abs(tail - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_noise_is_independent_across_steps_entries_and_tensors():
+    torch.manual_seed(1)
+    ps = params()
+    sampler = SGLD(ps, lr=1.0, fused=True)
+    z1, z2 = increments(ps, sampler, 2)
+    n = z1.numel()
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    assert abs(corr(z1, z2)) < se_bound(n)  # the same counters, the next step's seed
+    assert abs(corr(z1**2, z2**2)) < se_bound(n)
+    for lag in (1, 2, 3, 4, 1024):  # neighbours share a Philox call (lags 1-3) or a block
+        assert abs(corr(z1[:-lag], z1[lag:])) < se_bound(n - lag), lag
+        assert abs(corr(z1[:-lag] ** 2, z1[lag:] ** 2)) < se_bound(n - lag), lag
+    first, second = z1[: 1 << 16], z1[1 << 16 :]
+    m = second.numel()
+    assert abs(corr(first[:m], second)) < se_bound(m)  # two tensors of one step
+
+
+def test_noise_is_reproducible_from_the_seed():
+    def run(seed):
+        torch.manual_seed(seed)  # seeds the CUDA generators too
+        ps = params()
+        return increments(ps, SGLD(ps, lr=0.5, fused=True), 3)
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_state_dict_resumes_the_fused_chain_exactly():
+    def make(ps):
+        return SGLD(ps, lr=0.1, weight_decay=0.5, generator=torch.Generator(DEVICE).manual_seed(5), fused=True)
+
+    torch.manual_seed(6)
+    grads = [[torch.randn(s, device=DEVICE) for s in SHAPES] for _ in range(4)]
+    ps = params()
+    sampler = make(ps)
+    increments(ps, sampler, 2, grads[:2])
+    saved_params = [p.detach().clone() for p in ps]
+    saved = copy.deepcopy(sampler.state_dict())
+    expected = increments(ps, sampler, 2, grads[2:])
+
+    resumed = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    other = make(resumed)
+    other.load_state_dict(saved)
+    assert torch.equal(increments(resumed, other, 2, grads[2:]), expected)
+
+
+OPTIONS = {
+    "plain": {},
+    "temperature and weight decay": dict(temperature=2.0, weight_decay=0.3),
+    "nbeta": dict(nbeta=7.0),
+    "localization and box": dict(localization=0.5, bounding_box_size=0.05),
+    "box alone": dict(bounding_box_size=0.02),
+    "mask": dict(mask=[torch.tensor([1.0, 0.0]).repeat(s[0] // 2) if len(s) == 1 else (torch.rand(s) < 0.5)
+                       for s in SHAPES]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_without_noise_the_fused_step_is_the_eager_step(name, dtype):
+    """The drift, the weight decay, the pull to the anchor, the mask and the box: the eager
+    step's arithmetic, in the same order (a rounding apart: a fused multiply-add)."""
+    torch.manual_seed(7)
+    fused = params(dtype, torch.randn)
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in fused]
+    grads = [[torch.randn(s, device=DEVICE, dtype=dtype) for s in SHAPES] for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_level=0
+        a = SGLD(fused, lr=0.1, noise_level=0.0, fused=True, **OPTIONS[name])
+        b = SGLD(eager, lr=0.1, noise_level=0.0, **OPTIONS[name])
+    da, db = increments(fused, a, 3, grads), increments(eager, b, 3, grads)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(da, db, rtol=0, atol=8 * eps)
+    assert da.abs().max() > 0
+
+
+def test_groups_and_dtypes_each_get_their_own_noise():
+    torch.manual_seed(8)
+    first = torch.nn.Parameter(torch.zeros(1 << 15, device=DEVICE))
+    second = torch.nn.Parameter(torch.zeros(1 << 15, device=DEVICE, dtype=torch.float64))
+    third = torch.nn.Parameter(torch.zeros(1 << 15, device=DEVICE, dtype=torch.bfloat16))
+    sampler = SGLD([{"params": [first, second]}, {"params": [third], "lr": 0.25}], lr=1.0, fused=True)
+    z = increments([first, second, third], sampler, 1)[0]
+    a, b, c = z[: 1 << 15], z[1 << 15 : 2 << 15], z[2 << 15 :] / 0.5
+    n = a.numel()
+    for x in (a, b):
+        assert abs(float(x.var()) - 1) < 4 * math.sqrt(2 / n)
+    assert abs(float(c.var()) - 1) < 0.05  # bfloat16 rounds each value to 8 bits
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < se_bound(n)
+
+
+def test_a_non_finite_gradient_refuses_the_step_and_changes_nothing():
+    torch.manual_seed(9)
+    ps = params(fill=torch.randn)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    generator, twin_generator = (torch.Generator(DEVICE).manual_seed(10) for _ in range(2))
+    sampler = SGLD(ps, lr=0.1, generator=generator, fused=True)
+    reference = SGLD(twin, lr=0.1, generator=twin_generator, fused=True)
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    ps[1].grad[3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"param_groups\[0\]\['params'\]\[1\].*holds NaN or Inf"):
+        sampler.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    # the refused step drew nothing: the next step is the twin's first
+    assert torch.equal(increments(ps, sampler, 1), increments(twin, reference, 1))
+
+
+def test_an_update_that_would_overflow_is_refused_and_changes_nothing():
+    torch.manual_seed(11)
+    ps = params(fill=torch.randn)
+    before = [p.detach().clone() for p in ps]
+    generator = torch.Generator(DEVICE).manual_seed(12)
+    state = generator.get_state()
+    sampler = SGLD(ps, lr=1e38, generator=generator, fused=True)
+    for p in ps:
+        p.grad = torch.full_like(p, 1e3)
+    with pytest.raises(NonFiniteError, match="would not be finite"):
+        sampler.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_groups_added_later_are_checked():
+    sampler = SGLD(params(), lr=0.1, fused=True)
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[1\], parameter 0 is not contiguous"):
+        sampler.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 3, device=DEVICE).t())]})
+    with pytest.raises(ValueError, match=r"Invalid fused: True for a differentiable step"):
+        p = sampler.param_groups[0]["params"][0]
+        sampler.step_tensors({p: p.detach().clone()}, {p: torch.zeros_like(p)})
