@@ -252,3 +252,58 @@ def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
     assert (single[-1] - single[0]).abs().max() > 1e-3
     for rank_result in kernels:
         assert "replicas of the chain differ" in rank_result["svi_apart"]
+
+
+FSDP2_REFUSED = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from pyro_sgmcmc.samplers import SAMPLERS
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+try:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    for name, sampler in SAMPLERS.items():
+        try:
+            sampler(model.parameters(), lr=1e-3)
+        except ValueError as error:
+            print(name, error)
+        else:
+            print(name, "accepted")
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_parameters_are_refused_at_construction():
+    """FSDP2's ``fully_shard`` (DTensor parameters) on a 1-rank gloo group, in a process of its
+    own (the group must not outlive the test)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FSDP2_REFUSED], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from pyro_sgmcmc.samplers import SAMPLERS
+
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(SAMPLERS), result.stdout
+    for line in lines:
+        assert "Invalid params: parameter 0 of param_groups[0] is a DTensor (FSDP2's fully_shard" in line, line
+        assert "FSDP is not supported" in line and "distributed='replicated'" in line, line
+
+
+@pytest.mark.parametrize("marked", ["flattened", "FlatParameter"])
+def test_fsdp1_parameters_are_refused_by_fsdps_own_marks(marked):
+    """FSDP1 needs an accelerator, so its marks are set by hand here: the ``FlatParameter`` it
+    hands the optimizer, or ``_fsdp_flattened`` on the original parameters it views
+    (``use_orig_params=True``)."""
+    from pyro_sgmcmc.samplers import SGLD
+
+    if marked == "flattened":
+        p = torch.nn.Parameter(torch.zeros(3))
+        p._fsdp_flattened = True
+    else:
+        FlatParameter = type("FlatParameter", (torch.nn.Parameter,), {})
+        p = FlatParameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"parameter 1 of param_groups\[0\] is a parameter flattened by FSDP"):
+        SGLD([torch.nn.Parameter(torch.zeros(2)), p], lr=1e-3)

@@ -138,7 +138,8 @@ OPTIONS = {
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_without_noise_the_fused_step_is_the_eager_step(name, dtype):
     """The drift, the weight decay, the pull to the anchor, the mask and the box: the eager
-    step's arithmetic, in the same order (a rounding apart: a fused multiply-add)."""
+    step's arithmetic, in the same order, a few roundings apart (a fused multiply-add here or
+    there); a term missing or mis-scaled would be off by ~1e-2."""
     torch.manual_seed(7)
     fused = params(dtype, torch.randn)
     eager = [torch.nn.Parameter(p.detach().clone()) for p in fused]
@@ -149,7 +150,7 @@ def test_without_noise_the_fused_step_is_the_eager_step(name, dtype):
         b = SGLD(eager, lr=0.1, noise_level=0.0, **OPTIONS[name])
     da, db = increments(fused, a, 3, grads), increments(eager, b, 3, grads)
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(da, db, rtol=0, atol=8 * eps)
+    torch.testing.assert_close(da, db, rtol=0, atol=64 * eps)
     assert da.abs().max() > 0
 
 

@@ -338,6 +338,15 @@ class SGMCMCOptimizer(Optimizer):
         """What a new group needs beyond its options' own checks."""
         if group["noise_level"] != 1.0:
             self._warn_noise_level(group["noise_level"], stacklevel=5)
+        for i, p in enumerate(group["params"]):
+            made_by = _fsdp_kind(p)
+            if made_by is not None:
+                raise ValueError(
+                    f"Invalid params: parameter {i} of param_groups[{len(self.param_groups) - 1}] is {made_by}: FSDP "
+                    "is not supported (a sharded parameter's noise and checks are not defined here); run the model "
+                    "under DistributedDataParallel with distributed='replicated', or shard the sampler's work with "
+                    "ZeroRedundancyOptimizer and distributed='sharded'"
+                )
         if self.generator is not None:
             for i, p in enumerate(group["params"]):
                 if p.device.type != self.generator.device.type:
@@ -833,6 +842,22 @@ class SGMCMCOptimizer(Optimizer):
 
     def _after_load(self, group: dict[str, Any]) -> None:
         """Per-group state after loading (e.g. a thermostat moved to the parameters' device)."""
+
+
+def _fsdp_kind(p: Tensor) -> str | None:
+    """What FSDP (or another sharding of ``torch.distributed``) made of ``p``, or ``None`` for a
+    plain tensor: FSDP2's ``fully_shard`` turns parameters into DTensors; FSDP1 hands the
+    optimizer its ``FlatParameter`` or, with ``use_orig_params=True``, views into one, which it
+    marks ``_fsdp_flattened``."""
+    if getattr(p, "_fsdp_flattened", False) or any(c.__name__ == "FlatParameter" for c in type(p).__mro__):
+        return "a parameter flattened by FSDP (FullyShardedDataParallel)"
+    if type(p) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return "a DTensor (FSDP2's fully_shard, or tensor parallelism)"
+    return None
 
 
 def _all_options() -> set[str]:

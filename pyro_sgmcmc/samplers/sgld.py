@@ -135,9 +135,10 @@ class SGLD(SGMCMCOptimizer):
     ) -> None:
         self.fused = check_choice("fused", fused, (None, True, False))
         if self.fused:
-            clash = [f"{name}={value!r}" for name, value in
-                     (("foreach", foreach), ("diagnostics", diagnostics), ("noise_ahead", noise_ahead))
-                     if value not in (None, False)]
+            given = {"foreach": check_choice("foreach", foreach, (None, True, False)),
+                     "diagnostics": check_choice("diagnostics", diagnostics, (True, False, "mala")),
+                     "noise_ahead": check_choice("noise_ahead", noise_ahead, (False, True))}
+            clash = [f"{name}={value!r}" for name, value in given.items() if value not in (None, False)]
             if clash:
                 raise ValueError(f"Invalid fused: True with {', '.join(clash)} (the fused step takes none of them: "
                                  "one kernel, no parts to report, no noise drawn ahead; use fused=None)")
