@@ -75,3 +75,32 @@ def test_the_kernel_tests_pass_in_tritons_interpreter():
                             capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-500:]
+
+
+@pytest.mark.skipif(not fused_module.triton_installed() or fused_module.interpreting(),
+                    reason="needs Triton, not in its interpreter")
+@pytest.mark.parametrize("dtype, flags", [
+    ("float32", dict(SCALE=False, DECAY=False, LOCALIZE=False, NOISE=True, MASK=False, BOXED=False, ALIGNED=True)),
+    ("float32", dict(SCALE=True, DECAY=True, LOCALIZE=True, NOISE=True, MASK=True, BOXED=True, ALIGNED=False)),
+    ("bfloat16", dict(SCALE=True, DECAY=False, LOCALIZE=False, NOISE=True, MASK=True, BOXED=False, ALIGNED=True)),
+    ("float64", dict(SCALE=False, DECAY=True, LOCALIZE=False, NOISE=True, MASK=False, BOXED=True, ALIGNED=True)),
+])
+def test_the_kernel_compiles_for_a_gpu(dtype, flags):
+    """Compiled for an H100/H200 (sm_90) without one, by Triton's own compiler and ptxas: what the
+    interpreter does not check (types, the pointer casts, the constexpr branches); and whole,
+    aligned blocks move 16 bytes per load and store."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pyro_sgmcmc.functional._triton import BLOCK, NUM_WARPS, sgld_kernel
+
+    signature = {"table": "*i64", "blocks": "*i64", "numels": "*i64", "counters": "*i64", "seed_ptr": "*i64",
+                 "scalars": "*fp64", "num_tensors": "i32"}
+    constants = dict(DTYPE=getattr(tl, dtype), COMPUTE=tl.float64 if dtype == "float64" else tl.float32, BLOCK=BLOCK,
+                     **flags)
+    source = ASTSource(sgld_kernel, {**signature, **{name: "constexpr" for name in constants}}, constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    ptx = compiled.asm["ptx"]
+    assert ("ld.global.v" in ptx and "st.global.v" in ptx) == flags["ALIGNED"]  # v4.b32, v2.b64...

@@ -114,6 +114,8 @@ class FusedPlan:
         self.counters = torch.tensor(counters, dtype=torch.int64, device=self.device)
         self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._pointers: tuple[int, ...] | None = None
+        #: every address of the table is a multiple of 16 bytes (whole blocks then move 16 bytes at a time)
+        self.aligned = False
         self._table: Tensor | None = None
         self._values: tuple[float, ...] | None = None
         self._scalars: Tensor | None = None
@@ -133,6 +135,7 @@ class FusedPlan:
         if pointers != self._pointers:
             self._pointers = pointers
             self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
+            self.aligned = all(p % 16 == 0 for p in pointers)
         return self._table
 
     def scalars(self, values: tuple[float, ...]) -> Tensor:
@@ -170,9 +173,9 @@ def _make_fused_layout(params: Sequence[Tensor]) -> Layout:
 def launch(plan: FusedPlan, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
            masks: Sequence[Tensor] | None, values: tuple[float, ...], generator: torch.Generator | None,
            localize: bool, boxed: bool) -> None:
-    """One fused update of a bucket (see :mod:`._triton`; ``values`` in the order of its
-    ``STEP_SIZE ... BOX``): draw the step's seed from ``generator`` if there is noise, then
-    launch the kernel."""
+    """One fused update of a bucket: draw the step's seed from ``generator`` if there is noise,
+    then launch the kernel (:mod:`._triton`) with ``values`` = (step size, noise scale, gradient
+    scale, localization + weight decay, localization, box size)."""
     from ._triton import BLOCK, NUM_WARPS, sgld_kernel
 
     if not plan.num_blocks:
@@ -188,7 +191,7 @@ def launch(plan: FusedPlan, params: Sequence[Tensor], grads: Sequence[Tensor], a
         table, plan.blocks, plan.numels, plan.counters, plan.seed, plan.scalars(values), len(params),
         DTYPE=_tl_dtype(plan.dtype), COMPUTE=_tl_dtype(torch.float64 if plan.dtype is torch.float64 else torch.float32),
         SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=noise, MASK=masks is not None,
-        BOXED=boxed, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BOXED=boxed, ALIGNED=plan.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 
