@@ -199,16 +199,20 @@ class FusedSGLDTask(SGLDTask):
         super().set(FOREACH, params, grads, anchors, masks, *args)
         self.plan.chunks[0].inputs = self.params
 
-    def prepare(self, chunk: Any, measure: bool = True) -> tuple[Tensor | None, None]:
+    def prepare(self, chunk: Any, measure: bool = True) -> tuple[float | None, None]:
+        r"""The square of :math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`,
+        a bound on the drift's norm (NaN or Inf if an input is not finite), from one multi-tensor
+        norm of the inputs and one transfer to the host: few launches, as the step waits for it."""
         if not measure or self.limit is None:  # no check (check_finite=False): the gradients are not read
             return None, None
-        ops, scale, shrink = self.ops, abs(self.grad_scale), self.localization + self.weight_decay
-        total = ops.sum_of_squares(self.grads).sqrt() * scale  # NaN and Inf propagate
-        if shrink:
-            total = total + shrink * ops.sum_of_squares(self.params).sqrt()
-        if self.localization:
-            total = total + self.localization * ops.sum_of_squares(self.anchors).sqrt()
-        return total.square(), None
+        shrink, localization = self.localization + self.weight_decay, self.localization
+        inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
+        norms = torch.stack(self.ops.norms(inputs)).tolist()
+        count = len(self.grads)
+        parts = [norms[:count], norms[count : 2 * count] if shrink else (), norms[-count:] if localization else ()]
+        g, theta, theta0 = (math.sqrt(sum(x * x for x in part)) for part in parts)
+        total = abs(self.grad_scale) * g + shrink * theta + localization * theta0
+        return total * total, None
 
     def finish(self, chunk: Any, context: None, generator: torch.Generator | None) -> None:
         box = self.bounding_box_size
