@@ -255,7 +255,7 @@ def test_bad_arguments_are_rejected_clearly():
 
 
 @pytest.mark.parametrize("key, value", [("distributed", "replicated"), ("process_group", None),
-                                        ("noise_ahead", True), ("generator", None)])
+                                        ("noise_ahead", True), ("fused", True), ("generator", None)])
 def test_optimizer_wide_options_are_not_group_options(key, value):
     """Options of the whole sampler given in optim_args are refused, naming the keyword to use
     (they used to become a group's key, and the sampler ran without them)."""
@@ -275,6 +275,11 @@ def test_optimizer_wide_options_reach_the_sampler():
                for group in opt.sampler.param_groups)
     with pytest.raises(ValueError, match="Invalid noise_ahead: True, but SGHMC"):
         optim.SGHMC({"lr": 1e-3}, noise_ahead=True)
+    with pytest.raises(ValueError, match="Invalid fused: True, but SGNHT has no fused step"):
+        optim.SGNHT({"lr": 1e-3}, fused=True)
+    opt = optim.SGLD({"lr": 1e-3}, fused=True)  # refused by the sampler, made at the first step, off CUDA
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[0\]"):
+        make_svi(opt)[0].step(DATA)
     with pytest.raises(ValueError, match="Invalid distributed: 'sharded'"):
         optim.SGLD({"lr": 1e-3}, distributed="sharded")
 
