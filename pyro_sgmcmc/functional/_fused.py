@@ -180,6 +180,11 @@ def launch(plan: FusedPlan, params: Sequence[Tensor], grads: Sequence[Tensor], a
 
     if not plan.num_blocks:
         return
+    device = plan.device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # Triton launches on the current device
+            launch(plan, params, grads, anchors, masks, values, generator, localize, boxed)
+        return
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     if masks is not None:
         masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
