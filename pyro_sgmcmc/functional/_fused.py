@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from itertools import chain
 from typing import Any, Sequence
 
 import torch
@@ -129,9 +130,9 @@ class FusedPlan:
     def table(self, *lists: Sequence[Tensor] | None) -> Tensor:
         """The pointer table of these lists of tensors (``None``: a row of zeros), uploaded
         only when an address changed since the last step."""
-        count = len(self.chunks[0].owners)
-        pointers = tuple(p for tensors in lists
-                         for p in ((0,) * count if tensors is None else (t.data_ptr() for t in tensors)))
+        none = (0,) * len(self.chunks[0].owners)
+        pointers = tuple(chain.from_iterable(none if tensors is None else map(Tensor.data_ptr, tensors)
+                                             for tensors in lists))
         if pointers != self._pointers:
             self._pointers = pointers
             self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
@@ -155,15 +156,15 @@ def fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: Noise
     if torch.is_grad_enabled():
         raise ValueError("Invalid fused: True for a differentiable step (the fused kernel has no derivative; "
                          "use fused=None)")
+    if plans is None:
+        plans = NoisePlanCache()
+    return plans.layout(params, _make_fused_layout, params, grads, kind="fused")
+
+
+def _make_fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Layout:
     for i, g in enumerate(grads):
         if g.layout != torch.strided:
             raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
-    if plans is None:
-        plans = NoisePlanCache()
-    return plans.layout(params, _make_fused_layout, params, kind="fused")
-
-
-def _make_fused_layout(params: Sequence[Tensor]) -> Layout:
     problem = fused_problem(params)
     if problem is not None:
         raise ValueError(f"Invalid fused: True ({problem}; use fused=None)")

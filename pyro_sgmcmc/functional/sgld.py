@@ -207,7 +207,8 @@ class FusedSGLDTask(SGLDTask):
             return None, None
         shrink, localization = self.localization + self.weight_decay, self.localization
         inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
-        norms = torch.stack(self.ops.norms(inputs)).tolist()
+        exact = self.plan.dtype in (torch.float32, torch.float64)  # else accumulated in float32 (ops.norms)
+        norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs)).tolist()
         count = len(self.grads)
         parts = [norms[:count], norms[count : 2 * count] if shrink else (), norms[-count:] if localization else ()]
         g, theta, theta0 = (math.sqrt(sum(x * x for x in part)) for part in parts)
