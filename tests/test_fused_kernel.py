@@ -23,10 +23,10 @@ from pyro_sgmcmc.functional import NonFiniteError
 from pyro_sgmcmc.functional._fused import interpreting, triton_installed
 from pyro_sgmcmc.samplers import SGLD
 
-if triton_installed() and torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif triton_installed() and interpreting():
+if triton_installed() and interpreting():  # Triton's interpreter: CPU tensors, even where there is a GPU
     DEVICE = torch.device("cpu")
+elif triton_installed() and torch.cuda.is_available():
+    DEVICE = torch.device("cuda")
 else:
     pytestmark = pytest.mark.skip(reason="needs Triton and a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1)")
     DEVICE = torch.device("cpu")
