@@ -120,6 +120,7 @@ class FusedPlan:
         self._table: Tensor | None = None
         self._values: tuple[float, ...] | None = None
         self._scalars: Tensor | None = None
+        self._staged: tuple | None = None
 
     def __len__(self) -> int:
         return 1
@@ -138,6 +139,42 @@ class FusedPlan:
             self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
             self.aligned = all(p % 16 == 0 for p in pointers)
         return self._table
+
+    def stage(self, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
+              masks: Sequence[Tensor] | None, values: tuple[float, ...], localize: bool, boxed: bool) -> None:
+        """Prepare an update of the bucket (:mod:`._triton`) but for its seed: the pointer table,
+        the scalars ``values`` = (step size, noise scale, gradient scale, localization + weight
+        decay, localization, box size) and the kernel's switches; done while the device runs the
+        check, so that little is left between the check's verdict and the launch."""
+        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        if masks is not None:
+            masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
+        table = self.table(params, grads, anchors if (localize or boxed) else None, masks)
+        switches = dict(SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=values[1] != 0.0,
+                        MASK=masks is not None, BOXED=boxed, ALIGNED=self.aligned)
+        self._staged = (table, self.scalars(values), switches, grads, masks)  # copies kept until the launch
+
+    def launch(self, generator: torch.Generator | None) -> None:
+        """Draw the step's seed from ``generator`` if there is noise, and launch the update
+        :meth:`stage` prepared."""
+        from ._triton import BLOCK, NUM_WARPS, sgld_kernel
+
+        device = self.device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # Triton launches on the current device
+                self.launch(generator)
+            return
+        table, scalars, switches, *_ = self._staged
+        self._staged = None
+        if not self.num_blocks:
+            return
+        if switches["NOISE"]:
+            torch.randint(0, 2**62, (1,), generator=generator, out=self.seed)
+        sgld_kernel[(self.num_blocks,)](
+            table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.chunks[0].owners),
+            DTYPE=_tl_dtype(self.dtype), COMPUTE=_tl_dtype(torch.float64 if self.dtype is torch.float64 else torch.float32),
+            BLOCK=BLOCK, num_warps=NUM_WARPS, **switches,
+        )
 
     def scalars(self, values: tuple[float, ...]) -> Tensor:
         """The step's scalars as a float64 tensor on the device (exact for float64 parameters,
@@ -169,36 +206,6 @@ def _make_fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Lay
     if problem is not None:
         raise ValueError(f"Invalid fused: True ({problem}; use fused=None)")
     return Layout([(indices, FusedPlan(take(indices, params))) for indices in buckets(params)], False)
-
-
-def launch(plan: FusedPlan, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
-           masks: Sequence[Tensor] | None, values: tuple[float, ...], generator: torch.Generator | None,
-           localize: bool, boxed: bool) -> None:
-    """One fused update of a bucket: draw the step's seed from ``generator`` if there is noise,
-    then launch the kernel (:mod:`._triton`) with ``values`` = (step size, noise scale, gradient
-    scale, localization + weight decay, localization, box size)."""
-    from ._triton import BLOCK, NUM_WARPS, sgld_kernel
-
-    if not plan.num_blocks:
-        return
-    device = plan.device
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):  # Triton launches on the current device
-            launch(plan, params, grads, anchors, masks, values, generator, localize, boxed)
-        return
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    if masks is not None:
-        masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
-    noise = values[1] != 0.0
-    if noise:
-        torch.randint(0, 2**62, (1,), generator=generator, out=plan.seed)
-    table = plan.table(params, grads, anchors if (localize or boxed) else None, masks)
-    sgld_kernel[(plan.num_blocks,)](
-        table, plan.blocks, plan.numels, plan.counters, plan.seed, plan.scalars(values), len(params),
-        DTYPE=_tl_dtype(plan.dtype), COMPUTE=_tl_dtype(torch.float64 if plan.dtype is torch.float64 else torch.float32),
-        SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=noise, MASK=masks is not None,
-        BOXED=boxed, ALIGNED=plan.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:

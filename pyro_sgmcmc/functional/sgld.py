@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._common import Diagnostics, apply_buffer, fill_drift, plan_layout, sum_of_squares, take
-from ._fused import fused_layout, launch
+from ._fused import fused_layout
 from ._noise import Chunk, NoisePlanCache, NoiseSource, draw
 from ._ops import FOREACH
 from ._step import Z_MAX, Step, Task, drift_bound, gathered, run
@@ -202,22 +202,29 @@ class FusedSGLDTask(SGLDTask):
     def prepare(self, chunk: Any, measure: bool = True) -> tuple[float | None, None]:
         r"""The square of :math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`,
         a bound on the drift's norm (NaN or Inf if an input is not finite), from one multi-tensor
-        norm of the inputs and one transfer to the host: few launches, as the step waits for it."""
+        norm of the inputs and one transfer to the host: few launches, as the step waits for it.
+        The launch is staged (:meth:`~._fused.FusedPlan.stage`) while the device computes it."""
         if not measure or self.limit is None:  # no check (check_finite=False): the gradients are not read
+            self._stage()
             return None, None
         shrink, localization = self.localization + self.weight_decay, self.localization
         inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
         exact = self.plan.dtype in (torch.float32, torch.float64)  # else accumulated in float32 (ops.norms)
-        norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs)).tolist()
+        norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs))
+        self._stage()
+        norms = norms.tolist()
         count = len(self.grads)
         parts = [norms[:count], norms[count : 2 * count] if shrink else (), norms[-count:] if localization else ()]
         g, theta, theta0 = (math.sqrt(sum(x * x for x in part)) for part in parts)
         total = abs(self.grad_scale) * g + shrink * theta + localization * theta0
         return total * total, None
 
-    def finish(self, chunk: Any, context: None, generator: torch.Generator | None) -> None:
+    def _stage(self) -> None:
         box = self.bounding_box_size
         values = (self.step_size, self.noise_std, self.grad_scale, self.localization + self.weight_decay,
                   self.localization, 0.0 if box is None else box)
-        launch(self.plan, self.params, self.grads, self.anchors, self.masks, values, generator,
-               localize=bool(self.localization), boxed=box is not None)
+        self.plan.stage(self.params, self.grads, self.anchors, self.masks, values, localize=bool(self.localization),
+                        boxed=box is not None)
+
+    def finish(self, chunk: Any, context: None, generator: torch.Generator | None) -> None:
+        self.plan.launch(generator)
