@@ -58,6 +58,22 @@ def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
     assert names == sorted(names) == ["AutoUnconstrainedDelta.locs.loc", "AutoUnconstrainedDelta.locs.scale"]
 
 
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
+def test_fused_false_or_none_runs_every_optimizer_as_without_it(name, fused):
+    """fused=False and fused=None are every sampler's default step: accepted by each Pyro
+    optimizer (only SGLD's sampler has the keyword) and the chain that of no keyword at all."""
+    chains = []
+    for options in ({}, {"fused": fused}):
+        opt = getattr(optim, name)({"lr": 1e-3}, **options)
+        svi, _ = make_svi(opt)
+        for _ in range(3):
+            svi.step(DATA)
+        chains.append(params())
+    assert chains[0].keys() == chains[1].keys()
+    assert all(torch.equal(chains[0][key], chains[1][key]) for key in chains[0])
+
+
 @pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
 def test_save_load_continues_identically(name, tmp_path):
     opt = getattr(optim, name)({"lr": 1e-3, "localization": 0.1})

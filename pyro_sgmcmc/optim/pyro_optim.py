@@ -140,8 +140,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                                     distributed=distributed, process_group=process_group)
         if noise_ahead:
             self.sampler_options["noise_ahead"] = True
-        if fused is not None:
-            self.sampler_options["fused"] = fused
+        if fused:  # only SGLD takes it (checked above); False and None are every sampler's default step
+            self.sampler_options["fused"] = True
         self._ranks: Ranks | None = None
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}

@@ -342,8 +342,8 @@ class SGMCMCOptimizer(Optimizer):
             made_by = _fsdp_kind(p)
             if made_by is not None:
                 raise ValueError(
-                    f"Invalid params: parameter {i} of param_groups[{len(self.param_groups) - 1}] is {made_by}: FSDP "
-                    "is not supported (a sharded parameter's noise and checks are not defined here); run the model "
+                    f"Invalid params: parameter {i} of param_groups[{len(self.param_groups) - 1}] is {made_by} "
+                    "(a sharded parameter's noise and checks are not defined here); run the model "
                     "under DistributedDataParallel with distributed='replicated', or shard the sampler's work with "
                     "ZeroRedundancyOptimizer and distributed='sharded'"
                 )
@@ -850,14 +850,25 @@ def _fsdp_kind(p: Tensor) -> str | None:
     optimizer its ``FlatParameter`` or, with ``use_orig_params=True``, views into one, which it
     marks ``_fsdp_flattened``."""
     if getattr(p, "_fsdp_flattened", False) or any(c.__name__ == "FlatParameter" for c in type(p).__mro__):
-        return "a parameter flattened by FSDP (FullyShardedDataParallel)"
+        return "a parameter flattened by FSDP (FullyShardedDataParallel): FSDP is not supported"
     if type(p) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(p, DTensor):
-        return "a DTensor (FSDP2's fully_shard, or tensor parallelism)"
+    DTensor = _dtensor_class()
+    if DTensor is not None and isinstance(p, DTensor):
+        return "a DTensor: DTensor parameters are not supported (FSDP2, tensor parallelism)"
     return None
+
+
+def _dtensor_class() -> type | None:
+    """``torch.distributed``'s DTensor class: public from torch 2.5, private before (``None`` if absent)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
 
 
 def _all_options() -> set[str]:
