@@ -209,3 +209,83 @@ def test_groups_added_later_are_checked():
     with pytest.raises(ValueError, match=r"Invalid fused: True for a differentiable step"):
         p = sampler.param_groups[0]["params"][0]
         sampler.step_tensors({p: p.detach().clone()}, {p: torch.zeros_like(p)})
+
+
+def _lists(dtype=torch.float32):
+    torch.manual_seed(13)
+    ps = params(dtype, torch.randn)
+    return ps, [torch.randn(s, device=DEVICE, dtype=dtype) for s in SHAPES], [p.detach().clone() for p in ps]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("float64 grads", r"Invalid grads\[1\]: torch.float64 on .*, the fused step takes the bucket's torch.float32"),
+    ("short grad", r"Invalid grads\[1\]: shape \(4180,\) does not match its parameter's shape \(37, 113\)"),
+    ("missing grad", r"Invalid grads: 1 tensors for 2 parameters"),
+    ("bool masks", r"Invalid masks\[0\]: torch.bool on .*, the fused step takes the bucket's torch.float32"),
+    ("None mask", r"Invalid masks\[1\]: None, the fused step takes a tensor for every parameter \(an all-ones mask"),
+    ("short anchor", r"Invalid anchors\[0\]: shape \(65535,\) does not match"),
+    ("None anchor", r"Invalid anchors\[1\]: None, the fused step takes a tensor for every parameter"),
+])
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_the_functional_fused_step_checks_its_lists_before_any_launch(case, match, when):
+    """What the kernel reads through the pointer table must be the bucket's dtype and device and
+    its parameter's shape: checked when the layout is made and whenever an address changes (a
+    later step with other tensors), before anything is written; a ValueError names the list."""
+    from pyro_sgmcmc.functional import NoisePlanCache, sgld
+
+    ps, grads, anchors = _lists()
+    masks = [torch.ones_like(p) for p in ps]
+    cache = NoisePlanCache()
+    if when == "later step":
+        with torch.no_grad():
+            sgld(ps, grads, lr=1e-3, localization=0.5, anchors=anchors, masks=masks, noise_plans=cache, fused=True)
+    if case == "float64 grads":
+        grads[1] = grads[1].double()
+    elif case == "short grad":
+        grads[1] = grads[1].reshape(-1)[1:]
+    elif case == "missing grad":
+        grads = grads[:1]
+    elif case == "bool masks":
+        masks = [m.bool() for m in masks]
+    elif case == "None mask":
+        masks[1] = None
+    elif case == "short anchor":
+        anchors[0] = anchors[0][1:]
+    elif case == "None anchor":
+        anchors[1] = None
+    before = [p.detach().clone() for p in ps]
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        sgld(ps, grads, lr=1e-3, localization=0.5, anchors=anchors, masks=masks, noise_plans=cache, fused=True)
+    assert all(torch.equal(p, q) for p, q in zip(ps, before))
+
+
+def test_non_contiguous_anchors_grads_and_masks_are_read_as_their_values():
+    """Copied contiguous for the kernel (as the eager step reads them by value): the same step as
+    with contiguous ones, bit for bit."""
+    from pyro_sgmcmc.functional import sgld
+
+    results = []
+    for contiguous in (True, False):
+        ps, grads, anchors = _lists()
+        masks = [(torch.rand(s, device=DEVICE) < 0.5).float() for s in SHAPES]
+        if not contiguous:
+            anchors[1], grads[1], masks[1] = (t.t().contiguous().t() for t in (anchors[1], grads[1], masks[1]))
+            assert not anchors[1].is_contiguous()
+        torch.manual_seed(14)
+        with torch.no_grad():
+            sgld(ps, grads, lr=1e-2, localization=0.5, anchors=anchors, masks=masks, bounding_box_size=0.1, fused=True)
+        results.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_parameter_changed_in_place_after_the_first_step_is_refused():
+    """``module.to(dtype)`` swaps a parameter's data under the same Parameter object, which is
+    what the cached layout is keyed by: the next step sees the new address and refuses."""
+    ps = params(fill=torch.randn)
+    sampler = SGLD(ps, lr=1e-3, fused=True)
+    increments(ps, sampler, 1)
+    ps[0].data = ps[0].data.double()
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match=r"Invalid params\[0\]: torch.float64 .* \(was the parameter moved since "):
+        sampler.step()

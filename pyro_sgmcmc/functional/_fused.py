@@ -96,11 +96,14 @@ class FusedPlan:
     threaded = False
     buffers = (None,)
 
-    def __init__(self, tensors: Sequence[Tensor]):
+    def __init__(self, tensors: Sequence[Tensor], indices: Sequence[int] | None = None):
         from ._triton import BLOCK
 
         first = tensors[0]
         self.device, self.dtype = first.device, first.dtype
+        #: the tensors' indices in the lists handed to the step (for error messages)
+        self.indices = list(range(len(tensors))) if indices is None else list(indices)
+        self.shapes = [t.shape for t in tensors]
         self.on_cpu = self.device.type == "cpu"
         self.chunks = [FusedChunk(len(tensors))]
         blocks, counters, counter = [], [], 0
@@ -128,17 +131,52 @@ class FusedPlan:
     def __iter__(self):
         return iter(self.chunks)
 
-    def table(self, *lists: Sequence[Tensor] | None) -> Tensor:
+    def table(self, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
+              masks: Sequence[Tensor] | None) -> Tensor:
         """The pointer table of these lists of tensors (``None``: a row of zeros), uploaded
-        only when an address changed since the last step."""
-        none = (0,) * len(self.chunks[0].owners)
-        pointers = tuple(chain.from_iterable(none if tensors is None else map(Tensor.data_ptr, tensors)
-                                             for tensors in lists))
-        if pointers != self._pointers:
+        only when an address changed since the last step; the lists are then checked against
+        the bucket (:meth:`check`) first, so that a step costs no check otherwise."""
+        none = (0,) * len(self.shapes)
+        try:
+            pointers = tuple(chain.from_iterable(none if tensors is None else map(Tensor.data_ptr, tensors)
+                                                 for tensors in (params, grads, anchors, masks)))
+        except TypeError:  # None (or not a tensor) in a list
+            pointers = None
+        if pointers is None or pointers != self._pointers:
+            self.check(params, grads, anchors, masks)
             self._pointers = pointers
             self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
             self.aligned = all(p % 16 == 0 for p in pointers)
         return self._table
+
+    def check(self, params: Sequence[Tensor], grads: Sequence[Tensor] | None = None,
+              anchors: Sequence[Tensor] | None = None, masks: Sequence[Tensor] | None = None) -> None:
+        """Raise a ``ValueError`` naming the argument if a tensor of these lists (the bucket's
+        entries) is not what the kernel reads: the bucket's dtype and device, its parameter's
+        shape, a plain dense tensor; parameters contiguous too (the others are copied so)."""
+        count = len(self.shapes)
+        for name, tensors in (("params", params), ("grads", grads), ("anchors", anchors), ("masks", masks)):
+            if tensors is None:
+                continue
+            if len(tensors) != count:
+                raise ValueError(f"Invalid {name}: {len(tensors)} tensors for {count} parameters")
+            for i, (t, shape) in enumerate(zip(tensors, self.shapes)):
+                where = f"Invalid {name}[{self.indices[i]}]"
+                if not isinstance(t, Tensor):
+                    hint = " (an all-ones mask leaves a parameter unmasked)" if name == "masks" else ""
+                    raise ValueError(f"{where}: {_describe(t)}, the fused step takes a tensor for every parameter{hint}")
+                if t.dtype != self.dtype or t.device != self.device:
+                    moved = " (was the parameter moved since the first step? make a new sampler)" \
+                        if name == "params" else ""
+                    raise ValueError(f"{where}: {t.dtype} on {t.device}, the fused step takes the bucket's "
+                                     f"{self.dtype} on {self.device}{moved}")
+                if t.shape != shape:
+                    raise ValueError(f"{where}: shape {tuple(t.shape)} does not match its parameter's shape "
+                                     f"{tuple(shape)}")
+                if t.layout != torch.strided:
+                    raise ValueError(f"{where}: layout {t.layout}, the fused step takes dense tensors")
+                if name == "params" and not t.is_contiguous():
+                    raise ValueError(f"{where}: not contiguous, the fused step writes contiguous parameters")
 
     def stage(self, params: Sequence[Tensor], grads: Sequence[Tensor], anchors: Sequence[Tensor] | None,
               masks: Sequence[Tensor] | None, values: tuple[float, ...], localize: bool, boxed: bool) -> None:
@@ -146,13 +184,12 @@ class FusedPlan:
         the scalars ``values`` = (step size, noise scale, gradient scale, localization + weight
         decay, localization, box size) and the kernel's switches; done while the device runs the
         check, so that little is left between the check's verdict and the launch."""
-        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-        if masks is not None:
-            masks = [m if m.is_contiguous() else m.contiguous() for m in masks]
-        table = self.table(params, grads, anchors if (localize or boxed) else None, masks)
+        anchors = anchors if (localize or boxed) else None
+        grads, anchors, masks = (_contiguous(tensors) for tensors in (grads, anchors, masks))
+        table = self.table(params, grads, anchors, masks)
         switches = dict(SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=values[1] != 0.0,
                         MASK=masks is not None, BOXED=boxed, ALIGNED=self.aligned)
-        self._staged = (table, self.scalars(values), switches, grads, masks)  # copies kept until the launch
+        self._staged = (table, self.scalars(values), switches, grads, anchors, masks)  # copies kept until the launch
 
     def launch(self, generator: torch.Generator | None) -> None:
         """Draw the step's seed from ``generator`` if there is noise, and launch the update
@@ -171,7 +208,7 @@ class FusedPlan:
         if switches["NOISE"]:
             torch.randint(0, 2**62, (1,), generator=generator, out=self.seed)
         sgld_kernel[(self.num_blocks,)](
-            table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.chunks[0].owners),
+            table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.shapes),
             DTYPE=_tl_dtype(self.dtype), COMPUTE=_tl_dtype(torch.float64 if self.dtype is torch.float64 else torch.float32),
             BLOCK=BLOCK, num_warps=NUM_WARPS, **switches,
         )
@@ -205,7 +242,25 @@ def _make_fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Lay
     problem = fused_problem(params)
     if problem is not None:
         raise ValueError(f"Invalid fused: True ({problem}; use fused=None)")
-    return Layout([(indices, FusedPlan(take(indices, params))) for indices in buckets(params)], False)
+    if len(grads) != len(params):
+        raise ValueError(f"Invalid grads: {len(grads)} tensors for {len(params)} parameters")
+    plans = []
+    for indices in buckets(params):
+        plan = FusedPlan(take(indices, params), indices)
+        plan.check(take(indices, params), take(indices, grads))  # the others when the step is staged (table)
+        plans.append((indices, plan))
+    return Layout(plans, False)
+
+
+def _contiguous(tensors: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
+    """``tensors`` with contiguous copies of those that are not (anything else left for :meth:`FusedPlan.check`)."""
+    if tensors is None:
+        return None
+    return [t.contiguous() if isinstance(t, Tensor) and not t.is_contiguous() else t for t in tensors]
+
+
+def _describe(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _tl_dtype(dtype: torch.dtype) -> Any:

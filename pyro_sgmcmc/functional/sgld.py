@@ -210,7 +210,11 @@ class FusedSGLDTask(SGLDTask):
         shrink, localization = self.localization + self.weight_decay, self.localization
         inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
         exact = self.plan.dtype in (torch.float32, torch.float64)  # else accumulated in float32 (ops.norms)
-        norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs))
+        try:
+            norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs))
+        except (TypeError, RuntimeError):  # a list the kernel would refuse: say which tensor and why
+            self._stage()
+            raise
         self._stage()
         norms = norms.tolist()
         count = len(self.grads)
