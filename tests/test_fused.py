@@ -5,6 +5,7 @@ clearly where the fused step cannot run, the default path untouched; and the ker
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,16 @@ def test_fused_refuses_cpu_parameters_naming_the_group_and_the_device(monkeypatc
         sgld([param(3)], [torch.zeros(3)], lr=0.1, fused=True)
     with pytest.raises(ValueError, match=r"Invalid fused: True for a differentiable step"):
         sgld([param(3)], [torch.zeros(3)], lr=0.1, fused=True)
+
+
+@pytest.mark.parametrize("version", ["2.3.1", "2.1.0+git1a2b3c"])
+def test_fused_refuses_a_triton_older_than_the_kernel_needs(monkeypatch, version):
+    monkeypatch.setattr(fused_module, "triton_installed", lambda: True)
+    monkeypatch.setattr(fused_module, "triton_version", lambda: version)
+    with pytest.raises(ValueError, match=rf"Invalid fused: True \(in param_groups\[0\], Triton {re.escape(version)} is "
+                                         r"installed, the fused step needs Triton >= 3.0; use fused=None\)"):
+        SGLD([param(3)], lr=0.1, fused=True)
+    assert fused_module._release("3.0.0rc1") >= fused_module.MIN_TRITON > fused_module._release(version)
 
 
 def test_fused_false_is_the_default_step_bit_for_bit():
@@ -97,7 +108,7 @@ def test_the_kernel_compiles_for_a_gpu(dtype, flags):
     from pyro_sgmcmc.functional._triton import BLOCK, NUM_WARPS, sgld_kernel
 
     signature = {"table": "*i64", "blocks": "*i64", "numels": "*i64", "counters": "*i64", "seed_ptr": "*i64",
-                 "scalars": "*fp64", "num_tensors": "i32"}
+                 "scalars": "*fp64", "num_tensors": "i32", "stream": "i32"}
     constants = dict(DTYPE=getattr(tl, dtype), COMPUTE=tl.float64 if dtype == "float64" else tl.float32, BLOCK=BLOCK,
                      **flags)
     source = ASTSource(sgld_kernel, {**signature, **{name: "constexpr" for name in constants}}, constants)

@@ -289,3 +289,87 @@ def test_a_parameter_changed_in_place_after_the_first_step_is_refused():
         p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match=r"Invalid params\[0\]: torch.float64 .* \(was the parameter moved since "):
         sampler.step()
+
+
+def philox_normals(seed, counters, stream=0):
+    """NumPy's reading of the kernel's noise (:func:`pyro_sgmcmc.functional._triton._normals4`):
+    Philox-4x32-10 (Salmon et al. 2011) keyed by the seed's two words on the counters (low word,
+    high word, ``stream``, 0), each output to a float32 uniform, two Box-Muller pairs: ``[n, 4]``."""
+    import numpy as np
+
+    mask = 0xFFFFFFFF
+    counters = np.asarray(counters, dtype=np.uint64)
+    c0, c1 = counters & mask, counters >> 32
+    c2, c3 = np.full_like(c0, stream), np.zeros_like(c0)
+    k0, k1 = seed & mask, (seed >> 32) & mask
+    for _ in range(10):
+        a, b = c0 * 0xD2511F53, c2 * 0xCD9E8D57  # 32 x 32 bits: exact in uint64
+        c0, c1, c2, c3 = ((b >> 32) ^ c1 ^ k0) & mask, b & mask, ((a >> 32) ^ c3 ^ k1) & mask, a & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    out = []
+    for x in (c0, c1, c2, c3):
+        x = x.astype(np.uint32).view(np.int32)
+        x = np.where(x < 0, ~x, x)
+        out.append(x.astype(np.float32) * np.float32(4.6566127342e-10))
+    z = []
+    for u1, u2 in ((out[0], out[1]), (out[2], out[3])):
+        r = np.sqrt(np.float32(-2.0) * np.log(np.maximum(np.float32(1e-7), u1)))
+        th = np.float32(6.283185307179586) * u2
+        z += [r * np.cos(th), r * np.sin(th)]
+    return np.stack(z, axis=1)
+
+
+def fused_noise(seed, stream=None, shapes=SHAPES):
+    """The noise of one fused step at ``lr=1`` (the increment is minus the noise), from a
+    generator seeded with ``seed``, and that step's Philox seed; ``stream`` replaces the
+    device's index in the counters."""
+    import pyro_sgmcmc.functional._fused as fused_module
+    from pyro_sgmcmc.functional import sgld
+
+    made = []
+    make = fused_module.FusedPlan.__init__
+
+    def recorded(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        if stream is not None:
+            self.stream = stream
+        made.append(self)
+
+    ps = [torch.zeros(s, device=DEVICE) for s in shapes]
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(fused_module.FusedPlan, "__init__", recorded)
+        sgld(ps, [torch.zeros_like(p) for p in ps], lr=1.0, generator=torch.Generator(DEVICE).manual_seed(seed),
+             fused=True)
+    (plan,) = made
+    return [-p.cpu() for p in ps], int(plan.seed)
+
+
+@pytest.mark.parametrize("stream", [0, 1])
+def test_the_noise_is_philox_4x32_10_with_box_muller(stream):
+    """Entry ``4k + j`` of each tensor takes the ``j``-th normal of counter (start + k, stream),
+    tensors starting at fresh counters: the numbers do not depend on Triton's version (before
+    3.4 ``tl.randn4x`` on 64-bit counters ran another Philox); ``stream`` (the device's index)
+    gives other numbers from the same seed."""
+    noise, seed = fused_noise(15, stream)
+    start = 0
+    for z in noise:
+        n = z.numel()
+        reference = philox_normals(seed, range(start, start + (n + 3) // 4), stream).reshape(-1)[:n]
+        torch.testing.assert_close(z.reshape(-1), torch.from_numpy(reference), rtol=1e-5, atol=1e-5)
+        start += (n + 3) // 4
+    other, other_seed = fused_noise(15, 1 - stream)
+    assert other_seed == seed
+    assert all(abs(float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])) < se_bound(a.numel())
+               for a, b in zip(noise, other))
+
+
+@pytest.mark.parametrize("block", [256, 1 << 16])
+def test_the_noise_does_not_depend_on_the_block_size(monkeypatch, block):
+    """A tensor spanning several blocks draws what it draws in one (the docstring's claim; the
+    interpreter's default block holds these tensors whole)."""
+    import pyro_sgmcmc.functional._triton as triton_module
+
+    reference, _ = fused_noise(16)
+    monkeypatch.setattr(triton_module, "BLOCK", block)
+    noise, _ = fused_noise(16)
+    assert all(torch.equal(a, b) for a, b in zip(noise, reference))

@@ -19,9 +19,19 @@ SGD, and a NaN gradient is then written into the parameters.
 The per-step seed is drawn from the generator the eager step draws from: the device's root
 generator (torch's default one, or the sampler's ``generator``), so ``torch.manual_seed`` /
 ``pyro.set_rng_seed`` reproduce a run and a saved generator state resumes it exactly; a refused
-step gives the draw back with the rest (:mod:`._step`).
+step gives the draw back with the rest (:mod:`._step`). The device's index is a word of every
+Philox counter, so that two devices whose generators were seeded alike (``torch.manual_seed``
+seeds all of them alike) draw different numbers. The same numbers on every Triton >= 3.0, up to
+the rounding of ``log``, ``sqrt``, ``cos`` and ``sin`` (:mod:`._triton`).
 
-**Where it runs**: CUDA tensors, with Triton installed (it comes with the CUDA builds of torch);
+**Where the law is approximate** (the eager step's is torch's ``normal_``): the normals come
+from float32 uniforms by Box-Muller, so ``|z| <= 5.68`` (the clamp of the uniform at 1e-7; the
+normal's tail beyond it has probability 1.3e-8) and float64 parameters get float32-resolution
+noise; float16 and bfloat16 parameters are updated in float32 and rounded once when written,
+box clamp included (the eager step's buffer of drift plus noise is in the parameter's dtype, so
+it is rounded before the update and the clamp).
+
+**Where it runs**: CUDA tensors, with Triton >= 3.0 installed (it comes with the CUDA builds of torch);
 float16, bfloat16, float32 and float64; dense, contiguous, plain tensors (not a DTensor or other
 subclass). Anywhere else :func:`fused_problem` says why not. Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is first imported) runs the same kernel with NumPy on
@@ -30,8 +40,11 @@ CPU tensors: far too slow to sample with, it is how the kernel is tested without
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 from itertools import chain
 from typing import Any, Sequence
 
@@ -55,10 +68,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: the oldest Triton the kernel runs on (``tl.interleave`` came in 3.0)
+MIN_TRITON = (3, 0)
+
+
+@functools.cache
+def triton_version() -> str:
+    """The installed Triton's version (imported only where its package metadata is missing)."""
+    for name in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import triton
+
+    return triton.__version__
+
+
 def fused_problem(tensors: Sequence[Tensor]) -> str | None:
     """Why the fused step cannot update ``tensors`` (``None``: it can); see the module docstring."""
     if not triton_installed():
         return "Triton is not installed (pip install triton; it comes with the CUDA builds of torch)"
+    version = triton_version()
+    if _release(version) < MIN_TRITON:
+        return f"Triton {version} is installed, the fused step needs Triton >= {'.'.join(map(str, MIN_TRITON))}"
     for i, t in enumerate(tensors):
         if type(t) not in (Tensor, torch.nn.Parameter) or t.layout != torch.strided:
             return f"parameter {i} is a {type(t).__name__} of layout {t.layout}, the fused step takes plain dense ones"
@@ -105,6 +138,9 @@ class FusedPlan:
         self.indices = list(range(len(tensors))) if indices is None else list(indices)
         self.shapes = [t.shape for t in tensors]
         self.on_cpu = self.device.type == "cpu"
+        #: the third Philox counter word: the device's index, so that buckets on two devices whose
+        #: generators were seeded alike (``torch.manual_seed`` seeds every device's alike) draw apart
+        self.stream = self.device.index or 0
         self.chunks = [FusedChunk(len(tensors))]
         blocks, counters, counter = [], [], 0
         for index, t in enumerate(tensors):
@@ -208,7 +244,7 @@ class FusedPlan:
         if switches["NOISE"]:
             torch.randint(0, 2**62, (1,), generator=generator, out=self.seed)
         sgld_kernel[(self.num_blocks,)](
-            table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.shapes),
+            table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.shapes), self.stream,
             DTYPE=_tl_dtype(self.dtype), COMPUTE=_tl_dtype(torch.float64 if self.dtype is torch.float64 else torch.float32),
             BLOCK=BLOCK, num_warps=NUM_WARPS, **switches,
         )
@@ -257,6 +293,11 @@ def _contiguous(tensors: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
     if tensors is None:
         return None
     return [t.contiguous() if isinstance(t, Tensor) and not t.is_contiguous() else t for t in tensors]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string: ``"3.1.0+git1"`` -> ``(3, 1, 0)``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _describe(value: Any) -> str:

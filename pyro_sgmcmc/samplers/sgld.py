@@ -84,7 +84,7 @@ class SGLD(SGMCMCOptimizer):
         gradient noise).
 
     :param fused: ``True`` for the fused step on CUDA: one Triton kernel per device and dtype
-        reads each parameter and gradient once, generates the noise in registers (Philox, seeded
+        reads each parameter and gradient once, generates the noise in registers (Philox-4x32-10, seeded
         at each step from the generator the eager step draws from, so ``torch.manual_seed`` and
         a saved generator state reproduce it) and writes each parameter once: 16 bytes per
         float32 parameter with the check that refuses a non-finite step before anything is
@@ -92,7 +92,7 @@ class SGLD(SGMCMCOptimizer):
         (:mod:`pyro_sgmcmc.functional._fused` says where the bytes go). The numbers differ from
         the eager step's, the law is the same. Like torch's fused optimizers it is refused, at
         construction and for every group added, where it cannot run: parameters off CUDA,
-        Triton missing, ``foreach=True``, ``diagnostics``, ``noise_ahead``, or a differentiable
+        Triton missing or older than 3.0, ``foreach=True``, ``diagnostics``, ``noise_ahead``, or a differentiable
         step (``step_tensors``, Pyro's ``get_step``). ``None`` (default) or ``False``: the
         eager step.
 
