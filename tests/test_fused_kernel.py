@@ -373,3 +373,27 @@ def test_the_noise_does_not_depend_on_the_block_size(monkeypatch, block):
     monkeypatch.setattr(triton_module, "BLOCK", block)
     noise, _ = fused_noise(16)
     assert all(torch.equal(a, b) for a, b in zip(noise, reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_at_a_small_lr_is_not_guarded(monkeypatch, dtype):
+    """At lr=1e-7 the noise's scale in the buffer, 2/sqrt(lr) = 6325 times 9 standard deviations,
+    is beyond a quarter of float16's range: a float16 buffer would need the guarded (slow) path
+    on every step; the kernel's buffer is float32, so the step passes the check at once."""
+    import pyro_sgmcmc.functional._step as step_module
+    from pyro_sgmcmc.functional.sgld import sgld_step
+
+    ps = params(dtype, torch.randn)
+    grads = [torch.randn(s, device=DEVICE, dtype=dtype) for s in SHAPES]
+    with torch.no_grad():
+        (task,), _ = sgld_step(ps, grads, lr=1e-7, fused=True)
+        (eager,), _ = sgld_step(ps, grads, lr=1e-7)
+    assert task.limit > 0
+    if dtype is torch.float16:
+        assert eager.limit < 0  # the eager step's float16 buffer is guarded
+    monkeypatch.setattr(step_module, "_guarded", lambda *args, **kwargs: pytest.fail("guarded path taken"))
+    sampler = SGLD(ps, lr=1e-7, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bfloat16's resolution: most of the noise rounds away
+        z = increments(ps, sampler, 1, [grads])[0]
+    assert z.abs().max() > 0 and z.isfinite().all()

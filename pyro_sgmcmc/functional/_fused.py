@@ -138,6 +138,8 @@ class FusedPlan:
         self.indices = list(range(len(tensors))) if indices is None else list(indices)
         self.shapes = [t.shape for t in tensors]
         self.on_cpu = self.device.type == "cpu"
+        #: what the kernel computes in
+        self.compute_dtype = torch.float64 if self.dtype is torch.float64 else torch.float32
         #: the third Philox counter word: the device's index, so that buckets on two devices whose
         #: generators were seeded alike (``torch.manual_seed`` seeds every device's alike) draw apart
         self.stream = self.device.index or 0
@@ -245,7 +247,7 @@ class FusedPlan:
             torch.randint(0, 2**62, (1,), generator=generator, out=self.seed)
         sgld_kernel[(self.num_blocks,)](
             table, self.blocks, self.numels, self.counters, self.seed, scalars, len(self.shapes), self.stream,
-            DTYPE=_tl_dtype(self.dtype), COMPUTE=_tl_dtype(torch.float64 if self.dtype is torch.float64 else torch.float32),
+            DTYPE=_tl_dtype(self.dtype), COMPUTE=_tl_dtype(self.compute_dtype),
             BLOCK=BLOCK, num_warps=NUM_WARPS, **switches,
         )
 

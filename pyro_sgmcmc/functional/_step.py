@@ -110,7 +110,14 @@ class Task:
         bound = (check, factor, noise_bound, scalars)
         if bound != self._bound:
             self._bound = bound
-            self.limit = update_limit(self.plan.dtype, factor, noise_bound, scalars) if check else None
+            self.limit = update_limit(self.plan.dtype, factor, noise_bound, scalars, self.buffer_dtype) if check \
+                else None
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The dtype the update is computed in (:func:`update_limit`): the eager step's buffers
+        are in the parameters' dtype."""
+        return self.plan.dtype
 
 
 #: An update rule's step: ``(tasks, post)``, its :class:`Task` objects and what to do with their
@@ -125,24 +132,35 @@ REFUSED = -math.inf
 _FLOATS: dict[torch.dtype, tuple[float, float]] = {}
 
 
-def update_limit(dtype: torch.dtype, factor: float, noise_bound: float, scalars: Sequence[float] = ()) -> float:
+def update_limit(dtype: torch.dtype, factor: float, noise_bound: float, scalars: Sequence[float] = (),
+                 buffer_dtype: torch.dtype | None = None) -> float:
     """The largest sum of squares :math:`C` of a chunk's candidate for which an update of at
     most ``factor * (sqrt(C) + noise_bound)`` per entry surely leaves a finite parameter finite:
     the update stays below an eighth of the float spacing at the dtype's largest value (half of
     it, with room for rounding), and the buffer itself below a quarter of that value.
 
     ``scalars`` are the factors the update hands torch as ``alpha`` or ``value``, which torch
-    refuses to convert beyond the dtype's range: then :data:`REFUSED` (the step is refused at once)."""
-    floats = _FLOATS.get(dtype)
-    if floats is None:
-        info = torch.finfo(dtype)
-        floats = _FLOATS[dtype] = (info.max, info.max * info.eps / 8)
-    largest, spacing = floats
+    refuses to convert beyond the dtype's range: then :data:`REFUSED` (the step is refused at once).
+    ``buffer_dtype``: where the update is computed in another dtype than the parameters' (the
+    fused kernel's float32), the buffer's and the scalars' range is that dtype's; the spacing
+    stays the parameters'."""
+    largest, spacing = _floats(dtype)
+    if buffer_dtype is not None and buffer_dtype != dtype:
+        largest = _floats(buffer_dtype)[0]
     for scalar in scalars:
         if not -largest <= scalar <= largest:
             return REFUSED
     room = min(spacing / factor, largest / 4) - noise_bound
     return room * room if room > 0 else -1.0
+
+
+def _floats(dtype: torch.dtype) -> tuple[float, float]:
+    """The dtype's largest value and an eighth of the float spacing there."""
+    floats = _FLOATS.get(dtype)
+    if floats is None:
+        info = torch.finfo(dtype)
+        floats = _FLOATS[dtype] = (info.max, info.max * info.eps / 8)
+    return floats
 
 
 class Ballot:

@@ -199,6 +199,12 @@ class FusedSGLDTask(SGLDTask):
         super().set(FOREACH, params, grads, anchors, masks, *args)
         self.plan.chunks[0].inputs = self.params
 
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The kernel computes the update in float32 (float64 for float64 parameters), so a
+        float16 buffer's range does not bound it."""
+        return self.plan.compute_dtype
+
     def prepare(self, chunk: Any, measure: bool = True) -> tuple[float | None, None]:
         r"""The square of :math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`,
         a bound on the drift's norm (NaN or Inf if an input is not finite), from one multi-tensor
