@@ -24,7 +24,9 @@ foreach SGD within a round:
                               reads the gradients, the kernel reads parameters and gradients and
                               writes parameters), one synchronisation per step (the check's verdict);
 * ours fused, no check     -- ``pyro_sgmcmc.functional.sgld(..., fused=True, check_finite=False)``:
-                              12 bytes per parameter, no synchronisation; what the check costs.
+                              12 bytes per parameter, no synchronisation (the scalars and the
+                              pointer table, when they change, go up by non-blocking copies from
+                              pinned memory); what the check costs.
 
 The issue's goal is an SGLD step at most 1.05x foreach SGD; the fused step with its check moves
 16/12 = 1.33x SGD's bytes, so at the bandwidth limit it is about 1.33x (see

@@ -151,9 +151,9 @@ class FusedPlan:
             counters.append(counter)
             counter += (n + 3) // 4  # four normals per Philox counter; each tensor starts a fresh one
         self.num_blocks = len(blocks)
-        self.blocks = torch.tensor(blocks, dtype=torch.int64, device=self.device).view(-1)
-        self.numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=self.device)
-        self.counters = torch.tensor(counters, dtype=torch.int64, device=self.device)
+        self.blocks = _upload(blocks, torch.int64, self.device).view(-1)
+        self.numels = _upload([t.numel() for t in tensors], torch.int64, self.device)
+        self.counters = _upload(counters, torch.int64, self.device)
         self.seed = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._pointers: tuple[int, ...] | None = None
         #: every address of the table is a multiple of 16 bytes (whole blocks then move 16 bytes at a time)
@@ -183,7 +183,7 @@ class FusedPlan:
         if pointers is None or pointers != self._pointers:
             self.check(params, grads, anchors, masks)
             self._pointers = pointers
-            self._table = torch.tensor(pointers, dtype=torch.int64, device=self.device)
+            self._table = _upload(pointers, torch.int64, self.device)
             self.aligned = all(p % 16 == 0 for p in pointers)
         return self._table
 
@@ -254,10 +254,11 @@ class FusedPlan:
     def scalars(self, values: tuple[float, ...]) -> Tensor:
         """The step's scalars as a float64 tensor on the device (exact for float64 parameters,
         where a Python float argument of a Triton kernel would be rounded to float32), uploaded
-        only when one changed."""
+        only when one changed (every step under a scheduler), without blocking the host
+        (:func:`_upload`)."""
         if values != self._values:
             self._values = values
-            self._scalars = torch.tensor(values, dtype=torch.float64, device=self.device)
+            self._scalars = _upload(values, torch.float64, self.device)
         return self._scalars
 
 
@@ -288,6 +289,15 @@ def _make_fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Lay
         plan.check(take(indices, params), take(indices, grads))  # the others when the step is staged (table)
         plans.append((indices, plan))
     return Layout(plans, False)
+
+
+def _upload(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device``; on CUDA through pinned memory by a copy that does not
+    block the host (``torch.tensor(..., device="cuda")`` copies synchronously). Each upload gets
+    its own pinned block, which torch's caching host allocator keeps until the copy is done."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _contiguous(tensors: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
