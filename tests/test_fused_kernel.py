@@ -6,7 +6,7 @@ when ``TRITON_INTERPRET=1`` was set before Triton was imported (``tests/test_fus
 file that way where Triton is installed); skipped otherwise. On a GPU:
 ``python benchmarks/gpu_step.py`` runs it and then times the step.
 
-Statistical checks are at 4 standard errors, on 2^16 + 4099 draws per step: a 10% error in the
+Statistical checks are at 4 standard errors, on 2^16 + 4181 draws per step: a 10% error in the
 variance is 4.5 of them.
 """
 
