@@ -397,3 +397,25 @@ def test_half_precision_at_a_small_lr_is_not_guarded(monkeypatch, dtype):
         warnings.simplefilter("ignore")  # bfloat16's resolution: most of the noise rounds away
         z = increments(ps, sampler, 1, [grads])[0]
     assert z.abs().max() > 0 and z.isfinite().all()
+
+
+def test_a_refused_step_drops_what_it_staged(monkeypatch):
+    """The staged launch holds copies of non-contiguous gradients: a refused step lets them go."""
+    import pyro_sgmcmc.functional._fused as fused_module
+    from pyro_sgmcmc.functional import sgld
+
+    made = []
+    make = fused_module.FusedPlan.__init__
+
+    def recorded(self, *args):
+        make(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(fused_module.FusedPlan, "__init__", recorded)
+    ps, grads, _ = _lists()
+    grads[1] = grads[1].t().contiguous().t()
+    grads[1][3, 4] = float("nan")
+    with torch.no_grad(), pytest.raises(NonFiniteError):
+        sgld(ps, grads, lr=0.1, fused=True)
+    (plan,) = made
+    assert plan._staged is None

@@ -202,7 +202,8 @@ class FusedPlan:
                 where = f"Invalid {name}[{self.indices[i]}]"
                 if not isinstance(t, Tensor):
                     hint = " (an all-ones mask leaves a parameter unmasked)" if name == "masks" else ""
-                    raise ValueError(f"{where}: {_describe(t)}, the fused step takes a tensor for every parameter{hint}")
+                    raise ValueError(f"{where}: {_describe(t)}, the fused step takes a tensor for every "
+                                     f"parameter{hint}")
                 if t.dtype != self.dtype or t.device != self.device:
                     moved = " (was the parameter moved since the first step? make a new sampler)" \
                         if name == "params" else ""
@@ -228,6 +229,10 @@ class FusedPlan:
         switches = dict(SCALE=values[2] != 1.0, DECAY=values[3] != 0.0, LOCALIZE=localize, NOISE=values[1] != 0.0,
                         MASK=masks is not None, BOXED=boxed, ALIGNED=self.aligned)
         self._staged = (table, self.scalars(values), switches, grads, anchors, masks)  # copies kept until the launch
+
+    def discard(self) -> None:
+        """Drop a staged update (a refused step): its copies of gradients, anchors and masks."""
+        self._staged = None
 
     def launch(self, generator: torch.Generator | None) -> None:
         """Draw the step's seed from ``generator`` if there is noise, and launch the update

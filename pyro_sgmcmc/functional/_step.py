@@ -113,6 +113,9 @@ class Task:
             self.limit = update_limit(self.plan.dtype, factor, noise_bound, scalars, self.buffer_dtype) if check \
                 else None
 
+    def discard(self) -> None:
+        """Drop what :meth:`prepare` kept for :meth:`finish` when the step is refused."""
+
     @property
     def buffer_dtype(self) -> torch.dtype:
         """The dtype the update is computed in (:func:`update_limit`): the eager step's buffers
@@ -207,16 +210,27 @@ def execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None = N
         task = tasks[0] if len(tasks) == 1 else None
         noise.settle(None if task is None else task.plan, None if task is None else task.ahead_std)
     if ballot is None and noise.ahead is None:
-        return _execute(tasks, noise, None)
+        try:
+            return _execute(tasks, noise, None)
+        except BaseException:
+            _discard(tasks)
+            raise
     try:
         results = _execute(tasks, noise, ballot)
     except BaseException:
+        _discard(tasks)
         noise.cancel_ahead()
         if ballot is not None and not ballot.cast:
             ballot(False)
         raise
     noise.claimed()
     return results
+
+
+def _discard(tasks: Sequence[Task]) -> None:
+    """Drop what a refused step's tasks prepared for it (:meth:`Task.discard`)."""
+    for task in tasks:
+        task.discard()
 
 
 def _execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None) -> list[list[Any]]:
@@ -345,13 +359,16 @@ def drift_bound(ops: Any, chunk: Chunk, grads: Sequence[Tensor], params: Sequenc
                 ) -> float:
     r"""A bound on the norm of the chunk's drift :math:`s\nabla U + (\gamma + \lambda)\theta -
     \gamma\theta_0` (:func:`~._common.fill_drift`), by the triangle inequality."""
-    total = abs(grad_scale) * norm(ops, chunk.pieces(grads, readonly=True))
-    shrink = localization + weight_decay
-    if shrink:
-        total += shrink * norm(ops, chunk.pieces(params, readonly=True))
-    if localization:
-        total += localization * norm(ops, chunk.pieces(anchors, readonly=True))
-    return total
+    return drift_norm_bound(grad_scale, localization, weight_decay, norm(ops, chunk.pieces(grads, readonly=True)),
+                            norm(ops, chunk.pieces(params, readonly=True)) if localization + weight_decay else 0.0,
+                            norm(ops, chunk.pieces(anchors, readonly=True)) if localization else 0.0)
+
+
+def drift_norm_bound(grad_scale: float, localization: float, weight_decay: float, grad_norm: float,
+                     param_norm: float = 0.0, anchor_norm: float = 0.0) -> float:
+    r""":math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`, the bound of
+    :func:`drift_bound` from the norms of the inputs (those a zero factor multiplies may be left 0)."""
+    return abs(grad_scale) * grad_norm + (localization + weight_decay) * param_norm + localization * anchor_norm
 
 
 def _map_chunks(task: Task, fn: Callable[[int, Chunk], Any], noise: NoiseSource) -> list[Any]:

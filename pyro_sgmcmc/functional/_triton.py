@@ -57,11 +57,11 @@ def sgld_kernel(table, blocks, numels, counters, seed_ptr, scalars, num_tensors,
     n = tl.load(numels + t)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # a whole block: no bounds on the loads and stores, so they can be vectorised
-        _update(table, t, offs, None, counters, seed_ptr, scalars, num_tensors, stream, start, DTYPE, COMPUTE, SCALE, DECAY,
-                LOCALIZE, NOISE, MASK, BOXED, ALIGNED, BLOCK)
-    else:
-        _update(table, t, offs, offs < n, counters, seed_ptr, scalars, num_tensors, stream, start, DTYPE, COMPUTE, SCALE,
+        _update(table, t, offs, None, counters, seed_ptr, scalars, num_tensors, stream, start, DTYPE, COMPUTE, SCALE,
                 DECAY, LOCALIZE, NOISE, MASK, BOXED, ALIGNED, BLOCK)
+    else:
+        _update(table, t, offs, offs < n, counters, seed_ptr, scalars, num_tensors, stream, start, DTYPE, COMPUTE,
+                SCALE, DECAY, LOCALIZE, NOISE, MASK, BOXED, ALIGNED, BLOCK)
 
 
 @triton.jit

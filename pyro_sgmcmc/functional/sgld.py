@@ -36,8 +36,8 @@ from torch import Tensor
 from ._common import Diagnostics, apply_buffer, fill_drift, plan_layout, sum_of_squares, take
 from ._fused import fused_layout
 from ._noise import Chunk, NoisePlanCache, NoiseSource, draw
-from ._ops import FOREACH
-from ._step import Z_MAX, Step, Task, drift_bound, gathered, run
+from ._ops import FOREACH, FOREACH_NORM_DTYPE
+from ._step import Z_MAX, Step, Task, drift_bound, drift_norm_bound, gathered, run
 
 
 def sgld(
@@ -215,9 +215,14 @@ class FusedSGLDTask(SGLDTask):
             return None, None
         shrink, localization = self.localization + self.weight_decay, self.localization
         inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
-        exact = self.plan.dtype in (torch.float32, torch.float64)  # else accumulated in float32 (ops.norms)
         try:
-            norms = torch.stack(torch._foreach_norm(inputs) if exact else self.ops.norms(inputs))
+            if self.plan.dtype in (torch.float32, torch.float64):
+                norms = torch._foreach_norm(inputs)
+            elif FOREACH_NORM_DTYPE:  # half precisions, accumulated in float32
+                norms = torch._foreach_norm(inputs, dtype=torch.float32)
+            else:
+                norms = self.ops.norms(inputs)
+            norms = torch.stack(norms)
         except (TypeError, RuntimeError):  # a list the kernel would refuse: say which tensor and why
             self._stage()
             raise
@@ -225,8 +230,8 @@ class FusedSGLDTask(SGLDTask):
         norms = norms.tolist()
         count = len(self.grads)
         parts = [norms[:count], norms[count : 2 * count] if shrink else (), norms[-count:] if localization else ()]
-        g, theta, theta0 = (math.sqrt(sum(x * x for x in part)) for part in parts)
-        total = abs(self.grad_scale) * g + shrink * theta + localization * theta0
+        total = drift_norm_bound(self.grad_scale, localization, self.weight_decay,
+                                 *(math.sqrt(sum(x * x for x in part)) for part in parts))
         return total * total, None
 
     def _stage(self) -> None:
@@ -238,3 +243,6 @@ class FusedSGLDTask(SGLDTask):
 
     def finish(self, chunk: Any, context: None, generator: torch.Generator | None) -> None:
         self.plan.launch(generator)
+
+    def discard(self) -> None:
+        self.plan.discard()
