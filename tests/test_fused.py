@@ -35,10 +35,13 @@ def test_fused_refuses_what_it_does_not_do(option):
     (name, value), = option.items()
     with pytest.raises(ValueError, match=rf"Invalid fused: True with {name}={value!r} .*use fused=None"):
         SGLD([param(3)], lr=0.1, fused=True, **option)
+    with pytest.raises(ValueError, match=rf"Invalid {name}: 'yes' \(must be one of"):  # its own check comes first
+        SGLD([param(3)], lr=0.1, fused=True, **{name: "yes"})
 
 
 def test_fused_refuses_cpu_parameters_naming_the_group_and_the_device(monkeypatch):
     monkeypatch.setattr(fused_module, "triton_installed", lambda: True)
+    monkeypatch.setattr(fused_module, "triton_version", lambda: "3.1.0")
     monkeypatch.setattr(fused_module, "interpreting", lambda: False)
     with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[0\], parameter 0 is on cpu, the "
                                          r"fused step runs on CUDA devices; use fused=None\)"):

@@ -89,7 +89,10 @@ def fused_problem(tensors: Sequence[Tensor]) -> str | None:
     """Why the fused step cannot update ``tensors`` (``None``: it can); see the module docstring."""
     if not triton_installed():
         return "Triton is not installed (pip install triton; it comes with the CUDA builds of torch)"
-    version = triton_version()
+    try:
+        version = triton_version()
+    except ImportError as error:
+        return f"Triton cannot be imported ({error})"
     if _release(version) < MIN_TRITON:
         return f"Triton {version} is installed, the fused step needs Triton >= {'.'.join(map(str, MIN_TRITON))}"
     for i, t in enumerate(tensors):

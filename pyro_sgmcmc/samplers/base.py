@@ -246,6 +246,7 @@ class SGMCMCOptimizer(Optimizer):
         foreach = check_choice("foreach", foreach, (None, True, False))
         distributed = check_choice("distributed", distributed, (None, *MODES))
         check_process_group(process_group, distributed)
+        self._check_sampler_options(foreach=foreach, diagnostics=diagnostics, noise_ahead=self.noise_ahead)
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
@@ -333,6 +334,10 @@ class SGMCMCOptimizer(Optimizer):
                 schedules[key] = group[key]
                 group[key] = check_schedule(key, group[key], group.get("step", 0), self.OPTION_CHECKS[key])
         return schedules
+
+    def _check_sampler_options(self, **options: Any) -> None:
+        """What a sampler asks of the sampler-wide ``options`` (``foreach``, ``diagnostics``,
+        ``noise_ahead``), each already checked on its own, before any group is added."""
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """What a new group needs beyond its options' own checks."""
