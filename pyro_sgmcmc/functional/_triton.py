@@ -69,8 +69,8 @@ def _normals4(seed, counter, stream):
     """Four standard normals per 64-bit ``counter``: Philox-4x32-10 keyed by ``seed`` on the
     counter words (low and high 32 bits of ``counter``, ``stream``, 0), each 32-bit output to a
     uniform and two Box-Muller pairs, as ``tl.randn4x`` does from Triton 3.4 on. Written out
-    because before 3.4 ``tl.randn4x`` ran a 64-bit Philox on 64-bit counters (triton-lang/triton#6832):
-    other numbers, at another speed."""
+    because before 3.4 ``tl.randn4x`` ran a 64-bit Philox on 64-bit counters
+    (triton-lang/triton#6832): other numbers, at another speed."""
     lo = (counter & 0xFFFFFFFF).to(tl.uint32)
     hi = (counter >> 32).to(tl.uint32)
     zero = lo * 0
