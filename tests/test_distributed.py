@@ -252,3 +252,95 @@ def test_svi_on_sharded_data_is_the_one_process_chain(kernels):
     assert (single[-1] - single[0]).abs().max() > 1e-3
     for rank_result in kernels:
         assert "replicas of the chain differ" in rank_result["svi_apart"]
+
+
+FSDP2_REFUSED = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from pyro_sgmcmc.samplers import SAMPLERS
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+try:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    for name, sampler in SAMPLERS.items():
+        try:
+            sampler(model.parameters(), lr=1e-3)
+        except ValueError as error:
+            print(name, error)
+        else:
+            print(name, "accepted")
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_parameters_are_refused_at_construction():
+    """FSDP2's ``fully_shard`` (DTensor parameters) on a 1-rank gloo group, in a process of its
+    own (the group must not outlive the test); ``torch.distributed.fsdp.fully_shard`` is public
+    from torch 2.6."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch.distributed.fsdp", reason="no torch.distributed")
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (torch >= 2.6)")
+
+    result = subprocess.run([sys.executable, "-c", FSDP2_REFUSED], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from pyro_sgmcmc.samplers import SAMPLERS
+
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(SAMPLERS), result.stdout
+    for line in lines:
+        assert ("Invalid params: parameter 0 of param_groups[0] is a DTensor: DTensor parameters are not supported "
+                "(FSDP2, tensor parallelism)") in line, line
+        assert "distributed='replicated'" in line, line
+
+
+@pytest.mark.parametrize("marked", ["flattened", "FlatParameter"])
+def test_fsdp1_parameters_are_refused_by_fsdps_own_marks(marked):
+    """FSDP1 needs an accelerator, so its marks are set by hand here: the ``FlatParameter`` it
+    hands the optimizer, or ``_fsdp_flattened`` on the original parameters it views
+    (``use_orig_params=True``)."""
+    from pyro_sgmcmc.samplers import SGLD
+
+    if marked == "flattened":
+        p = torch.nn.Parameter(torch.zeros(3))
+        p._fsdp_flattened = True
+    else:
+        FlatParameter = type("FlatParameter", (torch.nn.Parameter,), {})
+        p = FlatParameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"parameter 1 of param_groups\[0\] is a parameter flattened by FSDP "
+                       r"\(FullyShardedDataParallel\): FSDP is not supported"):
+        SGLD([torch.nn.Parameter(torch.zeros(2)), p], lr=1e-3)
+
+
+@pytest.mark.parametrize("found", ["public", "private", "none"])
+def test_fsdp_dtensor_class_is_found_on_every_supported_torch(monkeypatch, found):
+    """DTensor is public (torch.distributed.tensor) from torch 2.5 only, private
+    (torch.distributed._tensor) before, and absent without torch.distributed: the refusal looks
+    in both and treats a torch without it as having no DTensor parameters."""
+    import builtins
+
+    from pyro_sgmcmc.samplers import SGLD
+    from pyro_sgmcmc.samplers.base import _dtensor_class
+
+    real_import = builtins.__import__
+    missing = {"public": (), "private": ("torch.distributed.tensor",),
+               "none": ("torch.distributed.tensor", "torch.distributed._tensor")}[found]
+
+    def fake_import(name, globals=None, *args, **kwargs):  # only ours fails: torch's own shims import the public one
+        if name in missing and (globals or {}).get("__name__") == "pyro_sgmcmc.samplers.base":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, globals, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    cls = _dtensor_class()
+    if found == "none":
+        assert cls is None
+    else:
+        assert cls is not None and cls.__name__ == "DTensor"
+    SGLD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3).zero_grad()  # plain parameters are accepted either way

@@ -21,7 +21,7 @@ from pyro_sgmcmc.samplers import SAMPLERS, ControlVariate
 from pyro_sgmcmc.schedules import CyclicalSchedule
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead")
+OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead", "fused")
 
 
 def options_of(cls) -> list[str]:

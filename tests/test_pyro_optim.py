@@ -58,6 +58,22 @@ def test_named_like_pyro_wrappers_and_accepted_by_svi(name):
     assert names == sorted(names) == ["AutoUnconstrainedDelta.locs.loc", "AutoUnconstrainedDelta.locs.scale"]
 
 
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
+def test_fused_false_or_none_runs_every_optimizer_as_without_it(name, fused):
+    """fused=False and fused=None are every sampler's default step: accepted by each Pyro
+    optimizer (only SGLD's sampler has the keyword) and the chain that of no keyword at all."""
+    chains = []
+    for options in ({}, {"fused": fused}):
+        opt = getattr(optim, name)({"lr": 1e-3}, **options)
+        svi, _ = make_svi(opt)
+        for _ in range(3):
+            svi.step(DATA)
+        chains.append(params())
+    assert chains[0].keys() == chains[1].keys()
+    assert all(torch.equal(chains[0][key], chains[1][key]) for key in chains[0])
+
+
 @pytest.mark.parametrize("name", list(optim.PYRO_OPTIMIZERS))
 def test_save_load_continues_identically(name, tmp_path):
     opt = getattr(optim, name)({"lr": 1e-3, "localization": 0.1})
@@ -255,7 +271,7 @@ def test_bad_arguments_are_rejected_clearly():
 
 
 @pytest.mark.parametrize("key, value", [("distributed", "replicated"), ("process_group", None),
-                                        ("noise_ahead", True), ("generator", None)])
+                                        ("noise_ahead", True), ("fused", True), ("generator", None)])
 def test_optimizer_wide_options_are_not_group_options(key, value):
     """Options of the whole sampler given in optim_args are refused, naming the keyword to use
     (they used to become a group's key, and the sampler ran without them)."""
@@ -275,6 +291,11 @@ def test_optimizer_wide_options_reach_the_sampler():
                for group in opt.sampler.param_groups)
     with pytest.raises(ValueError, match="Invalid noise_ahead: True, but SGHMC"):
         optim.SGHMC({"lr": 1e-3}, noise_ahead=True)
+    with pytest.raises(ValueError, match="Invalid fused: True, but SGNHT has no fused step"):
+        optim.SGNHT({"lr": 1e-3}, fused=True)
+    opt = optim.SGLD({"lr": 1e-3}, fused=True)  # refused by the sampler, made at the first step, off CUDA
+    with pytest.raises(ValueError, match=r"Invalid fused: True \(in param_groups\[0\]"):
+        make_svi(opt)[0].step(DATA)
     with pytest.raises(ValueError, match="Invalid distributed: 'sharded'"):
         optim.SGLD({"lr": 1e-3}, distributed="sharded")
 

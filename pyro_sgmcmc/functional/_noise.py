@@ -556,22 +556,24 @@ class NoisePlanCache:
         self.max_plans = max_plans
         self._plans: dict[tuple, NoisePlan] = {}
         self._layouts: dict[tuple, Layout] = {}
-        self._last: tuple[tuple[Tensor, ...], Layout] | None = None
+        self._last: tuple[tuple[Tensor, ...], Layout, str] | None = None
 
-    def layout(self, tensors: Sequence[Tensor], make: Callable[..., Layout], *args: Any) -> Layout:
-        """The cached layout of ``tensors`` (by identity), made by ``make(*args)`` on first sight.
+    def layout(self, tensors: Sequence[Tensor], make: Callable[..., Layout], *args: Any, kind: str = "") -> Layout:
+        """The cached layout of ``tensors`` (by identity) for steps of this ``kind`` (the eager
+        step's is ``""``, the fused step's ``"fused"``), made by ``make(*args)`` on first sight.
         The last one is held with its tensors and found without hashing: the usual case, a
         sampler stepping the same parameters."""
         last = self._last
-        if last is not None and len(last[0]) == len(tensors) and all(map(operator.is_, last[0], tensors)):
+        if last is not None and last[2] == kind and len(last[0]) == len(tensors) \
+                and all(map(operator.is_, last[0], tensors)):
             return last[1]
-        key = tuple(map(id, tensors))
+        key = (kind, *map(id, tensors))
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) >= self.max_plans:
                 self._layouts.clear()
             layout = self._layouts[key] = make(*args)
-        self._last = (tuple(tensors), layout)
+        self._last = (tuple(tensors), layout, kind)
         return layout
 
     def plan(self, tensors: Sequence[Tensor]) -> NoisePlan:

@@ -17,6 +17,11 @@ TensorList = Sequence[Tensor]
 Scalar = float | Tensor
 
 
+#: this torch's ``torch._foreach_norm`` takes ``dtype=`` (read from its schema; older ones do not)
+FOREACH_NORM_DTYPE = any("dtype" in str(schema)
+                         for schema in torch._C._jit_get_schemas_for_operator("aten::_foreach_norm"))
+
+
 class PerTensorOps:
     """The per-tensor fallback: a Python loop of in-place tensor methods."""
 

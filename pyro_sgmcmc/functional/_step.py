@@ -110,7 +110,17 @@ class Task:
         bound = (check, factor, noise_bound, scalars)
         if bound != self._bound:
             self._bound = bound
-            self.limit = update_limit(self.plan.dtype, factor, noise_bound, scalars) if check else None
+            self.limit = update_limit(self.plan.dtype, factor, noise_bound, scalars, self.buffer_dtype) if check \
+                else None
+
+    def discard(self) -> None:
+        """Drop what :meth:`prepare` kept for :meth:`finish` when the step is refused."""
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The dtype the update is computed in (:func:`update_limit`): the eager step's buffers
+        are in the parameters' dtype."""
+        return self.plan.dtype
 
 
 #: An update rule's step: ``(tasks, post)``, its :class:`Task` objects and what to do with their
@@ -125,24 +135,35 @@ REFUSED = -math.inf
 _FLOATS: dict[torch.dtype, tuple[float, float]] = {}
 
 
-def update_limit(dtype: torch.dtype, factor: float, noise_bound: float, scalars: Sequence[float] = ()) -> float:
+def update_limit(dtype: torch.dtype, factor: float, noise_bound: float, scalars: Sequence[float] = (),
+                 buffer_dtype: torch.dtype | None = None) -> float:
     """The largest sum of squares :math:`C` of a chunk's candidate for which an update of at
     most ``factor * (sqrt(C) + noise_bound)`` per entry surely leaves a finite parameter finite:
     the update stays below an eighth of the float spacing at the dtype's largest value (half of
     it, with room for rounding), and the buffer itself below a quarter of that value.
 
     ``scalars`` are the factors the update hands torch as ``alpha`` or ``value``, which torch
-    refuses to convert beyond the dtype's range: then :data:`REFUSED` (the step is refused at once)."""
-    floats = _FLOATS.get(dtype)
-    if floats is None:
-        info = torch.finfo(dtype)
-        floats = _FLOATS[dtype] = (info.max, info.max * info.eps / 8)
-    largest, spacing = floats
+    refuses to convert beyond the dtype's range: then :data:`REFUSED` (the step is refused at once).
+    ``buffer_dtype``: where the update is computed in another dtype than the parameters' (the
+    fused kernel's float32), the buffer's and the scalars' range is that dtype's; the spacing
+    stays the parameters'."""
+    largest, spacing = _floats(dtype)
+    if buffer_dtype is not None and buffer_dtype != dtype:
+        largest = _floats(buffer_dtype)[0]
     for scalar in scalars:
         if not -largest <= scalar <= largest:
             return REFUSED
     room = min(spacing / factor, largest / 4) - noise_bound
     return room * room if room > 0 else -1.0
+
+
+def _floats(dtype: torch.dtype) -> tuple[float, float]:
+    """The dtype's largest value and an eighth of the float spacing there."""
+    floats = _FLOATS.get(dtype)
+    if floats is None:
+        info = torch.finfo(dtype)
+        floats = _FLOATS[dtype] = (info.max, info.max * info.eps / 8)
+    return floats
 
 
 class Ballot:
@@ -189,16 +210,27 @@ def execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None = N
         task = tasks[0] if len(tasks) == 1 else None
         noise.settle(None if task is None else task.plan, None if task is None else task.ahead_std)
     if ballot is None and noise.ahead is None:
-        return _execute(tasks, noise, None)
+        try:
+            return _execute(tasks, noise, None)
+        except BaseException:
+            _discard(tasks)
+            raise
     try:
         results = _execute(tasks, noise, ballot)
     except BaseException:
+        _discard(tasks)
         noise.cancel_ahead()
         if ballot is not None and not ballot.cast:
             ballot(False)
         raise
     noise.claimed()
     return results
+
+
+def _discard(tasks: Sequence[Task]) -> None:
+    """Drop what a refused step's tasks prepared for it (:meth:`Task.discard`)."""
+    for task in tasks:
+        task.discard()
 
 
 def _execute(tasks: Sequence[Task], noise: NoiseSource, ballot: Ballot | None) -> list[list[Any]]:
@@ -327,13 +359,16 @@ def drift_bound(ops: Any, chunk: Chunk, grads: Sequence[Tensor], params: Sequenc
                 ) -> float:
     r"""A bound on the norm of the chunk's drift :math:`s\nabla U + (\gamma + \lambda)\theta -
     \gamma\theta_0` (:func:`~._common.fill_drift`), by the triangle inequality."""
-    total = abs(grad_scale) * norm(ops, chunk.pieces(grads, readonly=True))
-    shrink = localization + weight_decay
-    if shrink:
-        total += shrink * norm(ops, chunk.pieces(params, readonly=True))
-    if localization:
-        total += localization * norm(ops, chunk.pieces(anchors, readonly=True))
-    return total
+    return drift_norm_bound(grad_scale, localization, weight_decay, norm(ops, chunk.pieces(grads, readonly=True)),
+                            norm(ops, chunk.pieces(params, readonly=True)) if localization + weight_decay else 0.0,
+                            norm(ops, chunk.pieces(anchors, readonly=True)) if localization else 0.0)
+
+
+def drift_norm_bound(grad_scale: float, localization: float, weight_decay: float, grad_norm: float,
+                     param_norm: float = 0.0, anchor_norm: float = 0.0) -> float:
+    r""":math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`, the bound of
+    :func:`drift_bound` from the norms of the inputs (those a zero factor multiplies may be left 0)."""
+    return abs(grad_scale) * grad_norm + (localization + weight_decay) * param_norm + localization * anchor_norm
 
 
 def _map_chunks(task: Task, fn: Callable[[int, Chunk], Any], noise: NoiseSource) -> list[Any]:

@@ -15,6 +15,9 @@ potential is written into a small buffer and checked (:mod:`._step`), then the n
 a second buffer scaled by :math:`2\sigma/\sqrt{\epsilon}`, is added to it, and the buffer is
 applied as :math:`\theta \leftarrow \theta - \frac{\epsilon}{2} b`. With :math:`\sigma = 0`,
 :math:`T = 1` it is bit for bit ``torch.optim.SGD`` with learning rate :math:`\epsilon/2`.
+With ``fused=True`` (CUDA, Triton) the same arithmetic runs in one kernel per device and dtype
+that generates the noise in registers (:mod:`._fused`, :mod:`._triton`): other noise numbers,
+the same law.
 
 References:
     * M. Welling and Y. W. Teh, "Bayesian learning via stochastic gradient Langevin dynamics", ICML 2011.
@@ -31,8 +34,10 @@ import torch
 from torch import Tensor
 
 from ._common import Diagnostics, apply_buffer, fill_drift, plan_layout, sum_of_squares, take
+from ._fused import fused_layout
 from ._noise import Chunk, NoisePlanCache, NoiseSource, draw
-from ._step import Z_MAX, Step, Task, drift_bound, gathered, run
+from ._ops import FOREACH, FOREACH_NORM_DTYPE
+from ._step import Z_MAX, Step, Task, drift_bound, drift_norm_bound, gathered, run
 
 
 def sgld(
@@ -68,6 +73,10 @@ def sgld(
         dtype and device (as torch guarantees of ``p.grad``; the optimizers pass ``True``). Then,
         outside autograd, the gradients of small 1-d tensors are gathered with one ``torch.cat``
         instead of one op each; unchecked, a mismatch raises in the per-tensor ops.
+    :param fused: one Triton kernel per device and dtype, the noise generated inside it from a
+        seed drawn from the generator at each step (:mod:`._fused`: CUDA tensors; a
+        ``ValueError`` says why not elsewhere); no ``diagnostics``, not differentiable.
+        ``check_finite=False`` then saves the check's read of the gradients.
 
     Every keyword but ``generator`` and ``noise`` is passed on to :func:`sgld_step`.
     """
@@ -91,6 +100,7 @@ def sgld_step(
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
     grads_checked: bool = False,
+    fused: bool = False,
 ) -> Step:
     """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sgld` (same arguments), for a
     caller that runs several updates as one step."""
@@ -98,6 +108,14 @@ def sgld_step(
         return [], None
     step_size = lr / 2
     noise_std = 2.0 * noise_level / math.sqrt(lr)  # the buffer is applied with factor lr / 2
+    if fused:
+        if diagnostics is not None:
+            raise ValueError("Invalid diagnostics: the fused step computes no parts of its update (use fused=False)")
+        tasks = fused_layout(params, grads, noise_plans).tasks_of(FusedSGLDTask)
+        for task in tasks:
+            task.set(None, params, grads, anchors, masks, step_size, noise_std, grad_scale, localization,
+                     weight_decay, bounding_box_size, check_finite, None)
+        return tasks, None
     ops, layout = plan_layout(params, grads, noise_plans, foreach, grads_checked)
     tasks = layout.tasks_of(SGLDTask)
     for task in tasks:
@@ -164,3 +182,67 @@ class SGLDTask(Task):
             chunk.flat.add_(chunk.spare)
         apply_buffer(self.ops, chunk, thetas, theta0, ms, self.step_size, self.bounding_box_size)
         return parts if parts is None else Diagnostics.after_update(parts, thetas, theta0)
+
+
+class FusedSGLDTask(SGLDTask):
+    """One (device, dtype) bucket of a fused SGLD step (:mod:`._fused`). Its "candidate" is not
+    materialised: :meth:`prepare` measures a bound on the drift's norm from the norms of its
+    inputs (the check pass, reading the gradients, and the parameters and anchors where the
+    update uses them), and :meth:`finish` runs the kernel, noise included."""
+
+    __slots__ = ()
+
+    #: what :mod:`._step` looks in for a non-finite input when the gradients are finite
+    candidate = "inputs"
+
+    def set(self, ops, params, grads, anchors, masks, *args: Any) -> None:
+        super().set(FOREACH, params, grads, anchors, masks, *args)
+        self.plan.chunks[0].inputs = self.params
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The kernel computes the update in float32 (float64 for float64 parameters), so a
+        float16 buffer's range does not bound it."""
+        return self.plan.compute_dtype
+
+    def prepare(self, chunk: Any, measure: bool = True) -> tuple[float | None, None]:
+        r"""The square of :math:`|s|\,\|g\| + (\gamma + \lambda)\|\theta\| + \gamma\|\theta_0\|`,
+        a bound on the drift's norm (NaN or Inf if an input is not finite), from one multi-tensor
+        norm of the inputs and one transfer to the host: few launches, as the step waits for it.
+        The launch is staged (:meth:`~._fused.FusedPlan.stage`) while the device computes it."""
+        if not measure or self.limit is None:  # no check (check_finite=False): the gradients are not read
+            self._stage()
+            return None, None
+        shrink, localization = self.localization + self.weight_decay, self.localization
+        inputs = [*self.grads, *(self.params if shrink else ()), *(self.anchors if localization else ())]
+        try:
+            if self.plan.dtype in (torch.float32, torch.float64):
+                norms = torch._foreach_norm(inputs)
+            elif FOREACH_NORM_DTYPE:  # half precisions, accumulated in float32
+                norms = torch._foreach_norm(inputs, dtype=torch.float32)
+            else:
+                norms = self.ops.norms(inputs)
+            norms = torch.stack(norms)
+        except (TypeError, RuntimeError):  # a list the kernel would refuse: say which tensor and why
+            self._stage()
+            raise
+        self._stage()
+        norms = norms.tolist()
+        count = len(self.grads)
+        parts = [norms[:count], norms[count : 2 * count] if shrink else (), norms[-count:] if localization else ()]
+        total = drift_norm_bound(self.grad_scale, localization, self.weight_decay,
+                                 *(math.sqrt(sum(x * x for x in part)) for part in parts))
+        return total * total, None
+
+    def _stage(self) -> None:
+        box = self.bounding_box_size
+        values = (self.step_size, self.noise_std, self.grad_scale, self.localization + self.weight_decay,
+                  self.localization, 0.0 if box is None else box)
+        self.plan.stage(self.params, self.grads, self.anchors, self.masks, values, localize=bool(self.localization),
+                        boxed=box is not None)
+
+    def finish(self, chunk: Any, context: None, generator: torch.Generator | None) -> None:
+        self.plan.launch(generator)
+
+    def discard(self) -> None:
+        self.plan.discard()

@@ -55,6 +55,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         warning when several ranks run).
     :param process_group: the ``torch.distributed`` group (default: the default group).
     :param noise_ahead: passed to the sampler (samplers that offer it: SGLD).
+    :param fused: passed to the sampler (samplers that offer it: SGLD; CUDA only, and not with
+        ``get_step``, which differentiates the step).
 
     These keyword options concern the whole optimizer: given as keys of ``optim_args`` they are
     refused (naming the keyword to use), never taken for a parameter group's option.
@@ -101,6 +103,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         distributed: str | None = None,
         process_group: Any = None,
         noise_ahead: bool = False,
+        fused: bool | None = None,
     ) -> None:
         if not (isinstance(sampler_constructor, type) and issubclass(sampler_constructor, SGMCMCOptimizer)):
             raise TypeError(
@@ -117,9 +120,13 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
         check_choice("distributed", distributed, (None, "replicated", "independent"))
         check_process_group(process_group, distributed, ("replicated",))
         check_choice("noise_ahead", noise_ahead, (False, True))
-        if noise_ahead and "noise_ahead" not in inspect.signature(sampler_constructor.__init__).parameters:
-            raise ValueError(f"Invalid noise_ahead: True, but {sampler_constructor.__name__} does not draw its noise "
-                             "ahead (samplers that do: SGLD)")
+        check_choice("fused", fused, (None, True, False))
+        offered = inspect.signature(sampler_constructor.__init__).parameters
+        for name, value, lacks in (("noise_ahead", noise_ahead, "does not draw its noise ahead"),
+                                   ("fused", fused, "has no fused step")):
+            if value and name not in offered:
+                raise ValueError(f"Invalid {name}: True, but {sampler_constructor.__name__} {lacks} (samplers that "
+                                 "do: SGLD)")
         self._accepted = _group_options(sampler_constructor)
         self._where = f"{type(self).__module__.split('.')[0]}.optim.{sampler_constructor.__name__}"
         if not callable(optim_args):
@@ -133,6 +140,8 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
                                     distributed=distributed, process_group=process_group)
         if noise_ahead:
             self.sampler_options["noise_ahead"] = True
+        if fused:  # only SGLD takes it (checked above); False and None are every sampler's default step
+            self.sampler_options["fused"] = True
         self._ranks: Ranks | None = None
         self.sampler: SGMCMCOptimizer | None = None
         self._by_name: dict[str, Tensor] = {}
@@ -392,7 +401,7 @@ class SGMCMCPyroOptim(PyroOptim, MultiOptimizer):
 
 #: The sampler's options that concern the whole optimizer, not a parameter group: keyword
 #: arguments of the Pyro optimizer itself, never keys of ``optim_args``.
-_OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead")
+_OPTIMIZER_WIDE = ("generator", "foreach", "diagnostics", "distributed", "process_group", "noise_ahead", "fused")
 
 
 def _group_options(sampler_class: type[SGMCMCOptimizer]) -> list[str]:
@@ -458,10 +467,10 @@ class _NamedPyroOptim(SGMCMCPyroOptim):
     def __init__(self, optim_args: OptimArgs, clip_args: OptimArgs | None = None, *,
                  generator: torch.Generator | None = None, foreach: bool | None = None,
                  diagnostics: bool | str = False, distributed: str | None = None, process_group: Any = None,
-                 noise_ahead: bool = False) -> None:
+                 noise_ahead: bool = False, fused: bool | None = None) -> None:
         super().__init__(self.sampler_class, optim_args, clip_args, generator=generator, foreach=foreach,
                          diagnostics=diagnostics, distributed=distributed, process_group=process_group,
-                         noise_ahead=noise_ahead)
+                         noise_ahead=noise_ahead, fused=fused)
 
 
 class SGLD(_NamedPyroOptim):
@@ -474,7 +483,7 @@ class SGLD(_NamedPyroOptim):
     :param clip_args: gradient clipping, as in Pyro.
 
     The keyword options (``generator``, ``foreach``, ``diagnostics``, ``distributed``,
-    ``process_group``, ``noise_ahead``): see :class:`SGMCMCPyroOptim`.
+    ``process_group``, ``noise_ahead``, ``fused``): see :class:`SGMCMCPyroOptim`.
     """
 
     sampler_class = samplers.SGLD

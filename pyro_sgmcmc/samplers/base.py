@@ -246,6 +246,7 @@ class SGMCMCOptimizer(Optimizer):
         foreach = check_choice("foreach", foreach, (None, True, False))
         distributed = check_choice("distributed", distributed, (None, *MODES))
         check_process_group(process_group, distributed)
+        self._check_sampler_options(foreach=foreach, diagnostics=diagnostics, noise_ahead=self.noise_ahead)
         # Set before Optimizer.__init__, which calls add_param_group.
         self.generator = generator
         self.foreach = foreach
@@ -334,10 +335,23 @@ class SGMCMCOptimizer(Optimizer):
                 group[key] = check_schedule(key, group[key], group.get("step", 0), self.OPTION_CHECKS[key])
         return schedules
 
+    def _check_sampler_options(self, **options: Any) -> None:
+        """What a sampler asks of the sampler-wide ``options`` (``foreach``, ``diagnostics``,
+        ``noise_ahead``), each already checked on its own, before any group is added."""
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         """What a new group needs beyond its options' own checks."""
         if group["noise_level"] != 1.0:
             self._warn_noise_level(group["noise_level"], stacklevel=5)
+        for i, p in enumerate(group["params"]):
+            made_by = _fsdp_kind(p)
+            if made_by is not None:
+                raise ValueError(
+                    f"Invalid params: parameter {i} of param_groups[{len(self.param_groups) - 1}] is {made_by} "
+                    "(a sharded parameter's noise and checks are not defined here); run the model "
+                    "under DistributedDataParallel with distributed='replicated', or shard the sampler's work with "
+                    "ZeroRedundancyOptimizer and distributed='sharded'"
+                )
         if self.generator is not None:
             for i, p in enumerate(group["params"]):
                 if p.device.type != self.generator.device.type:
@@ -833,6 +847,33 @@ class SGMCMCOptimizer(Optimizer):
 
     def _after_load(self, group: dict[str, Any]) -> None:
         """Per-group state after loading (e.g. a thermostat moved to the parameters' device)."""
+
+
+def _fsdp_kind(p: Tensor) -> str | None:
+    """What FSDP (or another sharding of ``torch.distributed``) made of ``p``, or ``None`` for a
+    plain tensor: FSDP2's ``fully_shard`` turns parameters into DTensors; FSDP1 hands the
+    optimizer its ``FlatParameter`` or, with ``use_orig_params=True``, views into one, which it
+    marks ``_fsdp_flattened``."""
+    if getattr(p, "_fsdp_flattened", False) or any(c.__name__ == "FlatParameter" for c in type(p).__mro__):
+        return "a parameter flattened by FSDP (FullyShardedDataParallel): FSDP is not supported"
+    if type(p) in (Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return None
+    DTensor = _dtensor_class()
+    if DTensor is not None and isinstance(p, DTensor):
+        return "a DTensor: DTensor parameters are not supported (FSDP2, tensor parallelism)"
+    return None
+
+
+def _dtensor_class() -> type | None:
+    """``torch.distributed``'s DTensor class: public from torch 2.5, private before (``None`` if absent)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
 
 
 def _all_options() -> set[str]:
