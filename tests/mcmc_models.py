@@ -82,3 +82,35 @@ def hierarchical_logistic(x, y, groups, batch=None):
         eta = pyro.sample("eta", dist.Normal(0.0, 1.0))  # [m, 1]
         with pyro.plate("obs", x.shape[1], dim=-1):
             pyro.sample("y", dist.Bernoulli(logits=x[idx] @ beta + sigma * eta), obs=y[idx])
+
+
+#: The (user, item) pairs whose predicted rating u_i . v_j the PMF tests compare (rotation- and
+#: sign-invariant, unlike the factors themselves).
+PMF_PAIRS = ((0, 0), (1, 3), (7, 5), (12, 9), (25, 2), (39, 7))
+
+
+def pmf_data(users=40, items=10, rank=2, noise=0.5, seed=0):
+    """``ratings [users, items]`` drawn from :func:`pmf` with factors N(0, I) and noise sd 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(users, rank, generator=gen)
+    v = torch.randn(items, rank, generator=gen)
+    return u @ v.T + noise * torch.randn(users, items, generator=gen)
+
+
+def pmf(ratings, batch=None, rank=2):
+    """Probabilistic matrix factorisation: item factors v_j ~ N(0, I) (global), noise sd sigma ~
+    HalfNormal(1) (global), user factors u_i ~ N(0, I) (local to the subsampled plate of users),
+    r_ij ~ N(u_i . v_j, sigma^2), every rating observed."""
+    users, items = ratings.shape
+    v = pyro.sample("v", dist.Normal(0.0, 1.0).expand([items, rank]).to_event(2))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("users", users, subsample_size=batch, dim=-1) as idx:
+        u = pyro.sample("u", dist.Normal(0.0, 1.0).expand([rank]).to_event(1))  # [m, rank]
+        pyro.sample("r", dist.Normal(u @ v.T, sigma).to_event(1), obs=ratings[idx])
+
+
+def pmf_draws(v, sigma, u):
+    """``[num_samples, len(PMF_PAIRS) + 1]``: the predicted ratings u_i . v_j of PMF_PAIRS, then sigma,
+    from ``v [samples, items, rank]``, ``sigma [samples]``, ``u [samples, users, rank]``."""
+    pairs = [(u[:, i] * v[:, j]).sum(-1) for i, j in PMF_PAIRS]
+    return torch.stack([*pairs, sigma.reshape(-1)], 1).double()

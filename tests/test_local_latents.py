@@ -349,11 +349,8 @@ def _logistic_matches_nuts(seed):
     step-size rule's target bias (on variances, so half of it on sds, doubled for the two blocks).
     ``seed`` draws the chain's start (init_to_uniform) and its path."""
     from real_models import reference
-    from test_real_models import thinned_ess
 
     x, y = models.hierarchical_logistic_data()
-    ref = reference("hierarchical_logistic")
-    nuts_mean, nuts_sd = torch.tensor(ref["mean"]), torch.tensor(ref["sd"])
     kernel = SGLD(models.hierarchical_logistic, num_steps=5, target_bias=0.05, local_samples="all")
     pyro.set_rng_seed(seed)
     mcmc = MCMC(kernel, num_samples=3000, warmup_steps=300, disable_progbar=True)
@@ -363,21 +360,35 @@ def _logistic_matches_nuts(seed):
     # the rows' step held its rule at every globals probed after warmup
     assert not [problem for problem in kernel.diagnostics()["mixing problems"] if "local site" in problem]
     draws = models.hierarchical_logistic_draws({**mcmc.get_samples(), **kernel.local_samples()})
+    print(f"seed {seed}: local step {kernel.diagnostics()['local step sizes']}")
+    _compare_with_nuts(draws, reference("hierarchical_logistic"), information=0.15, mean_bias=0.1,
+                       sd_bias=kernel.target_bias)
+
+
+def _compare_with_nuts(draws, ref, information, mean_bias, sd_bias):
+    """``draws [samples, k]`` (one chain) against a NUTS reference (``tests/data/*_nuts.json``):
+    the standard error of each difference of means, ours from our ESS and NUTS's from its own,
+    must be at most ``information`` NUTS sds (the check's resolution); the means must then agree
+    within 4 of them plus ``mean_bias`` NUTS sds, the sds within 4 standard errors (delta method on
+    the variances') plus ``sd_bias`` NUTS sds."""
+    from test_real_models import thinned_ess
+
+    nuts_mean, nuts_sd = torch.tensor(ref["mean"]), torch.tensor(ref["sd"])
     ess = thinned_ess(draws[None])
     stderr = torch.sqrt(draws.var(0) / ess + nuts_sd**2 / torch.tensor(ref["ess_mean"]))
-    assert bool((stderr <= 0.15 * nuts_sd).all()), f"too little information: {stderr / nuts_sd}"
     error = (draws.mean(0) - nuts_mean).abs()
-    assert bool((error <= 4 * stderr + 0.1 * nuts_sd).all()), (error / nuts_sd, stderr / nuts_sd)
     centred = (draws - draws.mean(0)) ** 2
     variance_stderr = torch.sqrt(centred.var(0) / thinned_ess(centred[None])
                                  + torch.tensor(ref["variance_sd"]) ** 2 / torch.tensor(ref["ess_variance"]))
     sd_stderr = variance_stderr / (2 * nuts_sd)  # delta method
     sd_error = (draws.std(0) - nuts_sd).abs()
-    print(f"seed {seed}: sd / NUTS sd {[round(v, 3) for v in (draws.std(0) / nuts_sd).tolist()]}; |mean error| / NUTS sd "
-          f"max {float((error / nuts_sd).max()):.3f}; sd stderr / sd max {float((sd_stderr / nuts_sd).max()):.3f}; local "
-          f"step {kernel.diagnostics()['local step sizes']}")
-    assert bool((sd_error <= 4 * sd_stderr + kernel.target_bias * nuts_sd).all()), (
-        draws.std(0) / nuts_sd, sd_stderr / nuts_sd)
+    print(f"|mean error| / NUTS sd {[round(v, 3) for v in (error / nuts_sd).tolist()]}; its stderr / sd "
+          f"{[round(v, 3) for v in (stderr / nuts_sd).tolist()]}; sd / NUTS sd "
+          f"{[round(v, 3) for v in (draws.std(0) / nuts_sd).tolist()]}; its stderr / sd "
+          f"{[round(v, 3) for v in (sd_stderr / nuts_sd).tolist()]}; ESS {[round(v) for v in ess.tolist()]}")
+    assert bool((stderr <= information * nuts_sd).all()), f"too little information: {stderr / nuts_sd}"
+    assert bool((error <= 4 * stderr + mean_bias * nuts_sd).all()), (error / nuts_sd, stderr / nuts_sd)
+    assert bool((sd_error <= 4 * sd_stderr + sd_bias * nuts_sd).all()), (draws.std(0) / nuts_sd, sd_stderr / nuts_sd)
 
 
 _TOO_LITTLE_INFORMATION = pytest.mark.skip(
@@ -401,3 +412,41 @@ def test_hierarchical_logistic_regression_matches_nuts_from_other_starts(seed):
     (the bug this guards against: a random-effect scale collapsed during arrival, a step measured
     there, and a chain thrown out by it, depended on where the chain started)."""
     _logistic_matches_nuts(seed)
+
+
+PMF_WARMUP, PMF_SAMPLES, PMF_STEPS = 500, 4000, 5
+
+
+@pytest.mark.slow
+@pytest.mark.skip(
+    reason="too little information: 4000 samples of 5 steps (2.6 min on 2 shared cores) give ESS 68 to 207 and Monte "
+           "Carlo errors of 0.07 to 0.13 NUTS sds where the check needs 0.1 (measured: mean errors 0.03 to 0.40 sd, "
+           "the largest 3.4 standard errors, sigma's 0.32 sd at 2.9; sds within 6%); about twice the samples are "
+           "needed, beyond the slow tests' budget (skipped, not xfail: a test that cannot fail is not run)")
+def test_matrix_factorisation_matches_nuts():
+    """Probabilistic matrix factorisation (mcmc_models.pmf, 40 users x 10 items, rank 2): the
+    user factors local to the subsampled plate of users (minibatches of 10), the item factors and
+    the noise sd global, against NUTS on the full data (tests/data/pmf_nuts.json, 2 chains). The
+    factors are identified only up to a rotation (and the scale traded between u and v under the
+    priors), so the comparison is on invariant quantities: predicted ratings u_i . v_j and sigma.
+
+    Monte Carlo error: the standard error of each difference from the ESS of both chains, which
+    must be at most 0.1 NUTS sds (the test can see a 10% error, as test_mcmc.check). Bias: each
+    block's step follows a rule for a relative bias of ``target_bias`` on its conditional
+    variances; sds are allowed ``target_bias`` (relative; half of it per block, two blocks), and
+    means the same in sds (a relative bias t on the factors' (co)variances moves E[u_i . v_j] by
+    t cov(u_i, v_j), a fraction t of the product's spread)."""
+    from real_models import reference
+
+    ratings = models.pmf_data()
+    kernel = SGLD(models.pmf, num_steps=PMF_STEPS, target_bias=0.05, local_samples="all")
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(kernel, num_samples=PMF_SAMPLES, warmup_steps=PMF_WARMUP, disable_progbar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MixingWarning)  # the information check below is this test's own
+        mcmc.run(ratings, 10)
+    assert not [problem for problem in kernel.diagnostics()["mixing problems"] if "local site" in problem]
+    samples = mcmc.get_samples()
+    draws = models.pmf_draws(samples["v"], samples["sigma"], kernel.local_samples()["u"])
+    _compare_with_nuts(draws, reference("pmf"), information=0.1, mean_bias=kernel.target_bias,
+                       sd_bias=kernel.target_bias)
