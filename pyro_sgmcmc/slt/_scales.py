@@ -133,7 +133,12 @@ def expected_virial(lr: float, scales: Scales, num_sampled: int, localization: f
     :math:`(1 + \epsilon B/4)/(a(1 - \epsilon a/4))`, so each direction gives
     :math:`1 + \epsilon(a + B)/4` to first order, and all of them
 
-    .. math:: d + \frac{\epsilon}{4}\big(n\beta\,\mathrm{tr}\,\nabla^2 L + \gamma d + \textstyle\sum_j B_j\big)."""
+    .. math:: d + \frac{\epsilon}{4}\big(n\beta\,\mathrm{tr}\,\nabla^2 L + \gamma d + \textstyle\sum_j B_j\big).
+
+    The terms of higher order add up to at most :math:`x/(1 - x)`, :math:`x = \epsilon a_{max}/4`
+    (1/7 at the step's cap), times the first-order offset on a quadratic, and more where the loss
+    is not one: a deficit of that size can hide behind them, and a virial above this value says
+    the chains are hotter than the first-order law, not that they are unrelaxed."""
     return num_sampled + lr / 4 * (scales.hessian_trace + localization * num_sampled + scales.noise_trace)
 
 
