@@ -117,14 +117,18 @@ def virial(objective: ChainObjective, grads: list[Tensor], nbeta: float, localiz
 
     By equipartition (integration by parts against :math:`\pi \propto e^{-U}`:
     :math:`E_\pi[(w - w^*)\cdot\nabla U] = E_\pi[\nabla\cdot(w - w^*)]`), at equilibrium the virial's
-    mean is :math:`d`, the number of sampled coordinates, for *any* potential; the gradient's minibatch noise, drawn after :math:`w`, adds nothing to the mean.
+    mean is :math:`d`, the number of sampled coordinates, for *any* potential; the gradient's
+    minibatch noise, drawn after :math:`w`, adds nothing to the mean.
     Each direction contributes 1, stiff or flat, and a direction whose variance has not grown from
     its start at :math:`w^*` contributes less: a deficit counts the directions that have not
     relaxed, which the loss trace alone does not show when they are slow and carry little of its
     variance (see :func:`expected_virial` for SGLD's own offset)."""
+    chains = objective.num_chains
     offsets = [p.detach() - a.detach() for p, a in zip(objective.params, objective.anchor_stack)]
-    forces = [nbeta * g + localization * o for g, o in zip(grads, offsets)]
-    return _chain_dot(offsets, forces, objective.num_chains).to(torch.float64)
+    total = nbeta * _chain_dot(offsets, grads, chains).double()
+    if localization:
+        total += localization * _chain_dot(offsets, offsets, chains).double()
+    return total
 
 
 def expected_virial(lr: float, scales: Scales, num_sampled: int, localization: float) -> float:

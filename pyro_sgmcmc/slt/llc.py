@@ -335,7 +335,7 @@ def estimate_llc(
     unrelaxed = expected_virial(lr, scales, objective.num_sampled, localization) - virials.mean
     if unrelaxed > UNRELAXED_LIMIT * virials.std_error and unrelaxed / 2 > std_error:
         relax = (f" (directions held only by the localization relax over 3/(step·γ) = "
-                 f"{math.ceil(3 / (lr * localization))} steps)" if localization > 0 else "")
+                 f"{_relaxation_steps(lr, localization)} steps)" if localization > 0 else "")
         messages.insert(0, f"about {unrelaxed:.3g} ± {virials.std_error:.2g} of the {objective.num_sampled} sampled "
                            "directions had not relaxed from w* (the virial (w - w*)·∇U averages d at equilibrium; it "
                            "fell short by that much): the draws are not yet from the localized posterior and the "
@@ -367,7 +367,13 @@ def default_burn_in(step_size: float, localization: float, num_draws: int) -> in
     base = max(num_draws // 10, 1)
     if localization <= 0 or step_size <= 0:
         return base
-    return max(base, min(math.ceil(3.0 / (step_size * localization)), num_draws // 2))
+    return max(base, min(_relaxation_steps(step_size, localization), num_draws // 2))
+
+
+def _relaxation_steps(step_size: float, localization: float) -> int:
+    r""":math:`\lceil 3/(\epsilon\gamma) \rceil`: the steps after which even the flattest direction
+    the localization allows is within 5% of its stationary variance (see :func:`default_burn_in`)."""
+    return math.ceil(3.0 / (step_size * localization))
 
 
 def _model_args(data: Any) -> tuple:
@@ -411,7 +417,6 @@ class _Chains:
         self.sampler = SGLD([group], lr=0.0, nbeta=nbeta, localization=localization)
         self._records: list[Tensor] = []
         self._virials: list[Tensor] = []  # the virial at each recorded step (see _scales.virial)
-        self._virial: Tensor | None = None
         self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
         self.llc_guess: float | None = None
         self.start_scales = measure(objective, nbeta, localization, control)
@@ -443,13 +448,14 @@ class _Chains:
         del self._records[start:]
         del self._virials[start:]
 
-    def _step(self) -> Tensor:
+    def _step(self) -> tuple[Tensor, Tensor]:
+        """One SGLD step: the loss estimates and the virials at the point it left."""
         grads, values = gradient_estimate(self.objective, self.objective.draw(), self.control)
-        self._virial = virial(self.objective, grads, self.nbeta, self.localization)
+        point_virial = virial(self.objective, grads, self.nbeta, self.localization)
         for p, g in zip(self.objective.params, grads):
             p.grad = g
         self.sampler.step()
-        return values.to(torch.float64)
+        return values.to(torch.float64), point_virial
 
     def _diverged(self, values: Tensor) -> bool:
         excess = self.nbeta * (values - self.init_loss)
@@ -464,13 +470,13 @@ class _Chains:
             if k % _SNAPSHOT == 0:
                 self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
             try:
-                values = self._step()
+                values, point_virial = self._step()
             except NonFiniteError as error:
                 return f"step {k}: {error}"
             if self._diverged(values):
                 return f"step {k}: the loss left every plausible range"
             self._records.append(values)
-            self._virials.append(self._virial)
+            self._virials.append(point_virial)
             if self._bar is not None:
                 self._bar.update(1)
                 if k % 50 == 49:
