@@ -127,10 +127,15 @@ def plan_layout(
     return select_ops(layout.foreach_ok if foreach is None else foreach, gather=grads_checked), layout
 
 
-def _make_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: NoisePlanCache) -> Layout:
+def check_dense_grads(grads: Sequence[Tensor]) -> None:
+    """Refuse sparse gradients, as torch's optimizers do (with their error type)."""
     for i, g in enumerate(grads):
         if g.layout != torch.strided:
             raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
+
+
+def _make_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: NoisePlanCache) -> Layout:
+    check_dense_grads(grads)
     bucket_plans = [(indices, plans.plan(take(indices, params))) for indices in buckets(params)]
     return Layout(bucket_plans, supports_foreach(params))
 

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ._common import buckets, take
+from ._common import buckets, check_dense_grads, take
 from ._noise import Layout, NoisePlanCache
 
 #: parameter dtypes the kernel takes
@@ -283,9 +283,7 @@ def fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor], plans: Noise
 
 
 def _make_fused_layout(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Layout:
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise RuntimeError(f"Sparse gradients are not supported (gradient {i} has layout {g.layout})")
+    check_dense_grads(grads)
     problem = fused_problem(params)
     if problem is not None:
         raise ValueError(f"Invalid fused: True ({problem}; use fused=None)")
