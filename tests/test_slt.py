@@ -367,7 +367,10 @@ def test_diagnostics_see_flat_directions_that_have_not_relaxed():
     short = estimate_llc(Quadratic(h), loader, mean_output, localization=1.0, num_chains=8, num_draws=400,
                          progress_bar=False)
     d = short.diagnostics
-    assert 4 < d.unrelaxed < 10  # at most the 10 flat directions
+    # each flat direction (a = n beta h + gamma = 1.29) is short by exp(-step a t) of its 1 after t
+    # steps; over these draws (t about 600 to 1000 at step ~1.8e-4) the ten are short by about 6.5
+    # in all, with a standard error near 0.5: 4 is 5 of them below, 10 is every flat direction
+    assert 4 < d.unrelaxed < 10
     assert any("had not relaxed" in message for message in d.warnings)
     # (equilibrated chains show no deficit: the virial's test in the independent groups above)
 
