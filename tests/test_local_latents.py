@@ -207,6 +207,23 @@ def test_kernel_reports_an_unstable_local_step():
     assert any("unstable" in problem for problem in problems)
 
 
+def test_measuring_the_rows_curvature_leaves_the_chain_as_it_was(monkeypatch):
+    """The rows' curvature is measured on minibatches and power iterations of a generator of its
+    own: the probes after warmup (every PROBE_EVERY samples) do not move torch's global generator,
+    so the chain is the same with and without them."""
+    from pyro_sgmcmc.infer.local import LocalSteps
+
+    def chain():
+        kernel = SGLD(models.hierarchical_normal, local_samples="all")
+        mcmc = run(kernel, _data(), 1, BATCH, num_samples=120, warmup=40)
+        return mcmc.get_samples()["mu"], kernel.local_samples()["theta"]
+
+    probed_mu, probed_theta = chain()
+    monkeypatch.setattr(LocalSteps, "probe", lambda self, estimator, point: None)
+    mu, theta = chain()
+    assert torch.equal(mu, probed_mu) and torch.equal(theta, probed_theta)
+
+
 def test_nested_subsampled_plate_inside_the_local_plate_runs_and_continues_from_a_state():
     def nested(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
@@ -339,21 +356,26 @@ def test_svi_without_the_tables_mask_warns_that_rows_drift():
         svi.step(y, 1, BATCH)
 
 
-def _logistic_matches_nuts(seed):
+def _logistic_matches_nuts(seed, num_samples, information, compare_sds=True):
     """A non-conjugate model: a random intercept per group (non-centred, local to the subsampled
     plate of groups), a constrained global scale, minibatches of 5 of 20 groups, against NUTS on
     the full data (tests/data/hierarchical_logistic_nuts.json). As in test_real_models: the
     standard error of each difference (ours from our ESS, NUTS's from its own) must be at most
-    0.15 NUTS sds; means within 4 of them plus 0.1 sd (sigma's posterior is skewed: the bias of
-    the step moves its mean by a fraction of the variance bias), sds within 4 of theirs plus the
-    step-size rule's target bias (on variances, so half of it on sds, doubled for the two blocks).
-    ``seed`` draws the chain's start (init_to_uniform) and its path."""
+    ``information`` NUTS sds; means within 4 of them plus 0.1 sd (sigma's posterior is skewed: the
+    bias of the step moves its mean by a fraction of the variance bias), sds within 4 of theirs plus
+    the step-size rule's target bias (on variances, so half of it on sds, doubled for the two blocks).
+    ``seed`` draws the chain's start (init_to_uniform: log sigma up to 2, sigma up to 7) and its path.
+
+    Warmup: from sigma near 7 the chain arrives in about 200 iterations (sigma moves only as the
+    etas, tied to it, do; the rows' step is small where sigma is large): 600 let the rows' step be
+    measured after arrival (0.05, the rule at a curvature near 4; 0.013 at 300, from a curvature of
+    16 measured on the way in, and a fifth of the ESS)."""
     from real_models import reference
 
     x, y = models.hierarchical_logistic_data()
     kernel = SGLD(models.hierarchical_logistic, num_steps=5, target_bias=0.05, local_samples="all")
     pyro.set_rng_seed(seed)
-    mcmc = MCMC(kernel, num_samples=3000, warmup_steps=300, disable_progbar=True)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=LOGISTIC_WARMUP, disable_progbar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MixingWarning)  # the information check below is this test's own
         mcmc.run(x, y, x.shape[0], 5)
@@ -361,16 +383,16 @@ def _logistic_matches_nuts(seed):
     assert not [problem for problem in kernel.diagnostics()["mixing problems"] if "local site" in problem]
     draws = models.hierarchical_logistic_draws({**mcmc.get_samples(), **kernel.local_samples()})
     print(f"seed {seed}: local step {kernel.diagnostics()['local step sizes']}")
-    _compare_with_nuts(draws, reference("hierarchical_logistic"), information=0.15, mean_bias=0.1,
-                       sd_bias=kernel.target_bias)
+    _compare_with_nuts(draws, reference("hierarchical_logistic"), information=information, mean_bias=0.1,
+                       sd_bias=kernel.target_bias if compare_sds else None)
 
 
 def _compare_with_nuts(draws, ref, information, mean_bias, sd_bias):
     """``draws [samples, k]`` (one chain) against a NUTS reference (``tests/data/*_nuts.json``):
     the standard error of each difference of means, ours from our ESS and NUTS's from its own,
     must be at most ``information`` NUTS sds (the check's resolution); the means must then agree
-    within 4 of them plus ``mean_bias`` NUTS sds, the sds within 4 standard errors (delta method on
-    the variances') plus ``sd_bias`` NUTS sds."""
+    within 4 of them plus ``mean_bias`` NUTS sds, the sds (unless ``sd_bias`` is None) within 4
+    standard errors (delta method on the variances') plus ``sd_bias`` NUTS sds."""
     from test_real_models import thinned_ess
 
     nuts_mean, nuts_sd = torch.tensor(ref["mean"]), torch.tensor(ref["sd"])
@@ -388,35 +410,31 @@ def _compare_with_nuts(draws, ref, information, mean_bias, sd_bias):
           f"{[round(v, 3) for v in (sd_stderr / nuts_sd).tolist()]}; ESS {[round(v) for v in ess.tolist()]}")
     assert bool((stderr <= information * nuts_sd).all()), f"too little information: {stderr / nuts_sd}"
     assert bool((error <= 4 * stderr + mean_bias * nuts_sd).all()), (error / nuts_sd, stderr / nuts_sd)
-    assert bool((sd_error <= 4 * sd_stderr + sd_bias * nuts_sd).all()), (draws.std(0) / nuts_sd, sd_stderr / nuts_sd)
+    if sd_bias is not None:
+        assert bool((sd_error <= 4 * sd_stderr + sd_bias * nuts_sd).all()), (draws.std(0) / nuts_sd,
+                                                                             sd_stderr / nuts_sd)
 
 
-_TOO_LITTLE_INFORMATION = pytest.mark.skip(
-    reason="too little information: warmup no longer collapses sigma (no arrival step for the globals, secants on one "
-           "minibatch, the rows' rule over the second half of warmup; no local-step problem probed), but 3000 samples "
-           "give Monte Carlo errors of 0.07 to 0.18 NUTS sds from seed 0 and up to 0.33 from seed 1, where the test "
-           "needs 0.15; more samples exceed the slow tests' budget (skipped, not xfail: a test that cannot fail is not run). "
-           "Why the ESS is low (seed 1, 94 s: ESS beta 104-127, sigma 21, eta 14-75 of 3000): the globals' step is "
-           "0.035 whitened (gradient noise 4.4 at N/m = 4), but the rows' step is 0.0127, the rule's at the largest row "
-           "curvature warmup measured (about 16, 1 + sigma^2 sum p(1-p) at the largest sigma it visited) where the "
-           "typical curvature is about 2: each eta relaxes in about 70 visits (280 steps), and sigma, tied to the etas "
-           "in this non-centred model, moves only as they do (acf of log sigma 0.58 at lag 50 samples, 0.31 at 100)")
+LOGISTIC_WARMUP = 600
 
 
 @pytest.mark.slow
-@_TOO_LITTLE_INFORMATION
 def test_hierarchical_logistic_regression_matches_nuts():
-    _logistic_matches_nuts(0)
+    """15,000 samples: sigma's ESS is near 1 in 100 (it moves only as the etas do), and its sd,
+    of a skewed law whose tail the chain visits rarely, needs them (the first 7,000 of this chain
+    give 0.79 NUTS sds with a standard error of 0.03: the variances' error bars are too small until
+    the tail has been visited a few times; all 15,000 give 0.94)."""
+    _logistic_matches_nuts(0, num_samples=15000, information=0.1)
 
 
 @pytest.mark.slow
-@_TOO_LITTLE_INFORMATION
 @pytest.mark.parametrize("seed", [1, 2])
 def test_hierarchical_logistic_regression_matches_nuts_from_other_starts(seed):
-    """The same check from other starts and paths: warmup's choices must hold wherever it begins
-    (the bug this guards against: a random-effect scale collapsed during arrival, a step measured
-    there, and a chain thrown out by it, depended on where the chain started)."""
-    _logistic_matches_nuts(seed)
+    """The same check from other starts and paths, on the means (the bug this guards against: a
+    random-effect scale collapsed during arrival, a step measured there, and a chain thrown out by
+    it, depended on where the chain started; a collapsed sigma is many sds off): warmup's choices
+    must hold wherever it begins. 4,000 samples resolve 0.2 NUTS sds."""
+    _logistic_matches_nuts(seed, num_samples=4000, information=0.2, compare_sds=False)
 
 
 # 8000 samples: the Monte Carlo error of every compared mean is then below the 0.1 NUTS sd the

@@ -67,7 +67,7 @@ import torch
 from pyro.infer.mcmc.adaptation import WarmupAdapter as _PyroWarmupAdapter
 from torch import Tensor
 
-from .estimators import GradientEstimator
+from .estimators import GradientEstimator, power_iteration
 
 
 class Whitening:
@@ -215,22 +215,6 @@ def low_rank_whitening(hvp: Callable[[Tensor], Tensor], diagonal: Tensor, rank: 
     vectors = torch.stack(kept_vectors, 1)
     factors = (torch.tensor(kept_values, dtype=torch.float64, device=device) / temperature).rsqrt()
     return LowRankWhitening(scale.to(dtype), vectors.to(dtype), factors.to(dtype))
-
-
-def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int,
-                     generator: torch.Generator | None = None) -> float:
-    """The largest eigenvalue (in magnitude) of ``operator`` by ``iterations`` power steps, from
-    a start drawn from ``generator`` (default: torch's global generator)."""
-    v = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
-    v /= v.norm()
-    value = 0.0
-    for _ in range(iterations):
-        w = operator(v)
-        value = float(w.norm())
-        if not math.isfinite(value) or value == 0.0:
-            break
-        v = w / value
-    return value
 
 
 def usable_curvature(hessian: Tensor) -> Tensor:
@@ -643,7 +627,7 @@ class WarmupAdapter:
         whitening = tuning.whitening
         z = whitening.to_z(theta)
         hvp = self._hvp_z(theta, whitening, averaged=self.exact_gaussian)
-        largest = _power_iteration(hvp, z, 8, self.generator)
+        largest = float(power_iteration(hvp, z, 8, self.generator))
         if self.adapt_mass_matrix and math.isfinite(largest) and largest > 0:
             # the whitened mean curvature is T I: by convexity of lambda_max its mean over the window
             # is at least T, whatever the point shows
@@ -651,7 +635,7 @@ class WarmupAdapter:
         smallest = 0.0
         if self.exact_gaussian and math.isfinite(largest) and largest > 0:
             shift = 1.1 * largest
-            smallest = shift - _power_iteration(lambda v: shift * v - hvp(v), z, 16, self.generator)
+            smallest = shift - float(power_iteration(lambda v: shift * v - hvp(v), z, 16, self.generator))
         noise = self._noise(theta, whitening)
         scales = Scales(largest, noise, smallest)
         if not (math.isfinite(largest) and math.isfinite(noise) and largest > 0):

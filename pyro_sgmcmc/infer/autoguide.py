@@ -30,7 +30,8 @@ from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn.module import PyroModule, PyroParam
 from torch.distributions import biject_to
 
-from .local import LocalTable, per_row
+from .estimators import per_row
+from .local import LocalTable
 from .sites import LocalSite, check_latent_site, trace_model
 
 __all__ = ["AutoUnconstrainedDelta"]

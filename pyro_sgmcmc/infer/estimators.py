@@ -92,6 +92,38 @@ def value_and_grad(potential: Callable[[Tensor], Tensor], point: Tensor) -> Esti
     return Estimate(value.detach(), grad)
 
 
+def per_row(x: Tensor, dim: int) -> Tensor:
+    """``x`` as ``[rows, everything else]`` (rows along ``dim``)."""
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1)
+
+
+def row_shape(x: Tensor, dim: int) -> tuple[int, ...]:
+    """The shape that broadcasts one number per row against ``x``."""
+    return tuple(x.shape[d] if d == dim else 1 for d in range(x.dim()))
+
+
+def power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, iterations: int,
+                    generator: torch.Generator | None = None, dim: int | None = None) -> Tensor:
+    """The largest eigenvalue in magnitude of a symmetric ``operator`` (``|H v|`` at the last of
+    ``iterations`` power steps, from a start drawn from ``generator``, default torch's global one):
+    of the whole of it (``dim=None``, a 0-dim tensor), or, for an operator block-diagonal over the
+    rows along ``dim`` of ``like`` (latents local to a plate, independent given the rest), of each
+    row's block at once (``[rows]``; exact in one step for a scalar per row). Stops early where
+    every value is zero or one is not finite (returned as it is)."""
+    v = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+    rows = (lambda x: x.reshape(1, -1)) if dim is None else (lambda x: per_row(x, dim))  # noqa: E731
+    shape = (1,) * like.dim() if dim is None else row_shape(like, dim)
+    value = like.new_zeros(rows(like).shape[0], dtype=torch.float64)
+    for _ in range(iterations):
+        v = v / rows(v).norm(dim=1).clamp_min(1e-30).reshape(shape).to(v.dtype)
+        w = operator(v)
+        value = rows(w).norm(dim=1).double()
+        if not bool(torch.isfinite(value).all()) or not bool(value.any()):
+            break
+        v = w.to(v.dtype)
+    return value.reshape(()) if dim is None else value
+
+
 def hessian_vector_product(potential: Callable[[Tensor], Tensor], point: Tensor) -> Callable[[Tensor], Tensor]:
     """``v -> H v`` (float64) for the Hessian of ``potential`` at ``point``: exact, by double
     backward through one evaluation (kept for every product); where the potential has no double
@@ -219,9 +251,9 @@ class MinibatchPotential(GradientEstimator):
         self.evaluator = evaluator
         self.plates = plates
 
-    def minibatch(self) -> SubsampleControl:
-        """Fresh indices for every subsampled plate."""
-        return SubsampleControl(indices={plate.name: draw_indices(plate) for plate in self.plates})
+    def minibatch(self, generator: torch.Generator | None = None) -> SubsampleControl:
+        """Fresh indices for every subsampled plate (from ``generator``; default: torch's global one)."""
+        return SubsampleControl(indices={plate.name: draw_indices(plate, generator) for plate in self.plates})
 
     def on(self, control: SubsampleControl | None) -> Callable[[Tensor], Tensor]:
         """``point -> U`` on the minibatch (or full-data piece) ``control``."""

@@ -89,7 +89,8 @@ from torch import Tensor
 
 from .. import samplers
 from ..functional import NoiseSource, sgld
-from .estimators import _LINEAR_ALGEBRA_FAILURES, Estimate, MinibatchPotential
+from .estimators import (_LINEAR_ALGEBRA_FAILURES, Estimate, MinibatchPotential, hessian_vector_product,
+                         per_row, power_iteration, row_shape)
 from .potential import PotentialEvaluator
 from .sites import LocalSite
 from .subsample import SubsampleControl, SubsampledPlate
@@ -216,6 +217,7 @@ class LocalLatents(MinibatchPotential):
     def __init__(self, evaluator: PotentialEvaluator, plates: list[SubsampledPlate], table: LocalTable):
         super().__init__(evaluator, plates)
         self.table = table
+        self._generator: torch.Generator | None = None
 
     def estimate(self, point: Tensor) -> LocalEstimate:
         control = self.minibatch()
@@ -264,35 +266,46 @@ class LocalLatents(MinibatchPotential):
     def row_curvature(self, point: Tensor, name: str, minibatches: int = CURVATURE_MINIBATCHES,
                       smallest: bool = True) -> RowCurvature:
         r"""The largest and smallest curvature of the rows' conditional potentials :math:`-\ell_i`
-        in the site ``name`` over the rows of ``minibatches`` minibatches, at the
-        globals ``point``: per-row power iteration on Hessian-vector products (rows are independent
-        given the globals, so the Hessian is block-diagonal over rows; a scalar per row is exact in
-        one iteration), then (unless ``smallest=False``) on ``largest - H`` per row for the smallest."""
+        in the site ``name`` over the rows of ``minibatches`` minibatches, at the globals ``point``:
+        power iteration on Hessian-vector products
+        (:func:`~pyro_sgmcmc.infer.estimators.power_iteration` and
+        :func:`~pyro_sgmcmc.infer.estimators.hessian_vector_product`) of every row at once (rows
+        are independent given the globals: the Hessian is block-diagonal over them), then (unless
+        ``smallest=False``) on ``largest - H`` per row for the smallest. The minibatches and the
+        iterations' starts come from a generator of the measurements' own (:attr:`generator`):
+        measuring moves neither torch's global generator nor, therefore, the chain."""
         site = self.table.sites[name]
         want_smallest = smallest
         largest, smallest = 0.0, math.inf
         for _ in range(minibatches):
-            control = self.minibatch()
+            control = self.minibatch(self.generator)
             rows = self.table.gather(control.indices)
-            leaf = rows[name].detach().requires_grad_(True)
-            with torch.enable_grad():
-                value = self.evaluator([point.detach()], control, rows={**rows, name: leaf})[0]
-                (grad,) = torch.autograd.grad(value, leaf, create_graph=True)
-            if not grad.requires_grad:
-                continue  # linear in the row
-            def product(v: Tensor) -> Tensor:
-                return torch.autograd.grad(grad, leaf, v, retain_graph=True)[0]
-
-            top = _power_iteration(product, leaf, site.dim).abs()
+            product = hessian_vector_product(
+                lambda leaf: self.evaluator([point.detach()], control, rows={**rows, name: leaf})[0], rows[name])
+            like = rows[name]
+            top = power_iteration(product, like, POWER_ITERATIONS, self.generator, dim=site.dim)
+            if not bool(top.any()):
+                continue  # linear in the row: no curvature
             if want_smallest:
-                shift = top.reshape(row_shape(leaf, site.dim))
-                bottom = top - _power_iteration(lambda v: shift * v - product(v), leaf, site.dim)
+                shift = top.reshape(row_shape(like, site.dim))
+                bottom = top - power_iteration(lambda v: shift * v - product(v), like, POWER_ITERATIONS,
+                                               self.generator, dim=site.dim)
             else:
                 bottom = top
             high, low = float(top.max()) / site.scale, float(bottom.min()) / site.scale
             if math.isfinite(high) and math.isfinite(low):
                 largest, smallest = max(largest, high), min(smallest, low)
         return RowCurvature(largest, smallest if math.isfinite(smallest) else 0.0)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the rows' curvature measurements (minibatches and power iterations'
+        starts), on the table's device, seeded alike in every chain: a measurement during warmup
+        sets a step size from its own draws, and a probe after warmup leaves the chain as it was."""
+        if self._generator is None:
+            device = next(iter(self.table.values.values())).device
+            self._generator = torch.Generator(device=device).manual_seed(0)
+        return self._generator
 
 
 @dataclass(frozen=True)
@@ -301,28 +314,6 @@ class RowCurvature:
 
     largest: float
     smallest: float
-
-
-def _power_iteration(operator: Callable[[Tensor], Tensor], like: Tensor, dim: int) -> Tensor:
-    """Each row's largest eigenvalue (Rayleigh quotient) of a row-block-diagonal ``operator``."""
-    v = torch.randn_like(like)
-    rayleigh = like.new_zeros(like.shape[dim])
-    for _ in range(POWER_ITERATIONS):
-        v = v / per_row(v, dim).norm(dim=1).clamp_min(1e-30).reshape(row_shape(v, dim))
-        w = operator(v).detach()
-        rayleigh = (per_row(v, dim) * per_row(w, dim)).sum(1)
-        v = w
-    return rayleigh
-
-
-def per_row(x: Tensor, dim: int) -> Tensor:
-    """``x`` as ``[rows, everything else]`` (rows along ``dim``)."""
-    return x.movedim(dim, 0).reshape(x.shape[dim], -1)
-
-
-def row_shape(x: Tensor, dim: int) -> tuple[int, ...]:
-    """The shape that broadcasts one number per row against ``x``."""
-    return tuple(x.shape[d] if d == dim else 1 for d in range(x.dim()))
 
 
 class LocalSteps:
