@@ -105,7 +105,7 @@ def summarise(draws: torch.Tensor) -> dict:
 
 
 def time_to_accuracy(groups: int, batch: int, max_samples: int, sampler: str, local_exact_gaussian: bool,
-                     rows: int = 5, warmup: int = 500) -> None:
+                     control_variates: bool = False, rows: int = 5, warmup: int = 500) -> None:
     """``sampler``: ``"sgld"`` (minibatches of ``batch`` groups, the local table), ``"nuts"`` or
     ``"nuts-jit"`` (Pyro's NUTS on the full data, ``jit_compile=False`` / ``True``)."""
     gen = torch.Generator().manual_seed(0)
@@ -115,8 +115,10 @@ def time_to_accuracy(groups: int, batch: int, max_samples: int, sampler: str, lo
     mean = (y.double().mean(0) / (tau**2 + sigma**2 / rows)).sum() / precision
     sd = precision**-0.5
     if sampler == "sgld":
-        kernel = infer.SGLD(models.hierarchical_normal, local_exact_gaussian=local_exact_gaussian)
-        label = f"SGLD (local_exact_gaussian={local_exact_gaussian}), minibatches of {batch}"
+        kernel = infer.SGLD(models.hierarchical_normal, local_exact_gaussian=local_exact_gaussian,
+                            control_variates=control_variates)
+        label = (f"SGLD (local_exact_gaussian={local_exact_gaussian}, control_variates={control_variates}), "
+                 f"minibatches of {batch}")
     else:
         jit = sampler == "nuts-jit"
         kernel = NUTS(models.hierarchical_normal, jit_compile=jit, ignore_jit_warnings=True)
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--max-samples", type=int, default=5000)
     parser.add_argument("--local-exact-gaussian", action="store_true", help="rows' steps exact on their Gaussian")
+    parser.add_argument("--control-variates", action="store_true",
+                        help="SGLD: the globals' gradient corrected at an anchor (LocalControlVariates)")
     parser.add_argument("--sampler", choices=["sgld", "nuts", "nuts-jit"], default="sgld",
                         help="our SGLD on minibatches, or Pyro's NUTS on the full data (without / with jit_compile)")
     args = parser.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
     elif args.reference:
         make_reference()
     else:
-        time_to_accuracy(args.groups, args.batch, args.max_samples, args.sampler, args.local_exact_gaussian)
+        time_to_accuracy(args.groups, args.batch, args.max_samples, args.sampler, args.local_exact_gaussian,
+                         args.control_variates)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,14 @@ def exact_moments(y, **model):
     return cov @ c, cov
 
 
-def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noise=1.0, **model):
+def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noise=1.0, exact_globals=False,
+                         **model):
     """The stationary mean and covariance of the blocked random-scan SGLD chain (module docstring)
     with global step ``step`` and local step ``local_step``; ``local_scale`` multiplies the rows'
     gradient (1 is the right scheme; ``N/m`` the wrong one that keeps the plate's scaling);
     ``local_noise`` multiplies the variance of the rows' noise (``1 - local_step c / 4`` for steps
-    exact on a Gaussian of curvature ``c``)."""
+    exact on a Gaussian of curvature ``c``); ``exact_globals``: mu's gradient is the full-data one at
+    the table (what local control variates give on this model, where it is linear)."""
     precision, c = posterior(y, **model)
     groups = y.shape[1]
     d = groups + 1
@@ -61,8 +63,11 @@ def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noi
     for subset in subsets:
         h = torch.zeros(d, d, dtype=torch.float64)
         h[0, 0] = precision[0, 0]
+        if exact_globals:
+            h[0] = precision[0]
         for i in subset:
-            h[0, i] = scale * precision[0, i]
+            if not exact_globals:
+                h[0, i] = scale * precision[0, i]
             h[i] = local_scale * precision[i]
         steps = torch.zeros(d, dtype=torch.float64)
         steps[0] = step

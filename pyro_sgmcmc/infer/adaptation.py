@@ -664,8 +664,8 @@ class WarmupAdapter:
         if not self.estimator.noisy_gradient:
             return 0.0
         z = whitening.to_z(theta)
-        anchor = getattr(self.estimator, "anchor", None)
-        if anchor is not None and torch.equal(theta, anchor.point):
+        anchor = self.estimator.anchor_point
+        if anchor is not None and torch.equal(theta, anchor):
             z = z + torch.randn_like(z)
         point = whitening.to_theta(z)
         grads = torch.stack([whitening.pullback(self.estimator.estimate(point).grad) for _ in range(draws)])

@@ -184,6 +184,11 @@ class GradientEstimator:
         (control variates: at the anchor)."""
         return point
 
+    @property
+    def anchor_point(self) -> Tensor | None:
+        """A control-variate anchor, where the gradient's noise vanishes (``None``: none)."""
+        return None
+
     def estimate(self, point: Tensor) -> Estimate:
         """The potential and its gradient at ``point`` (a fresh minibatch where there are any)."""
         raise NotImplementedError
@@ -430,6 +435,10 @@ class ControlVariates(GradientEstimator):
     def fixed_potential(self, averaged: bool = False) -> Callable[[Tensor], Tensor]:
         # the correction is linear in the point: the curvature is the minibatch potential's
         return self.inner.fixed_potential(averaged)
+
+    @property
+    def anchor_point(self) -> Tensor | None:
+        return None if self.anchor is None else self.anchor.point
 
     def state_dict(self) -> dict:
         if self.anchor is None:

@@ -61,6 +61,7 @@ from .local import (
     PROBE_EVERY,
     WARMUP_OBSERVATIONS,
     LocalBlock,
+    LocalControlVariates,
     LocalLatents,
     LocalMoments,
     LocalRecorder,
@@ -268,7 +269,11 @@ class SGMCMCKernel(MCMCKernel):
         one subsampled plate: ``True`` finds the anchor, the posterior mode, by L-BFGS on the
         full-data potential; a dict ``{site: constrained value}`` gives it. The chain starts at the
         anchor; each step evaluates the model twice; the gradient noise shrinks with the distance
-        to the anchor, which allows far larger steps on big data.
+        to the anchor, which allows far larger steps on big data. With latent sites local to the
+        subsampled plate, ``True`` anchors the globals only, at the chain's start, then where
+        warmup's adaptation points and its end find them, and keeps the anchor's full-data
+        gradient up to date as the rows move (:class:`~pyro_sgmcmc.infer.local.LocalControlVariates`:
+        three evaluations a step; the globals' noise no longer grows with ``N/m``).
     :param stochastic_potential: the ``potential_fn`` draws its own minibatch at every call (an
         unbiased estimate): its values are then never compared between points.
     :param jit_compile: evaluate the potential through ``torch.jit.trace`` (as for HMC): about 2x
@@ -320,8 +325,8 @@ class SGMCMCKernel(MCMCKernel):
     stationary law and remaining bias: :mod:`pyro_sgmcmc.infer.local`). ``mcmc.get_samples()``
     holds the globals; :meth:`local_moments` and :meth:`local_samples` the locals. A local site
     must be local to one subsampled plate (nested plates inside it may be subsampled too) and
-    every term that depends on a row must sit inside that plate. Not with ``control_variates``
-    or ``jit_compile``; with several chains, only sequential ones (``mp_context`` runs keep
+    every term that depends on a row must sit inside that plate. ``control_variates=True`` only
+    with no plate subsampled inside it; not with ``jit_compile``; with several chains, only sequential ones (``mp_context`` runs keep
     their tables in their processes).
 
     After warmup nothing adapts: the sampler's own adaptation is frozen
@@ -563,9 +568,10 @@ class SGMCMCKernel(MCMCKernel):
         if self.distributed == "replicated":
             raise NotImplementedError(f"Invalid distributed: 'replicated' is not supported with the latent sites {names} "
                                       "local to a subsampled plate (each rank would hold its own table of rows)")
-        if self.control_variates is not False:
-            raise NotImplementedError(f"Invalid control_variates: not supported with the latent sites {names} local "
-                                      "to a subsampled plate (the anchor would need a full-data mode of every row)")
+        if isinstance(self.control_variates, dict):
+            raise NotImplementedError(f"Invalid control_variates: an anchor is not taken with the latent sites {names} "
+                                      "local to a subsampled plate (use True: the anchor of the globals follows "
+                                      "warmup)")
         if self.jit_compile:
             raise NotImplementedError(f"Invalid jit_compile: True is not supported with the latent sites {names} local "
                                       "to a subsampled plate (their rows would have to be inputs of the traced graph)")
@@ -616,7 +622,14 @@ class SGMCMCKernel(MCMCKernel):
         if self.potential_fn is not None:
             return SelfSubsampledPotential(evaluator) if self.stochastic_potential else ExactPotential(evaluator)
         if self._local_table is not None:
-            return LocalLatents(evaluator, plates, self._local_table)
+            if self.control_variates is False:
+                return LocalLatents(evaluator, plates, self._local_table)
+            if len(plates) != 1:
+                raise NotImplementedError(
+                    f"Invalid control_variates: True needs exactly one subsampled plate with local latent sites "
+                    f"(found {[plate.name for plate in plates]}: a plate subsampled inside the rows' plate would make "
+                    "every update of the anchor's full-data gradient a noisy one)")
+            return LocalControlVariates(evaluator, plates, self._local_table)
         if not plates:
             if self.control_variates is not False:
                 raise ValueError("Invalid control_variates: the model has no subsampled plate "
@@ -650,6 +663,10 @@ class SGMCMCKernel(MCMCKernel):
         if self._sampler is None:
             self._start(params)
         elif self._t < self._warmup_steps:
+            if self._local_table is not None and self._t in self._adapter.adapt_at:
+                # local control variates: the anchor follows warmup, moved before the step size is
+                # measured (the noise is then measured a typical distance from it)
+                self._estimator.reanchor(self._theta())
             update = self._adapter.step(self._t, self._theta(), self._estimate)
             half = self._warmup_steps // 2
             if update is not None:
@@ -670,6 +687,8 @@ class SGMCMCKernel(MCMCKernel):
             self._sampler.reset_auxiliary()
             # the rows' rule at the final globals too; then frozen
             self._measure_local_steps(arrival=False, fresh=not self._local_observed)
+            if self._local_table is not None:
+                self._estimator.reanchor(self._theta())  # fixed from here on
         if self._t >= self._warmup_steps and self._monitor is None:
             self._monitor = MixingMonitor(self._z.detach())
         for _ in range(self.num_steps):
@@ -822,10 +841,12 @@ class SGMCMCKernel(MCMCKernel):
         if block is None:
             return None
         try:
-            return block, self._local_steps.step(block)
+            before = self._local_steps.step(block)
         except NonFiniteError as error:
             self._reject(previous, f"local rows: {error}")
             return False
+        self._estimator.rows_moved(block)
+        return block, before
 
     def _reject(self, previous: Tensor, why: str, jump: bool = False,
                 local: tuple[LocalBlock, dict[str, Tensor]] | None = None) -> None:
@@ -834,6 +855,7 @@ class SGMCMCKernel(MCMCKernel):
         stuck, go back to its best point)."""
         if local is not None:
             self._local_steps.undo(*local)
+            self._estimator.rows_restored()
         with torch.no_grad():
             self._z.copy_(previous)
         self._sampler.reset_auxiliary()
@@ -947,7 +969,7 @@ class SGMCMCKernel(MCMCKernel):
             problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,
                 langevin=self.sampler_class.langevin, minibatches=self._minibatches,
-                dense=self._mass != "diagonal", control_variates=isinstance(self._estimator, ControlVariates))
+                dense=self._mass != "diagonal", control_variates=isinstance(self._estimator, (ControlVariates, LocalControlVariates)))
             if problems and not self._warned:
                 self._warned = True
                 warnings.warn(f"{type(self).__name__} kernel: " + "; ".join(problems), MixingWarning, stacklevel=2)

@@ -65,8 +65,9 @@ per step. The globals' minibatch gradient carries the spread of the rows'
 terms (for random effects, of the effects around their mean), whose variance grows with ``N/m``
 and bounds the globals' step size (the kernels' bias rule counts it): at ``N/m = 100`` the globals
 of a random-effects model move far too slowly to settle in a few thousand steps
-(``benchmarks/local_latents.py``). Control variates, which remove that noise without local
-latents, would need an anchor for every row and are refused here.
+(``benchmarks/local_latents.py``). ``control_variates=True`` removes most of that noise
+(:class:`LocalControlVariates`: an anchor of the globals only, whose full-data gradient is kept
+up to date as the rows move; three model evaluations a step).
 
 The scheme is the one of Ahn, Korattikara, Liu, Rajan and Welling (2015), "Large-scale
 distributed Bayesian matrix factorization using stochastic gradient MCMC" (KDD), which updates
@@ -77,7 +78,7 @@ blocked (Metropolis-within-Gibbs) Langevin samplers of the latent-variable SG-MC
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pyro
@@ -93,9 +94,9 @@ from .estimators import (_LINEAR_ALGEBRA_FAILURES, Estimate, MinibatchPotential,
                          per_row, power_iteration, row_shape)
 from .potential import PotentialEvaluator
 from .sites import LocalSite
-from .subsample import SubsampleControl, SubsampledPlate
+from .subsample import SubsampleControl, SubsampledPlate, full_data_value_and_grad
 
-__all__ = ["LocalBlock", "LocalEstimate", "LocalLatents", "LocalMoments", "LocalRecorder", "LocalSteps",
+__all__ = ["LocalBlock", "LocalControlVariates", "LocalEstimate", "LocalLatents", "LocalMoments", "LocalRecorder", "LocalSteps",
            "LocalTable", "RowCurvature"]
 
 #: Minibatches on which the rows' largest curvature is measured.
@@ -186,10 +187,15 @@ class LocalBlock:
     indices: dict[str, Tensor]
     rows: dict[str, Tensor]
     grads: dict[str, Tensor]
+    #: With :class:`LocalControlVariates`: the globals' minibatch gradient at the anchor, these rows,
+    #: and which anchor (:attr:`LocalControlVariates.anchor_version`).
+    anchor_grad: Tensor | None = None
+    anchor_version: int = 0
 
     @property
     def finite(self) -> bool:
-        return all(bool(torch.isfinite(g).all()) for g in self.grads.values())
+        return all(bool(torch.isfinite(g).all()) for g in self.grads.values()) and (
+            self.anchor_grad is None or bool(torch.isfinite(self.anchor_grad).all()))
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,12 @@ class LocalLatents(MinibatchPotential):
         self._generator: torch.Generator | None = None
 
     def estimate(self, point: Tensor) -> LocalEstimate:
+        found = self._on_minibatch(point)
+        return LocalEstimate.failed(point.detach()) if found is None else LocalEstimate(*found)
+
+    def _on_minibatch(self, point: Tensor) -> tuple[Tensor, Tensor, LocalBlock] | None:
+        """On a fresh minibatch with the table's rows: the potential, the globals' gradient and
+        the block (``None`` where a linear-algebra failure makes it a divergence)."""
         control = self.minibatch()
         rows = {name: value.detach().requires_grad_(True) for name, value in self.table.gather(control.indices).items()}
         here = point.detach().requires_grad_(True)
@@ -229,7 +241,7 @@ class LocalLatents(MinibatchPotential):
                 grad, *row_grads = torch.autograd.grad(value, [here, *rows.values()], allow_unused=True)
         except RuntimeError as error:
             if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
-                return LocalEstimate.failed(point.detach())
+                return None
             raise
         grad = torch.zeros_like(here) if grad is None else grad
         grads = {}
@@ -237,7 +249,16 @@ class LocalLatents(MinibatchPotential):
             row_grad = torch.zeros_like(row) if row_grad is None else row_grad
             grads[name] = row_grad / self.table.sites[name].scale
         block = LocalBlock(control.indices, {name: row.detach() for name, row in rows.items()}, grads)
-        return LocalEstimate(value.detach(), grad, block)
+        return value.detach(), grad, block
+
+    def rows_moved(self, block: LocalBlock) -> None:
+        """Called after the rows of ``block`` took their step (nothing to do here)."""
+
+    def rows_restored(self) -> None:
+        """Called after the rows of the last step went back (nothing to do here)."""
+
+    def reanchor(self, point: Tensor) -> None:
+        """Called at warmup's adaptation points and its end (nothing to do here)."""
 
     fixed_minibatch_secants = True
     #: No arrival step for the globals: see the module's docstring, "Warmup".
@@ -306,6 +327,121 @@ class LocalLatents(MinibatchPotential):
             device = next(iter(self.table.values.values())).device
             self._generator = torch.Generator(device=device).manual_seed(0)
         return self._generator
+
+
+class LocalControlVariates(LocalLatents):
+    r"""Control variates for the globals' gradient of a model with local latents: the estimator
+    of Baker et al. (2019) around an anchor :math:`\hat g` of the globals only, with the anchor's
+    full-data gradient kept up to date as the rows move (no anchor per row, no mode of the rows).
+
+    With :math:`\hat U_S(g, z_S)` the potential on the minibatch :math:`S` (the plate's ``N/m``
+    in it) and :math:`G(\hat g, z) = \nabla_g U(\hat g, z)` the full-data gradient at the anchor
+    and the table as it stands,
+
+    .. math:: \tilde\nabla_g = \nabla_g\hat U_S(g, z_S) - \nabla_g\hat U_S(\hat g, z_S) + G(\hat g, z),
+
+    unbiased for :math:`\nabla_g U(g, z)` over :math:`S`, with a noise that shrinks with
+    :math:`|g - \hat g|` (and vanishes where the rows' terms are linear in the globals given the
+    rows: a random effect's mean). When the rows of :math:`S` take their step
+    :math:`z_S \to z_S'`, :math:`G` changes by
+    :math:`\frac{m}{N}(\nabla_g\hat U_S(\hat g, z_S') - \nabla_g\hat U_S(\hat g, z_S))` (the prior
+    terms cancel): one more minibatch evaluation (:meth:`rows_moved`; undone with the rows by
+    :meth:`rows_restored`), three per step in all, against the ``O(N/m)`` growth of the plain
+    gradient's variance. The rows' own gradients stay the exact conditional ones.
+
+    The anchor is the chain's start, then its globals at each adaptation point of warmup and at
+    its end (:meth:`reanchor`, one full-data pass each, ``G`` recomputed afresh there), fixed
+    after warmup. One subsampled plate, the local sites' (a plate subsampled inside it would make
+    every update of ``G`` a noisy one, and ``G`` a random walk: refused by the kernel).
+    """
+
+    def __init__(self, evaluator: PotentialEvaluator, plates: list[SubsampledPlate], table: LocalTable):
+        super().__init__(evaluator, plates, table)
+        self._anchor: Tensor | None = None
+        #: :math:`G(\hat g, z)`, float64 (its updates accumulate).
+        self.anchor_full_grad: Tensor | None = None
+        self._pending: Tensor | None = None
+        self.full_evaluations = 0
+        #: Counts the anchors: a block measured at an earlier one is measured again.
+        self.anchor_version = 0
+
+    @property
+    def anchor_point(self) -> Tensor | None:
+        return self._anchor
+
+    def prepare(self, point: Tensor) -> Tensor:
+        if self._anchor is None:
+            self.reanchor(point)
+        return point
+
+    def reanchor(self, point: Tensor) -> None:
+        """Move the anchor to the globals ``point`` and compute the full-data gradient there, at
+        the table as it stands."""
+        leaf = point.detach().clone().requires_grad_(True)
+        self.full_evaluations += 1
+        with torch.enable_grad():
+            _, (grad,) = full_data_value_and_grad(
+                lambda control, jacobian: self.evaluator([leaf], control, jacobian)[0], self.plates[0], [leaf])
+        self._anchor = leaf.detach()
+        self.anchor_full_grad = grad.detach().double()
+        self._pending = None
+        self.anchor_version += 1
+
+    def estimate(self, point: Tensor) -> LocalEstimate:
+        if self._anchor is None:
+            return super().estimate(point)
+        found = self._on_minibatch(point)
+        if found is None:
+            return LocalEstimate.failed(point.detach())
+        value, grad, block = found
+        try:
+            at_anchor = self._anchor_grad(SubsampleControl(dict(block.indices)), block.rows)
+        except RuntimeError as error:
+            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+                return LocalEstimate.failed(point.detach())
+            raise
+        corrected = grad - at_anchor + self.anchor_full_grad.to(grad.dtype)
+        return LocalEstimate(value, corrected, replace(block, anchor_grad=at_anchor, anchor_version=self.anchor_version))
+
+    def _anchor_grad(self, control: SubsampleControl, rows: dict[str, Tensor]) -> Tensor:
+        there = self._anchor.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.evaluator([there], control, rows=rows)[0]
+            (grad,) = torch.autograd.grad(value, there, allow_unused=True)
+        return torch.zeros_like(there) if grad is None else grad
+
+    def rows_moved(self, block: LocalBlock) -> None:
+        """The rows of ``block`` have taken their step (the table holds them): bring ``G`` up to
+        date (undone by :meth:`rows_restored`)."""
+        self._pending = None
+        if self._anchor is None:
+            return
+        indices = SubsampleControl(dict(block.indices))
+        before = block.anchor_grad
+        if before is None or block.anchor_version != self.anchor_version:  # measured before a reanchor
+            before = self._anchor_grad(indices, block.rows)
+        moved = self._anchor_grad(indices, self.table.gather(block.indices))
+        scale = next(iter(self.table.sites.values())).scale  # the plate's N/m
+        self._pending = (moved.double() - before.double()) / scale
+        self.anchor_full_grad += self._pending
+
+    def rows_restored(self) -> None:
+        """The rows of the last :meth:`rows_moved` went back: so does ``G``."""
+        if self._pending is not None:
+            self.anchor_full_grad -= self._pending
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        if self._anchor is None:
+            return {}
+        return {"local_anchor": {"point": self._anchor, "full_grad": self.anchor_full_grad}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("local_anchor")
+        if saved is not None:
+            self._anchor = saved["point"].detach().clone()
+            self.anchor_full_grad = saved["full_grad"].detach().clone().double()
+            self._pending = None
 
 
 @dataclass(frozen=True)
