@@ -191,6 +191,9 @@ class LocalBlock:
     #: and which anchor (:attr:`LocalControlVariates.anchor_version`).
     anchor_grad: Tensor | None = None
     anchor_version: int = 0
+    #: With :class:`LocalControlVariates`: what the estimate added to the minibatch gradient
+    #: (:math:`G - \nabla_g\hat U_S(\hat g, z_S)`), for secants on the same minibatch.
+    correction: Tensor | None = None
 
     @property
     def finite(self) -> bool:
@@ -400,8 +403,21 @@ class LocalControlVariates(LocalLatents):
             if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
                 return LocalEstimate.failed(point.detach())
             raise
-        corrected = grad - at_anchor + self.anchor_full_grad.to(grad.dtype)
-        return LocalEstimate(value, corrected, replace(block, anchor_grad=at_anchor, anchor_version=self.anchor_version))
+        correction = self.anchor_full_grad.to(grad.dtype) - at_anchor
+        return LocalEstimate(value, grad + correction, replace(block, anchor_grad=at_anchor,
+                                                               anchor_version=self.anchor_version,
+                                                               correction=correction))
+
+    def gradient_on(self, point: Tensor, estimate: Estimate) -> Tensor | None:
+        """As :meth:`LocalLatents.gradient_on`, with ``estimate``'s correction: a secant is then the
+        difference of two gradients on one minibatch, free of its noise (without the correction it
+        would carry the whole minibatch noise at the anchor: measured, a preconditioner 16 times
+        too stiff and a chain 16 times too slow)."""
+        same = super().gradient_on(point, estimate)
+        block = getattr(estimate, "block", None)
+        if same is None or block is None or block.correction is None:
+            return same
+        return same + block.correction
 
     def _anchor_grad(self, control: SubsampleControl, rows: dict[str, Tensor]) -> Tensor:
         there = self._anchor.detach().requires_grad_(True)
