@@ -317,12 +317,14 @@ def test_what_stays_unsupported_is_refused_naming_the_site():
 
 
 @pytest.mark.slow
-def test_default_kernel_samples_the_hierarchical_posterior():
+@pytest.mark.parametrize("control_variates", [False, True])
+def test_default_kernel_samples_the_hierarchical_posterior(control_variates):
     """Warmup's choices (the globals' preconditioner and step, the locals' measured steps) against
     the exact posterior: each block's step follows a bias rule designed for a relative bias of
-    target_bias on variances, which is the allowance."""
+    target_bias on variances, which is the allowance. With local control variates too (their
+    secants, anchors and noise measured where warmup moves them)."""
     y = _data()
-    kernel = SGLD(models.hierarchical_normal, num_steps=5, local_samples="all")
+    kernel = SGLD(models.hierarchical_normal, num_steps=5, local_samples="all", control_variates=control_variates)
     draws = _draws(kernel, y, num_samples=1500, warmup=200)
     mean, cov = exact.exact_moments(y)
     check(draws, mean, cov.diagonal(), kernel.target_bias, "default SGLD with local latents")
