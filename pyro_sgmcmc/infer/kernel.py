@@ -326,8 +326,8 @@ class SGMCMCKernel(MCMCKernel):
     holds the globals; :meth:`local_moments` and :meth:`local_samples` the locals. A local site
     must be local to one subsampled plate (nested plates inside it may be subsampled too) and
     every term that depends on a row must sit inside that plate. ``control_variates=True`` only
-    with no plate subsampled inside it; not with ``jit_compile``; with several chains, only sequential ones (``mp_context`` runs keep
-    their tables in their processes).
+    with no plate subsampled inside it; not with ``jit_compile``; with several chains, only
+    sequential ones (``mp_context`` runs keep their tables in their processes).
 
     After warmup nothing adapts: the sampler's own adaptation is frozen
     (:meth:`~pyro_sgmcmc.samplers.SGMCMCOptimizer.freeze_adaptation`) and its auxiliary variables

@@ -275,17 +275,22 @@ class LocalLatents(MinibatchPotential):
         block = getattr(estimate, "block", None)
         if block is None:
             return None
-        here = point.detach().requires_grad_(True)
         try:
-            with torch.enable_grad():
-                value = self.evaluator([here], SubsampleControl(dict(block.indices)), rows=dict(block.rows))[0]
-                (grad,) = torch.autograd.grad(value, here, allow_unused=True)
+            grad = self.globals_gradient(point, block.indices, block.rows)
         except RuntimeError as error:
             if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
                 return None
             raise
-        grad = torch.zeros_like(here) if grad is None else grad
         return grad if bool(torch.isfinite(grad).all()) else None
+
+    def globals_gradient(self, point: Tensor, indices: dict[str, Tensor], rows: dict[str, Tensor]) -> Tensor:
+        """The gradient with respect to the globals ``point`` of the potential on the minibatch
+        ``indices`` with the local sites' ``rows``."""
+        here = point.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.evaluator([here], SubsampleControl(dict(indices)), rows=dict(rows))[0]
+            (grad,) = torch.autograd.grad(value, here, allow_unused=True)
+        return torch.zeros_like(here) if grad is None else grad
 
     def row_curvature(self, point: Tensor, name: str, minibatches: int = CURVATURE_MINIBATCHES,
                       smallest: bool = True) -> RowCurvature:
@@ -364,7 +369,6 @@ class LocalControlVariates(LocalLatents):
         #: :math:`G(\hat g, z)`, float64 (its updates accumulate).
         self.anchor_full_grad: Tensor | None = None
         self._pending: Tensor | None = None
-        self.full_evaluations = 0
         #: Counts the anchors: a block measured at an earlier one is measured again.
         self.anchor_version = 0
 
@@ -381,7 +385,6 @@ class LocalControlVariates(LocalLatents):
         """Move the anchor to the globals ``point`` and compute the full-data gradient there, at
         the table as it stands."""
         leaf = point.detach().clone().requires_grad_(True)
-        self.full_evaluations += 1
         with torch.enable_grad():
             _, (grad,) = full_data_value_and_grad(
                 lambda control, jacobian: self.evaluator([leaf], control, jacobian)[0], self.plates[0], [leaf])
@@ -398,7 +401,7 @@ class LocalControlVariates(LocalLatents):
             return LocalEstimate.failed(point.detach())
         value, grad, block = found
         try:
-            at_anchor = self._anchor_grad(SubsampleControl(dict(block.indices)), block.rows)
+            at_anchor = self.globals_gradient(self._anchor, block.indices, block.rows)
         except RuntimeError as error:
             if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
                 return LocalEstimate.failed(point.detach())
@@ -411,20 +414,12 @@ class LocalControlVariates(LocalLatents):
     def gradient_on(self, point: Tensor, estimate: Estimate) -> Tensor | None:
         """As :meth:`LocalLatents.gradient_on`, with ``estimate``'s correction: a secant is then the
         difference of two gradients on one minibatch, free of its noise (without the correction it
-        would carry the whole minibatch noise at the anchor: measured, a preconditioner 16 times
-        too stiff and a chain 16 times too slow)."""
+        would carry the minibatch noise at the anchor, and warmup would take it for curvature)."""
         same = super().gradient_on(point, estimate)
         block = getattr(estimate, "block", None)
         if same is None or block is None or block.correction is None:
             return same
         return same + block.correction
-
-    def _anchor_grad(self, control: SubsampleControl, rows: dict[str, Tensor]) -> Tensor:
-        there = self._anchor.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = self.evaluator([there], control, rows=rows)[0]
-            (grad,) = torch.autograd.grad(value, there, allow_unused=True)
-        return torch.zeros_like(there) if grad is None else grad
 
     def rows_moved(self, block: LocalBlock) -> None:
         """The rows of ``block`` have taken their step (the table holds them): bring ``G`` up to
@@ -432,11 +427,10 @@ class LocalControlVariates(LocalLatents):
         self._pending = None
         if self._anchor is None:
             return
-        indices = SubsampleControl(dict(block.indices))
         before = block.anchor_grad
         if before is None or block.anchor_version != self.anchor_version:  # measured before a reanchor
-            before = self._anchor_grad(indices, block.rows)
-        moved = self._anchor_grad(indices, self.table.gather(block.indices))
+            before = self.globals_gradient(self._anchor, block.indices, block.rows)
+        moved = self.globals_gradient(self._anchor, block.indices, self.table.gather(block.indices))
         scale = next(iter(self.table.sites.values())).scale  # the plate's N/m
         self._pending = (moved.double() - before.double()) / scale
         self.anchor_full_grad += self._pending
