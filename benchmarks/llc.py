@@ -3,6 +3,7 @@
     python benchmarks/llc.py                          # every case (about 18 min of CPU, one thread)
     python benchmarks/llc.py --cases polynomial rrr   # some of them
     python benchmarks/llc.py --quick                  # fewer draws, for a smoke run
+    python benchmarks/llc.py --cases mlp-same-step    # the MLP, ours at devinterp's step (like for like)
 
 Cases:
 
@@ -18,6 +19,8 @@ Cases:
   random teacher network, cross-entropy, minibatches of 256, ``n beta = n / log n``, localization
   100. No exact answer; devinterp's step is 1e-5 (1e-4, common in its examples, is unstable here:
   the largest curvature of ``n beta L`` at ``w*`` is about 4.5e4, and SGLD diverges above ``4 / 4.5e4``).
+* ``mlp-same-step`` -- the same, ours run as devinterp runs: its step, no burn-in, no control
+  variates, so that the estimates and times compare like for like.
 
 devinterp is run as its 2.x sampler loop runs a chain (``devinterp.slt.sampler.sample_single_chain``
 with ``SGMCMC.sgld``, the default method), each chain after the other, with the settings of its
@@ -108,11 +111,13 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     return nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds
 
 
-def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02):
+def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02,
+             **options):
+    """``estimate_llc`` with nothing tuned (``options``: what a like-for-like run fixes instead)."""
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     start = time.perf_counter()
     result = estimate_llc(model, loader, loss_fn, nbeta=nbeta, localization=localization, num_chains=num_chains,
-                          num_draws=num_draws, target_bias=target_bias, progress_bar=False)
+                          num_draws=num_draws, target_bias=target_bias, progress_bar=False, **options)
     return result, time.perf_counter() - start
 
 
@@ -207,7 +212,9 @@ def rrr_case(shape, args):
     return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), None, ours, ours_time, theirs
 
 
-def mlp_case(args):
+def mlp_case(args, same_step=False):
+    """``same_step``: ours as devinterp runs, for a like-for-like time and estimate: its step
+    (``--mlp-lr``), no burn-in, no control variates (a plain minibatch gradient and loss)."""
     torch.manual_seed(0)
     n, width = 10_000, (784, 1024, 256, 10)
 
@@ -231,11 +238,16 @@ def mlp_case(args):
             optimizer.step()
     nbeta, localization = n / math.log(n), 100.0
     chains, draws = (2, 100) if args.quick else (4, 500)
-    ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
-                               num_draws=draws, batch_size=256)
+    options = dict(step_size=args.mlp_lr, num_burnin=0, control_variates=False) if same_step else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
+                                   num_draws=draws, batch_size=256, **options)
+    for warning in caught:
+        print(f"ours ({'devinterp step' if same_step else 'default'}) warned: {warning.message}")
     theirs = run_devinterp(model, x, y, loss, lr=args.mlp_lr, nbeta=nbeta, localization=localization,
                            num_chains=chains, num_draws=draws, batch_size=256)
-    return "mlp 1.07M params", None, None, ours, ours_time, theirs
+    return f"mlp 1.07M params{', same step' if same_step else ''}", None, None, ours, ours_time, theirs
 
 
 # ------------------------------------------------------------------------------------ report
@@ -282,6 +294,8 @@ def main():
             rows.append(rrr_case(shape, args))
     if "mlp" in args.cases:
         rows.append(mlp_case(args))
+    if "mlp-same-step" in args.cases:
+        rows.append(mlp_case(args, same_step=True))
     report(rows)
 
 

@@ -522,3 +522,16 @@ def test_matrix_factorisation_matches_nuts():
     draws = models.pmf_draws(samples["v"], samples["sigma"], kernel.local_samples()["u"])
     _compare_with_nuts(draws, reference("pmf"), information=0.1, mean_bias=kernel.target_bias,
                        sd_bias=kernel.target_bias)
+
+
+def test_slow_mixing_of_globals_tied_to_rows_names_the_minibatch_as_a_remedy():
+    """Each row moves once every N/m steps and mu, tied to the rows' mean, relaxes at their pace:
+    at N/m = 100 a short run has a handful of effective samples, and the warning says that a
+    larger subsample_size is a remedy (a model without local sites is not told so: test_kernel)."""
+    y = torch.randn(OBS, 2000, generator=torch.Generator().manual_seed(0)) + 1.0
+    kernel = SGLD(models.hierarchical_normal, local_exact_gaussian=True)
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(kernel, num_samples=300, warmup_steps=200, disable_progbar=True)
+    with pytest.warns(MixingWarning, match="effective sample size.*a larger subsample_size"):
+        mcmc.run(y, 1, 20)
+        kernel.diagnostics()

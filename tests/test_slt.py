@@ -355,6 +355,15 @@ def test_diagnostics_warn_about_a_chain_far_from_equilibrium_and_a_biasing_step(
                      progress_bar=False)
 
 
+def test_a_step_unstable_where_the_chains_ended_is_called_unstable_not_an_infinite_bias():
+    from pyro_sgmcmc.slt.llc import _warnings
+
+    (message,) = _warnings(5.0, 0.1, 1.0, 1000.0, math.inf, 0.02, given=True)
+    assert "unstable where the chains ended" in message and "given step_size" in message and "inf" not in message
+    (message,) = _warnings(5.0, 0.1, 1.0, 1000.0, 0.1, 0.02, given=False)
+    assert "biases the estimate by about 10%" in message
+
+
 @pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # R-hat's own noise, not the subject here
 def test_diagnostics_see_flat_directions_that_have_not_relaxed():
     """Ten directions nearly as flat as the localization (n beta h = 0.29 against gamma = 1) relax

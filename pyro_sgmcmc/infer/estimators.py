@@ -60,6 +60,13 @@ CURVATURE_MINIBATCHES = 16
 _LINEAR_ALGEBRA_FAILURES = ("singular", "not positive-definite", "positive definite")
 
 
+def is_linear_algebra_failure(error: RuntimeError) -> bool:
+    """Whether ``error``, raised by a potential or its gradient, is a failure of the point (a
+    matrix singular or not positive definite there, :data:`_LINEAR_ALGEBRA_FAILURES`) that the
+    chain counts as a divergence, rather than a bug to raise."""
+    return any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """The potential and its gradient at one point, as the sampler will see them (detached)."""
@@ -86,7 +93,7 @@ def value_and_grad(potential: Callable[[Tensor], Tensor], point: Tensor) -> Esti
             value = potential(point)
             (grad,) = torch.autograd.grad(value, point)
     except RuntimeError as error:
-        if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+        if is_linear_algebra_failure(error):
             return Estimate.failed(point.detach())
         raise
     return Estimate(value.detach(), grad)
@@ -426,7 +433,7 @@ class ControlVariates(GradientEstimator):
                 value, at_anchor = self.inner.evaluator([here, there], control)
                 grad, anchor_grad = torch.autograd.grad(value + at_anchor, [here, there])
         except RuntimeError as error:
-            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+            if is_linear_algebra_failure(error):
                 return Estimate.failed(point.detach())
             raise
         control_variate_gradient_([grad], [anchor_grad], [anchor.grad])

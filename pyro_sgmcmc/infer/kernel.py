@@ -162,7 +162,7 @@ class MixingMonitor:
         self.records.append(torch.cat([potential.reshape(1).to(z), projected]).detach().double().cpu())
 
     def problems(self, stats: ChainStats, exact: bool, langevin: bool, minibatches: bool, dense: bool,
-                 control_variates: bool = False) -> list[str]:
+                 control_variates: bool = False, local_rows: bool = False) -> list[str]:
         """What the run shows that a user must know, each with its remedy ([] if nothing; a
         remedy the run already uses is not offered)."""
         n = len(self.records)
@@ -185,6 +185,9 @@ class MixingMonitor:
         ess = float(effective_sample_size(series, chain_dim=0, sample_dim=1).nan_to_num(0.0).min())
         rhat = float(split_gelman_rubin(series, chain_dim=0, sample_dim=1).nan_to_num(math.inf).max())
         more = ["a larger num_steps (sampler steps per sample)"]
+        if local_rows:
+            more.append("a larger subsample_size (each row of a local site moves once every N/m steps, and "
+                        "globals tied to the rows, a hierarchical mean or scale, relax at the rows' pace)")
         if minibatches and not control_variates:
             more.append("control_variates=True (minibatch noise limits the step size)")
         if not dense:
@@ -969,7 +972,8 @@ class SGMCMCKernel(MCMCKernel):
             problems += self._monitor.problems(
                 self._stats, exact=not self._minibatches,
                 langevin=self.sampler_class.langevin, minibatches=self._minibatches,
-                dense=self._mass != "diagonal", control_variates=isinstance(self._estimator, (ControlVariates, LocalControlVariates)))
+                dense=self._mass != "diagonal", control_variates=isinstance(self._estimator, (ControlVariates, LocalControlVariates)),
+                local_rows=self._local_steps is not None)
             if problems and not self._warned:
                 self._warned = True
                 warnings.warn(f"{type(self).__name__} kernel: " + "; ".join(problems), MixingWarning, stacklevel=2)

@@ -90,8 +90,8 @@ from torch import Tensor
 
 from .. import samplers
 from ..functional import NoiseSource, sgld
-from .estimators import (_LINEAR_ALGEBRA_FAILURES, Estimate, MinibatchPotential, hessian_vector_product,
-                         per_row, power_iteration, row_shape)
+from .estimators import (Estimate, MinibatchPotential, hessian_vector_product, is_linear_algebra_failure, per_row,
+                         power_iteration, row_shape)
 from .potential import PotentialEvaluator
 from .sites import LocalSite
 from .subsample import SubsampleControl, SubsampledPlate, full_data_value_and_grad
@@ -243,7 +243,7 @@ class LocalLatents(MinibatchPotential):
                 value = self.evaluator([here], control, rows=rows)[0]
                 grad, *row_grads = torch.autograd.grad(value, [here, *rows.values()], allow_unused=True)
         except RuntimeError as error:
-            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+            if is_linear_algebra_failure(error):
                 return None
             raise
         grad = torch.zeros_like(here) if grad is None else grad
@@ -278,7 +278,7 @@ class LocalLatents(MinibatchPotential):
         try:
             grad = self.globals_gradient(point, block.indices, block.rows)
         except RuntimeError as error:
-            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+            if is_linear_algebra_failure(error):
                 return None
             raise
         return grad if bool(torch.isfinite(grad).all()) else None
@@ -403,7 +403,7 @@ class LocalControlVariates(LocalLatents):
         try:
             at_anchor = self.globals_gradient(self._anchor, block.indices, block.rows)
         except RuntimeError as error:
-            if any(word in str(error) for word in _LINEAR_ALGEBRA_FAILURES):
+            if is_linear_algebra_failure(error):
                 return LocalEstimate.failed(point.detach())
             raise
         correction = self.anchor_full_grad.to(grad.dtype) - at_anchor

@@ -394,7 +394,12 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
                         "autocorrelation; give more num_burnin and num_draws")
     if ess < 50:
         messages.append(f"only {ess:.0f} effective draws: the standard error itself is unreliable; give more num_draws")
-    if bias > 2 * target:
+    if math.isinf(bias):
+        why = "the given step_size" if given else "the step chosen in the pilot runs"
+        messages.append(f"the step size is unstable where the chains ended ({why} times the largest curvature of "
+                        "n·beta·L there is at least 4, beyond which SGLD diverges along that direction): the draws "
+                        "may come from a chain on its way out; lower step_size or target_bias, or localize more")
+    elif bias > 2 * target:
         why = "the given step_size" if given else "the step chosen in the pilot runs (the chains moved on to stiffer regions)"
         messages.append(f"the step size biases the estimate by about {100 * bias:.2g}% ({why}; the target is "
                         f"{100 * target:.2g}%): lower step_size or target_bias")
