@@ -562,6 +562,39 @@ def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
 
 
+def regression_sigma_half(x, y):
+    """``regression(x, y, 0.5, 1.0)`` at module level, picklable for chains in spawned processes."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
+
+
+@pytest.mark.slow
+def test_wbic_chains_in_spawned_processes_give_the_closed_form(monkeypatch):
+    """``mp_context``: one ``pyro.infer.MCMC`` with parallel chains; each chain's kernel diagnostics
+    come back, and the estimate is the closed form as with chains one after another (Pyro runs
+    chains in sequence below ``num_chains + 1`` CPUs: the test says there are more)."""
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
+    pyro.set_rng_seed(15)
+    n, d, sigma = 400, 3, 0.5
+    x, y = linear_regression_data(n, d, sigma, seed=14)
+    beta = 1 / math.log(n)
+    precision = torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
+    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
+    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
+    exact = n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
+    result = wbic(regression_sigma_half, (x.float(), y.float()), num_samples=500, warmup_steps=200, num_chains=2,
+                  kernel_options={"full_mass": True, "exact_gaussian": True}, mp_context="spawn", progress_bar=False)
+    assert result.nll_draws.shape == (2, 500) and not torch.equal(result.nll_draws[0], result.nll_draws[1])
+    assert len(result.kernel_diagnostics) == 2 and all("step size" in chain for chain in result.kernel_diagnostics)
+    assert 4 * result.std_error < 1.0
+    assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
+    with pytest.raises(ValueError, match="Invalid mp_context"):
+        wbic(regression_sigma_half, (x.float(), y.float()), mp_context="threads")
+
+
 def test_wbic_reports_the_mixing_problems_its_kernels_found():
     x, y = linear_regression_data(50, 2, 0.5, seed=3)
     with pytest.warns(UserWarning):  # the kernel's MixingWarning: the chain did not move

@@ -14,7 +14,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .._validation import check_callable, check_flag, check_integer, check_mapping, check_number
+from .._validation import check_callable, check_choice, check_flag, check_integer, check_mapping, check_number
 from ..infer.subsample import SubsampleControl
 from ._pyro import ModelLikelihood
 from ._stats import chain_mean
@@ -100,6 +100,7 @@ def wbic(
     kernel_options: dict[str, Any] | None = None,
     w_star: dict[str, Tensor] | None = None,
     n: int | None = None,
+    mp_context: str | None = None,
     progress_bar: bool = True,
 ) -> WBICResult:
     r"""The WBIC (widely applicable Bayesian information criterion, Watanabe 2013) of a Pyro model,
@@ -134,12 +135,18 @@ def wbic(
     :param model_kwargs: its keyword arguments.
     :param num_samples: draws per chain after warmup, as for :class:`pyro.infer.MCMC`.
     :param warmup_steps: warmup steps per chain (adaptation; left out).
-    :param num_chains: chains, run one after another (each a ``pyro.infer.MCMC`` run).
+    :param num_chains: chains: one after another (each a ``pyro.infer.MCMC`` run), or, with
+        ``mp_context``, side by side in worker processes.
     :param kernel: a kernel class of :mod:`pyro_sgmcmc.infer` (default ``pyro_sgmcmc.infer.SGLD``) or
         any callable ``model -> MCMCKernel``, given the tempered model.
     :param kernel_options: its keyword arguments (e.g. ``{"full_mass": True}``).
     :param w_star: the point :math:`w_0` of :math:`\hat\lambda` (constrained values; default: the MAP).
     :param n: the data set's size, if the plates do not tell it.
+    :param mp_context: run the chains in parallel processes: one :class:`pyro.infer.MCMC` with
+        ``num_chains`` chains and this multiprocessing context (``"spawn"``: Linux's default
+        ``"fork"`` can deadlock a parent that already ran torch in OpenMP; the model, its data and
+        the kernel must then be picklable, e.g. a model defined at module level). Pyro runs the
+        chains one after another when the machine has fewer than ``num_chains + 1`` CPUs.
     :param progress_bar: show Pyro's progress bar.
     :returns: a :class:`WBICResult`; an :class:`LLCWarning` when the chains did not equilibrate or
         the draws fit better than :math:`w_0`.
@@ -152,6 +159,7 @@ def wbic(
     check_callable("kernel", kernel, what="a kernel class of pyro_sgmcmc.infer or a callable model -> kernel",
                    none_ok=True)
     check_mapping("w_star", w_star, what="a dict {latent site: value}", none_ok=True)
+    check_choice("mp_context", mp_context, ("spawn", "forkserver", "fork", None))
     check_flag("progress_bar", progress_bar)
     if not isinstance(data, tuple):
         raise ValueError(f"Invalid data: {type(data).__name__} (must be the tuple of the model's positional arguments)")
@@ -168,17 +176,29 @@ def wbic(
     with torch.no_grad():
         reference_nll = -float(likelihood.full_log_density(reference))
     tempered = tempered_likelihood(model, beta)
-    nll, diagnostics, target = [], [], None
-    for _ in range(num_chains):
+    chains: list[tuple[dict[str, Tensor], dict[str, Any]]] = []  # each chain's samples and kernel diagnostics
+    if mp_context is not None and num_chains > 1:
         mcmc_kernel = kernel(tempered, **(kernel_options or {}))
-        mcmc = pyro.infer.MCMC(mcmc_kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                               disable_progbar=not progress_bar)
+        mcmc = pyro.infer.MCMC(mcmc_kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                               mp_context=mp_context, disable_progbar=not progress_bar)
         mcmc.run(*data, **model_kwargs)
-        samples = mcmc.get_samples()
-        diagnostics.append(mcmc_kernel.diagnostics() if hasattr(mcmc_kernel, "diagnostics") else {})
-        target = getattr(mcmc_kernel, "target_bias", None)
-        nll.append(_draw_nll(likelihood, samples, reference, reference_nll, num_samples))
-    draws = torch.stack(nll)
+        grouped = mcmc.get_samples(group_by_chain=True)
+        report = mcmc.diagnostics()  # the sites' n_eff and r_hat, and each kernel entry per chain
+        for c in range(num_chains):
+            own = {key: value[f"chain {c}"] for key, value in report.items()
+                   if key not in grouped and isinstance(value, dict) and f"chain {c}" in value}
+            chains.append(({name: value[c] for name, value in grouped.items()}, own))
+    else:
+        for _ in range(num_chains):
+            mcmc_kernel = kernel(tempered, **(kernel_options or {}))
+            mcmc = pyro.infer.MCMC(mcmc_kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                                   disable_progbar=not progress_bar)
+            mcmc.run(*data, **model_kwargs)
+            chains.append((mcmc.get_samples(),
+                           mcmc_kernel.diagnostics() if hasattr(mcmc_kernel, "diagnostics") else {}))
+    target = getattr(mcmc_kernel, "target_bias", None)
+    diagnostics = [own for _, own in chains]
+    draws = torch.stack([_draw_nll(likelihood, samples, reference, reference_nll, num_samples) for samples, _ in chains])
     summary = chain_mean(draws)
     llc = beta * (summary.mean - reference_nll)
     bias_bound = None if target is None else target * max(summary.mean - reference_nll, 0.0)
