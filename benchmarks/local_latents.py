@@ -3,6 +3,8 @@
     python benchmarks/local_latents.py --reference     # remake tests/data/hierarchical_logistic_nuts.json
     python benchmarks/local_latents.py --reference pmf # remake tests/data/pmf_nuts.json
     python benchmarks/local_latents.py --groups 100000  # time to accurate globals, random effects
+    python benchmarks/local_latents.py --groups 100000 --batch 5000 --control-variates --exact-gaussian \
+        --local-exact-gaussian                          # the README's configuration
     python benchmarks/local_latents.py --groups 10000 --sampler nuts-jit --max-samples 1000  # NUTS on the full data
 
 ``--reference``: NUTS on the full data of the hierarchical logistic regression of
