@@ -32,6 +32,10 @@ UNRELAXED_LIMIT = 4.0
 _MAX_ROUNDS = 6
 #: A pilot whose step is too large is retried from w* with a step this many times smaller.
 _SHRINK = 10.0
+#: A default burn-in capped short of :func:`default_burn_in`'s bound is warned about when a direction
+#: held only by the localization would still lack more than this fraction of its variance
+#: (``exp(-step * localization * burn_in)``).
+_MISSING_LIMIT = 0.25
 #: Steps between snapshots of the chains, and how many times the sampling phase may start over.
 _SNAPSHOT = 25
 _MAX_RESTARTS = 4
@@ -311,6 +315,7 @@ def estimate_llc(
     if use_cv:
         chains = objective.num_chains
         control = ControlVariates(init_loss, [g.unsqueeze(0).expand(chains, *g.shape) for g in full_gradient])
+    burn_in_given = num_burnin is not None
     if num_burnin is None:
         burn_in = lambda lr: default_burn_in(lr, localization, num_draws)  # noqa: E731
     else:
@@ -330,6 +335,15 @@ def estimate_llc(
     scales = measure(objective, nbeta, localization, control)
     bias = step_bias(lr, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
+    missing = math.exp(-lr * localization * num_burnin)  # of a flat direction's variance (default_burn_in)
+    if not burn_in_given and localization > 0 and lr > 0 and missing > _MISSING_LIMIT:
+        messages.append(
+            f"the burn-in was capped at num_draws // 2 = {num_burnin} steps, after which a direction held only by "
+            f"the localization still lacks about {missing:.0%} of its variance (it needs 3/(step·γ) = "
+            f"{_relaxation_steps(lr, localization)} steps): if the model has such directions (a network's flat "
+            "directions), the draws may not be at equilibrium yet, and a slow drift that starts later shows in "
+            f"neither R-hat nor the virial check; give num_burnin={_relaxation_steps(lr, localization)} (or more "
+            "num_draws)")
     virial_trace = driver.virial_trace()
     virials = chain_mean(virial_trace[:, excluded:])
     unrelaxed = expected_virial(lr, scales, objective.num_sampled, localization) - virials.mean
@@ -356,7 +370,7 @@ def estimate_llc(
 
 def default_burn_in(step_size: float, localization: float, num_draws: int) -> int:
     r"""The burn-in :func:`estimate_llc` runs by default: ``num_draws // 10`` steps, or, if longer,
-    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2``. The chains start at :math:`w^*`, where
+    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2`` (a capped burn-in is warned about). The chains start at :math:`w^*`, where
     every direction's variance is 0; along a direction of precision :math:`a` (curvature of
     :math:`n\beta L` plus :math:`\gamma`) SGLD's variance approaches its stationary value as
     :math:`e^{-\epsilon a t}`, and every direction has :math:`a \ge \gamma`, so after
