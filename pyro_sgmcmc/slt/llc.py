@@ -370,7 +370,8 @@ def estimate_llc(
 
 def default_burn_in(step_size: float, localization: float, num_draws: int) -> int:
     r"""The burn-in :func:`estimate_llc` runs by default: ``num_draws // 10`` steps, or, if longer,
-    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2`` (a capped burn-in is warned about). The chains start at :math:`w^*`, where
+    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2`` (a cap that leaves a flat direction
+    lacking more than a quarter of its variance is warned about). The chains start at :math:`w^*`, where
     every direction's variance is 0; along a direction of precision :math:`a` (curvature of
     :math:`n\beta L` plus :math:`\gamma`) SGLD's variance approaches its stationary value as
     :math:`e^{-\epsilon a t}`, and every direction has :math:`a \ge \gamma`, so after
