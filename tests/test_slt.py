@@ -21,6 +21,7 @@ Exact answers:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -509,18 +510,19 @@ def test_plot_shows_every_chain_and_the_estimate():
 # ---------------------------------------------------------------------------------------- Pyro
 
 
+def _regression_model(x, y, *, sigma: float, prior_scale: float | None, batch: int | None):
+    scale = prior_scale if prior_scale is not None else pyro.param(
+        "prior_scale", torch.tensor(0.3), constraint=constraints.positive)
+    w = pyro.sample("w", dist.Normal(0.0, scale).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", len(y), subsample_size=batch) as i:
+        pyro.sample("y", dist.Normal(x[i] @ w, sigma), obs=y[i])
+
+
 def regression(x: torch.Tensor, y: torch.Tensor, sigma: float, prior_scale: float | None, batch: int | None = None):
-    """Bayesian linear regression with known noise; ``prior_scale=None`` makes it a ``pyro.param``."""
-    d = x.shape[1]
-
-    def model(x, y, batch=batch):
-        scale = prior_scale if prior_scale is not None else pyro.param(
-            "prior_scale", torch.tensor(0.3), constraint=constraints.positive)
-        w = pyro.sample("w", dist.Normal(0.0, scale).expand([d]).to_event(1))
-        with pyro.plate("data", len(y), subsample_size=batch) as i:
-            pyro.sample("y", dist.Normal(x[i] @ w, sigma), obs=y[i])
-
-    return model
+    """Bayesian linear regression with known noise, a model of ``(x, y)``; ``prior_scale=None``
+    makes it a ``pyro.param``. A partial of a module-level function: picklable, for chains in
+    spawned processes."""
+    return functools.partial(_regression_model, sigma=sigma, prior_scale=prior_scale, batch=batch)
 
 
 def test_tempered_likelihood_scales_the_observed_sites_only():
@@ -561,15 +563,23 @@ def linear_regression_data(n: int, d: int, sigma: float, seed: int, orthogonal: 
     return x, y
 
 
+def linear_regression_wbic(x: torch.Tensor, y: torch.Tensor, sigma: float, alpha: float) -> float:
+    """WBIC of the regression with known noise ``sigma`` and prior precision ``alpha``, exactly: the
+    tempered posterior is Gaussian, and the expected residual sum of squares has a closed form."""
+    n, d = x.shape
+    beta = 1 / math.log(n)
+    precision = alpha * torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
+    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
+    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
+    return n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
+
+
 def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     pyro.set_rng_seed(14)
     n, d, sigma, alpha = 400, 3, 0.5, 1.0
     x, y = linear_regression_data(n, d, sigma, seed=14)
     beta = 1 / math.log(n)
-    precision = alpha * torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
-    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
-    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
-    exact = n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
+    exact = linear_regression_wbic(x, y, sigma, alpha)
     result = wbic(regression(x.float(), y.float(), sigma, alpha**-0.5), (x.float(), y.float()), num_samples=500,
                   warmup_steps=200, num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True},
                   progress_bar=False)
@@ -578,13 +588,6 @@ def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
     # the LLC from the same chain: d/2 for a regular model, up to the prior's O(1/n) pull
     assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
-
-
-def regression_sigma_half(x, y):
-    """``regression(x, y, 0.5, 1.0)`` at module level, picklable for chains in spawned processes."""
-    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
-    with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal(x @ w, 0.5), obs=y)
 
 
 @pytest.mark.slow
@@ -596,21 +599,17 @@ def test_wbic_chains_in_spawned_processes_give_the_closed_form(monkeypatch):
 
     monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 4)
     pyro.set_rng_seed(15)
-    n, d, sigma = 400, 3, 0.5
-    x, y = linear_regression_data(n, d, sigma, seed=14)
-    beta = 1 / math.log(n)
-    precision = torch.eye(d, dtype=torch.float64) + beta * x.T @ x / sigma**2
-    mean = torch.linalg.solve(precision, beta * x.T @ y / sigma**2)
-    residual = ((y - x @ mean) ** 2).sum() + torch.trace(x.T @ x @ torch.linalg.inv(precision))
-    exact = n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
-    result = wbic(regression_sigma_half, (x.float(), y.float()), num_samples=500, warmup_steps=200, num_chains=2,
+    x, y = linear_regression_data(400, 3, 0.5, seed=14)
+    exact = linear_regression_wbic(x, y, 0.5, 1.0)
+    model = regression(x.float(), y.float(), 0.5, 1.0)
+    result = wbic(model, (x.float(), y.float()), num_samples=500, warmup_steps=200, num_chains=2,
                   kernel_options={"full_mass": True, "exact_gaussian": True}, mp_context="spawn", progress_bar=False)
     assert result.nll_draws.shape == (2, 500) and not torch.equal(result.nll_draws[0], result.nll_draws[1])
     assert len(result.kernel_diagnostics) == 2 and all("step size" in chain for chain in result.kernel_diagnostics)
     assert 4 * result.std_error < 1.0
     assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
     with pytest.raises(ValueError, match="Invalid mp_context"):
-        wbic(regression_sigma_half, (x.float(), y.float()), mp_context="threads")
+        wbic(model, (x.float(), y.float()), mp_context="threads")
 
 
 def test_wbic_reports_the_mixing_problems_its_kernels_found():
