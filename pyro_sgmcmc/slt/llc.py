@@ -337,13 +337,13 @@ def estimate_llc(
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
     missing = math.exp(-lr * localization * num_burnin)  # of a flat direction's variance (default_burn_in)
     if not burn_in_given and localization > 0 and lr > 0 and missing > _MISSING_LIMIT:
+        needed = _relaxation_steps(lr, localization)
         messages.append(
             f"the burn-in was capped at num_draws // 2 = {num_burnin} steps, after which a direction held only by "
-            f"the localization still lacks about {missing:.0%} of its variance (it needs 3/(step·γ) = "
-            f"{_relaxation_steps(lr, localization)} steps): if the model has such directions (a network's flat "
-            "directions), the draws may not be at equilibrium yet, and a slow drift that starts later shows in "
-            f"neither R-hat nor the virial check; give num_burnin={_relaxation_steps(lr, localization)} (or more "
-            "num_draws)")
+            f"the localization still lacks about {missing:.0%} of its variance (it needs 3/(step·γ) = {needed} "
+            "steps): if the model has such directions (a network's flat directions), the draws may not be at "
+            "equilibrium yet, and a slow drift that starts later shows in neither R-hat nor the virial check; give "
+            f"num_burnin={needed} (or more num_draws)")
     virial_trace = driver.virial_trace()
     virials = chain_mean(virial_trace[:, excluded:])
     unrelaxed = expected_virial(lr, scales, objective.num_sampled, localization) - virials.mean
