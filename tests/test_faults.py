@@ -198,6 +198,9 @@ def test_ctrl_c_during_a_threaded_step_leaves_the_step_whole(name, monkeypatch):
     applied whole and so is its bookkeeping (step counter, thermostat), then Ctrl-C is raised."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started in the
+    # background by a non-interactive shell ignores SIGINT, and the signal would do nothing)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         theta, sampler = small(name, n=4000)
         sampler._noise_plans = NoisePlanCache(500)
@@ -228,6 +231,7 @@ def test_ctrl_c_during_a_threaded_step_leaves_the_step_whole(name, monkeypatch):
         if name == "SGNHT":
             assert not torch.equal(sampler.param_groups[0]["thermostat"], thermostat)
     finally:
+        signal.signal(signal.SIGINT, handler)
         torch.set_num_threads(threads)
 
 
