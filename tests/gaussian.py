@@ -125,6 +125,44 @@ def sghmc_stationary_variance(omega2: float, h: float, friction: float) -> float
     return (1 + a) / 2 / (omega2 * (1 - h * h * omega2 / (2 * (1 + a))))
 
 
+def _baoab_direction(omega2: float, h: float, friction: float, gradient_noise: float, injected: float) -> np.ndarray:
+    """Stationary covariance of (theta, p) for one eigen-direction of SGHMC's BAOAB splitting, the
+    merged step ``q = p - h (omega2 theta + eta)``, ``theta += h q / 2``, ``p = a q + xi``,
+    ``theta += h p / 2`` with ``a = exp(-friction h)``, ``Var eta = gradient_noise`` and
+    ``Var xi = injected``: the discrete Lyapunov equation S = M S M^T + Q."""
+    a = np.exp(-friction * h)
+    half = np.array([[1.0, h / 2], [0.0, 1.0]])
+    kick = np.array([[1.0, 0.0], [-h * omega2, 1.0]])
+    ou = np.diag([1.0, a])
+    m = half @ ou @ half @ kick
+    b_eta = half @ ou @ half @ np.array([0.0, -h])
+    b_xi = half @ np.array([0.0, 1.0])
+    q = gradient_noise * np.outer(b_eta, b_eta) + injected * np.outer(b_xi, b_xi)
+    v = np.linalg.solve(np.eye(4) - np.kron(m, m), q.reshape(-1))
+    return v.reshape(2, 2)
+
+
+def baoab_stationary_cov(precision: torch.Tensor, h: float, friction: float, gradient_noise: float = 0.0,
+                         estimate: float = 0.0) -> torch.Tensor:
+    """Stationary covariance of theta of SGHMC with ``splitting="baoab"`` on a Gaussian target
+    (gradient noise ``V`` and its estimate ``V_hat``, of the tempered gradient): the injected
+    noise is ``1 - exp(-2 C h) - h^2 V_hat`` as in the Euler splitting."""
+    injected = -np.expm1(-2 * friction * h) - h * h * estimate
+    evals, evecs = torch.linalg.eigh(precision)
+    var = torch.tensor([_baoab_direction(w, h, friction, gradient_noise, injected)[0, 0] for w in evals.tolist()],
+                       dtype=torch.float64)
+    return evecs @ torch.diag(var) @ evecs.T
+
+
+def baoab_stationary_variance(omega2: float, h: float, friction: float, gradient_noise: float = 0.0,
+                              estimate: float = 0.0) -> float:
+    """The closed form of SGHMC's docstring for BAOAB: ``omega2 Var theta = 1 - h^2 V_hat / (1 - a^2)
+    + h^2 V (1 + a) / ((1 - a) (4 - h^2 omega2))``."""
+    a = math.exp(-friction * h)
+    return (1 - h * h * estimate / (1 - a * a)
+            + h * h * gradient_noise * (1 + a) / ((1 - a) * (4 - h * h * omega2))) / omega2
+
+
 def preconditioned_sgld_stationary_cov(precision: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:
     """Stationary covariance of SGLD with a fixed diagonal preconditioner ``g``:
     theta' = A theta + ... + sqrt(lr g) xi with A = I - (lr/2) diag(g) P solves

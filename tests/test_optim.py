@@ -444,6 +444,7 @@ def test_bad_options_are_rejected_clearly(name, options, match):
         ("SGHMC", dict(friction=0.0), "Invalid friction: 0.0"),
         ("SGHMC", dict(friction=float("nan")), "Invalid friction"),
         ("SGHMC", dict(gradient_noise_variance=-1.0), "Invalid gradient_noise_variance: -1.0"),
+        ("SGHMC", dict(splitting="leapfrog"), r"Invalid splitting: 'leapfrog' \(must be one of 'euler', 'baoab'\)"),
         ("PSGLD", dict(alpha=1.0), r"Invalid alpha: 1.0 \(must be a finite number >= 0 and < 1\)"),
         ("PSGLD", dict(alpha=-0.1), "Invalid alpha"),
         ("PSGLD", dict(eps=0.0), "Invalid eps: 0.0"),

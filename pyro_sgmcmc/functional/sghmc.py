@@ -36,6 +36,19 @@ variances hot by the factor :math:`1 + h^2 V/(T^2(1 - e^{-2Ch})) \approx 1 + B/C
 noise :math:`2(C - \hat B)h`, paired with the factor :math:`e^{-Ch}`, would run hot by the factor
 :math:`2Ch/(1 - e^{-2Ch}) \approx 1 + Ch`, i.e. :math:`+Ch/2` on the variances to first order.
 
+BAOAB (``splitting="baoab"``; Leimkuhler & Matthews 2013): the same kick, friction and noise, with
+the friction and noise between two half drifts (see :mod:`._momentum`; consecutive half kicks are
+merged, one gradient a step). On a Gaussian target with exact gradients :math:`\theta`'s stationary
+law is then *exact* for every :math:`h\omega < 2` and every :math:`C`: the momentum's friction does
+not enter it, so the friction can be chosen for mixing alone. With a gradient noise of variance
+:math:`V` and the estimate :math:`\hat V` (both of :math:`\nabla U/T`):
+
+.. math::
+
+    \omega^2\operatorname{Var}\theta = 1 - \frac{h^2\hat V}{1 - a^2}
+        + \frac{h^2 V\,(1 + a)}{(1 - a)(4 - h^2\omega^2)}
+        \approx 1 + \frac{h(V - \hat V)}{2C}.
+
 Like :func:`~pyro_sgmcmc.functional.sgnht` (which is this scheme with the friction :math:`C`
 replaced by an adaptive thermostat), the friction is applied exactly, :math:`e^{-Ch}` in place of
 the paper's first-order :math:`1 - Ch`: the same to first order, stable for any :math:`Ch`. Both
@@ -106,6 +119,7 @@ def sghmc(
     :param masks: 0/1 tensors shaped like each parameter; 0 freezes an entry.
     :param bounding_box_size: clamp :math:`\theta` into :math:`\theta_0 \pm b`, reversing the
         momentum of the entries that hit the wall.
+    :param splitting: ``"euler"`` (the scheme above) or ``"baoab"``.
 
     Every keyword but ``generator`` and ``noise`` is passed on to :func:`sghmc_step`.
     """
@@ -132,6 +146,7 @@ def sghmc_step(
     check_finite: bool = True,
     diagnostics: Diagnostics | None = None,
     grads_checked: bool = False,
+    splitting: str = "euler",
 ) -> Step:
     """The :class:`~pyro_sgmcmc.functional._step.Step` of :func:`sghmc` (same arguments)."""
     if lr == 0.0 or not params:
@@ -145,6 +160,7 @@ def sghmc_step(
         bounding_box_size=bounding_box_size, foreach=foreach, noise_plans=noise_plans,
         check_finite=check_finite, diagnostics=diagnostics, grads_checked=grads_checked,
         kinetic_energy=diagnostics is not None,  # only reported
+        splitting=splitting,
     )
     if diagnostics is None:
         return tasks, None

@@ -13,10 +13,13 @@ from torch.optim.optimizer import required
 from ..functional import Diagnostics
 from ..functional._step import Step
 from ..functional.sghmc import injected_noise_variance, sghmc_step
-from .._validation import check_number
+from .._validation import check_choice, check_number
 from ._momentum import MomentumSampler
 
 __all__ = ["SGHMC"]
+
+#: The integrators of :class:`SGHMC`'s ``splitting``.
+SPLITTINGS = ("euler", "baoab")
 
 
 class SGHMC(MomentumSampler):
@@ -57,12 +60,24 @@ class SGHMC(MomentumSampler):
     this). ``h`` moves :math:`\theta` by about ``h`` per step, so it compares with
     :math:`\sqrt\epsilon` of SGLD.
 
+    ``splitting="baoab"`` runs the same kick, friction and noise as BAOAB (Leimkuhler & Matthews
+    2013): a half drift, the friction and noise, a half drift (the half kicks of consecutive steps
+    merged, one gradient a step). On a Gaussian target with exact gradients :math:`\theta`'s
+    stationary law is then exact for any :math:`h\omega < 2` and any friction, and a gradient noise
+    heats it by :math:`\frac{h^2 V(1 + a)}{(1 - a)(4 - h^2\omega^2)} \approx hV/(2C)` (less
+    :math:`h^2\hat V/(1 - a^2)` for the estimate; see :func:`~pyro_sgmcmc.functional.sghmc`). The
+    friction is then free to be chosen for mixing: near :math:`2\sqrt{a_{min}}`, twice the square root
+    of the smallest curvature, every direction relaxes at about :math:`\sqrt{a_{min}}` per unit time
+    (:math:`h\sqrt{a_{min}}` per step), where SGLD's flattest direction relaxes at
+    :math:`\epsilon a_{min}` per step with :math:`\epsilon < 4/a_{max}`.
+
     :param params: parameters or parameter groups.
     :param lr: the step size :math:`h` (or a callable of the step).
     :param friction: :math:`C > 0` (``1 - e^{-Ch}`` is the momentum lost per step: the
         "1 - momentum" of SGD with momentum).
     :param gradient_noise_variance: :math:`\hat V \ge 0`; must keep
         :math:`h^2\hat V/T^2 < 1 - e^{-2Ch}`.
+    :param splitting: ``"euler"`` (the scheme above) or ``"baoab"``.
 
     ``temperature``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_level``,
     ``bounding_box_size``, ``mask``, ``generator``, ``foreach``, ``diagnostics``, ``distributed`` and
@@ -76,6 +91,7 @@ class SGHMC(MomentumSampler):
         **MomentumSampler.OPTION_CHECKS,
         "friction": functools.partial(check_number),
         "gradient_noise_variance": functools.partial(check_number, allow_low=True),
+        "splitting": functools.partial(check_choice, choices=SPLITTINGS),
     }
 
     def __init__(
@@ -85,6 +101,7 @@ class SGHMC(MomentumSampler):
         *,
         friction: float = 1.0,
         gradient_noise_variance: float = 0.0,
+        splitting: str = "euler",
         temperature: float | Callable[[int], float] | None = None,
         nbeta: float | Callable[[int], float] | None = None,
         localization: float = 0.0,
@@ -102,6 +119,7 @@ class SGHMC(MomentumSampler):
             lr=lr,
             friction=friction,
             gradient_noise_variance=gradient_noise_variance,
+            splitting=splitting,
             temperature=temperature,
             nbeta=nbeta,
             localization=localization,
@@ -125,7 +143,7 @@ class SGHMC(MomentumSampler):
     @staticmethod
     def suggest_lr(curvature: float, noise_variance: float, target_bias: float = 0.02, temperature: float = 1.0,
                    arrival: bool = False, friction: float = 1.0, gradient_noise_variance: float = 0.0,
-                   **options: Any) -> float:
+                   splitting: str = "euler", **options: Any) -> float:
         r"""The largest ``h`` whose bias, from the exact stationary variance of the class docstring
         on a Gaussian of largest curvature :math:`\lambda` (``curvature / T``) with gradient noise
         of variance :math:`V` (``noise_variance``), stays within ``t = target_bias`` on the
@@ -139,14 +157,18 @@ class SGHMC(MomentumSampler):
         and, whatever the bias: :math:`h\sqrt\lambda \le 1/2` (stable below
         :math:`\sqrt{2(1 + a)}`), :math:`hC \le 1/2`, and :math:`h^2\hat V/T^2 \le \frac34(1 - a^2)`
         (the estimate leaves at least a quarter of the noise to inject). Arriving, only these last
-        three (bias costs accuracy, not stability)."""
+        three (bias costs accuracy, not stability).
+
+        With ``splitting="baoab"`` the first two vanish (its Gaussian stationary law is exact) and
+        the third is BAOAB's :math:`h^2(V(1 + a)^2/(4 - h^2\lambda) - \hat V)/(T^2(1 - a^2))`."""
         c = friction
         lam = max(curvature / temperature, 1e-12)
         unestimated = abs(noise_variance - gradient_noise_variance) / temperature**2
         estimated = gradient_noise_variance / temperature**2
         t = target_bias
+        baoab = check_choice("splitting", splitting, SPLITTINGS) == "baoab"
         upper = min(0.5 / c, 0.5 / math.sqrt(lam))
-        if not arrival and 2 * t < 1:
+        if not arrival and 2 * t < 1 and not baoab:
             upper = min(upper, -math.log1p(-2 * t) / c)  # (1 - a) / 2 <= t
 
         def fits(h: float) -> bool:
@@ -155,6 +177,9 @@ class SGHMC(MomentumSampler):
                 return False
             if arrival:
                 return True
+            if baoab:
+                noise = noise_variance / temperature**2
+                return abs(h * h * (noise * (1 + a) ** 2 / (4 - h * h * lam) - estimated)) <= t * ou
             steep = (1 + a) / 2 / (1 - h * h * lam / (2 * (1 + a))) - 1
             return steep <= t and h * h * unestimated <= t * ou
 
@@ -205,6 +230,7 @@ class SGHMC(MomentumSampler):
             lr=group["lr"],
             friction=group["friction"],
             noise_estimate=estimate,
+            splitting=group["splitting"],
             **self.update_options(group, params, masks, diagnostics),
         )
         if targets is None:
