@@ -219,6 +219,23 @@ def test_sgnht_thermostat_absorbs_gradient_noise():
     assert_close_mc(est_cov, ref, what="SGNHT with noisy gradients")
 
 
+def _noisy_gradient_cov(variance, seed, **options):
+    """The covariance estimate of SGHMC chains on ANISOTROPIC (at T = 1, started at its law) whose
+    gradients carry a noise of ``variance`` per entry."""
+    mean, prec = ANISOTROPIC.tempered(1.0)
+    torch.manual_seed(seed)
+    theta = torch.nn.Parameter(_draw(mean, torch.linalg.inv(prec), CHAINS, seed).float())
+    sampler = SGHMC([theta], **options)
+    samples = []
+    for t in range(BURN_IN + STEPS):
+        g = ANISOTROPIC.grad(theta.detach().double()).float()
+        theta.grad = g + variance**0.5 * torch.randn_like(g)
+        sampler.step()
+        if t >= BURN_IN:
+            samples.append(theta.detach().clone())
+    return moments(torch.stack(samples), mean)[1]
+
+
 @pytest.mark.parametrize("estimate", [True, False])
 def test_sghmc_noise_estimate_cancels_the_gradient_noise(estimate):
     """Gradient noise of variance V adds h^2 V to the momentum's variance per step: with
@@ -227,17 +244,8 @@ def test_sghmc_noise_estimate_cancels_the_gradient_noise(estimate):
     1 + h^2 V / (1 - exp(-2 C h)), 95% here). Both are exact references."""
     mean, prec = ANISOTROPIC.tempered(1.0)
     h, friction, variance = 0.05, 1.0, 36.0
-    torch.manual_seed(6)
-    theta = torch.nn.Parameter(_draw(mean, torch.linalg.inv(prec), CHAINS, 6).float())
-    sampler = SGHMC([theta], lr=h, friction=friction, gradient_noise_variance=variance if estimate else 0.0)
-    samples = []
-    for t in range(BURN_IN + STEPS):
-        g = ANISOTROPIC.grad(theta.detach().double()).float()
-        theta.grad = g + variance**0.5 * torch.randn_like(g)
-        sampler.step()
-        if t >= BURN_IN:
-            samples.append(theta.detach().clone())
-    _, est_cov = moments(torch.stack(samples), mean)
+    est_cov = _noisy_gradient_cov(variance, 6, lr=h, friction=friction,
+                                  gradient_noise_variance=variance if estimate else 0.0)
     sd = torch.linalg.inv(prec).diagonal().sqrt()
     exact = sghmc_stationary_cov(prec, h, friction, gradient_noise=variance, estimate=variance if estimate else 0.0)
     assert_close_mc(est_cov, exact, what=f"SGHMC estimate={estimate}", scale=sd.outer(sd))
@@ -431,17 +439,7 @@ def test_sghmc_baoab_gradient_noise_heats_as_its_closed_form_says():
     for omega2 in torch.linalg.eigvalsh(prec).tolist():
         lyapunov = float(baoab_stationary_cov(torch.tensor([[omega2]], dtype=torch.float64), h, friction, variance, 2.0))
         assert baoab_stationary_variance(omega2, h, friction, variance, 2.0) == pytest.approx(lyapunov, rel=1e-10)
-    torch.manual_seed(7)
-    theta = torch.nn.Parameter(_draw(mean, torch.linalg.inv(prec), CHAINS, 7).float())
-    sampler = SGHMC([theta], lr=h, friction=friction, splitting="baoab")
-    samples = []
-    for t in range(BURN_IN + STEPS):
-        g = ANISOTROPIC.grad(theta.detach().double()).float()
-        theta.grad = g + variance**0.5 * torch.randn_like(g)
-        sampler.step()
-        if t >= BURN_IN:
-            samples.append(theta.detach().clone())
-    _, est_cov = moments(torch.stack(samples), mean)
+    est_cov = _noisy_gradient_cov(variance, 7, lr=h, friction=friction, splitting="baoab")
     sd = torch.linalg.inv(prec).diagonal().sqrt()
     exact = baoab_stationary_cov(prec, h, friction, gradient_noise=variance)
     assert_close_mc(est_cov, exact, what="BAOAB with gradient noise", scale=sd.outer(sd))
