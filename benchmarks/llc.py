@@ -33,8 +33,9 @@ loss as it computes it (the mean over 32 batches). Its estimate is computed as `
 (every step averaged; these tests have no burn-in); its error bar is the Monte Carlo standard
 error of its loss trace computed by our code (its own ``llc_std`` is the spread of per-chain
 values, shown in brackets). Ours: ``pyro_sgmcmc.slt.estimate_llc`` with nothing tuned (step size
-from the target bias 0.02), the same number of chains and draws, its adaptation and burn-in
-included in its time. "speed-up" is devinterp's time over ours for the same draws; "at equal
+from the target bias 0.02, ``sampler="auto"``: SGLD pilots, then BAOAB where it relaxes faster;
+``--sampler sgld`` for SGLD throughout), the same number of chains and draws, its adaptation and
+burn-in included in its time. "speed-up" is devinterp's time over ours for the same draws; "at equal
 error" scales it by the ratio of the squared standard errors (the time each would need for the
 same error bar, both unbiased and past their burn-in). Times are wall-clock, in one process, one thread (on a shared machine, two
 threads contended for the cores and made every time 2-30x noisier; --threads changes it).
@@ -118,13 +119,18 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
 
 def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02,
              **options):
-    """``estimate_llc`` with nothing tuned (``options``: what a like-for-like run fixes instead)."""
+    """``estimate_llc`` with nothing tuned but the sampler (``--sampler``; ``options``: what a
+    like-for-like run fixes instead)."""
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
     start = time.perf_counter()
     result = estimate_llc(model, loader, loss_fn, nbeta=nbeta, localization=localization, num_chains=num_chains,
-                          num_draws=num_draws, target_bias=target_bias, progress_bar=False, **options)
+                          num_draws=num_draws, target_bias=target_bias, progress_bar=False,
+                          **{"sampler": SAMPLER[0], **options})
     return result, time.perf_counter() - start
 
+
+#: ours' chain, from --sampler
+SAMPLER = ["auto"]
 
 # ------------------------------------------------------------------------------------- cases
 
@@ -292,7 +298,10 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
+    parser.add_argument("--sampler", default="auto", choices=["auto", "sgld", "baoab"],
+                        help="ours' chain (estimate_llc's sampler)")
     args = parser.parse_args()
+    SAMPLER[0] = args.sampler
     torch.set_num_threads(args.threads)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch's one-off lazy imports, before any timing
     rows = []

@@ -31,6 +31,29 @@ as the kernels do.
 On non-quadratic losses the bound is the quadratic approximation around the points measured;
 for :math:`L = w^4` at the chosen step the bias of :math:`E[n\beta L]` is about half the target
 (computed from the exact stationary law of the discretised chain).
+
+The second chain, underdamped Langevin with the BAOAB splitting
+(:class:`pyro_sgmcmc.samplers.SGHMC` with ``splitting="baoab"``, step :math:`h`, friction
+:math:`C`), samples a quadratic potential exactly with exact gradients, so its step is not
+limited by the curvature's bias but by stability and the gradient noise: along a direction of
+precision :math:`a` the noise :math:`B` heats the variance by
+:math:`h^2 B (1 + f)/((1 - f)(4 - h^2 a))` (:math:`f = e^{-Ch}`), which averaged over the
+:math:`2\hat\lambda` directions gives the relative bias
+
+.. math:: \frac{h^2\,(1 + f)}{(1 - f)(4 - h^2 a_{max})}\; b.
+
+The rule takes :math:`h^2` equal to SGLD's step :math:`\epsilon` for the same target (lower when
+the noise needs it): the same reach per step and the same margin of stability (:math:`h^2 a < 4`,
+:math:`\epsilon a < 4`) where the curvature grows beyond what the pilots measured, as it does on
+a singular model's valleys (a larger :math:`h`, which the quadratic law would allow, made
+chains diverge on devinterp's polynomial :math:`x w_1 w_2^2`). The friction :math:`Ch` is at
+least ``_BAOAB_FRICTION``, at least :math:`2\sqrt\gamma` (critical damping of a direction held
+only by the localization) and as large as the noise's bias needs. The gain is the relaxation of
+flat directions: at :math:`C \ge 2\sqrt\gamma` their amplitude relaxes at
+:math:`h(C - \sqrt{C^2 - 4\gamma})/2 \approx h\gamma/C` a step, against SGLD's
+:math:`\epsilon\gamma/2`: :math:`2/(Ch)` = 20 times as fast at the floor (and :math:`1/(h\sqrt\gamma)`
+at critical damping). What the quadratic law does not cover (a potential whose curvature changes
+over the chain's reach) is not in this bias; the tests measure it against exact answers.
 """
 
 from __future__ import annotations
@@ -48,6 +71,42 @@ from ._objective import ChainObjective
 #: The largest :math:`\epsilon a_{max}`: stable (SGLD diverges at 4), and the first-order bias
 #: bound is within 15% of the exact :math:`1/(1 - \epsilon a/4)` there.
 _STABLE_FRACTION = 0.5
+#: BAOAB's friction a step, at least: :math:`Ch = 0.1` lets the momentum forget itself in about
+#: ten steps, so that the counted (underdamped) directions' energy decorrelates within some
+#: twenty, while a flat direction still relaxes ten times as fast as under SGLD's largest step.
+_BAOAB_FRICTION = 0.1
+#: The chains' samplers (:func:`~pyro_sgmcmc.slt.estimate_llc`'s ``sampler``; ``"auto"``: see
+#: :func:`prefer_baoab`).
+SAMPLERS = ("auto", "sgld", "baoab")
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """The chains' step: SGLD's :math:`\\epsilon` (``friction`` None), or BAOAB's :math:`h` and
+    friction :math:`C`."""
+
+    size: float
+    friction: float | None = None
+
+    @property
+    def baoab(self) -> bool:
+        return self.friction is not None
+
+    @property
+    def scale(self) -> float:
+        """SGLD's :math:`\\epsilon`, or BAOAB's :math:`h^2`: the same reach, and the same
+        stability (:math:`\\epsilon a < 4`, :math:`h^2 a < 4`)."""
+        return self.size if self.friction is None else self.size * self.size
+
+    def shrunk(self, factor: float) -> "ChainStep":
+        """The step with :attr:`scale` ``factor`` times smaller (BAOAB: the friction a step kept)."""
+        if self.friction is None:
+            return ChainStep(self.size / factor)
+        root = math.sqrt(factor)
+        return ChainStep(self.size / root, self.friction * root)
+
+    def __str__(self) -> str:
+        return f"{self.size:.3g}" if self.friction is None else f"{self.size:.3g} (friction {self.friction:.3g})"
 
 
 @dataclass(frozen=True)
@@ -131,9 +190,9 @@ def virial(objective: ChainObjective, grads: list[Tensor], nbeta: float, localiz
     return total
 
 
-def expected_virial(lr: float, scales: Scales, num_sampled: int, localization: float) -> float:
-    r"""The virial's mean at SGLD's own equilibrium with step :math:`\epsilon`: along a direction of
-    precision :math:`a` with gradient noise :math:`B` the stationary variance is
+def expected_virial(step: ChainStep, scales: Scales, num_sampled: int, localization: float) -> float:
+    r"""The virial's mean at the chain's own equilibrium. SGLD with step :math:`\epsilon`: along a
+    direction of precision :math:`a` with gradient noise :math:`B` the stationary variance is
     :math:`(1 + \epsilon B/4)/(a(1 - \epsilon a/4))`, so each direction gives
     :math:`1 + \epsilon(a + B)/4` to first order, and all of them
 
@@ -142,8 +201,24 @@ def expected_virial(lr: float, scales: Scales, num_sampled: int, localization: f
     The terms of higher order add up to at most :math:`x/(1 - x)`, :math:`x = \epsilon a_{max}/4`
     (1/7 at the step's cap), times the first-order offset on a quadratic, and more where the loss
     is not one: a deficit of that size can hide behind them, and a virial above this value says
-    the chains are hotter than the first-order law, not that they are unrelaxed."""
+    the chains are hotter than the first-order law, not that they are unrelaxed. BAOAB: each
+    direction gives 1 plus the noise's heat, :math:`d + \frac{h^2(1 + f)}{4(1 - f)}\sum_j B_j` to
+    first order in :math:`h^2 a`."""
+    if step.baoab:
+        return num_sampled + _baoab_heat(step, 0.0) * scales.noise_trace
+    lr = step.size
     return num_sampled + lr / 4 * (scales.hessian_trace + localization * num_sampled + scales.noise_trace)
+
+
+def _baoab_heat(step: ChainStep, curvature: float) -> float:
+    """BAOAB's heat per unit of gradient noise variance along a direction of precision
+    ``curvature``: :math:`h^2(1 + f)/((1 - f)(4 - h^2 a))` (``inf`` where unstable)."""
+    h = step.size
+    room = 4.0 - h * h * curvature
+    if room <= 0:
+        return math.inf
+    f = math.exp(-step.friction * h)
+    return h * h * (1 + f) / (-math.expm1(-step.friction * h) * room)
 
 
 def _grads(total: Tensor, inputs: list[Tensor], **options) -> list[Tensor]:
@@ -227,23 +302,82 @@ def _noise(objective: ChainObjective, control: ControlVariates | None, masked, n
     return float(total.mean()), largest, nbeta * float(torch.stack(losses).std(0).mean())
 
 
-def step_bias(lr: float, scales: Scales, llc: float | None) -> float:
-    """The relative bias of :math:`\\hat\\lambda` from a step ``lr`` (the bound of the module
-    docstring; with ``llc`` unknown or not positive, the largest curvature and noise stand in for
-    the averaged ones). ``inf`` where the step is unstable."""
+def step_bias(step: ChainStep, scales: Scales, llc: float | None) -> float:
+    """The relative bias of :math:`\\hat\\lambda` from a step (the bounds of the module docstring;
+    with ``llc`` unknown or not positive, the largest curvature and noise stand in for the averaged
+    ones). ``inf`` where the step is unstable."""
     curvature, noise = _averaged(scales, llc)
+    if step.baoab:
+        return _baoab_heat(step, scales.curvature) * noise
+    lr = step.size
     denominator = 1.0 - lr * scales.curvature / 4
     if denominator <= 0:
         return math.inf
     return lr * (curvature + noise) / (4 * denominator)
 
 
-def choose_step(scales: Scales, llc: float | None, target_bias: float) -> float:
-    """The step whose :func:`step_bias` is ``target_bias``, through SGLD's ``suggest_lr``, capped at
-    :math:`\\epsilon a_{max} \\le 1/2`."""
+def choose_step(scales: Scales, llc: float | None, target_bias: float, *, baoab: bool = False,
+                localization: float = 0.0, largest: float = math.inf) -> ChainStep:
+    """The step whose :func:`step_bias` is ``target_bias``, at most ``largest``. SGLD: through
+    ``SGLD.suggest_lr``, capped at :math:`\\epsilon a_{max} \\le 1/2`. BAOAB: :math:`h^2` that SGLD step
+    (or less, so that the noise's bias fits with :math:`f \\ge 1/2`), and the friction the module
+    docstring says."""
     curvature, noise = _averaged(scales, llc)
     lr = SGLD.suggest_lr(curvature + target_bias * scales.curvature, noise, target_bias)
-    return min(lr, SGLD.suggest_lr(scales.curvature, 0.0, _STABLE_FRACTION / 4))
+    lr = min(lr, SGLD.suggest_lr(scales.curvature, 0.0, _STABLE_FRACTION / 4))
+    if not baoab:
+        return ChainStep(min(lr, largest))
+    a_max = max(scales.curvature, 1e-30)
+    # at f = 1/2, (1 + f)/(1 - f) = 3: h^2 * 3 * noise <= target * (4 - h^2 a_max)
+    h = min(math.sqrt(min(lr, 4 * target_bias / (3 * noise + target_bias * a_max))), largest)
+    friction = max(_BAOAB_FRICTION / h, 2 * math.sqrt(localization))
+    if noise > 0:  # (1 + f)/(1 - f) <= ratio  <=>  f <= (ratio - 1)/(ratio + 1)
+        ratio = target_bias * (4 - h * h * a_max) / (h * h * noise)
+        friction = max(friction, -math.log((ratio - 1) / (ratio + 1)) / h)
+    return ChainStep(h, friction)
+
+
+def flat_variance_missing(step: ChainStep, localization: float, steps: int) -> float:
+    """The fraction of its stationary variance that a direction of precision :math:`\\gamma` still
+    lacks after ``steps`` from :math:`w^*`: SGLD :math:`e^{-\\epsilon\\gamma t}`, BAOAB at most
+    :math:`(1 + rt)^2 e^{-2rt}` (see :func:`relaxation_steps`)."""
+    if not step.baoab:
+        return math.exp(-step.size * localization * steps)
+    rate = _flat_rate(step, localization)
+    return (1 + rate * steps) ** 2 * math.exp(-2 * rate * steps)
+
+
+def relaxation_steps(step: ChainStep, localization: float) -> int:
+    r"""The steps after which even the flattest direction the localization allows (precision
+    :math:`\gamma`) is within about 5% of its stationary variance, from a start at :math:`w^*`.
+    SGLD: its variance approaches as :math:`e^{-\epsilon\gamma t}`, so
+    :math:`\lceil 3/(\epsilon\gamma)\rceil`. BAOAB: its amplitude decays at the slow rate
+    :math:`r = h(C - \sqrt{C^2 - 4\gamma})/2` a step (:math:`hC/2` underdamped), so
+    :math:`\lceil 3/r \rceil` (at critical damping the variance then lacks :math:`(1 + 3)^2 e^{-6}`, 4%)."""
+    if not step.baoab:
+        return math.ceil(3.0 / (step.size * localization))
+    return math.ceil(3.0 / _flat_rate(step, localization))
+
+
+def _flat_rate(step: ChainStep, precision: float) -> float:
+    """The slow amplitude rate a step along a direction of ``precision``: SGLD's
+    :math:`\\epsilon a/2`, BAOAB's :math:`h(C - \\sqrt{C^2 - 4a})/2` (:math:`hC/2` underdamped)."""
+    if not step.baoab:
+        return step.size * precision / 2
+    c = step.friction
+    return step.size * (c - math.sqrt(max(c * c - 4 * precision, 0.0))) / 2
+
+
+def prefer_baoab(sgld: ChainStep, baoab: ChainStep, scales: Scales, llc: float | None, localization: float) -> bool:
+    """Whether BAOAB's step relaxes the slowest direction at least twice as fast as SGLD's, both
+    chosen for the same bias from the same scales: the direction of precision :math:`\\gamma`
+    (without localization, a direction of the averaged curvature the estimate counts). Where the
+    gradient noise dominates, BAOAB's friction must be high to keep its heat down, and it is then
+    SGLD (overdamped Langevin) at the same rate: SGLD is kept; with exact or control-variate
+    gradients near a quadratic minimum the momentum wins by the square root of the condition
+    number."""
+    precision = localization if localization > 0 else max(_averaged(scales, llc)[0], 1e-30)
+    return _flat_rate(baoab, precision) >= 2 * _flat_rate(sgld, precision)
 
 
 def _averaged(scales: Scales, llc: float | None) -> tuple[float, float]:

@@ -14,10 +14,12 @@ from torch import Tensor
 
 from .._validation import check_choice, check_flag, check_integer, check_mapping, check_names, check_number
 from ..functional import NonFiniteError
-from ..samplers import SGLD
+from ..samplers import SGHMC, SGLD
 from ._data import REDUCTIONS, Minibatches
 from ._objective import ChainObjective, ModuleObjective
-from ._scales import ControlVariates, Scales, choose_step, expected_virial, gradient_estimate, measure, step_bias, virial
+from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, choose_step, expected_virial,
+                      flat_variance_missing, gradient_estimate, measure, prefer_baoab, relaxation_steps, step_bias,
+                      virial)
 from ._stats import chain_mean
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
@@ -34,7 +36,7 @@ _MAX_ROUNDS = 6
 _SHRINK = 10.0
 #: A default burn-in capped short of :func:`default_burn_in`'s bound is warned about when a direction
 #: held only by the localization would still lack more than this fraction of its variance
-#: (``exp(-step * localization * burn_in)``).
+#: (:func:`~pyro_sgmcmc.slt._scales.flat_variance_missing`).
 _MISSING_LIMIT = 0.25
 #: Steps between snapshots of the chains, and how many times the sampling phase may start over.
 _SNAPSHOT = 25
@@ -64,8 +66,10 @@ class LLCDiagnostics:
     :param scales: the curvature and gradient noise measured at the final points.
     :param adaptation_steps: steps of the pilot runs that chose the step (excluded).
     :param burn_in: steps at the chosen step before the draws (excluded).
-    :param restarts: how many times the sampling phase started over with a smaller step after a
-        chain diverged; the draws come from the last start only.
+    :param restarts: how many times the sampling phase started over after a chain diverged, with a
+        smaller step (or, with ``sampler="auto"``, from BAOAB back to SGLD); the draws come from
+        the last start only.
+    :param sampler: the chains' sampler during the burn-in and draws: ``"sgld"`` or ``"baoab"``.
     :param vectorized: whether the chains ran in one ``vmap``-ed call.
     :param control_variates: whether the gradient and the loss estimates used control variates.
     :param full_batch: whether every evaluation used the whole data set.
@@ -82,6 +86,7 @@ class LLCDiagnostics:
     adaptation_steps: int
     burn_in: int
     restarts: int
+    sampler: str
     vectorized: bool
     control_variates: bool
     full_batch: bool
@@ -106,7 +111,8 @@ class LLCResult:
     :param n: the data set's size.
     :param nbeta: :math:`n\\beta`.
     :param localization: :math:`\\gamma`.
-    :param step_size: SGLD's step :math:`\\epsilon` during the draws.
+    :param step_size: SGLD's step :math:`\\epsilon` (BAOAB's :math:`h`) during the draws.
+    :param friction: BAOAB's friction :math:`C` (``None`` for SGLD).
     :param diagnostics: :class:`LLCDiagnostics`.
     """
 
@@ -121,6 +127,7 @@ class LLCResult:
     nbeta: float
     localization: float
     step_size: float
+    friction: float | None
     diagnostics: LLCDiagnostics
 
     @property
@@ -138,7 +145,7 @@ class LLCResult:
     def __str__(self) -> str:
         d = self.diagnostics
         return (f"LLC {self.llc:.4g} ± {self.std_error:.2g} (Monte Carlo standard error; {self.per_chain.numel()} "
-                f"chains, ESS {d.ess:.0f}, R-hat {d.r_hat:.3f}, step {self.step_size:.3g}, step bias "
+                f"chains, ESS {d.ess:.0f}, R-hat {d.r_hat:.3f}, step {ChainStep(self.step_size, self.friction)}, step bias "
                 f"{100 * d.step_bias:.2g}%, n = {self.n}, nβ = {self.nbeta:.4g}, γ = {self.localization:g})")
 
 
@@ -159,7 +166,9 @@ def estimate_llc(
     num_chains: int = 4,
     num_draws: int = 1000,
     num_burnin: int | None = None,
+    sampler: str = "auto",
     step_size: float | None = None,
+    friction: float | None = None,
     target_bias: float = 0.02,
     control_variates: bool | None = None,
     batch_size: int | None = None,
@@ -256,9 +265,19 @@ def estimate_llc(
     :param num_burnin: steps at the chosen step size before the draws; default
         :func:`default_burn_in` (at least ``num_draws // 10``, more with a small step or a weak
         localization). The pilot runs that choose the step come first and are excluded too.
-    :param step_size: SGLD's :math:`\epsilon`; default: chosen by the pilot runs so that the
-        discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A given step is never
-        changed (a divergence is then an error).
+    :param sampler: ``"sgld"``; ``"baoab"``: underdamped Langevin with the BAOAB splitting
+        (:class:`pyro_sgmcmc.samplers.SGHMC` with ``splitting="baoab"``), exact on a quadratic
+        potential with exact gradients, whose momentum relaxes the flat directions far sooner
+        where the gradient noise is small (see :mod:`pyro_sgmcmc.slt._scales`; the burn-in it
+        needs is correspondingly shorter); ``"auto"``: the pilot runs are SGLD's, and the burn-in
+        and draws BAOAB's where, from the scales the pilots measured, it relaxes the slowest
+        direction at least twice as fast (:func:`~pyro_sgmcmc.slt._scales.prefer_baoab`), else
+        SGLD's. ``diagnostics.sampler`` says which ran. With a given ``step_size``, ``"auto"`` is SGLD.
+    :param step_size: SGLD's :math:`\epsilon` (BAOAB's :math:`h`); default: chosen by the pilot
+        runs so that the discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A
+        given step is never changed (a divergence is then an error).
+    :param friction: BAOAB's friction :math:`C` (default: chosen with the step; see
+        :mod:`pyro_sgmcmc.slt._scales`).
     :param target_bias: the relative bias of :math:`\hat\lambda` the step is chosen for.
     :param control_variates: estimate the gradient and the loss by their minibatch differences from
         :math:`w^*` plus the full-data values there (default: whenever minibatches are smaller than
@@ -272,6 +291,13 @@ def estimate_llc(
     num_chains = check_integer("num_chains", num_chains, low=1)
     num_draws = check_integer("num_draws", num_draws, low=4)
     num_burnin = check_integer("num_burnin", num_burnin, low=0, none_ok=True)
+    sampler = check_choice("sampler", sampler, SAMPLERS)
+    friction = check_number("friction", friction, none_ok=True)
+    if sampler == "auto" and step_size is not None:
+        sampler = "sgld"
+    if friction is not None and sampler != "baoab":
+        raise ValueError(f"Invalid friction: {friction!r} with sampler={sampler!r} (a friction is BAOAB's; "
+                         "give sampler='baoab', or no friction)")
     localization = check_number("localization", localization, allow_low=True)
     nbeta = check_number("nbeta", nbeta, none_ok=True)
     step_size = check_number("step_size", step_size, none_ok=True)
@@ -317,13 +343,16 @@ def estimate_llc(
         control = ControlVariates(init_loss, [g.unsqueeze(0).expand(chains, *g.shape) for g in full_gradient])
     burn_in_given = num_burnin is not None
     if num_burnin is None:
-        burn_in = lambda lr: default_burn_in(lr, localization, num_draws)  # noqa: E731
+        burn_in = lambda step: default_burn_in(step.size, localization, num_draws, step.friction)  # noqa: E731
     else:
-        burn_in = lambda lr: num_burnin  # noqa: E731
-    driver = _Chains(objective, nbeta, localization, control, init_loss, progress_bar, num_draws)
+        burn_in = lambda step: num_burnin  # noqa: E731
+    driver = _Chains(objective, nbeta, localization, control, init_loss, progress_bar, num_draws, sampler)
     try:
-        lr, adaptation_steps = (step_size, 0) if step_size is not None else driver.adapt(target_bias, num_draws)
-        lr, restarts, num_burnin = driver.sample(burn_in, num_draws, lr, None if step_size is not None else target_bias)
+        if step_size is None:
+            step, adaptation_steps = driver.adapt(target_bias, num_draws, friction)
+        else:
+            step, adaptation_steps = driver.given_step(step_size, friction, target_bias), 0
+        step, restarts, num_burnin = driver.sample(burn_in, num_draws, step, None if step_size is not None else target_bias)
     finally:
         driver.close()
     trace = driver.trace()
@@ -333,23 +362,23 @@ def estimate_llc(
     llc = nbeta * (summary.mean - init_loss)
     std_error = nbeta * summary.std_error
     scales = measure(objective, nbeta, localization, control)
-    bias = step_bias(lr, scales, llc)
+    bias = step_bias(step, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
-    missing = math.exp(-lr * localization * num_burnin)  # of a flat direction's variance (default_burn_in)
-    if not burn_in_given and localization > 0 and lr > 0 and missing > _MISSING_LIMIT:
-        needed = _relaxation_steps(lr, localization)
+    if not burn_in_given and localization > 0 and step.size > 0 and (
+            missing := flat_variance_missing(step, localization, num_burnin)) > _MISSING_LIMIT:
+        needed = relaxation_steps(step, localization)
         messages.append(
             f"the burn-in was capped at num_draws // 2 = {num_burnin} steps, after which a direction held only by "
-            f"the localization still lacks about {missing:.0%} of its variance (it needs 3/(step·γ) = {needed} "
-            "steps): if the model has such directions (a network's flat directions), the draws may not be at "
+            f"the localization still lacks about {missing:.0%} of its variance (it needs {needed} steps at this "
+            "step size): if the model has such directions (a network's flat directions), the draws may not be at "
             "equilibrium yet, and a slow drift that starts later shows in neither R-hat nor the virial check; give "
             f"num_burnin={needed} (or more num_draws)")
     virial_trace = driver.virial_trace()
     virials = chain_mean(virial_trace[:, excluded:])
-    unrelaxed = expected_virial(lr, scales, objective.num_sampled, localization) - virials.mean
+    unrelaxed = expected_virial(step, scales, objective.num_sampled, localization) - virials.mean
     if unrelaxed > UNRELAXED_LIMIT * virials.std_error and unrelaxed / 2 > std_error:
-        relax = (f" (directions held only by the localization relax over 3/(step·γ) = "
-                 f"{_relaxation_steps(lr, localization)} steps)" if localization > 0 else "")
+        relax = (f" (directions held only by the localization relax over about "
+                 f"{relaxation_steps(step, localization)} steps at this step size)" if localization > 0 else "")
         messages.insert(0, f"about {unrelaxed:.3g} ± {virials.std_error:.2g} of the {objective.num_sampled} sampled "
                            "directions had not relaxed from w* (the virial (w - w*)·∇U averages d at equilibrium; it "
                            "fell short by that much): the draws are not yet from the localized posterior and the "
@@ -360,21 +389,23 @@ def estimate_llc(
     diagnostics = LLCDiagnostics(
         ess=summary.ess, r_hat=summary.r_hat, unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
         step_bias=bias, target_bias=None if step_size is not None else target_bias,
-        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts, vectorized=objective.vectorized,
+        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts,
+        sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized,
         control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
     return LLCResult(
         llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace, virial_trace=virial_trace,
-        num_excluded=excluded, init_loss=init_loss, n=n, nbeta=nbeta, localization=localization, step_size=lr,
-        diagnostics=diagnostics)
+        num_excluded=excluded, init_loss=init_loss, n=n, nbeta=nbeta, localization=localization, step_size=step.size,
+        friction=step.friction, diagnostics=diagnostics)
 
 
-def default_burn_in(step_size: float, localization: float, num_draws: int) -> int:
+def default_burn_in(step_size: float, localization: float, num_draws: int, friction: float | None = None) -> int:
     r"""The burn-in :func:`estimate_llc` runs by default: ``num_draws // 10`` steps, or, if longer,
-    :math:`3/(\epsilon\gamma)`, capped at ``num_draws // 2`` (a cap that leaves a flat direction
-    lacking more than a quarter of its variance is warned about). The chains start at :math:`w^*`, where
-    every direction's variance is 0; along a direction of precision :math:`a` (curvature of
-    :math:`n\beta L` plus :math:`\gamma`) SGLD's variance approaches its stationary value as
-    :math:`e^{-\epsilon a t}`, and every direction has :math:`a \ge \gamma`, so after
+    the relaxation of the flattest direction (:math:`3/(\epsilon\gamma)` for SGLD; for BAOAB, with
+    ``friction``, :func:`~pyro_sgmcmc.slt._scales.relaxation_steps`), capped at ``num_draws // 2`` (a cap
+    that leaves a flat direction lacking more than a quarter of its variance is warned about). The
+    chains start at :math:`w^*`, where every direction's variance is 0; along a direction of precision
+    :math:`a` (curvature of :math:`n\beta L` plus :math:`\gamma`) SGLD's variance approaches its
+    stationary value as :math:`e^{-\epsilon a t}`, and every direction has :math:`a \ge \gamma`, so after
     :math:`3/(\epsilon\gamma)` steps each is within 5% of it. (On a 24-parameter tanh network at
     :math:`\gamma = 100`, 60 steps of burn-in instead of 400 left the estimates of repeated runs spread
     twice as far as their standard errors said.) Without localization there is no such bound,
@@ -382,13 +413,7 @@ def default_burn_in(step_size: float, localization: float, num_draws: int) -> in
     base = max(num_draws // 10, 1)
     if localization <= 0 or step_size <= 0:
         return base
-    return max(base, min(_relaxation_steps(step_size, localization), num_draws // 2))
-
-
-def _relaxation_steps(step_size: float, localization: float) -> int:
-    r""":math:`\lceil 3/(\epsilon\gamma) \rceil`: the steps after which even the flattest direction
-    the localization allows is within 5% of its stationary variance (see :func:`default_burn_in`)."""
-    return math.ceil(3.0 / (step_size * localization))
+    return max(base, min(relaxation_steps(ChainStep(step_size, friction), localization), num_draws // 2))
 
 
 def _model_args(data: Any) -> tuple:
@@ -425,16 +450,17 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
 
 
 class _Chains:
-    """Runs the stacked chains: SGLD steps on the objective's parameters, recording the loss
-    estimates, with the pilot runs that choose the step."""
+    """Runs the stacked chains: SGLD (or BAOAB) steps on the objective's parameters, recording the
+    loss estimates, with the pilot runs that choose the step."""
 
     def __init__(self, objective: ChainObjective, nbeta: float, localization: float,
-                 control: ControlVariates | None, init_loss: float, progress_bar: bool, planned: int):
+                 control: ControlVariates | None, init_loss: float, progress_bar: bool, planned: int,
+                 sampler: str = "sgld"):
         self.objective, self.nbeta, self.localization = objective, nbeta, localization
         self.control, self.init_loss = control, init_loss
-        masks = objective.stacked_masks()
-        group = {"params": objective.params, "mask": None if all(m is None for m in masks) else masks}
-        self.sampler = SGLD([group], lr=0.0, nbeta=nbeta, localization=localization)
+        self.auto = sampler == "auto"
+        self._use(baoab=sampler == "baoab")
+        self.pilot_step: ChainStep | None = None  # what the pilot runs chose
         self._records: list[Tensor] = []
         self._virials: list[Tensor] = []  # the virial at each recorded step (see _scales.virial)
         self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
@@ -449,9 +475,34 @@ class _Chains:
 
             self._bar = tqdm(total=planned, desc="LLC")
 
-    def set_lr(self, lr: float) -> None:
+    def _use(self, baoab: bool) -> None:
+        """The chains' sampler: SGLD, or SGHMC with the BAOAB splitting (momenta drawn at its first step)."""
+        self.baoab = baoab
+        masks = self.objective.stacked_masks()
+        group = {"params": self.objective.params, "mask": None if all(m is None for m in masks) else masks}
+        options = dict(nbeta=self.nbeta, localization=self.localization)
+        self.sampler = (SGHMC([group], lr=0.0, friction=1.0, splitting="baoab", **options) if baoab else
+                        SGLD([group], lr=0.0, **options))
+
+    def set_step(self, step: ChainStep) -> None:
         for group in self.sampler.param_groups:
-            group["lr"] = lr
+            group["lr"] = step.size
+            if step.baoab:
+                group["friction"] = step.friction
+
+    def choose(self, scales: Scales, llc: float | None, target_bias: float, friction: float | None = None,
+               largest: float = math.inf) -> ChainStep:
+        """:func:`~pyro_sgmcmc.slt._scales.choose_step` for this sampler (with a given ``friction``, kept)."""
+        step = choose_step(scales, llc, target_bias, baoab=self.baoab, localization=self.localization, largest=largest)
+        return step if friction is None else ChainStep(step.size, friction)
+
+    def given_step(self, step_size: float, friction: float | None, target_bias: float) -> ChainStep:
+        """The user's step; BAOAB's friction, if not given, chosen for it from the scales at :math:`w^*`."""
+        if not self.baoab:
+            return ChainStep(step_size)
+        if friction is None:
+            friction = self.choose(self.start_scales, None, target_bias, largest=step_size).friction
+        return ChainStep(step_size, friction)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -485,7 +536,7 @@ class _Chains:
         """``steps`` steps, recorded; at a divergence, stop and say why (``None``: none). Every
         ``_SNAPSHOT`` steps the chains' points are kept, the two latest of them in
         :attr:`snapshots`."""
-        lr = self.sampler.param_groups[0]["lr"]
+        size = self.sampler.param_groups[0]["lr"]
         for k in range(steps):
             if k % _SNAPSHOT == 0:
                 self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
@@ -501,61 +552,72 @@ class _Chains:
                 self._bar.update(1)
                 if k % 50 == 49:
                     recent = torch.stack(self._records[-50:])
-                    self._bar.set_postfix(phase=phase, step=f"{lr:.2e}",
+                    self._bar.set_postfix(phase=phase, step=f"{size:.2e}",
                                           llc=f"{self.nbeta * (float(recent.mean()) - self.init_loss):.4g}", refresh=False)
         return None
 
-    def sample(self, burn_in: Callable[[float], int], num_draws: int, lr: float,
-               target_bias: float | None) -> tuple[float, int, int]:
-        """The burn-in (``burn_in(lr)`` steps) and the draws at ``lr``: ``(the step size used,
+    def sample(self, burn_in: Callable[[ChainStep], int], num_draws: int, step: ChainStep,
+               target_bias: float | None) -> tuple[ChainStep, int, int]:
+        """The burn-in (``burn_in(step)`` steps) and the draws at ``step``: ``(the step used,
         restarts, the burn-in's length)``. A chain of a
         singular model can wander along a flat direction into a region stiffer than any the pilot
         runs saw, where the step is unstable; with an automatic step (``target_bias`` given) the
         chains then go back to the older of the last two snapshots, the step is chosen again from
-        the scales measured there (and at least halved), and the burn-in and draws start over, so
-        that every draw comes from one fixed-step chain. A given step size is never changed: an
-        error says so."""
+        the scales measured there (its :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` at least
+        halved), and the burn-in and draws start over, so that every draw comes from one fixed-step
+        chain; with ``sampler="auto"``, a BAOAB chain that diverges goes back to SGLD at the step
+        its pilots chose instead. A given step size is never changed: an error says so."""
         restarts = 0
         while True:
-            self.set_lr(lr)
+            self.set_step(step)
             start = len(self._records)
-            steps = burn_in(lr) + num_draws
+            steps = burn_in(step) + num_draws
             if self._bar is not None:
                 self._bar.total = self._bar.n + steps
             reason = self.run(steps, phase="sampling")
             if reason is None:
-                return lr, restarts, steps - num_draws
+                return step, restarts, steps - num_draws
             if target_bias is None or restarts == _MAX_RESTARTS:
-                raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {lr:.3g}; give a "
+                raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {step}; give a "
                                    "smaller step_size (or target_bias), or more localization")
             restarts += 1
             self._forget(start)
-            with torch.no_grad():
-                for p, kept in zip(self.objective.params, self.snapshots[0]):
-                    p.copy_(kept)
+            self._move_to(self.snapshots[0])
+            if self.auto and self.baoab:  # back to the sampler the pilots ran, at the step they chose
+                self._use(baoab=False)
+                step = self.pilot_step
+                continue
             scales = measure(self.objective, self.nbeta, self.localization, self.control)
-            lr = min(lr / 2, choose_step(scales, self.llc_guess, target_bias))
+            step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
+
+    def _move_to(self, points: list[Tensor]) -> None:
+        """The chains to ``points`` (broadcast), their momenta (BAOAB) drawn afresh."""
+        with torch.no_grad():
+            for p, kept in zip(self.objective.params, points):
+                p.copy_(kept.expand_as(p))
+        self.sampler.reset_auxiliary()
 
     def _reset(self) -> None:
-        with torch.no_grad():
-            for p, a in zip(self.objective.params, self.objective.anchor):
-                p.copy_(a.unsqueeze(0).expand_as(p))
+        self._move_to([a.unsqueeze(0) for a in self.objective.anchor])
 
-    def adapt(self, target_bias: float, num_draws: int) -> tuple[float, int]:
+    def adapt(self, target_bias: float, num_draws: int, friction: float | None = None) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
         are and a choice of the step (:func:`~pyro_sgmcmc.slt._scales.choose_step`, with the pilot's
         second half as the guess of :math:`\\lambda`). The first pilot runs at the largest stable
         step measured at :math:`w^*` (to arrive fast: its bias does not matter); later ones at the
         step chosen, until the choice changes by less than a factor of 1.5 (at most ``_MAX_ROUNDS``).
         A pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of
-        a singular model the curvature can be 0, and gives no scale)."""
+        a singular model the curvature can be 0, and gives no scale). BAOAB's step likewise, with
+        its friction (``friction``: the user's, kept). With ``sampler="auto"`` the pilots are
+        SGLD's, and the chains go on with BAOAB if :func:`~pyro_sgmcmc.slt._scales.prefer_baoab`
+        says so."""
         objective = self.objective
         pilot = min(max(num_draws // 20, 50), 100)
-        lr = choose_step(self.start_scales, None, 1.0)  # the stability cap alone
+        step = self.choose(self.start_scales, None, 1.0, friction)  # the stability cap alone
         start = len(self._records)
         rounds = retries = 0
         while rounds < _MAX_ROUNDS:
-            self.set_lr(lr)
+            self.set_step(step)
             if self._bar is not None:
                 self._bar.total += pilot
             before = len(self._records)
@@ -565,16 +627,22 @@ class _Chains:
                 if retries > 40:
                     raise RuntimeError("Could not find a stable step size for the LLC chains from w*; give step_size")
                 self._reset()
-                lr /= _SHRINK
+                step = step.shrunk(_SHRINK)
                 continue
             rounds += 1
             recent = torch.stack(self._records[before + pilot // 2:])
             llc = self.nbeta * (float(recent.mean()) - self.init_loss)
             llc = self.llc_guess = min(llc, objective.num_sampled / 2) if llc > 0 else None
             scales = measure(objective, self.nbeta, self.localization, self.control)
-            chosen = choose_step(scales, llc, target_bias)
-            settled = rounds > 1 and 1 / 1.5 <= chosen / lr <= 1.5
-            lr = chosen
+            chosen = self.choose(scales, llc, target_bias, friction)
+            settled = rounds > 1 and 1 / 1.5 <= chosen.scale / step.scale <= 1.5
+            step = chosen
             if settled:
                 break
-        return lr, len(self._records) - start
+        self.pilot_step = step
+        if self.auto and rounds:
+            alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
+            if prefer_baoab(step, alternative, scales, llc, self.localization):
+                self._use(baoab=True)
+                step = alternative
+        return step, len(self._records) - start
