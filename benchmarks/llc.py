@@ -5,6 +5,7 @@
     python benchmarks/llc.py --quick                  # fewer draws, for a smoke run
     python benchmarks/llc.py --cases mlp-same-step    # the MLP, ours at devinterp's step (like for like)
     python benchmarks/llc.py --cases mlp-relaxed      # the MLP, devinterp with a burn-in left out
+    python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
 
 Cases:
 
@@ -220,7 +221,13 @@ def rrr_case(shape, args):
                                num_draws=draws, batch_size=n)
     theirs = run_devinterp(model, x, y, loss, lr=6e-4, nbeta=nbeta, localization=localization, num_chains=chains,
                            num_draws=draws, batch_size=n)
-    return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), None, ours, ours_time, theirs
+    reference = None
+    if args.reference:  # the finite-n beta value both target, to within its printed standard error
+        long, _ = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=8, num_draws=20000,
+                           batch_size=n, sampler="baoab", step_size=0.008, friction=4.0, num_burnin=3000)
+        print(f"rrr {shape}: reference {long.llc:.3f} ± {long.std_error:.3f} (BAOAB, h = 0.008, 8 x 20000 draws)")
+        reference = long.llc
+    return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), reference, ours, ours_time, theirs
 
 
 def mlp_case(args, same_step=False, relaxed=False):
@@ -298,6 +305,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
+    parser.add_argument("--reference", action="store_true",
+                        help="rrr: a long BAOAB run at a small step as the finite-n beta reference (about 40 s a case)")
     parser.add_argument("--sampler", default="auto", choices=["auto", "sgld", "baoab"],
                         help="ours' chain (estimate_llc's sampler)")
     args = parser.parse_args()

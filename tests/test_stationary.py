@@ -296,6 +296,23 @@ def test_sghmc_suggested_step_meets_its_bias_target(curvature, noise, friction, 
     assert h == pytest.approx(stability) or max(float(relative.abs().max()), heat) == pytest.approx(target, rel=1e-3)
 
 
+@pytest.mark.parametrize("curvature, noise, friction, temperature", [
+    (400.0, 0.0, 1.0, 1.0), (25.0, 36.0, 6.0, 1.0), (25.0, 36.0, 1.0, 0.5), (1e4, 1e3, 30.0, 4.0),
+])
+def test_sghmc_baoab_suggested_step_meets_its_bias_target(curvature, noise, friction, temperature):
+    """BAOAB's rule: its Gaussian law is exact, so only the gradient noise's heat (the closed form
+    at every curvature up to the largest) limits the step below the stability bounds."""
+    target = 0.02
+    h = SGHMC.suggest_lr(curvature, noise, target, temperature, friction=friction, splitting="baoab")
+    lam = curvature / temperature
+    heat = max(baoab_stationary_variance(w, h, friction, noise / temperature**2) * w - 1
+               for w in (torch.linspace(1e-6, 1.0, 201, dtype=torch.float64) * lam).tolist())
+    assert heat <= target + 1e-9
+    stability = min(0.5 / friction, 0.5 / lam**0.5)
+    assert h == pytest.approx(stability) or heat == pytest.approx(target, rel=1e-3)
+    assert h >= SGHMC.suggest_lr(curvature, noise, target, temperature, friction=friction)  # no cold bias to fit
+
+
 def test_sghmc_with_the_paper_noise_is_caught():
     """A sampler with the paper's noise 2 C h (emulated: noise_level^2 = 2 C h / (1 - exp(-2 C h)))
     at the stationary test's settings matches the exact chain of that scheme and fails the test
