@@ -89,6 +89,21 @@ def injected_noise_variance(lr: float, friction: float, noise_estimate: float = 
     return ou - gradient
 
 
+def baoab_heat(lr: float, friction: float, curvature: float, noise_variance: float,
+               noise_estimate: float = 0.0) -> float:
+    r"""BAOAB's relative excess of :math:`\theta`'s stationary variance along a direction of
+    ``curvature`` :math:`\omega^2` (the closed form above, less 1):
+    :math:`h^2(V(1 + a)^2/(4 - h^2\omega^2) - \hat V)/(1 - a^2)`, with :math:`V` the gradient
+    noise's variance and :math:`\hat V` its estimate (both of :math:`\nabla U/T`); ``inf`` where
+    :math:`h\omega \ge 2` (unstable)."""
+    h = lr
+    room = 4.0 - h * h * curvature
+    if room <= 0:
+        return math.inf
+    a = math.exp(-friction * h)
+    return h * h * (noise_variance * (1 + a) ** 2 / room - noise_estimate) / -math.expm1(-2.0 * friction * h)
+
+
 def sghmc(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

@@ -12,7 +12,7 @@ from torch.optim.optimizer import required
 
 from ..functional import Diagnostics
 from ..functional._step import Step
-from ..functional.sghmc import injected_noise_variance, sghmc_step
+from ..functional.sghmc import baoab_heat, injected_noise_variance, sghmc_step
 from .._validation import check_choice, check_number
 from ._momentum import MomentumSampler
 
@@ -178,8 +178,7 @@ class SGHMC(MomentumSampler):
             if arrival:
                 return True
             if baoab:
-                noise = noise_variance / temperature**2
-                return abs(h * h * (noise * (1 + a) ** 2 / (4 - h * h * lam) - estimated)) <= t * ou
+                return abs(baoab_heat(h, c, lam, noise_variance / temperature**2, estimated)) <= t
             steep = (1 + a) / 2 / (1 - h * h * lam / (2 * (1 + a))) - 1
             return steep <= t and h * h * unestimated <= t * ou
 

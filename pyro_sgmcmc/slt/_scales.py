@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from ..functional import control_variate_gradient_
+from ..functional.sghmc import baoab_heat
 from ..samplers import SGLD
 from ._objective import ChainObjective
 
@@ -212,13 +213,9 @@ def expected_virial(step: ChainStep, scales: Scales, num_sampled: int, localizat
 
 def _baoab_heat(step: ChainStep, curvature: float) -> float:
     """BAOAB's heat per unit of gradient noise variance along a direction of precision
-    ``curvature``: :math:`h^2(1 + f)/((1 - f)(4 - h^2 a))` (``inf`` where unstable)."""
-    h = step.size
-    room = 4.0 - h * h * curvature
-    if room <= 0:
-        return math.inf
-    f = math.exp(-step.friction * h)
-    return h * h * (1 + f) / (-math.expm1(-step.friction * h) * room)
+    ``curvature``: :math:`h^2(1 + f)/((1 - f)(4 - h^2 a))` (``inf`` where unstable; see
+    :func:`~pyro_sgmcmc.functional.sghmc.baoab_heat`)."""
+    return baoab_heat(step.size, step.friction, curvature, 1.0)
 
 
 def _grads(total: Tensor, inputs: list[Tensor], **options) -> list[Tensor]:
@@ -373,9 +370,8 @@ def prefer_baoab(sgld: ChainStep, baoab: ChainStep, scales: Scales, llc: float |
     chosen for the same bias from the same scales: the direction of precision :math:`\\gamma`
     (without localization, a direction of the averaged curvature the estimate counts). Where the
     gradient noise dominates, BAOAB's friction must be high to keep its heat down, and it is then
-    SGLD (overdamped Langevin) at the same rate: SGLD is kept; with exact or control-variate
-    gradients near a quadratic minimum the momentum wins by the square root of the condition
-    number."""
+    SGLD (overdamped Langevin) at the same rate: SGLD is kept; with exact gradients near a
+    quadratic minimum the momentum wins by the square root of the condition number."""
     precision = localization if localization > 0 else max(_averaged(scales, llc)[0], 1e-30)
     return _flat_rate(baoab, precision) >= 2 * _flat_rate(sgld, precision)
 
