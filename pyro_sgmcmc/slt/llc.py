@@ -278,9 +278,9 @@ def estimate_llc(
         (full-batch) gradients the burn-in and draws BAOAB's where, from the scales the pilots
         measured, it relaxes the slowest direction at least twice as fast
         (:func:`~pyro_sgmcmc.slt._scales.prefer_baoab`), else SGLD's. On minibatches ``"auto"`` is
-        SGLD: with control-variate gradients BAOAB at its critical friction ran hotter than its
-        rule states (a 24-parameter tanh network: +10% on the LLC, the virial 18 of 24 directions
-        above its equilibrium value), which the quadratic law of the noise does not explain. ``diagnostics.sampler`` says which ran. With a given ``step_size``, ``"auto"`` is SGLD.
+        SGLD: with control-variate gradients BAOAB at its critical friction can run hotter than
+        its rule states (seen on a small tanh network; see CHANGELOG.md), which the quadratic law
+        of the noise does not explain. ``diagnostics.sampler`` says which ran. With a given ``step_size``, ``"auto"`` is SGLD.
     :param step_size: SGLD's :math:`\epsilon` (BAOAB's :math:`h`); default: chosen by the pilot
         runs so that the discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A
         given step is never changed (a divergence is then an error).
