@@ -79,6 +79,16 @@ def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noi
         noise = steps.clone()
         noise[list(subset)] = local_step * local_noise
         diagonals.append(torch.diag(noise))
+    return linear_chain_moments(mats, shifts, diagonals)
+
+
+def linear_chain_moments(mats, shifts, diagonals):
+    """The stationary mean and covariance of the chain :math:`x' = A_S x + b_S + D_S^{1/2}\\xi`
+    whose minibatch :math:`S` is drawn uniformly from ``len(mats)`` equally likely ones, each
+    given by ``mats[k]`` (:math:`A_S`), ``shifts[k]`` (:math:`b_S`) and ``diagonals[k]``
+    (:math:`D_S`, the noise's covariance): the linear systems of the module docstring."""
+    d = mats[0].shape[0]
+    eye = torch.eye(d, dtype=torch.float64)
     a_mean = torch.stack(mats).mean(0)
     b_mean = torch.stack(shifts).mean(0)
     mean = torch.linalg.solve(eye - a_mean, b_mean)
@@ -87,3 +97,57 @@ def blocked_sgld_moments(y, batch, step, local_step, local_scale=None, local_noi
                for a, b, dg in zip(mats, shifts, diagonals)) / len(mats)
     second = torch.linalg.solve(torch.eye(d * d, dtype=torch.float64) - kron, rest.reshape(-1)).reshape(d, d)
     return mean, second - torch.outer(mean, mean)
+
+
+def crossed_potential(r, users, items, prior=3.0):
+    r"""``(H, c)``: the minibatch potential :math:`\hat U_S(x) = \frac12 x^T H x - c^T x + const` of
+    :func:`mcmc_models.crossed_effects` at :math:`x = (\mu, a_1..a_U, b_1..b_I)`, for the users
+    ``users`` and items ``items`` of the minibatch (all of them: the full-data potential, whose
+    ``H`` is the posterior precision), with Pyro's plate scaling: ``U/m_u`` on the users' terms,
+    ``I/m_i`` on the items', their product on the ratings'."""
+    num_users, num_items = r.shape
+    d = 1 + num_users + num_items
+    scale_u, scale_i = num_users / len(users), num_items / len(items)
+    h = torch.zeros(d, d, dtype=torch.float64)
+    c = torch.zeros(d, dtype=torch.float64)
+    h[0, 0] = 1 / prior**2
+    for i in users:
+        h[1 + i, 1 + i] += scale_u
+    for j in items:
+        h[1 + num_users + j, 1 + num_users + j] += scale_i
+    for i in users:
+        for j in items:
+            e = torch.zeros(d, dtype=torch.float64)
+            e[[0, 1 + i, 1 + num_users + j]] = 1.0
+            h += scale_u * scale_i * torch.outer(e, e)
+            c += scale_u * scale_i * float(r[i, j]) * e
+    return h, c
+
+
+def crossed_sgld_moments(r, users_batch, items_batch, step, local_step):
+    r"""The stationary mean and covariance of the blocked random-scan SGLD chain on
+    :func:`mcmc_models.crossed_effects` with both plates subsampled (``users_batch`` of the
+    users, ``items_batch`` of the items, drawn independently): one step moves :math:`\mu` with
+    :math:`\nabla_\mu \hat U_S` and step ``step``, the minibatch's rows of each local site
+    with their plate's scaling undone (:math:`\frac{m_u}{U}\nabla_{a_i}\hat U_S`, which keeps
+    the items' ``I/m_i`` on the ratings: an unbiased estimate of the row's conditional gradient)
+    and step ``local_step``, the other rows not at all."""
+    num_users, num_items = r.shape
+    d = 1 + num_users + num_items
+    eye = torch.eye(d, dtype=torch.float64)
+    mats, shifts, diagonals = [], [], []
+    for users in itertools.combinations(range(num_users), users_batch):
+        for items in itertools.combinations(range(num_items), items_batch):
+            h, c = crossed_potential(r, users, items)
+            steps = torch.zeros(d, dtype=torch.float64)
+            steps[0] = step
+            steps[[1 + i for i in users]] = local_step * users_batch / num_users
+            steps[[1 + num_users + j for j in items]] = local_step * items_batch / num_items
+            noise = torch.zeros(d, dtype=torch.float64)
+            noise[0] = step
+            noise[[1 + i for i in users]] = local_step
+            noise[[1 + num_users + j for j in items]] = local_step
+            mats.append(eye - 0.5 * steps[:, None] * h)
+            shifts.append(0.5 * steps * c)
+            diagonals.append(torch.diag(noise))
+    return linear_chain_moments(mats, shifts, diagonals)

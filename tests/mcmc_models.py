@@ -56,6 +56,24 @@ def hierarchical_normal(y, chains, batch=None, sigma=1.0, tau=1.0, prior=3.0):
                 pyro.sample("y", dist.Normal(theta, sigma), obs=y[:, idx, None].expand(n, len(idx), chains))
 
 
+def crossed_effects(r, chains, users_batch=None, items_batch=None, prior=3.0):
+    """Crossed random effects: mu ~ N(0, prior^2); a_i ~ N(0, 1) per user (local to the subsampled
+    plate "users"), b_j ~ N(0, 1) per item (local to the subsampled plate "items"), and every
+    rating r_ij ~ N(mu + a_i + b_j, 1) of ``r [users, items]``, inside both plates."""
+    num_users, num_items = r.shape
+    with pyro.plate("chains", chains, dim=-1):
+        mu = pyro.sample("mu", dist.Normal(0.0, prior))
+        users = pyro.plate("users", num_users, subsample_size=users_batch, dim=-2)
+        items = pyro.plate("items", num_items, subsample_size=items_batch, dim=-3)
+        with users as iu:
+            a = pyro.sample("a", dist.Normal(0.0, 1.0))  # [m_u, chains]
+        with items as ii:
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))  # [m_i, 1, chains]
+        with users, items:
+            obs = r[iu][:, ii].T[..., None].expand(len(ii), len(iu), chains)
+            pyro.sample("r", dist.Normal(mu + a + b, 1.0), obs=obs)
+
+
 def hierarchical_logistic_data(groups=20, n=20, seed=0):
     """``(x [groups, n, 2], y [groups, n])`` drawn from :func:`hierarchical_logistic` with
     beta = (1, -0.5), sigma = 0.8."""

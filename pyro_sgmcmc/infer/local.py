@@ -36,7 +36,10 @@ rule holds to about the kernel's ``target_bias`` on its conditional variances (t
 variances then move by about as much: on a conjugate hierarchical model the exact stationary law
 of the chain is computed in ``tests/hierarchical_normal.py``), (b) the minibatch noise of the
 globals' gradient, which their rule counts as without local latents, and (c) that of the rows'
-gradients when a plate nested inside is subsampled too (unbiased, but not in the rows' rule).
+gradients when a plate nested inside, or one crossed with theirs (users' and items' effects, the
+ratings in both plates), is subsampled too: a row's gradient undoes its own plate's scaling and
+keeps the other's, an unbiased estimate of its conditional gradient whose noise the rows' rule
+does not count.
 The blocks move given each other (Gibbs-like): where globals and locals are strongly correlated
 a posteriori (a centred hierarchy with weakly identified groups) the chain mixes slowly;
 non-centred parameterisations help, as for Gibbs samplers.
