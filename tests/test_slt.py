@@ -41,6 +41,7 @@ from pyro_sgmcmc.slt import (
     tempered_likelihood,
     wbic,
 )
+from pyro_sgmcmc.slt._engine import worker_count
 from pyro_sgmcmc.slt._scales import ChainStep, choose_step, relaxation_steps
 from pyro_sgmcmc.slt._stats import chain_mean
 
@@ -154,9 +155,9 @@ def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch):
     """A BAOAB chain that diverges under ``sampler="auto"`` is not retried with a smaller step: the
     chains go back to their snapshot and run SGLD at the step the pilots chose (the divergence
     is simulated: the first loss check after the switch to BAOAB says so)."""
-    from pyro_sgmcmc.slt import llc as module
+    from pyro_sgmcmc.slt import _engine as module
 
-    original, seen = module._Chains._diverged, []
+    original, seen = module.LocalEngine._diverged, []
 
     def diverge_once(self, values):
         if self.baoab and not seen:
@@ -164,7 +165,7 @@ def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch):
             return True
         return original(self, values)
 
-    monkeypatch.setattr(module._Chains, "_diverged", diverge_once)
+    monkeypatch.setattr(module.LocalEngine, "_diverged", diverge_once)
     torch.manual_seed(6)
     result = estimate_llc(Quadratic(H), quadratic_data(1000, 4, 1000), mean_output, localization=50.0, num_chains=8,
                           num_draws=200, progress_bar=False)
@@ -430,11 +431,6 @@ def test_chains_one_by_one_are_the_vectorized_chains():
 
 @pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
 def test_a_module_that_vmap_cannot_batch_runs_its_chains_one_by_one():
-    class Looping(Quadratic):  # .item() inside forward: vmap cannot batch it
-        def forward(self, z):
-            assert math.isfinite(self.w.sum().item())
-            return super().forward(z)
-
     torch.manual_seed(8)
     result = estimate_llc(Looping(H), quadratic_data(500, 4, 50), mean_output, localization=50.0, num_chains=2,
                           num_draws=20, step_size=2e-4, progress_bar=False)
@@ -543,6 +539,8 @@ def test_bad_arguments_are_refused_with_clear_messages():
         (dict(control_variates="yes"), r"Invalid control_variates: 'yes' \(must be True or False\)"),
         (dict(vectorize="no"), r"Invalid vectorize: 'no' \(must be True or False\)"),
         (dict(progress_bar=1), r"Invalid progress_bar: 1 \(must be True or False\)"),
+        (dict(mp_context="threads"), r"Invalid mp_context: 'threads' \(must be one of 'spawn', 'forkserver', 'fork', None"),
+        (dict(mp_context="spawn", vectorize=True, num_chains=2), r"Invalid vectorize: True with mp_context='spawn'"),
         (dict(sampler="hmc"), r"Invalid sampler: 'hmc' \(must be one of 'auto', 'sgld', 'baoab'\)"),
         (dict(friction=0.0, sampler="baoab"), r"Invalid friction: 0.0 \(must be a finite number > 0 or None\)"),
         (dict(friction=2.0), r"Invalid friction: 2.0 with sampler='auto' \(a friction is BAOAB's"),
@@ -631,6 +629,52 @@ def regression(x: torch.Tensor, y: torch.Tensor, sigma: float, prior_scale: floa
     makes it a ``pyro.param``. A partial of a module-level function: picklable, for chains in
     spawned processes."""
     return functools.partial(_regression_model, sigma=sigma, prior_scale=prior_scale, batch=batch)
+
+
+class Looping(Quadratic):
+    """A module ``vmap`` cannot batch (``.item()`` in its forward), at module level so that spawned
+    worker processes can unpickle it."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        assert math.isfinite(self.w.sum().item())
+        return super().forward(z)
+
+
+@pytest.mark.slow
+def test_chains_in_worker_processes_give_the_exact_answer():
+    """``mp_context="spawn"``: the chains in worker processes (one a CPU at most; on two CPUs, four
+    chains run two a worker), in lockstep. A Pyro model on minibatches (control variates) and a
+    module ``vmap`` cannot batch, each against its exact answer; every chain its own minibatches;
+    an unpicklable model refused with the remedy."""
+    pyro.set_rng_seed(17)
+    n, d, sigma, gamma = 400, 10, 1.0, 20.0
+    x, y = linear_regression_data(n, d, sigma, seed=16, orthogonal=True)  # H = X^T X / (n sigma^2) = I
+    w_star = torch.linalg.solve(x.T @ x, x.T @ y)
+    model = regression(x.float(), y.float(), sigma, 10.0, batch=40)
+    result = estimate_llc(model, (x.float(), y.float()), w_star={"w": w_star.float()}, localization=gamma,
+                          num_chains=4, num_draws=800, target_bias=0.1, mp_context="spawn", progress_bar=False)
+    assert result.diagnostics.processes == worker_count(4) and result.diagnostics.control_variates
+    assert result.loss_trace.shape[0] == 4 and len(set(result.loss_trace[:, -1].tolist())) == 4
+    exact = quadratic_exact(torch.ones(d), result.nbeta, gamma, result.step_size)
+    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="Pyro, processes")
+
+    torch.manual_seed(18)
+    n, gamma = 1000, 50.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LLCWarning)
+        looping = estimate_llc(Looping(H), quadratic_data(n, 4, 100), mean_output, localization=gamma, num_chains=2,
+                               num_draws=5000, step_size=1e-3, num_burnin=100, mp_context="spawn", progress_bar=False)
+    assert looping.diagnostics.processes == worker_count(2) and not looping.diagnostics.vectorized
+    # with control variates the quadratic's gradient is exact: the discretised law of SGLD
+    exact = quadratic_exact(H, looping.nbeta, gamma, looping.step_size)
+    assert_exact(looping.llc, looping.std_error, exact, what="vmap-less module, processes")
+
+    class Local(Quadratic):  # defined in a function: spawned workers cannot unpickle it
+        pass
+
+    with pytest.raises(ValueError, match="Invalid mp_context.*picklable"):
+        estimate_llc(Local(H), quadratic_data(n, 4, 100), mean_output, num_chains=2, mp_context="spawn",
+                     progress_bar=False)
 
 
 def test_tempered_likelihood_scales_the_observed_sites_only():

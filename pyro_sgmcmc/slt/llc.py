@@ -7,19 +7,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_flag, check_integer, check_mapping, check_names, check_number
-from ..functional import NonFiniteError
-from ..samplers import SGHMC, SGLD
 from ._data import REDUCTIONS, Minibatches
+from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
 from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, choose_step, expected_virial,
-                      flat_variance_missing, gradient_estimate, measure, prefer_baoab, relaxation_steps, step_bias,
-                      virial)
+                      flat_variance_missing, prefer_baoab, relaxation_steps, step_bias)
 from ._stats import chain_mean
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
@@ -42,9 +41,10 @@ _MISSING_LIMIT = 0.25
 #: ``UNRELAXED_LIMIT`` standard errors) says the chains run hot: beyond the higher-order terms of
 #: the step's own law, which reach a seventh of its first-order offset at the step's cap.
 _HOT_LIMIT = 0.05
-#: Steps between snapshots of the chains, and how many times the sampling phase may start over.
-_SNAPSHOT = 25
+#: How many times the sampling phase may start over.
 _MAX_RESTARTS = 4
+#: The multiprocessing contexts ``mp_context`` takes.
+MP_CONTEXTS = ("spawn", "forkserver", "fork")
 
 
 class LLCWarning(UserWarning):
@@ -75,6 +75,7 @@ class LLCDiagnostics:
         the last start only.
     :param sampler: the chains' sampler during the burn-in and draws: ``"sgld"`` or ``"baoab"``.
     :param vectorized: whether the chains ran in one ``vmap``-ed call.
+    :param processes: worker processes the chains ran in (0: this process).
     :param control_variates: whether the gradient and the loss estimates used control variates.
     :param full_batch: whether every evaluation used the whole data set.
     :param warnings: what was warned about.
@@ -92,6 +93,7 @@ class LLCDiagnostics:
     restarts: int
     sampler: str
     vectorized: bool
+    processes: int
     control_variates: bool
     full_batch: bool
     warnings: tuple[str, ...]
@@ -177,6 +179,7 @@ def estimate_llc(
     control_variates: bool | None = None,
     batch_size: int | None = None,
     vectorize: bool | None = None,
+    mp_context: str | None = None,
     progress_bar: bool = True,
 ) -> LLCResult:
     r"""Estimate the local learning coefficient :math:`\hat\lambda(w^*)` of Lau et al. (2023).
@@ -209,7 +212,7 @@ def estimate_llc(
     term, which keeps its noise from hiding the chain's autocorrelation from the standard error).
     Chains run side by side, stacked along a leading dimension of every weight
     (``torch.func.functional_call`` + ``vmap`` for a module that allows it, one call per chain
-    otherwise and for Pyro models).
+    otherwise and for Pyro models), or, with ``mp_context``, one per worker process.
 
     The step size is chosen by short pilot runs: the curvature (power iteration), the Hessian's
     trace (Hutchinson) and the gradient noise are measured where the chains are, and SGLD's bias
@@ -292,6 +295,18 @@ def estimate_llc(
         the data set). Each step then also evaluates :math:`w^*` on the chains' minibatches.
     :param batch_size: minibatch size (default: the loader's).
     :param vectorize: run the chains in one ``vmap``-ed call (default: if the module allows it).
+    :param mp_context: run the chains in worker processes of this multiprocessing context
+        (``"spawn"``; ``"forkserver"``, ``"fork"``), in lockstep (see
+        :mod:`pyro_sgmcmc.slt._engine`): for models whose chains cannot be stacked into one
+        ``vmap``-ed call (a Pyro model, a module ``vmap`` cannot batch), which otherwise run one
+        after another at each step. One worker a chain, at most one a CPU (the chains shared out
+        among them), each with ``torch.get_num_threads()`` divided among the workers. The model,
+        its data and the loss must be picklable (defined at module level), and are copied to every
+        worker; a worker takes seconds to start (``"spawn"`` imports torch anew). It pays where
+        the CPUs outnumber what one chain's step keeps busy: a small Pyro model's step is mostly
+        Python, on one core. Linux's default ``"fork"`` can deadlock a parent that already ran
+        torch in OpenMP: prefer ``"spawn"``. Default: this process. The estimate is the same in
+        law either way (each worker has its own seed, drawn from torch's global generator).
     :param progress_bar: show a tqdm progress bar.
     :returns: an :class:`LLCResult`; warnings (:class:`LLCWarning`) when the chains did not
         equilibrate, the step biases the estimate, or :math:`w^*` is not a local minimum.
@@ -319,23 +334,30 @@ def estimate_llc(
     control_variates = None if control_variates is None else check_flag("control_variates", control_variates)
     vectorize = None if vectorize is None else check_flag("vectorize", vectorize)
     check_flag("progress_bar", progress_bar)
+    mp_context = check_choice("mp_context", mp_context, (*MP_CONTEXTS, None))
+    in_processes = mp_context is not None and num_chains > 1
+    if in_processes and vectorize:
+        raise ValueError(f"Invalid vectorize: True with mp_context={mp_context!r} (chains in worker processes run one "
+                         "per process; give one of them)")
+    local_chains = 1 if in_processes else num_chains
     if loss_fn is not None or evaluate is not None:
         if w_star is not None:
             raise ValueError(f"Invalid w_star: a {type(w_star).__name__} (must be None for a torch module: w* is its "
                              "current weights; load the weights you want into it)")
-        objective: ChainObjective = ModuleObjective(
-            model, Minibatches.from_loader(data, batch_size, n), loss_fn=loss_fn, evaluate=evaluate,
-            reduction=reduction, params=params, mask=mask, num_chains=num_chains, vectorize=vectorize)
+        objective: ChainObjective = _module_objective(model, data, batch_size, n, loss_fn, evaluate, reduction, params,
+                                                      mask, vectorize, num_chains=local_chains)
+        build = partial(_module_objective, model, data, batch_size, n, loss_fn, evaluate, objective.reduction,
+                        objective.names, mask, False)
     else:
-        from ._pyro import ModelLikelihood, PyroObjective
-
         if reduction is not None:
             raise ValueError(f"Invalid reduction: {reduction!r} (must be None for a Pyro model: it sums log densities)")
         if batch_size is not None:
             raise ValueError(f"Invalid batch_size: {batch_size} (must be None for a Pyro model: its minibatch size is "
                              "pyro.plate(..., subsample_size=m))")
-        likelihood = ModelLikelihood(model, _model_args(data), model_kwargs or {}, n)
-        objective = PyroObjective(likelihood, w_star, params=params, mask=mask, num_chains=num_chains)
+        objective = _pyro_objective(model, _model_args(data), model_kwargs or {}, n, w_star, params, mask,
+                                    num_chains=local_chains)
+        build = partial(_pyro_objective, model, _model_args(data), model_kwargs or {}, n, objective.w_star, params,
+                        mask)
     n = objective.n
     if nbeta is None:
         if n < 2:
@@ -345,31 +367,40 @@ def estimate_llc(
     init_loss, full_gradient = objective.full_loss(gradient=use_cv)
     if not math.isfinite(init_loss):
         raise ValueError(f"Invalid w*: the loss there is {init_loss} (must be finite)")
-    control = None
-    if use_cv:
-        chains = objective.num_chains
-        control = ControlVariates(init_loss, [g.unsqueeze(0).expand(chains, *g.shape) for g in full_gradient])
+    if in_processes:
+        seed = int(torch.randint(0, 2**62, ()))
+        setup = WorkerSetup(build, 1, nbeta, localization, init_loss, full_gradient if use_cv else None, seed, 1)
+        engine: LocalEngine | ProcessEngine = ProcessEngine(setup, num_chains, objective.num_sampled, objective.exact,
+                                                            mp_context)
+    else:
+        control = None
+        if use_cv:
+            control = ControlVariates(init_loss, [g.unsqueeze(0).expand(num_chains, *g.shape) for g in full_gradient])
+        engine = LocalEngine(objective, nbeta, localization, control, init_loss)
     burn_in_given = num_burnin is not None
     if num_burnin is None:
         burn_in = lambda step: default_burn_in(step.size, localization, num_draws, step.friction)  # noqa: E731
     else:
         burn_in = lambda step: num_burnin  # noqa: E731
-    driver = _Chains(objective, nbeta, localization, control, init_loss, progress_bar, num_draws, sampler)
+    driver = None
     try:
+        driver = _Chains(engine, nbeta, localization, init_loss, progress_bar, num_draws, sampler)
         if step_size is None:
             step, adaptation_steps = driver.adapt(target_bias, num_draws, friction)
         else:
             step, adaptation_steps = driver.given_step(step_size, friction, target_bias), 0
         step, restarts, num_burnin = driver.sample(burn_in, num_draws, step, None if step_size is not None else target_bias)
+        scales = engine.measure()
     finally:
-        driver.close()
+        if driver is not None:
+            driver.close()
+        engine.close()
     trace = driver.trace()
     excluded = trace.shape[1] - num_draws
     draws = trace[:, excluded:]
     summary = chain_mean(draws)
     llc = nbeta * (summary.mean - init_loss)
     std_error = nbeta * summary.std_error
-    scales = measure(objective, nbeta, localization, control)
     bias = step_bias(step, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
     if not burn_in_given and localization > 0 and step.size > 0 and (
@@ -403,7 +434,8 @@ def estimate_llc(
         ess=summary.ess, r_hat=summary.r_hat, unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
         step_bias=bias, target_bias=None if step_size is not None else target_bias,
         scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts,
-        sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized,
+        sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized and not in_processes,
+        processes=len(engine.shares) if in_processes else 0,
         control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
     return LLCResult(
         llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace, virial_trace=virial_trace,
@@ -427,6 +459,23 @@ def default_burn_in(step_size: float, localization: float, num_draws: int, frict
     if localization <= 0 or step_size <= 0:
         return base
     return max(base, min(relaxation_steps(ChainStep(step_size, friction), localization), num_draws // 2))
+
+
+def _module_objective(model: Any, data: Any, batch_size: int | None, n: int | None, loss_fn: Callable | None,
+                      evaluate: Callable | None, reduction: str | None, params: Iterable[str | Tensor] | None,
+                      mask: dict[str, Tensor] | None, vectorize: bool | None, num_chains: int) -> ChainObjective:
+    """A module's chains (at module level, so that worker processes can build theirs)."""
+    return ModuleObjective(model, Minibatches.from_loader(data, batch_size, n), loss_fn=loss_fn, evaluate=evaluate,
+                           reduction=reduction, params=params, mask=mask, num_chains=num_chains, vectorize=vectorize)
+
+
+def _pyro_objective(model: Any, args: tuple, kwargs: dict[str, Any], n: int | None, w_star: dict[str, Tensor] | None,
+                    params: Iterable[str] | None, mask: dict[str, Tensor] | None, num_chains: int) -> ChainObjective:
+    """A Pyro model's chains (at module level, so that worker processes can build theirs)."""
+    from ._pyro import ModelLikelihood, PyroObjective
+
+    return PyroObjective(ModelLikelihood(model, args, kwargs, n), w_star, params=params, mask=mask,
+                         num_chains=num_chains)
 
 
 def _model_args(data: Any) -> tuple:
@@ -463,25 +512,25 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
 
 
 class _Chains:
-    """Runs the stacked chains: SGLD (or BAOAB) steps on the objective's parameters, recording the
-    loss estimates, with the pilot runs that choose the step."""
+    """Drives the chains: the pilot runs that choose the step, the burn-in and the draws, restarts
+    after a divergence, the records and the progress bar; the steps themselves run in an engine
+    (:mod:`~pyro_sgmcmc.slt._engine`: this process, or one worker process per chain)."""
 
-    def __init__(self, objective: ChainObjective, nbeta: float, localization: float,
-                 control: ControlVariates | None, init_loss: float, progress_bar: bool, planned: int,
-                 sampler: str = "sgld"):
-        self.objective, self.nbeta, self.localization = objective, nbeta, localization
-        self.control, self.init_loss = control, init_loss
+    def __init__(self, engine: LocalEngine | ProcessEngine, nbeta: float, localization: float, init_loss: float,
+                 progress_bar: bool, planned: int, sampler: str = "sgld"):
+        self.engine, self.nbeta, self.localization, self.init_loss = engine, nbeta, localization, init_loss
         self.auto = sampler == "auto"
         self._use(baoab=sampler == "baoab")
+        self.step = ChainStep(0.0)
         self.pilot_step: ChainStep | None = None  # what the pilot runs chose
-        self._records: list[Tensor] = []
-        self._virials: list[Tensor] = []  # the virial at each recorded step (see _scales.virial)
-        self.snapshots = [[p.detach().clone() for p in objective.params]] * 2
+        self._records: list[Tensor] = []  # [C, k] chunks of loss estimates
+        self._virials: list[Tensor] = []  # the virial at the same steps (see _scales.virial)
+        self._recorded = 0
         self.llc_guess: float | None = None
-        self.start_scales = measure(objective, nbeta, localization, control)
+        self.start_scales = engine.measure()
         # a step that lifts n beta (L - L*) this far above its largest possible mean (d/2), and
         # beyond the loss estimate's own minibatch noise, diverged
-        self._limit = 10.0 * objective.num_sampled + 100.0 + 10.0 * self.start_scales.loss_noise
+        engine.set_limit(10.0 * engine.num_sampled + 100.0 + 10.0 * self.start_scales.loss_noise)
         self._bar = None
         if progress_bar:
             from tqdm.auto import tqdm
@@ -489,19 +538,12 @@ class _Chains:
             self._bar = tqdm(total=planned, desc="LLC")
 
     def _use(self, baoab: bool) -> None:
-        """The chains' sampler: SGLD, or SGHMC with the BAOAB splitting (momenta drawn at its first step)."""
         self.baoab = baoab
-        masks = self.objective.stacked_masks()
-        group = {"params": self.objective.params, "mask": None if all(m is None for m in masks) else masks}
-        options = dict(nbeta=self.nbeta, localization=self.localization)
-        self.sampler = (SGHMC([group], lr=0.0, friction=1.0, splitting="baoab", **options) if baoab else
-                        SGLD([group], lr=0.0, **options))
+        self.engine.use(baoab)
 
     def set_step(self, step: ChainStep) -> None:
-        for group in self.sampler.param_groups:
-            group["lr"] = step.size
-            if step.baoab:
-                group["friction"] = step.friction
+        self.step = step
+        self.engine.set_step(step)
 
     def choose(self, scales: Scales, llc: float | None, target_bias: float, friction: float | None = None,
                largest: float = math.inf) -> ChainStep:
@@ -522,51 +564,37 @@ class _Chains:
             self._bar.close()
 
     def trace(self) -> Tensor:
-        return torch.stack(self._records, 1)
+        return torch.cat(self._records, 1)
 
     def virial_trace(self) -> Tensor:
-        return torch.stack(self._virials, 1)
+        return torch.cat(self._virials, 1)
 
     def _forget(self, start: int) -> None:
         """Drop the records from step ``start`` on."""
-        del self._records[start:]
-        del self._virials[start:]
+        self._records, self._virials = [self.trace()[:, :start]], [self.virial_trace()[:, :start]]
+        self._recorded = min(self._recorded, start)
 
-    def _step(self) -> tuple[Tensor, Tensor]:
-        """One SGLD step: the loss estimates and the virials at the point it left."""
-        grads, values = gradient_estimate(self.objective, self.objective.draw(), self.control)
-        point_virial = virial(self.objective, grads, self.nbeta, self.localization)
-        for p, g in zip(self.objective.params, grads):
-            p.grad = g
-        self.sampler.step()
-        return values.to(torch.float64), point_virial
-
-    def _diverged(self, values: Tensor) -> bool:
-        excess = self.nbeta * (values - self.init_loss)
-        return not bool(torch.isfinite(values).all()) or bool((excess > self._limit).any())
+    def recent(self, start: int) -> Tensor:
+        """The records from step ``start`` on (``[C, k]``)."""
+        return self.trace()[:, start:]
 
     def run(self, steps: int, phase: str) -> str | None:
-        """``steps`` steps, recorded; at a divergence, stop and say why (``None``: none). Every
-        ``_SNAPSHOT`` steps the chains' points are kept, the two latest of them in
-        :attr:`snapshots`."""
-        size = self.sampler.param_groups[0]["lr"]
-        for k in range(steps):
-            if k % _SNAPSHOT == 0:
-                self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
-            try:
-                values, point_virial = self._step()
-            except NonFiniteError as error:
-                return f"step {k}: {error}"
-            if self._diverged(values):
-                return f"step {k}: the loss left every plausible range"
-            self._records.append(values)
-            self._virials.append(point_virial)
+        """``steps`` steps, recorded, ``SNAPSHOT`` at a time (the engine keeps a snapshot at the
+        start of each); at a divergence, stop and say why (``None``: none)."""
+        done = 0
+        while done < steps:
+            chunk = self.engine.run(min(SNAPSHOT, steps - done))
+            self._records.append(chunk.values)
+            self._virials.append(chunk.virials)
+            self._recorded += chunk.values.shape[1]
+            if chunk.reason is not None:
+                return chunk.reason
+            done += chunk.values.shape[1]
             if self._bar is not None:
-                self._bar.update(1)
-                if k % 50 == 49:
-                    recent = torch.stack(self._records[-50:])
-                    self._bar.set_postfix(phase=phase, step=f"{size:.2e}",
-                                          llc=f"{self.nbeta * (float(recent.mean()) - self.init_loss):.4g}", refresh=False)
+                self._bar.update(chunk.values.shape[1])
+                recent = torch.cat(self._records[-3:], 1)[:, -50:]
+                self._bar.set_postfix(phase=phase, step=f"{self.step.size:.2e}",
+                                      llc=f"{self.nbeta * (float(recent.mean()) - self.init_loss):.4g}", refresh=False)
         return None
 
     def sample(self, burn_in: Callable[[ChainStep], int], num_draws: int, step: ChainStep,
@@ -583,7 +611,7 @@ class _Chains:
         restarts = 0
         while True:
             self.set_step(step)
-            start = len(self._records)
+            start = self._recorded
             steps = burn_in(step) + num_draws
             if self._bar is not None:
                 self._bar.total = self._bar.n + steps
@@ -595,23 +623,13 @@ class _Chains:
                                    "smaller step_size (or target_bias), or more localization")
             restarts += 1
             self._forget(start)
-            self._move_to(self.snapshots[0])
+            self.engine.restore()
             if self.auto and self.baoab:  # back to the sampler the pilots ran, at the step they chose
                 self._use(baoab=False)
                 step = self.pilot_step
                 continue
-            scales = measure(self.objective, self.nbeta, self.localization, self.control)
+            scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
-
-    def _move_to(self, points: list[Tensor]) -> None:
-        """The chains to ``points`` (broadcast), their momenta (BAOAB) drawn afresh."""
-        with torch.no_grad():
-            for p, kept in zip(self.objective.params, points):
-                p.copy_(kept.expand_as(p))
-        self.sampler.reset_auxiliary()
-
-    def _reset(self) -> None:
-        self._move_to([a.unsqueeze(0) for a in self.objective.anchor])
 
     def adapt(self, target_bias: float, num_draws: int, friction: float | None = None) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
@@ -624,38 +642,37 @@ class _Chains:
         its friction (``friction``: the user's, kept). With ``sampler="auto"`` the pilots are
         SGLD's, and the chains go on with BAOAB if :func:`~pyro_sgmcmc.slt._scales.prefer_baoab`
         says so."""
-        objective = self.objective
         pilot = min(max(num_draws // 20, 50), 100)
         step = self.choose(self.start_scales, None, 1.0, friction)  # the stability cap alone
-        start = len(self._records)
+        start = self._recorded
         rounds = retries = 0
         while rounds < _MAX_ROUNDS:
             self.set_step(step)
             if self._bar is not None:
                 self._bar.total += pilot
-            before = len(self._records)
+            before = self._recorded
             if self.run(pilot, phase="pilot") is not None:
                 self._forget(before)
                 retries += 1
                 if retries > 40:
                     raise RuntimeError("Could not find a stable step size for the LLC chains from w*; give step_size")
-                self._reset()
+                self.engine.reset()
                 step = step.shrunk(_SHRINK)
                 continue
             rounds += 1
-            recent = torch.stack(self._records[before + pilot // 2:])
+            recent = self.recent(before + pilot // 2)
             llc = self.nbeta * (float(recent.mean()) - self.init_loss)
-            llc = self.llc_guess = min(llc, objective.num_sampled / 2) if llc > 0 else None
-            scales = measure(objective, self.nbeta, self.localization, self.control)
+            llc = self.llc_guess = min(llc, self.engine.num_sampled / 2) if llc > 0 else None
+            scales = self.engine.measure()
             chosen = self.choose(scales, llc, target_bias, friction)
             settled = rounds > 1 and 1 / 1.5 <= chosen.scale / step.scale <= 1.5
             step = chosen
             if settled:
                 break
         self.pilot_step = step
-        if self.auto and rounds and self.objective.exact:
+        if self.auto and rounds and self.engine.exact:
             alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
             if prefer_baoab(step, alternative, scales, llc, self.localization):
                 self._use(baoab=True)
                 step = alternative
-        return step, len(self._records) - start
+        return step, self._recorded - start
