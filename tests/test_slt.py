@@ -117,14 +117,26 @@ def test_quadratic_llc_with_baoab_is_the_target_itself_at_the_chosen_step():
     assert relaxation_steps(ChainStep(result.step_size, result.friction), gamma) < relaxation_steps(sgld, gamma) / 5
 
 
-def test_auto_runs_baoab_with_full_batches_and_sgld_on_minibatches():
-    """``sampler="auto"``: on full batches of the quadratic (exact gradients) BAOAB relaxes the
-    flattest direction many times faster and runs; on minibatches SGLD runs."""
-    torch.manual_seed(5)
+def test_auto_runs_baoab_where_the_noise_is_small_and_sgld_where_it_dominates():
+    """``sampler="auto"``: on the quadratic with exact gradients (full batches, or minibatches with
+    control variates, which leave it no noise) BAOAB relaxes the flattest direction many times
+    faster and runs, after SGLD's pilots and one of its own, and its estimate is the target itself
+    (BAOAB's law on a quadratic is exact), and the virial its equilibrium value: a sampler made
+    mid-run is localized at w*, not where the pilots left the chains; where minibatch noise
+    dominates (no control variates), SGLD runs."""
     n, gamma = 1000, 50.0
-    quiet = estimate_llc(Quadratic(H), quadratic_data(n, 4, n), mean_output, localization=gamma, num_chains=8,
-                         num_draws=200, progress_bar=False)
-    assert quiet.diagnostics.sampler == "baoab" and quiet.friction is not None
+    h = torch.cat([H, torch.zeros(4)])  # four flat directions, held only by the localization
+    exact = quadratic_exact(h, n / math.log(n), gamma)
+    for seed, batch in ((5, n), (6, 100)):
+        torch.manual_seed(seed)
+        quiet = estimate_llc(Quadratic(h), quadratic_data(n, 8, batch), mean_output, localization=gamma, num_chains=16,
+                             num_draws=600, progress_bar=False)
+        diagnostics = quiet.diagnostics
+        assert diagnostics.sampler == "baoab" and quiet.friction is not None and diagnostics.full_batch == (batch == n)
+        assert_exact(quiet.llc, quiet.std_error, exact, what=f"auto, batch {batch}")
+        # the virial sees the flat directions' centre: localized at a point the pilots reached, each
+        # would add gamma * offset^2 (about 1) to it
+        assert abs(diagnostics.unrelaxed) <= 4 * diagnostics.unrelaxed_std_error, diagnostics
     loader = quadratic_data(n, 4, 10)
     loader.dataset.tensors[0].mul_(3.0)
     with warnings.catch_warnings():
@@ -132,6 +144,22 @@ def test_auto_runs_baoab_with_full_batches_and_sgld_on_minibatches():
         noisy = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=gamma, num_chains=8,
                              num_draws=200, control_variates=False, progress_bar=False)
     assert noisy.diagnostics.sampler == "sgld" and noisy.friction is None
+
+
+def test_a_sampler_made_mid_run_is_localized_where_it_is_told():
+    """``set_anchors``: the centre of the localization set explicitly, not the parameters' value at
+    the first step; a mismatched shape refused."""
+    from pyro_sgmcmc.samplers import SGLD
+
+    w = torch.nn.Parameter(torch.full((3,), 5.0))
+    sampler = SGLD([w], lr=0.1, localization=1.0, noise_level=0.0)
+    with pytest.raises(ValueError, match=r"Invalid anchors: \[\(2,\)\]"):
+        sampler.set_anchors([torch.zeros(2)])
+    sampler.set_anchors([torch.zeros(3)])
+    for _ in range(200):
+        w.grad = torch.zeros(3)
+        sampler.step()
+    torch.testing.assert_close(w.detach(), torch.zeros(3), atol=1e-3, rtol=0)  # pulled to 0, not to 5
 
 
 def test_chains_hotter_than_the_stated_bias_are_warned_about(monkeypatch):
@@ -151,26 +179,33 @@ def test_chains_hotter_than_the_stated_bias_are_warned_about(monkeypatch):
                      friction=1.0, progress_bar=False)
 
 
-def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch):
-    """A BAOAB chain that diverges under ``sampler="auto"`` is not retried with a smaller step: the
-    chains go back to their snapshot and run SGLD at the step the pilots chose (the divergence
-    is simulated: the first loss check after the switch to BAOAB says so)."""
+@pytest.mark.parametrize("at_check, restarts", [(1, 0), (100, 1)], ids=["in_its_pilot", "while_sampling"])
+def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch, at_check, restarts):
+    """A BAOAB chain that diverges under ``sampler="auto"`` is not retried with a smaller step: in
+    its pilot run, the chains go back to a snapshot and on with SGLD at the step its pilots chose;
+    while sampling, the sampling phase starts over likewise (``restarts``). The divergence is
+    simulated: the ``at_check``-th loss check of BAOAB says so (its pilot runs 75 steps here). The
+    SGLD chain that takes over is localized at w*, as the estimate within its stated bias shows."""
     from pyro_sgmcmc.slt import _engine as module
 
     original, seen = module.LocalEngine._diverged, []
 
     def diverge_once(self, values):
-        if self.baoab and not seen:
+        if self.baoab:
             seen.append(True)
-            return True
+            if len(seen) == at_check:
+                return True
         return original(self, values)
 
     monkeypatch.setattr(module.LocalEngine, "_diverged", diverge_once)
     torch.manual_seed(6)
-    result = estimate_llc(Quadratic(H), quadratic_data(1000, 4, 1000), mean_output, localization=50.0, num_chains=8,
-                          num_draws=200, progress_bar=False)
-    assert seen and result.diagnostics.sampler == "sgld" and result.diagnostics.restarts == 1
-    assert result.draws.shape == (8, 200) and bool(result.draws.isfinite().all())
+    n, gamma = 1000, 50.0
+    result = estimate_llc(Quadratic(H), quadratic_data(n, 4, n), mean_output, localization=gamma, num_chains=32,
+                          num_draws=1500, progress_bar=False)
+    assert len(seen) >= at_check and result.diagnostics.sampler == "sgld" and result.diagnostics.restarts == restarts
+    assert result.draws.shape == (32, 1500) and bool(result.draws.isfinite().all())
+    exact = quadratic_exact(H, result.nbeta, gamma)
+    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="SGLD after BAOAB")
 
 
 def test_quadratic_llc_with_masked_coordinates_counts_only_the_sampled_ones():

@@ -381,6 +381,19 @@ class SGMCMCOptimizer(Optimizer):
         None by default."""
         return {}
 
+    def set_anchors(self, anchors: Iterable[Tensor]) -> None:
+        """Set :math:`\theta_0`, the centre of ``localization`` and ``bounding_box_size``, of every
+        parameter (in ``param_groups`` order) to ``anchors``, instead of its value at the first
+        step: for a sampler made after the chain has left its centre (the LLC's chains switch
+        samplers mid-run, and must stay localized at :math:`w^*`)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        anchors = list(anchors)
+        if len(anchors) != len(params) or any(a.shape != p.shape for a, p in zip(anchors, params)):
+            raise ValueError(f"Invalid anchors: {[tuple(a.shape) for a in anchors]} (must match the parameters' "
+                             f"shapes {[tuple(p.shape) for p in params]})")
+        for p, anchor in zip(params, anchors):
+            self.state[p]["anchor"] = anchor.detach().to(p).clone(memory_format=torch.preserve_format)
+
     def reset_auxiliary(self) -> None:
         """Put auxiliary variables (momenta, thermostats) back to their initial law, leaving the
         parameters where they are. Samplers without any do nothing. MCMC kernels call this at the

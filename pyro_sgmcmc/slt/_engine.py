@@ -72,13 +72,17 @@ class LocalEngine:
         self.use(baoab=False)
 
     def use(self, baoab: bool) -> None:
-        """The chains' sampler: SGLD, or SGHMC with the BAOAB splitting (momenta drawn at its first step)."""
+        """The chains' sampler: SGLD, or SGHMC with the BAOAB splitting (momenta drawn at its first
+        step), localized at :math:`w^*`."""
         self.baoab = baoab
         masks = self.objective.stacked_masks()
         group = {"params": self.objective.params, "mask": None if all(m is None for m in masks) else masks}
         options = dict(nbeta=self.nbeta, localization=self.localization)
         self.sampler = (SGHMC([group], lr=0.0, friction=1.0, splitting="baoab", **options) if baoab else
                         SGLD([group], lr=0.0, **options))
+        # localized at w*, not where the chains are when the sampler is made (after the pilots)
+        self.sampler.set_anchors(a.unsqueeze(0).expand_as(p) for a, p in zip(self.objective.anchor,
+                                                                              self.objective.params))
 
     def set_step(self, step: ChainStep) -> None:
         for group in self.sampler.param_groups:

@@ -77,7 +77,7 @@ _STABLE_FRACTION = 0.5
 #: twenty, while a flat direction still relaxes ten times as fast as under SGLD's largest step.
 _BAOAB_FRICTION = 0.1
 #: The chains' samplers (:func:`~pyro_sgmcmc.slt.estimate_llc`'s ``sampler``; ``"auto"``: see
-#: :func:`prefer_baoab`, with full-batch gradients only).
+#: :func:`prefer_baoab`).
 SAMPLERS = ("auto", "sgld", "baoab")
 
 

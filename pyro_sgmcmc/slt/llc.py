@@ -277,13 +277,12 @@ def estimate_llc(
         (:class:`pyro_sgmcmc.samplers.SGHMC` with ``splitting="baoab"``), exact on a quadratic
         potential with exact gradients, whose momentum relaxes the flat directions far sooner
         where the gradient noise is small (see :mod:`pyro_sgmcmc.slt._scales`; the burn-in it
-        needs is correspondingly shorter); ``"auto"``: the pilot runs are SGLD's, and with exact
-        (full-batch) gradients the burn-in and draws BAOAB's where, from the scales the pilots
-        measured, it relaxes the slowest direction at least twice as fast
-        (:func:`~pyro_sgmcmc.slt._scales.prefer_baoab`), else SGLD's. On minibatches ``"auto"`` is
-        SGLD: with control-variate gradients BAOAB at its critical friction can run hotter than
-        its rule states (seen on a small tanh network; see CHANGELOG.md), which the quadratic law
-        of the noise does not explain. ``diagnostics.sampler`` says which ran. With a given ``step_size``, ``"auto"`` is SGLD.
+        needs is correspondingly shorter); ``"auto"``: the pilot runs are SGLD's, and the burn-in
+        and draws BAOAB's where, from the scales the pilots measured, it relaxes the slowest
+        direction at least twice as fast (:func:`~pyro_sgmcmc.slt._scales.prefer_baoab`: where the
+        gradient noise is small against the curvature), after one BAOAB pilot run that measures
+        them again where BAOAB takes the chains; else SGLD's. ``diagnostics.sampler`` says which
+        ran. With a given ``step_size``, ``"auto"`` is SGLD.
     :param step_size: SGLD's :math:`\epsilon` (BAOAB's :math:`h`); default: chosen by the pilot
         runs so that the discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A
         given step is never changed (a divergence is then an error).
@@ -641,18 +640,14 @@ class _Chains:
         a singular model the curvature can be 0, and gives no scale). BAOAB's step likewise, with
         its friction (``friction``: the user's, kept). With ``sampler="auto"`` the pilots are
         SGLD's, and the chains go on with BAOAB if :func:`~pyro_sgmcmc.slt._scales.prefer_baoab`
-        says so."""
+        says so, before and after a BAOAB pilot (:meth:`_baoab_pilot`)."""
         pilot = min(max(num_draws // 20, 50), 100)
         step = self.choose(self.start_scales, None, 1.0, friction)  # the stability cap alone
         start = self._recorded
         rounds = retries = 0
         while rounds < _MAX_ROUNDS:
-            self.set_step(step)
-            if self._bar is not None:
-                self._bar.total += pilot
-            before = self._recorded
-            if self.run(pilot, phase="pilot") is not None:
-                self._forget(before)
+            before = self._pilot(step, pilot)
+            if before is None:
                 retries += 1
                 if retries > 40:
                     raise RuntimeError("Could not find a stable step size for the LLC chains from w*; give step_size")
@@ -670,9 +665,41 @@ class _Chains:
             if settled:
                 break
         self.pilot_step = step
-        if self.auto and rounds and self.engine.exact:
+        if self.auto and rounds:
             alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
             if prefer_baoab(step, alternative, scales, llc, self.localization):
-                self._use(baoab=True)
-                step = alternative
+                step = self._baoab_pilot(alternative, pilot, llc, target_bias)
         return step, self._recorded - start
+
+    def _pilot(self, step: ChainStep, steps: int) -> int | None:
+        """A pilot run of ``steps`` at ``step``: where its records start, or ``None`` (its records
+        dropped) if it diverged."""
+        self.set_step(step)
+        if self._bar is not None:
+            self._bar.total += steps
+        before = self._recorded
+        if self.run(steps, phase="pilot") is not None:
+            self._forget(before)
+            return None
+        return before
+
+    def _baoab_pilot(self, step: ChainStep, pilot: int, llc: float | None, target_bias: float) -> ChainStep:
+        """``sampler="auto"``: one BAOAB pilot run from where the SGLD pilots left the chains, and
+        its step chosen again from the scales measured where BAOAB took them (its flat directions
+        relax within the pilot, and a control-variate gradient's noise grows with the distance
+        from :math:`w^*`, so the SGLD pilots' noise can be too small for it). Back to SGLD if the
+        pilot diverges (at the SGLD pilots' step, from a snapshot) or if, from the new scales,
+        BAOAB no longer relaxes the slowest direction twice as fast (at SGLD's step for them)."""
+        self._use(baoab=True)
+        if self._pilot(step, pilot) is None:
+            self.engine.restore()
+            self._use(baoab=False)
+            return self.pilot_step
+        scales = self.engine.measure()
+        chosen = self.choose(scales, llc, target_bias)
+        sgld = choose_step(scales, llc, target_bias, localization=self.localization)
+        if prefer_baoab(sgld, chosen, scales, llc, self.localization):
+            return chosen
+        self._use(baoab=False)
+        self.pilot_step = sgld
+        return sgld
