@@ -179,13 +179,15 @@ def test_chains_hotter_than_the_stated_bias_are_warned_about(monkeypatch):
                      friction=1.0, progress_bar=False)
 
 
-@pytest.mark.parametrize("at_check, restarts", [(1, 0), (100, 1)], ids=["in_its_pilot", "while_sampling"])
-def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch, at_check, restarts):
-    """A BAOAB chain that diverges under ``sampler="auto"`` is not retried with a smaller step: in
-    its pilot run, the chains go back to a snapshot and on with SGLD at the step its pilots chose;
-    while sampling, the sampling phase starts over likewise (``restarts``). The divergence is
-    simulated: the ``at_check``-th loss check of BAOAB says so (its pilot runs 75 steps here). The
-    SGLD chain that takes over is localized at w*, as the estimate within its stated bias shows."""
+@pytest.mark.parametrize("at_check, sampler, restarts", [(1, "sgld", 0), (100, "baoab", 1)],
+                         ids=["in_its_pilot", "while_sampling"])
+def test_auto_after_a_baoab_chain_diverges(monkeypatch, at_check, sampler, restarts):
+    """A BAOAB chain that diverges under ``sampler="auto"``: in its pilot run, the chains go back
+    to a snapshot and on with SGLD at the step its pilots chose; while sampling, the sampling
+    phase starts over from a snapshot with BAOAB's step chosen again there (``restarts``), as
+    for any sampler. The divergence is simulated: the ``at_check``-th loss check of BAOAB says so
+    (its pilot runs 75 steps here). The chain that goes on is localized at w*, as the estimate
+    within its stated bias shows."""
     from pyro_sgmcmc.slt import _engine as module
 
     original, seen = module.LocalEngine._diverged, []
@@ -202,10 +204,11 @@ def test_auto_goes_back_to_sgld_when_a_baoab_chain_diverges(monkeypatch, at_chec
     n, gamma = 1000, 50.0
     result = estimate_llc(Quadratic(H), quadratic_data(n, 4, n), mean_output, localization=gamma, num_chains=32,
                           num_draws=1500, progress_bar=False)
-    assert len(seen) >= at_check and result.diagnostics.sampler == "sgld" and result.diagnostics.restarts == restarts
+    diagnostics = result.diagnostics
+    assert len(seen) >= at_check and diagnostics.sampler == sampler and diagnostics.restarts == restarts
     assert result.draws.shape == (32, 1500) and bool(result.draws.isfinite().all())
     exact = quadratic_exact(H, result.nbeta, gamma)
-    assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="SGLD after BAOAB")
+    assert_exact(result.llc, result.std_error, exact, diagnostics.step_bias * exact, what=f"{sampler} after BAOAB")
 
 
 def test_quadratic_llc_with_masked_coordinates_counts_only_the_sampled_ones():

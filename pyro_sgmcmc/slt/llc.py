@@ -521,7 +521,6 @@ class _Chains:
         self.auto = sampler == "auto"
         self._use(baoab=sampler == "baoab")
         self.step = ChainStep(0.0)
-        self.pilot_step: ChainStep | None = None  # what the pilot runs chose
         self._records: list[Tensor] = []  # [C, k] chunks of loss estimates
         self._virials: list[Tensor] = []  # the virial at the same steps (see _scales.virial)
         self._recorded = 0
@@ -605,8 +604,11 @@ class _Chains:
         chains then go back to the older of the last two snapshots, the step is chosen again from
         the scales measured there (its :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` at least
         halved), and the burn-in and draws start over, so that every draw comes from one fixed-step
-        chain; with ``sampler="auto"``, a BAOAB chain that diverges goes back to SGLD at the step
-        its pilots chose instead. A given step size is never changed: an error says so."""
+        chain. BAOAB likewise (its :math:`h^2` at least halved, its friction a step kept), also
+        under ``sampler="auto"``: SGLD at the pilots' step would have no more margin of stability
+        than BAOAB at the same :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` (:math:`\epsilon a
+        < 4`, :math:`h^2 a < 4`), and the region that made BAOAB diverge is stiffer than any the
+        pilots saw. A given step size is never changed: an error says so."""
         restarts = 0
         while True:
             self.set_step(step)
@@ -623,10 +625,6 @@ class _Chains:
             restarts += 1
             self._forget(start)
             self.engine.restore()
-            if self.auto and self.baoab:  # back to the sampler the pilots ran, at the step they chose
-                self._use(baoab=False)
-                step = self.pilot_step
-                continue
             scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
 
@@ -664,11 +662,10 @@ class _Chains:
             step = chosen
             if settled:
                 break
-        self.pilot_step = step
         if self.auto and rounds:
             alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
             if prefer_baoab(step, alternative, scales, llc, self.localization):
-                step = self._baoab_pilot(alternative, pilot, llc, target_bias)
+                step = self._baoab_pilot(alternative, step, pilot, llc, target_bias)
         return step, self._recorded - start
 
     def _pilot(self, step: ChainStep, steps: int) -> int | None:
@@ -683,23 +680,23 @@ class _Chains:
             return None
         return before
 
-    def _baoab_pilot(self, step: ChainStep, pilot: int, llc: float | None, target_bias: float) -> ChainStep:
+    def _baoab_pilot(self, step: ChainStep, sgld_step: ChainStep, pilot: int, llc: float | None,
+                     target_bias: float) -> ChainStep:
         """``sampler="auto"``: one BAOAB pilot run from where the SGLD pilots left the chains, and
         its step chosen again from the scales measured where BAOAB took them (its flat directions
         relax within the pilot, and a control-variate gradient's noise grows with the distance
         from :math:`w^*`, so the SGLD pilots' noise can be too small for it). Back to SGLD if the
-        pilot diverges (at the SGLD pilots' step, from a snapshot) or if, from the new scales,
+        pilot diverges (at the SGLD pilots' step ``sgld_step``, from a snapshot) or if, from the new scales,
         BAOAB no longer relaxes the slowest direction twice as fast (at SGLD's step for them)."""
         self._use(baoab=True)
         if self._pilot(step, pilot) is None:
             self.engine.restore()
             self._use(baoab=False)
-            return self.pilot_step
+            return sgld_step
         scales = self.engine.measure()
         chosen = self.choose(scales, llc, target_bias)
         sgld = choose_step(scales, llc, target_bias, localization=self.localization)
         if prefer_baoab(sgld, chosen, scales, llc, self.localization):
             return chosen
         self._use(baoab=False)
-        self.pilot_step = sgld
         return sgld
