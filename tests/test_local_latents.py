@@ -397,6 +397,24 @@ def test_local_samples_and_globals_thinned_alike_feed_predictive():
     assert trace["y"].shape[0] == 3
 
 
+@pytest.mark.filterwarnings("ignore:num_chains=2 is more than available_cpu")
+def test_local_samples_by_chain_and_globals_thinned_alike_feed_arviz(monkeypatch):
+    arviz = pytest.importorskip("arviz")
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 1)  # Pyro then runs the chains in sequence
+    y = _data()
+    kernel = SGLD(models.hierarchical_normal, local_samples="all", local_thin=2)
+    mcmc = run(kernel, y, 1, BATCH, num_samples=6, warmup=10, num_chains=2)
+    grouped = {k: v[:, ::2] for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    local = kernel.local_samples(group_by_chain=True)
+    assert local["theta"].shape == (2, 3, GROUPS, 1)
+    torch.testing.assert_close(local["theta"].reshape(6, GROUPS, 1), kernel.local_samples()["theta"])
+    data = arviz.from_dict(posterior={k: v.numpy() for k, v in {**grouped, **local}.items()})
+    assert data.posterior.sizes["chain"] == 2 and data.posterior.sizes["draw"] == 3
+    assert data.posterior["theta"].shape == (2, 3, GROUPS, 1)
+
+
 def test_svi_path_runs_the_same_chain_and_matches_its_exact_law():
     """SVI + AutoUnconstrainedDelta + SGLD, the tables masked to the minibatch's rows and at their
     own step: the kernels' blocked chain, against the same exact stationary law."""

@@ -1032,18 +1032,21 @@ class SGMCMCKernel(MCMCKernel):
         chains run so far, pooled."""
         return merged_moments(self._recorded())
 
-    def local_samples(self) -> dict[str, Tensor]:
+    def local_samples(self, group_by_chain: bool = False) -> dict[str, Tensor]:
         """``{site: tensor[num_kept, *shape]}`` (constrained values, every row; the chains run
         so far one after the other): every ``local_thin``-th sample, for ``local_samples="all"``.
         With :meth:`pyro.infer.MCMC.get_samples` thinned alike (one chain:
         ``{k: v[::local_thin] for k, v in mcmc.get_samples().items()}``) it forms the dict that
-        :class:`pyro.infer.Predictive` takes."""
+        :class:`pyro.infer.Predictive` takes. ``group_by_chain=True``: ``[num_chains, num_kept,
+        *shape]``, as ``mcmc.get_samples(group_by_chain=True)``, for ArviZ
+        (``arviz.from_dict(posterior={**globals_thinned, **kernel.local_samples(group_by_chain=True)})``)."""
         if self.local_samples_kept != "all":
             raise RuntimeError("local_samples() needs local_samples='all' (this kernel keeps running moments only: "
                                "see local_moments())")
         records = self._recorded()
         per_chain = [record.samples() for record in records]
-        return {name: torch.cat([samples[name] for samples in per_chain]) for name in per_chain[0]}
+        join = torch.stack if group_by_chain else torch.cat
+        return {name: join([samples[name] for samples in per_chain]) for name in per_chain[0]}
 
     def cleanup(self) -> None:
         """Release the chain's sampler (``MCMC`` calls this twice per chain: idempotent). What
