@@ -692,17 +692,20 @@ def test_plot_shows_every_chain_and_the_estimate():
 # ---------------------------------------------------------------------------------------- Pyro
 
 
-def _regression_model(x, y, *, sigma: float, prior_scale: float | None, batch: int | None):
+def _regression_model(x, y, *, sigma: float | None, prior_scale: float | None, batch: int | None):
     scale = prior_scale if prior_scale is not None else pyro.param(
         "prior_scale", torch.tensor(0.3), constraint=constraints.positive)
+    if sigma is None:
+        sigma = pyro.param("noise", torch.tensor(1.0), constraint=constraints.positive)
     w = pyro.sample("w", dist.Normal(0.0, scale).expand([x.shape[1]]).to_event(1))
     with pyro.plate("data", len(y), subsample_size=batch) as i:
         pyro.sample("y", dist.Normal(x[i] @ w, sigma), obs=y[i])
 
 
-def regression(x: torch.Tensor, y: torch.Tensor, sigma: float, prior_scale: float | None, batch: int | None = None):
+def regression(x: torch.Tensor, y: torch.Tensor, sigma: float | None, prior_scale: float | None,
+               batch: int | None = None):
     """Bayesian linear regression with known noise, a model of ``(x, y)``; ``prior_scale=None``
-    makes it a ``pyro.param``. A partial of a module-level function: picklable, for chains in
+    (``sigma=None``) makes the prior scale (the noise) a ``pyro.param``. A partial of a module-level function: picklable, for chains in
     spawned processes."""
     return functools.partial(_regression_model, sigma=sigma, prior_scale=prior_scale, batch=batch)
 
@@ -719,19 +722,22 @@ class Looping(Quadratic):
 @pytest.mark.slow
 def test_chains_in_worker_processes_give_the_exact_answer():
     """``mp_context="spawn"``: the chains in worker processes (one a CPU at most; on two CPUs, four
-    chains run two a worker), in lockstep. A Pyro model on minibatches (control variates) and a
-    module ``vmap`` cannot batch, each against its exact answer; every chain its own minibatches;
-    an unpicklable model refused with the remedy."""
+    chains run two a worker), in lockstep. A Pyro model on minibatches (control variates) whose
+    noise is a ``pyro.param`` set in this process (the workers get the param store) and a module
+    ``vmap`` cannot batch, each against its exact answer; every chain its own minibatches; an
+    unpicklable model refused with the remedy."""
     pyro.set_rng_seed(17)
-    n, d, sigma, gamma = 400, 10, 1.0, 20.0
-    x, y = linear_regression_data(n, d, sigma, seed=16, orthogonal=True)  # H = X^T X / (n sigma^2) = I
+    n, d, sigma, gamma = 400, 10, 0.5, 20.0
+    x, y = linear_regression_data(n, d, sigma, seed=16, orthogonal=True)  # H = X^T X / (n sigma^2) = I / sigma^2
     w_star = torch.linalg.solve(x.T @ x, x.T @ y)
-    model = regression(x.float(), y.float(), sigma, 10.0, batch=40)
+    pyro.clear_param_store()  # the noise a pyro.param, set here: the workers must see its value, not its init (1)
+    pyro.param("noise", torch.tensor(sigma), constraint=constraints.positive)
+    model = regression(x.float(), y.float(), None, 10.0, batch=40)
     result = estimate_llc(model, (x.float(), y.float()), w_star={"w": w_star.float()}, localization=gamma,
                           num_chains=4, num_draws=800, target_bias=0.1, mp_context="spawn", progress_bar=False)
     assert result.diagnostics.processes == worker_count(4) and result.diagnostics.control_variates
     assert result.loss_trace.shape[0] == 4 and len(set(result.loss_trace[:, -1].tolist())) == 4
-    exact = chain_exact(torch.ones(d), result, gamma)
+    exact = chain_exact(torch.full((d,), sigma**-2), result, gamma)
     assert_exact(result.llc, result.std_error, exact, result.diagnostics.step_bias * exact, what="Pyro, processes")
 
     torch.manual_seed(18)

@@ -154,8 +154,10 @@ class LocalEngine:
 @dataclass(frozen=True)
 class WorkerSetup:
     """What a worker needs: ``build(num_chains=chains)`` makes its objective (a picklable callable:
-    a function at module level and its arguments), and the control variates at :math:`w^*`
-    (``full_gradient`` unbroadcast; ``None``: none)."""
+    a function at module level and its arguments), the control variates at :math:`w^*`
+    (``full_gradient`` unbroadcast; ``None``: none), and for a Pyro model the parent's param store
+    (``param_store``, :meth:`pyro.params.param_store.ParamStoreDict.get_state`: a spawned worker
+    starts with an empty one, and a model's ``pyro.param`` values are part of its likelihood)."""
 
     build: Callable[..., ChainObjective]
     chains: int
@@ -165,6 +167,7 @@ class WorkerSetup:
     full_gradient: list[Tensor] | None
     seed: int
     threads: int
+    param_store: dict[str, Any] | None = None
 
 
 def _serve(connection: Any, setup: WorkerSetup) -> None:
@@ -173,6 +176,10 @@ def _serve(connection: Any, setup: WorkerSetup) -> None:
     try:
         torch.set_num_threads(setup.threads)
         torch.manual_seed(setup.seed)
+        if setup.param_store is not None:
+            import pyro
+
+            pyro.get_param_store().set_state(setup.param_store)
         objective = setup.build(num_chains=setup.chains)
         control = None
         if setup.full_gradient is not None:

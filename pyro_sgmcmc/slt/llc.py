@@ -368,7 +368,13 @@ def estimate_llc(
         raise ValueError(f"Invalid w*: the loss there is {init_loss} (must be finite)")
     if in_processes:
         seed = int(torch.randint(0, 2**62, ()))
-        setup = WorkerSetup(build, 1, nbeta, localization, init_loss, full_gradient if use_cv else None, seed, 1)
+        param_store = None
+        if not isinstance(objective, ModuleObjective):
+            import pyro
+
+            param_store = pyro.get_param_store().get_state()
+        setup = WorkerSetup(build, 1, nbeta, localization, init_loss, full_gradient if use_cv else None, seed, 1,
+                            param_store)
         engine: LocalEngine | ProcessEngine = ProcessEngine(setup, num_chains, objective.num_sampled, objective.exact,
                                                             mp_context)
     else:
