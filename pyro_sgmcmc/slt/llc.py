@@ -519,7 +519,7 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
 class _Chains:
     """Drives the chains: the pilot runs that choose the step, the burn-in and the draws, restarts
     after a divergence, the records and the progress bar; the steps themselves run in an engine
-    (:mod:`~pyro_sgmcmc.slt._engine`: this process, or one worker process per chain)."""
+    (:mod:`~pyro_sgmcmc.slt._engine`: this process, or worker processes)."""
 
     def __init__(self, engine: LocalEngine | ProcessEngine, nbeta: float, localization: float, init_loss: float,
                  progress_bar: bool, planned: int, sampler: str = "sgld"):
