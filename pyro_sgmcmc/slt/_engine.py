@@ -20,6 +20,7 @@ traces and loss noise by their mean over chains.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -235,8 +236,8 @@ class ProcessEngine:
         try:
             for k, chains in enumerate(self.shares):
                 ours, theirs = context.Pipe()
-                worker = dict(setup.__dict__, seed=setup.seed + k, chains=chains, threads=threads)
-                process = context.Process(target=_serve, args=(theirs, WorkerSetup(**worker)), daemon=True,
+                worker = dataclasses.replace(setup, seed=setup.seed + k, chains=chains, threads=threads)
+                process = context.Process(target=_serve, args=(theirs, worker), daemon=True,
                                           name=f"llc-worker-{k}")
                 try:
                     process.start()

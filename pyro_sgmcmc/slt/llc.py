@@ -529,7 +529,6 @@ class _Chains:
         self.step = ChainStep(0.0)
         self._records: list[Tensor] = []  # [C, k] chunks of loss estimates
         self._virials: list[Tensor] = []  # the virial at the same steps (see _scales.virial)
-        self._recorded = 0
         self.llc_guess: float | None = None
         self.start_scales = engine.measure()
         # a step that lifts n beta (L - L*) this far above its largest possible mean (d/2), and
@@ -576,7 +575,11 @@ class _Chains:
     def _forget(self, start: int) -> None:
         """Drop the records from step ``start`` on."""
         self._records, self._virials = [self.trace()[:, :start]], [self.virial_trace()[:, :start]]
-        self._recorded = min(self._recorded, start)
+
+    @property
+    def _recorded(self) -> int:
+        """How many steps are recorded."""
+        return sum(chunk.shape[1] for chunk in self._records)
 
     def recent(self, start: int) -> Tensor:
         """The records from step ``start`` on (``[C, k]``)."""
@@ -590,7 +593,6 @@ class _Chains:
             chunk = self.engine.run(min(SNAPSHOT, steps - done))
             self._records.append(chunk.values)
             self._virials.append(chunk.virials)
-            self._recorded += chunk.values.shape[1]
             if chunk.reason is not None:
                 return chunk.reason
             done += chunk.values.shape[1]
