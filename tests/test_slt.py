@@ -21,6 +21,7 @@ Exact answers:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -284,6 +285,93 @@ def test_quadratic_llc_with_baoab_without_control_variates_is_the_exact_law_of_t
     assert_exact(result.llc, result.std_error, exact, what="BAOAB on minibatch gradients")
     true_bias = exact / quadratic_exact(H, nbeta, gamma) - 1
     assert true_bias > 0.01 and true_bias <= result.diagnostics.step_bias <= 1.5 * result.diagnostics.target_bias
+
+
+class ScaledRows(Quadratic):
+    r"""Per-row loss :math:`\frac12\sum_i h_i (1 + z_i) w_i^2`: the mean loss is
+    :math:`\frac12\sum_i h_i w_i^2` (centred ``z``), and a minibatch multiplies the gradient along
+    :math:`w_i` by :math:`1 + \bar z_i`: no noise at :math:`w^* = 0`, where the control variates
+    take their values, and the same noise as a plain estimate everywhere else."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((1 + z) * self.h * self.w**2).sum(-1)
+
+
+def test_control_variates_are_dropped_where_they_do_not_pay_and_the_chain_stays_exact():
+    """Control variates at w* cannot reduce a noise that is nil at w* and grows away from it:
+    after the pilots the chains run on plain minibatches (half the work a step), and the estimate
+    is the exact law of SGLD with that multiplicative noise, :math:`\mathrm{Var}_i =
+    1/(a_i(1 - \epsilon a_i/4) - \epsilon (n\beta h_i)^2 v_i/4)` with :math:`v_i` the variance of
+    :math:`\bar z_i` over minibatches of m distinct rows (from :math:`V = E[(1 - \epsilon(a_i +
+    n\beta h_i\bar z_i)/2)^2] V + \epsilon`). Where the noise at w* dominates (:class:`Quadratic`,
+    :class:`LinearNoise`) they are kept: see the tests above and below."""
+    torch.manual_seed(3)
+    n, gamma, m = 1000, 50.0, 50
+    loader = quadratic_data(n, 4, m)
+    z = loader.dataset.tensors[0].mul_(8.0)  # noise that sets the step (half the step of z alone)
+    result = estimate_llc(ScaledRows(H), loader, mean_output, reduction="mean", localization=gamma, num_chains=32,
+                          num_draws=800, target_bias=0.05, sampler="sgld", progress_bar=False)
+    assert not result.diagnostics.control_variates and not result.diagnostics.full_batch
+    nbeta, eps = result.nbeta, result.step_size
+    a = nbeta * H.double() + gamma
+    v = (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
+    variance = 1 / (a * (1 - eps * a / 4) - eps * (nbeta * H.double()) ** 2 * v / 4)
+    exact = float((nbeta * H * variance / 2).sum())
+    assert_exact(result.llc, result.std_error, exact, what="plain minibatches after the pilots")
+
+
+def test_control_variates_are_kept_where_they_pay():
+    """:class:`LinearNoise`: the gradient's noise is nil at w* only through the control variates,
+    which remove it everywhere: they stay on."""
+    torch.manual_seed(2)
+    loader = quadratic_data(1000, 4, 100)
+    loader.dataset.tensors[0].mul_(0.5)
+    result = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=50.0, num_chains=4,
+                          num_draws=200, progress_bar=False)
+    assert result.diagnostics.control_variates
+
+
+def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monkeypatch):
+    """The pilots measure the scales near w*; a network's chains reach noisier regions only as their
+    flat directions relax. Simulated: from the burn-in on, the noise measured is 10 times the
+    chains' true noise. At the burn-in's end the pilots' step biases the estimate beyond twice the
+    target by those scales: it is chosen again, a burn-in for it runs on, and the draws are the
+    exact law of SGLD at the new step with the true noise (as in the test above)."""
+    from pyro_sgmcmc.slt import llc as module
+
+    original_measure, original_sample = module.LocalEngine.measure, module._Chains.sample
+
+    def measure(self, plain=False):
+        scales = original_measure(self, plain)
+        if getattr(self, "inflated", False):
+            return dataclasses.replace(scales, noise_trace=10 * scales.noise_trace, noise_max=10 * scales.noise_max)
+        return scales
+
+    def sample(self, *args, **kwargs):
+        self.engine.inflated = True
+        return original_sample(self, *args, **kwargs)
+
+    def run():
+        torch.manual_seed(4)
+        n, m = 1000, 100
+        loader = quadratic_data(n, 4, m)
+        z = loader.dataset.tensors[0].mul_(0.5)
+        result = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=50.0,
+                              num_chains=64, num_draws=2000, control_variates=False, target_bias=0.05, sampler="sgld",
+                              progress_bar=False)
+        nbeta, eps = result.nbeta, result.step_size
+        a = nbeta * H.double() + 50.0
+        noise = (nbeta * H.double()) ** 2 * (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
+        return result, float((nbeta * H * (1 + eps * noise / 4) / (2 * a * (1 - eps * a / 4))).sum())
+
+    pilots_step = run()[0].step_size  # the same pilots, no re-choice: the noise is what they measured
+    monkeypatch.setattr(module.LocalEngine, "measure", measure)
+    monkeypatch.setattr(module._Chains, "sample", sample)
+    result, exact = run()
+    assert result.step_size < pilots_step / 2
+    assert result.diagnostics.burn_in > default_burn_in(result.step_size, 50.0, 2000)  # the pilots' step's too
+    assert result.diagnostics.step_bias <= 2 * result.diagnostics.target_bias
+    assert_exact(result.llc, result.std_error, exact, what="at the step chosen again")
 
 
 def test_minibatches_are_uniform_distinct_rows_drawn_anew_at_every_step():

@@ -5,7 +5,8 @@ The driver keeps what decides (the pilot runs, the step, restarts, the records a
 bar); an engine runs steps and measures. Both engines offer the same operations: :meth:`run` a
 number of steps (stopping at a divergence), :meth:`measure` the :class:`~._scales.Scales` where
 the chains are, :meth:`restore` the older of the last two snapshots (taken every ``SNAPSHOT``
-steps), :meth:`reset` to :math:`w^*`, :meth:`use` a sampler, :meth:`set_step`.
+steps), :meth:`reset` to :math:`w^*`, :meth:`use` a sampler, :meth:`set_step`,
+:meth:`drop_control_variates`.
 
 Worker processes are for models whose chains cannot be stacked into one ``vmap``-ed call (a Pyro
 model, a module that ``vmap`` cannot batch), which the local engine evaluates one chain after
@@ -94,8 +95,14 @@ class LocalEngine:
     def set_limit(self, limit: float) -> None:
         self.limit = limit
 
-    def measure(self) -> Scales:
-        return measure(self.objective, self.nbeta, self.localization, self.control)
+    def measure(self, plain: bool = False) -> Scales:
+        """The :class:`~._scales.Scales` where the chains are; ``plain``: their noise that of the
+        plain minibatch estimates, also where the chains use control variates."""
+        return measure(self.objective, self.nbeta, self.localization, None if plain else self.control)
+
+    def drop_control_variates(self) -> None:
+        """From here on, plain minibatch estimates."""
+        self.control = None
 
     def _step(self) -> tuple[Tensor, Tensor]:
         """One step: the loss estimates and the virials at the point it left."""
@@ -291,11 +298,14 @@ class ProcessEngine:
         return ChainChunk(torch.cat([chunk.values[:, :kept] for chunk in chunks]),
                           torch.cat([chunk.virials[:, :kept] for chunk in chunks]), reason)
 
-    def measure(self) -> Scales:
-        found = self._call("measure")
+    def measure(self, plain: bool = False) -> Scales:
+        found = self._call("measure", plain)
         mean = lambda field: sum(c * getattr(s, field) for c, s in zip(self.shares, found)) / self.num_chains  # noqa: E731
         return Scales(max(s.curvature for s in found), mean("hessian_trace"), mean("noise_trace"),
                       max(s.noise_max for s in found), mean("loss_noise"))
+
+    def drop_control_variates(self) -> None:
+        self._call("drop_control_variates")
 
     def restore(self) -> None:
         self._call("restore")

@@ -17,8 +17,8 @@ from .._validation import check_choice, check_flag, check_integer, check_mapping
 from ._data import REDUCTIONS, Minibatches
 from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
-from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, choose_step, expected_virial,
-                      flat_variance_missing, prefer_baoab, relaxation_steps, step_bias)
+from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, choose_step, control_pays,
+                      expected_virial, flat_variance_missing, prefer_baoab, relaxation_steps, step_bias)
 from ._stats import chain_mean
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
@@ -43,6 +43,8 @@ _MISSING_LIMIT = 0.25
 _HOT_LIMIT = 0.05
 #: How many times the sampling phase may start over.
 _MAX_RESTARTS = 4
+#: How many times the step may be chosen again at the end of a burn-in (see ``_Chains.sample``).
+_MAX_RECHOICES = 2
 #: The multiprocessing contexts ``mp_context`` takes.
 MP_CONTEXTS = ("spawn", "forkserver", "fork")
 
@@ -209,7 +211,8 @@ def estimate_llc(
     independently of earlier steps, so the minibatch loss is an unbiased estimate of :math:`L_n` at
     the chain's point. With minibatches, the gradient and the loss are by default estimated with
     control variates at :math:`w^*` (Baker et al. 2019; the loss also minus its first-order Taylor
-    term, which keeps its noise from hiding the chain's autocorrelation from the standard error).
+    term, which keeps its noise from hiding the chain's autocorrelation from the standard error),
+    unless the pilot runs find that they do not pay for their work where the chains go.
     Chains run side by side, stacked along a leading dimension of every weight
     (``torch.func.functional_call`` + ``vmap`` for a module that allows it, one call per chain
     otherwise and for Pyro models), or, with ``mp_context``, one per worker process.
@@ -218,7 +221,9 @@ def estimate_llc(
     trace (Hutchinson) and the gradient noise are measured where the chains are, and SGLD's bias
     rule (:meth:`~pyro_sgmcmc.samplers.SGLD.suggest_lr`) is applied to the curvature and noise
     averaged over the :math:`2\hat\lambda` directions that :math:`\hat\lambda` counts, so that the
-    discretisation bias of :math:`\hat\lambda` is about ``target_bias``. A chain of a singular
+    discretisation bias of :math:`\hat\lambda` is about ``target_bias``; the scales are measured
+    again at the end of the burn-in, and where the step would bias the estimate by more than
+    twice the target there, it is chosen again and a burn-in for it runs on. A chain of a singular
     model that later wanders into a region too stiff for that step makes the sampling phase start
     over from an earlier snapshot with a smaller step, so that every draw comes from one
     fixed-step chain. The standard error is the Monte Carlo standard error from Pyro's effective
@@ -290,8 +295,14 @@ def estimate_llc(
         :mod:`pyro_sgmcmc.slt._scales`).
     :param target_bias: the relative bias of :math:`\hat\lambda` the step is chosen for.
     :param control_variates: estimate the gradient and the loss by their minibatch differences from
-        :math:`w^*` plus the full-data values there (default: whenever minibatches are smaller than
-        the data set). Each step then also evaluates :math:`w^*` on the chains' minibatches.
+        :math:`w^*` plus the full-data values there. Each step then also evaluates :math:`w^*` on the
+        chains' minibatches, twice a plain step's work. Default: on minibatches, from :math:`w^*`
+        through the pilot runs, and then kept only where they pay for that work where the pilots
+        took the chains (a step at least twice as large for the target bias, or a loss estimate
+        with at most half the variance; see :func:`~pyro_sgmcmc.slt._scales.control_pays`): far
+        from :math:`w^*`, as in a network's flat directions, their noise is the plain estimates'.
+        With a given ``step_size`` (no pilot runs) they are kept. ``diagnostics.control_variates``
+        says which ran.
     :param batch_size: minibatch size (default: the loader's).
     :param vectorize: run the chains in one ``vmap``-ed call (default: if the module allows it).
     :param mp_context: run the chains in worker processes of this multiprocessing context
@@ -389,7 +400,8 @@ def estimate_llc(
         burn_in = lambda step: num_burnin  # noqa: E731
     driver = None
     try:
-        driver = _Chains(engine, nbeta, localization, init_loss, progress_bar, num_draws, sampler)
+        driver = _Chains(engine, nbeta, localization, init_loss, progress_bar, num_draws, sampler, use_cv,
+                         choose_control=control_variates is None)
         if step_size is None:
             step, adaptation_steps = driver.adapt(target_bias, num_draws, friction)
         else:
@@ -441,7 +453,7 @@ def estimate_llc(
         scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts,
         sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized and not in_processes,
         processes=len(engine.shares) if in_processes else 0,
-        control_variates=use_cv, full_batch=objective.exact, warnings=tuple(messages))
+        control_variates=driver.control_variates, full_batch=objective.exact, warnings=tuple(messages))
     return LLCResult(
         llc=llc, std_error=std_error, per_chain=nbeta * (draws.mean(1) - init_loss), loss_trace=trace, virial_trace=virial_trace,
         num_excluded=excluded, init_loss=init_loss, n=n, nbeta=nbeta, localization=localization, step_size=step.size,
@@ -522,9 +534,12 @@ class _Chains:
     (:mod:`~pyro_sgmcmc.slt._engine`: this process, or worker processes)."""
 
     def __init__(self, engine: LocalEngine | ProcessEngine, nbeta: float, localization: float, init_loss: float,
-                 progress_bar: bool, planned: int, sampler: str = "sgld"):
+                 progress_bar: bool, planned: int, sampler: str = "sgld", control_variates: bool = False,
+                 choose_control: bool = False):
         self.engine, self.nbeta, self.localization, self.init_loss = engine, nbeta, localization, init_loss
         self.auto = sampler == "auto"
+        self.control_variates = control_variates  # whether the chains use them now
+        self.choose_control = choose_control and control_variates  # whether adapt() may drop them
         self._use(baoab=sampler == "baoab")
         self.step = ChainStep(0.0)
         self._records: list[Tensor] = []  # [C, k] chunks of loss estimates
@@ -605,28 +620,49 @@ class _Chains:
 
     def sample(self, burn_in: Callable[[ChainStep], int], num_draws: int, step: ChainStep,
                target_bias: float | None) -> tuple[ChainStep, int, int]:
-        """The burn-in (``burn_in(step)`` steps) and the draws at ``step``: ``(the step used,
-        restarts, the burn-in's length)``. A chain of a
-        singular model can wander along a flat direction into a region stiffer than any the pilot
-        runs saw, where the step is unstable; with an automatic step (``target_bias`` given) the
-        chains then go back to the older of the last two snapshots, the step is chosen again from
-        the scales measured there (its :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` at least
-        halved), and the burn-in and draws start over, so that every draw comes from one fixed-step
-        chain. BAOAB likewise (its :math:`h^2` at least halved, its friction a step kept), also
-        under ``sampler="auto"``: SGLD at the pilots' step would have no more margin of stability
-        than BAOAB at the same :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` (:math:`\epsilon a
-        < 4`, :math:`h^2 a < 4`), and the region that made BAOAB diverge is stiffer than any the
-        pilots saw. A given step size is never changed: an error says so."""
-        restarts = 0
+        r"""The burn-in (``burn_in(step)`` steps) and the draws at ``step``: ``(the step used,
+        restarts, the steps of burn-in)``.
+
+        With an automatic step (``target_bias`` given) the scales are measured again at the end of
+        the burn-in: the pilots are short, and a network's chains reach regions of larger gradient
+        noise and curvature only as their flat directions relax. Where the step would bias the
+        estimate by more than twice ``target_bias`` there, it is chosen again from those scales
+        (at most ``_MAX_RECHOICES`` times), and a burn-in for the new step runs on from where the
+        chains are, so that the draws come from a step that meets the target where they are.
+
+        A chain of a singular model can wander along a flat direction into a region stiffer than
+        any the pilot runs saw, where the step is unstable; with an automatic step the chains then
+        go back to the older of the last two snapshots, the step is chosen again from the scales
+        measured there (its :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` at least halved), and
+        the burn-in and draws start over, so that every draw comes from one fixed-step chain. BAOAB
+        likewise (its :math:`h^2` at least halved, its friction a step kept), also under
+        ``sampler="auto"``: SGLD at the pilots' step would have no more margin of stability than
+        BAOAB at the same :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` (:math:`\epsilon a < 4`,
+        :math:`h^2 a < 4`), and the region that made BAOAB diverge is stiffer than any the pilots
+        saw. A given step size is never changed: an error says so."""
+        restarts = rechoices = burned = 0
         while True:
             self.set_step(step)
             start = self._recorded
-            steps = burn_in(step) + num_draws
+            steps = burn_in(step)
             if self._bar is not None:
-                self._bar.total = self._bar.n + steps
-            reason = self.run(steps, phase="sampling")
+                self._bar.total = self._bar.n + steps + num_draws
+            reason = self.run(steps, phase="burn-in")
+            if reason is None and target_bias is not None and rechoices < _MAX_RECHOICES:
+                recent = self.recent(start + steps // 2)
+                if recent.shape[1]:
+                    llc = self.nbeta * (float(recent.mean()) - self.init_loss)
+                    self.llc_guess = min(llc, self.engine.num_sampled / 2) if llc > 0 else self.llc_guess
+                scales = self.engine.measure()
+                if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
+                    rechoices += 1
+                    burned += steps
+                    step = self.choose(scales, self.llc_guess, target_bias, largest=step.size)
+                    continue
             if reason is None:
-                return step, restarts, steps - num_draws
+                reason = self.run(num_draws, phase="sampling")
+            if reason is None:
+                return step, restarts, burned + steps
             if target_bias is None or restarts == _MAX_RESTARTS:
                 raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {step}; give a "
                                    "smaller step_size (or target_bias), or more localization")
@@ -646,7 +682,9 @@ class _Chains:
         a singular model the curvature can be 0, and gives no scale). BAOAB's step likewise, with
         its friction (``friction``: the user's, kept). With ``sampler="auto"`` the pilots are
         SGLD's, and the chains go on with BAOAB if :func:`~pyro_sgmcmc.slt._scales.prefer_baoab`
-        says so, before and after a BAOAB pilot (:meth:`_baoab_pilot`)."""
+        says so, before and after a BAOAB pilot (:meth:`_baoab_pilot`). With ``choose_control``
+        the control variates are dropped after the pilots where, measured there,
+        :func:`~pyro_sgmcmc.slt._scales.control_pays` says they do not pay for their work."""
         pilot = min(max(num_draws // 20, 50), 100)
         step = self.choose(self.start_scales, None, 1.0, friction)  # the stability cap alone
         start = self._recorded
@@ -670,6 +708,12 @@ class _Chains:
             step = chosen
             if settled:
                 break
+        if self.choose_control and rounds:
+            plain = self.engine.measure(plain=True)
+            if not control_pays(scales, plain, llc, target_bias):
+                self.engine.drop_control_variates()
+                self.control_variates = False
+                scales, step = plain, self.choose(plain, llc, target_bias, friction)
         if self.auto and rounds:
             alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
             if prefer_baoab(step, alternative, scales, llc, self.localization):
