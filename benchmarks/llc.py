@@ -4,7 +4,8 @@
     python benchmarks/llc.py --cases polynomial rrr   # some of them
     python benchmarks/llc.py --quick                  # fewer draws, for a smoke run
     python benchmarks/llc.py --cases mlp-same-step    # the MLP, ours at devinterp's step (like for like)
-    python benchmarks/llc.py --cases mlp-relaxed      # the MLP, devinterp with a burn-in left out
+    python benchmarks/llc.py --cases mlp-relaxed      # the MLP, both relaxed, one chain each
+    python benchmarks/llc.py --cases mlp-steps        # the MLP, one chain at a large then a small step
     python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
 
 Cases:
@@ -23,8 +24,14 @@ Cases:
   the largest curvature of ``n beta L`` at ``w*`` is about 4.5e4, and SGLD diverges above ``4 / 4.5e4``).
 * ``mlp-same-step`` -- the same, ours run as devinterp runs: its step, no burn-in, no control
   variates, so that the estimates and times compare like for like.
-* ``mlp-relaxed`` -- the same, devinterp given ``3 / (lr * localization)`` = 3000 more steps that
-  its estimate leaves out (the relaxation its 500 draws lack), ours with nothing tuned.
+* ``mlp-relaxed`` -- the same, one chain each, relaxed: ours with ``num_burnin`` the relaxation
+  its default run's warning names (``--mlp-burnin``, 1500; its step is chosen again at the
+  burn-in's end where the chains have gone), devinterp at the step ours ended with, given
+  ``3 / (lr * localization)`` more steps that its estimate leaves out (the relaxation from
+  ``w*`` at that step).
+* ``mlp-steps`` -- one SGLD chain (``pyro_sgmcmc.samplers.SGLD``, plain minibatch gradients) at
+  step 2.26e-5 for 1500 steps, then 6000 at 2.26e-6: the mean of ``n beta (L_B - L_n(w*))`` over
+  windows of 250 steps shows how much of the estimate at the larger step was its heat.
 
 devinterp is run as its 2.x sampler loop runs a chain (``devinterp.slt.sampler.sample_single_chain``
 with ``SGMCMC.sgld``, the default method), each chain after the other, with the settings of its
@@ -230,12 +237,8 @@ def rrr_case(shape, args):
     return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), reference, ours, ours_time, theirs
 
 
-def mlp_case(args, same_step=False, relaxed=False):
-    """``same_step``: ours as devinterp runs, for a like-for-like time and estimate: its step
-    (``--mlp-lr``), no burn-in, no control variates (a plain minibatch gradient and loss).
-    ``relaxed``: devinterp given ``3 / (lr * localization)`` more steps, left out of its estimate
-    (the burn-in after which every direction is within 5% of its stationary variance), against
-    ours with nothing tuned: an estimate of the relaxed chain by a second sampler and step size."""
+def mlp_setup(args):
+    """The trained MLP, its data, loss, ``n beta`` and localization."""
     torch.manual_seed(0)
     n, width = 10_000, (784, 1024, 256, 10)
 
@@ -257,20 +260,57 @@ def mlp_case(args, same_step=False, relaxed=False):
             optimizer.zero_grad()
             loss(model(xb), yb).backward()
             optimizer.step()
-    nbeta, localization = n / math.log(n), 100.0
+    return model, x, y, loss, n / math.log(n), 100.0
+
+
+def mlp_case(args, same_step=False, relaxed=False):
+    """``same_step``: ours as devinterp runs, for a like-for-like time and estimate: its step
+    (``--mlp-lr``), no burn-in, no control variates (a plain minibatch gradient and loss).
+    ``relaxed``: one chain each; ours with ``num_burnin=--mlp-burnin``, devinterp at the step ours
+    ended with and ``3 / (lr * localization)`` more steps left out of its estimate (the burn-in
+    after which every direction is within 5% of its stationary variance)."""
+    model, x, y, loss, nbeta, localization = mlp_setup(args)
     chains, draws = (2, 100) if args.quick else (4, 500)
     options = dict(step_size=args.mlp_lr, num_burnin=0, control_variates=False) if same_step else {}
+    if relaxed:
+        chains, options = 1, dict(num_burnin=args.mlp_burnin)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
                                    num_draws=draws, batch_size=256, **options)
     for warning in caught:
         print(f"ours ({'devinterp step' if same_step else 'default'}) warned: {warning.message}")
-    burn_in = math.ceil(3 / (args.mlp_lr * localization)) if relaxed else 0
-    theirs = run_devinterp(model, x, y, loss, lr=args.mlp_lr, nbeta=nbeta, localization=localization,
+    lr = ours.step_size if relaxed else args.mlp_lr
+    burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
+    theirs = run_devinterp(model, x, y, loss, lr=lr, nbeta=nbeta, localization=localization,
                            num_chains=chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in)
-    label = ", same step" if same_step else f", devinterp burn-in {burn_in}" if relaxed else ""
+    label = ", same step" if same_step else f", relaxed, 1 chain (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
     return f"mlp 1.07M params{label}", None, None, ours, ours_time, theirs
+
+
+def mlp_steps(args, large=2.26e-5, small=2.26e-6, window=250):
+    """One SGLD chain on the MLP at ``large`` for 1500 steps, then at ``small``: window means of
+    ``n beta (L_B - L_n(w*))``."""
+    from pyro_sgmcmc.samplers import SGLD
+
+    model, x, y, loss, nbeta, localization = mlp_setup(args)
+    with torch.no_grad():
+        init_loss = float(loss(model(x), y))
+    sampler = SGLD(model.parameters(), lr=large, nbeta=nbeta, localization=localization)
+    trace, start = [], time.perf_counter()
+    for t in range(1, 1501 + (1500 if args.quick else 6000)):
+        if t == 1501:
+            for group in sampler.param_groups:
+                group["lr"] = small
+        rows = torch.randint(0, len(x), (256,))
+        sampler.zero_grad()
+        value = loss(model(x[rows]), y[rows])
+        value.backward()
+        sampler.step()
+        trace.append(nbeta * (float(value.detach()) - init_loss))
+        if t % window == 0:
+            print(f"mlp-steps: step {t:5d} at {sampler.param_groups[0]['lr']:.3g}: mean of the last {window} "
+                  f"{sum(trace[-window:]) / window:7.1f}  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -305,6 +345,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
+    parser.add_argument("--mlp-burnin", type=int, default=1500, help="mlp-relaxed: ours' num_burnin")
     parser.add_argument("--reference", action="store_true",
                         help="rrr: a long BAOAB run at a small step as the finite-n beta reference (about 40 s a case)")
     parser.add_argument("--sampler", default="auto", choices=["auto", "sgld", "baoab"],
@@ -326,7 +367,10 @@ def main():
         rows.append(mlp_case(args, same_step=True))
     if "mlp-relaxed" in args.cases:
         rows.append(mlp_case(args, relaxed=True))
-    report(rows)
+    if "mlp-steps" in args.cases:
+        mlp_steps(args)
+    if rows:
+        report(rows)
 
 
 if __name__ == "__main__":

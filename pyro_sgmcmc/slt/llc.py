@@ -521,7 +521,9 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
     elif bias > 2 * target:
         why = "the given step_size" if given else "the step chosen in the pilot runs (the chains moved on to stiffer regions)"
         messages.append(f"the step size biases the estimate by about {100 * bias:.2g}% ({why}; the target is "
-                        f"{100 * target:.2g}%): lower step_size or target_bias")
+                        f"{100 * target:.2g}%; a first-order bound, which understates the bias where the curvature "
+                        "and the gradient noise grow with the chains' reach, as on a network): lower step_size or "
+                        "target_bias")
     if llc < -2 * std_error:
         messages.append(f"the estimate is negative ({llc:.4g} ± {std_error:.2g}): the chains found lower loss than at "
                         "w*, which is not a local minimum of L_n; train further, or localize more")
