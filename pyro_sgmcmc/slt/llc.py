@@ -71,14 +71,14 @@ class LLCDiagnostics:
     :param target_bias: the bias the step was chosen for (``None``: the step was given).
     :param scales: the curvature and gradient noise measured at the final points.
     :param adaptation_steps: steps of the pilot runs that chose the step (excluded).
-    :param burn_in: steps at the chosen step before the draws (excluded).
+    :param burn_in: steps of burn-in before the draws (excluded): at the chosen step, and before
+        it at any step chosen again at a burn-in's end (see ``estimate_llc``).
     :param restarts: how many times the sampling phase started over after a chain diverged, with a
-        smaller step (or, with ``sampler="auto"``, from BAOAB back to SGLD); the draws come from
-        the last start only.
+        smaller step; the draws come from the last start only.
     :param sampler: the chains' sampler during the burn-in and draws: ``"sgld"`` or ``"baoab"``.
     :param vectorized: whether the chains ran in one ``vmap``-ed call.
     :param processes: worker processes the chains ran in (0: this process).
-    :param control_variates: whether the gradient and the loss estimates used control variates.
+    :param control_variates: whether the draws' gradient and loss estimates used control variates.
     :param full_batch: whether every evaluation used the whole data set.
     :param warnings: what was warned about.
     """
@@ -519,7 +519,8 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
                         "n·beta·L there is at least 4, beyond which SGLD diverges along that direction): the draws "
                         "may come from a chain on its way out; lower step_size or target_bias, or localize more")
     elif bias > 2 * target:
-        why = "the given step_size" if given else "the step chosen in the pilot runs (the chains moved on to stiffer regions)"
+        why = ("the given step_size" if given else
+               "the step chosen where the pilots and the burn-in took the chains (they moved on to stiffer regions)")
         messages.append(f"the step size biases the estimate by about {100 * bias:.2g}% ({why}; the target is "
                         f"{100 * target:.2g}%; a first-order bound, which understates the bias where the curvature "
                         "and the gradient noise grow with the chains' reach, as on a network): lower step_size or "
