@@ -603,6 +603,12 @@ class _Chains:
         """The records from step ``start`` on (``[C, k]``)."""
         return self.trace()[:, start:]
 
+    def _guess(self, start: int) -> float | None:
+        """The guess of :math:`\lambda` from the records since step ``start`` (at most ``d/2``;
+        ``None`` where not positive)."""
+        llc = self.nbeta * (float(self.recent(start).mean()) - self.init_loss)
+        return min(llc, self.engine.num_sampled / 2) if llc > 0 else None
+
     def run(self, steps: int, phase: str) -> str | None:
         """``steps`` steps, recorded, ``SNAPSHOT`` at a time (the engine keeps a snapshot at the
         start of each); at a divergence, stop and say why (``None``: none)."""
@@ -652,10 +658,8 @@ class _Chains:
                 self._bar.total = self._bar.n + steps + num_draws
             reason = self.run(steps, phase="burn-in")
             if reason is None and target_bias is not None and rechoices < _MAX_RECHOICES:
-                recent = self.recent(start + steps // 2)
-                if recent.shape[1]:
-                    llc = self.nbeta * (float(recent.mean()) - self.init_loss)
-                    self.llc_guess = min(llc, self.engine.num_sampled / 2) if llc > 0 else self.llc_guess
+                if steps:
+                    self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
                 scales = self.engine.measure()
                 if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
                     rechoices += 1
@@ -702,9 +706,7 @@ class _Chains:
                 step = step.shrunk(_SHRINK)
                 continue
             rounds += 1
-            recent = self.recent(before + pilot // 2)
-            llc = self.nbeta * (float(recent.mean()) - self.init_loss)
-            llc = self.llc_guess = min(llc, self.engine.num_sampled / 2) if llc > 0 else None
+            llc = self.llc_guess = self._guess(before + pilot // 2)
             scales = self.engine.measure()
             chosen = self.choose(scales, llc, target_bias, friction)
             settled = rounds > 1 and 1 / 1.5 <= chosen.scale / step.scale <= 1.5
