@@ -7,6 +7,7 @@
     python benchmarks/llc.py --cases mlp-relaxed      # the MLP, both relaxed, one chain each
     python benchmarks/llc.py --cases mlp-steps        # the MLP, one chain at a large then a small step
     python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
+    python benchmarks/llc.py --cases rrr --repeats 5  # each case five times, other seeds: mean error bars
 
 Cases:
 
@@ -24,7 +25,7 @@ Cases:
   the largest curvature of ``n beta L`` at ``w*`` is about 4.5e4, and SGLD diverges above ``4 / 4.5e4``).
 * ``mlp-same-step`` -- the same, ours run as devinterp runs: its step, no burn-in, no control
   variates, so that the estimates and times compare like for like.
-* ``mlp-relaxed`` -- the same, one chain each, relaxed: ours with ``num_burnin`` the relaxation
+* ``mlp-relaxed`` -- the same, one chain each (``--mlp-chains``), relaxed: ours with ``num_burnin`` the relaxation
   its default run's warning names (``--mlp-burnin``, 1500; its step is chosen again at the
   burn-in's end where the chains have gone), devinterp at the step ours ended with, given
   ``3 / (lr * localization)`` more steps that its estimate leaves out (the relaxation from
@@ -45,7 +46,12 @@ from the target bias 0.02, ``sampler="auto"``: SGLD pilots, then BAOAB where it 
 ``--sampler sgld`` for SGLD throughout), the same number of chains and draws, its adaptation and
 burn-in included in its time. "speed-up" is devinterp's time over ours for the same draws; "at equal
 error" scales it by the ratio of the squared standard errors (the time each would need for the
-same error bar, both unbiased and past their burn-in). Times are wall-clock, in one process, one thread (on a shared machine, two
+same error bar, both unbiased and past their burn-in). One run's standard errors are themselves
+estimates (from 3 chains on reduced-rank regression, off by 10-20% each), and the ratio of their
+squares more so: ``--repeats K`` runs each case K times with other seeds (both samplers) and
+reports the mean estimate, the spread of the K estimates (which the mean standard error should
+match), mean times, and the ratio at equal error from the mean squared standard errors and the
+mean times. Times are wall-clock, in one process, one thread (on a shared machine, two
 threads contended for the cores and made every time 2-30x noisier; --threads changes it).
 """
 
@@ -170,7 +176,14 @@ def polynomial_exact(powers, x, y, nbeta, localization, grid=4001):
     return float((nbeta * excess * weight).sum() / weight.sum())
 
 
-def polynomial_case(powers, args):
+def _seeds(repeat: int) -> int:
+    """devinterp's seed for a repeat (its chains take seed + chain); ours' global seed is set to
+    ``1000 + repeat`` before its run."""
+    torch.manual_seed(1000 + repeat)
+    return 100 + 1000 * repeat
+
+
+def polynomial_case(powers, args, repeat=0):
     torch.manual_seed(42)
     n = 1000
     x = torch.normal(0.0, 2.0, size=(n,))
@@ -180,10 +193,11 @@ def polynomial_case(powers, args):
     true = 1 / (2 * max(powers))
     loss = torch.nn.functional.mse_loss
     chains, draws = (4, 1000) if args.quick else (10, 5000)  # devinterp's test: 10 x 5000
+    seed = _seeds(repeat)
     ours, ours_time = run_ours(Polynomial(powers), x, y, loss, nbeta=nbeta, localization=localization,
                                num_chains=chains, num_draws=draws, batch_size=n)
     theirs = run_devinterp(Polynomial(powers), x, y, loss, lr=2e-4, nbeta=nbeta, localization=localization,
-                           num_chains=chains, num_draws=draws, batch_size=n)
+                           num_chains=chains, num_draws=draws, batch_size=n, seed=seed)
     return f"polynomial {powers}", true, exact, ours, ours_time, theirs
 
 
@@ -210,7 +224,7 @@ class ReducedRank(torch.nn.Module):
         return self.fc2(self.fc1(x))
 
 
-def rrr_case(shape, args):
+def rrr_case(shape, args, repeat=0):
     m, h, n_out = shape
     torch.manual_seed(42)
     n = 1000
@@ -224,12 +238,13 @@ def rrr_case(shape, args):
     nbeta, localization = n / math.log(n), 1.0
     chains, draws = (3, 500) if args.quick else (3, 2000)  # devinterp's test: 3 x 2000
     loss = torch.nn.functional.mse_loss
+    seed = _seeds(repeat)
     ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
                                num_draws=draws, batch_size=n)
     theirs = run_devinterp(model, x, y, loss, lr=6e-4, nbeta=nbeta, localization=localization, num_chains=chains,
-                           num_draws=draws, batch_size=n)
+                           num_draws=draws, batch_size=n, seed=seed)
     reference = None
-    if args.reference:  # the finite-n beta value both target, to within its printed standard error
+    if args.reference and repeat == 0:  # the finite-n beta value both target, to within its printed standard error
         long, _ = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=8, num_draws=20000,
                            batch_size=n, sampler="baoab", step_size=0.008, friction=4.0, num_burnin=3000)
         print(f"rrr {shape}: reference {long.llc:.3f} ± {long.std_error:.3f} (BAOAB, h = 0.008, 8 x 20000 draws)")
@@ -273,7 +288,7 @@ def mlp_case(args, same_step=False, relaxed=False):
     chains, draws = (2, 100) if args.quick else (4, 500)
     options = dict(step_size=args.mlp_lr, num_burnin=0, control_variates=False) if same_step else {}
     if relaxed:
-        chains, options = 1, dict(num_burnin=args.mlp_burnin)
+        chains, options = args.mlp_chains, dict(num_burnin=args.mlp_burnin)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
@@ -284,7 +299,7 @@ def mlp_case(args, same_step=False, relaxed=False):
     burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
     theirs = run_devinterp(model, x, y, loss, lr=lr, nbeta=nbeta, localization=localization,
                            num_chains=chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in)
-    label = ", same step" if same_step else f", relaxed, 1 chain (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
+    label = ", same step" if same_step else f", relaxed, {chains} chain(s) (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
     return f"mlp 1.07M params{label}", None, None, ours, ours_time, theirs
 
 
@@ -317,23 +332,52 @@ def mlp_steps(args, large=2.26e-5, small=2.26e-6, window=250):
 
 
 def report(rows):
+    """``rows``: for each case, the runs of it (one per repeat), each ``(name, true, exact, ours,
+    ours_time, theirs)``."""
+    repeated = any(len(runs) > 1 for runs in rows)
     header = (f"{'case':<24} {'true':>6} {'exact':>6} | {'ours':>15} {'time':>7} {'bias':>5} | {'devinterp':>23} "
               f"{'time':>7} | {'|error| ours':>12} {'devinterp':>9} | {'speed-up':>8} {'at equal error':>14}")
     print(header)
     print("-" * len(header))
-    for name, true, exact, ours, ours_time, theirs in rows:
+    for runs in rows:
+        name, true, exact, ours, ours_time, theirs = runs[0]
+        exact = next((run[2] for run in runs if run[2] is not None), None)
         reference = exact if exact is not None else true
-        est, se, spread, their_time = theirs
-        err_ours = "" if reference is None else f"{abs(ours.llc - reference):.3f}"
+        estimates = torch.tensor([run[3].llc for run in runs], dtype=torch.float64)
+        ours_se2 = sum(run[3].std_error**2 for run in runs) / len(runs)
+        ours_time = sum(run[4] for run in runs) / len(runs)
+        their_estimates = torch.tensor([run[5][0] for run in runs], dtype=torch.float64)
+        their_se2 = sum(run[5][1] ** 2 for run in runs) / len(runs)
+        spread = sum(run[5][2] for run in runs) / len(runs)
+        their_time = sum(run[5][3] for run in runs) / len(runs)
+        est, mean = float(their_estimates.mean()), float(estimates.mean())
+        # the mean of K runs: its standard error from the runs' mean squared standard error
+        se, ours_se = math.sqrt(their_se2 / len(runs)), math.sqrt(ours_se2 / len(runs))
+        err_ours = "" if reference is None else f"{abs(mean - reference):.3f}"
         err_theirs = "" if reference is None else f"{abs(est - reference):.3f}"
-        equal = their_time * se**2 / (ours_time * ours.std_error**2)
+        equal = their_time * their_se2 / (ours_time * ours_se2)
+        bias = sum(run[3].diagnostics.step_bias for run in runs) / len(runs)
         print(f"{name:<24} {'' if true is None else f'{true:.3f}':>6} {'' if exact is None else f'{exact:.3f}':>6} | "
-              f"{f'{ours.llc:.3f}±{ours.std_error:.3f}':>15} {ours_time:>6.1f}s {100 * ours.diagnostics.step_bias:>4.1f}% | "
+              f"{f'{mean:.3f}±{ours_se:.3f}':>15} {ours_time:>6.1f}s {100 * bias:>4.1f}% | "
               f"{f'{est:.3f}±{se:.3f} [{spread:.3f}]':>23} {their_time:>6.1f}s | {err_ours:>12} {err_theirs:>9} | "
               f"{their_time / ours_time:>7.1f}x {equal:>13.1f}x")
+    if repeated:
+        print("\nrepeats: the standard error of one run (root mean square over the runs) against the spread of the "
+              "runs' estimates (their standard deviation), which it should match")
+        for runs in rows:
+            k = len(runs)
+            ours = torch.tensor([run[3].llc for run in runs], dtype=torch.float64)
+            theirs = torch.tensor([run[5][0] for run in runs], dtype=torch.float64)
+            ours_se = math.sqrt(sum(run[3].std_error**2 for run in runs) / k)
+            their_se = math.sqrt(sum(run[5][1] ** 2 for run in runs) / k)
+            print(f"{runs[0][0]:<24} {k} runs  ours: standard error {ours_se:.3f}, spread {float(ours.std()):.3f}  "
+                  f"devinterp: standard error {their_se:.3f}, spread {float(theirs.std()):.3f}  "
+                  f"(ours {' '.join(f'{v:.3f}' for v in ours.tolist())}; devinterp "
+                  f"{' '.join(f'{v:.3f}' for v in theirs.tolist())})")
     print("\nours, diagnostics: effective sample size, split R-hat, step size, steps before the draws (pilot + "
-          "burn-in), restarts")
-    for name, _, _, ours, _, _ in rows:
+          "burn-in), restarts (the first run of each case)")
+    for runs in rows:
+        name, _, _, ours, _, _ = runs[0]
         d = ours.diagnostics
         print(f"{name:<24} ESS {d.ess:7.0f}  R-hat {d.r_hat:.3f}  step {ours.step_size:.2e}  excluded "
               f"{ours.num_excluded:5d}  restarts {d.restarts}")
@@ -346,8 +390,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
     parser.add_argument("--mlp-burnin", type=int, default=1500, help="mlp-relaxed: ours' num_burnin")
+    parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed: chains of each")
     parser.add_argument("--reference", action="store_true",
                         help="rrr: a long BAOAB run at a small step as the finite-n beta reference (about 40 s a case)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="polynomial, rrr: runs of each case, with other seeds (see the module docstring)")
     parser.add_argument("--sampler", default="auto", choices=["auto", "sgld", "baoab"],
                         help="ours' chain (estimate_llc's sampler)")
     args = parser.parse_args()
@@ -357,16 +404,16 @@ def main():
     rows = []
     if "polynomial" in args.cases:
         for powers in ([1, 1], [1, 2], [2, 2]):
-            rows.append(polynomial_case(powers, args))
+            rows.append([polynomial_case(powers, args, repeat) for repeat in range(args.repeats)])
     if "rrr" in args.cases:
         for shape in ((5, 3, 5), (5, 4, 5), (4, 3, 8), (8, 3, 4), (3, 8, 4)):
-            rows.append(rrr_case(shape, args))
+            rows.append([rrr_case(shape, args, repeat) for repeat in range(args.repeats)])
     if "mlp" in args.cases:
-        rows.append(mlp_case(args))
+        rows.append([mlp_case(args)])
     if "mlp-same-step" in args.cases:
-        rows.append(mlp_case(args, same_step=True))
+        rows.append([mlp_case(args, same_step=True)])
     if "mlp-relaxed" in args.cases:
-        rows.append(mlp_case(args, relaxed=True))
+        rows.append([mlp_case(args, relaxed=True)])
     if "mlp-steps" in args.cases:
         mlp_steps(args)
     if rows:

@@ -34,6 +34,7 @@ from pyro.distributions import constraints
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_sgmcmc.slt import (
+    LLCResult,
     LLCWarning,
     default_burn_in,
     estimate_llc,
@@ -43,7 +44,7 @@ from pyro_sgmcmc.slt import (
     wbic,
 )
 from pyro_sgmcmc.slt._engine import worker_count
-from pyro_sgmcmc.slt._scales import ChainStep, choose_step, relaxation_steps
+from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps
 from pyro_sgmcmc.slt._stats import chain_mean
 
 
@@ -242,6 +243,19 @@ class LinearNoise(Quadratic):
         return ((0.5 * self.w**2 - self.w * z) * self.h).sum(-1)
 
 
+def linear_noise_exact(result: LLCResult, z: torch.Tensor, m: int, gamma: float) -> float:
+    """The exact mean of :math:`\\hat\\lambda` of SGLD (``result``'s step) on :class:`LinearNoise`
+    with plain minibatches of ``m`` distinct rows of ``z``, independent between steps: the
+    gradient's noise along :math:`w_i` has variance :math:`B_i = (n\\beta h_i)^2` times that of the
+    mean of ``m`` rows of :math:`z_i`, and SGLD's stationary variance is
+    :math:`(1 + \\epsilon B_i/4)/(a_i(1 - \\epsilon a_i/4))`; the loss's noise has mean 0 given the point."""
+    n = len(z)
+    nbeta, eps = result.nbeta, result.step_size
+    a = nbeta * H.double() + gamma
+    noise = (nbeta * H.double()) ** 2 * (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
+    return float((nbeta * H * (1 + eps * noise / 4) / (2 * a * (1 - eps * a / 4))).sum())
+
+
 def test_quadratic_llc_without_control_variates_is_the_exact_law_of_the_noisy_chain():
     torch.manual_seed(2)
     n, gamma, m = 1000, 50.0, 100
@@ -251,16 +265,10 @@ def test_quadratic_llc_without_control_variates_is_the_exact_law_of_the_noisy_ch
                           num_draws=800, control_variates=False, target_bias=0.05, sampler="sgld", progress_bar=False)
     scales = result.diagnostics.scales
     assert not result.diagnostics.control_variates and scales.noise_trace > 0.5 * scales.hessian_trace
-    # minibatches of m distinct rows, independent between steps: the gradient's noise along w_i has
-    # variance B_i = (n beta h_i)^2 Var(mean of m rows of z_i), and SGLD's stationary variance is
-    # (1 + eps B_i / 4) / (a_i (1 - eps a_i / 4)); the loss's noise has mean 0 given the point
-    nbeta, eps = result.nbeta, result.step_size
-    a = nbeta * H.double() + gamma
-    noise = (nbeta * H.double()) ** 2 * (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
-    exact = float((nbeta * H * (1 + eps * noise / 4) / (2 * a * (1 - eps * a / 4))).sum())
+    exact = linear_noise_exact(result, z, m, gamma)
     assert_exact(result.llc, result.std_error, exact, what="minibatch gradients")
     # the stated bias is the true one (measured 0.047-0.052 against 0.049-0.053 stated, on four runs)
-    true_bias = exact / quadratic_exact(H, nbeta, gamma) - 1
+    true_bias = exact / quadratic_exact(H, result.nbeta, gamma) - 1
     assert 0.8 < result.diagnostics.step_bias / true_bias < 1.25
 
 
@@ -297,8 +305,22 @@ class ScaledRows(Quadratic):
         return 0.5 * ((1 + z) * self.h * self.w**2).sum(-1)
 
 
+def scaled_rows_exact(result: LLCResult, z: torch.Tensor, m: int, gamma: float) -> float:
+    r"""The exact mean of :math:`\hat\lambda` of SGLD (``result``'s step) on :class:`ScaledRows`
+    (curvatures ``H``) with plain minibatches of ``m`` distinct rows of ``z``: along :math:`w_i`,
+    :math:`V = E[(1 - \epsilon(a_i + n\beta h_i\bar z_i)/2)^2] V + \epsilon`, so
+    :math:`V_i = 1/(a_i(1 - \epsilon a_i/4) - \epsilon (n\beta h_i)^2 v_i/4)` with :math:`v_i` the
+    variance of :math:`\bar z_i` over minibatches."""
+    n = len(z)
+    nbeta, eps = result.nbeta, result.step_size
+    a = nbeta * H.double() + gamma
+    v = (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
+    variance = 1 / (a * (1 - eps * a / 4) - eps * (nbeta * H.double()) ** 2 * v / 4)
+    return float((nbeta * H * variance / 2).sum())
+
+
 def test_control_variates_are_dropped_where_they_do_not_pay_and_the_chain_stays_exact():
-    """Control variates at w* cannot reduce a noise that is nil at w* and grows away from it:
+    r"""Control variates at w* cannot reduce a noise that is nil at w* and grows away from it:
     after the pilots the chains run on plain minibatches (half the work a step), and the estimate
     is the exact law of SGLD with that multiplicative noise, :math:`\mathrm{Var}_i =
     1/(a_i(1 - \epsilon a_i/4) - \epsilon (n\beta h_i)^2 v_i/4)` with :math:`v_i` the variance of
@@ -312,11 +334,7 @@ def test_control_variates_are_dropped_where_they_do_not_pay_and_the_chain_stays_
     result = estimate_llc(ScaledRows(H), loader, mean_output, reduction="mean", localization=gamma, num_chains=32,
                           num_draws=800, target_bias=0.05, sampler="sgld", progress_bar=False)
     assert not result.diagnostics.control_variates and not result.diagnostics.full_batch
-    nbeta, eps = result.nbeta, result.step_size
-    a = nbeta * H.double() + gamma
-    v = (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
-    variance = 1 / (a * (1 - eps * a / 4) - eps * (nbeta * H.double()) ** 2 * v / 4)
-    exact = float((nbeta * H * variance / 2).sum())
+    exact = scaled_rows_exact(result, z, m, gamma)
     assert_exact(result.llc, result.std_error, exact, what="plain minibatches after the pilots")
 
 
@@ -329,6 +347,28 @@ def test_control_variates_are_kept_where_they_pay():
     result = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=50.0, num_chains=4,
                           num_draws=200, progress_bar=False)
     assert result.diagnostics.control_variates
+
+
+def test_control_variates_are_judged_by_the_sampler_that_may_run():
+    r"""Gradient noise as large as the averaged curvature, and a fifth of it with control variates:
+    SGLD's step (bias from curvature and noise) grows only 1.6 times, BAOAB's (exact on the
+    curvature; its bias is the noise's heat) grows enough that it relaxes the flat directions
+    about 5 times as fast as the faster chain without them. The control variates pay where BAOAB
+    may run (``"auto"``, ``"baoab"``), not where only SGLD does; a loss estimate with a fifth of the
+    variance pays with either."""
+    plain = Scales(curvature=2e3, hessian_trace=1e4, noise_trace=1e4, noise_max=1e4, loss_noise=1.0)
+    controlled = dataclasses.replace(plain, noise_trace=2e3, noise_max=2e3)
+    llc, target, gamma = 5.0, 0.05, 1.0
+    sgld = [choose_step(s, llc, target).size for s in (controlled, plain)]
+    assert 1.5 < sgld[0] / sgld[1] < 2
+    steps = [relaxation_steps(choose_step(s, llc, target, baoab=True, localization=gamma), gamma)
+             for s in (controlled, plain)]  # to relax the flattest direction
+    assert min(steps[1], relaxation_steps(ChainStep(sgld[1]), gamma)) > 4 * steps[0]
+    assert not control_pays(controlled, plain, llc, target, samplers=(False,), localization=gamma)
+    assert control_pays(controlled, plain, llc, target, samplers=(True,), localization=gamma)
+    assert control_pays(controlled, plain, llc, target, samplers=(False, True), localization=gamma)
+    quieter = dataclasses.replace(plain, loss_noise=plain.loss_noise / math.sqrt(5))
+    assert control_pays(quieter, plain, llc, target, samplers=(False,), localization=gamma)
 
 
 def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monkeypatch):
@@ -359,10 +399,7 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
         result = estimate_llc(LinearNoise(H), loader, mean_output, reduction="mean", localization=50.0,
                               num_chains=64, num_draws=2000, control_variates=False, target_bias=0.05, sampler="sgld",
                               progress_bar=False)
-        nbeta, eps = result.nbeta, result.step_size
-        a = nbeta * H.double() + 50.0
-        noise = (nbeta * H.double()) ** 2 * (z.double() ** 2).mean(0) / m * (n - m) / (n - 1)
-        return result, float((nbeta * H * (1 + eps * noise / 4) / (2 * a * (1 - eps * a / 4))).sum())
+        return result, linear_noise_exact(result, z, m, 50.0)
 
     pilots_step = run()[0].step_size  # the same pilots, no re-choice: the noise is what they measured
     monkeypatch.setattr(module.LocalEngine, "measure", measure)
@@ -807,6 +844,14 @@ class Looping(Quadratic):
         return super().forward(z)
 
 
+class LoopingScaledRows(ScaledRows):
+    """:class:`ScaledRows` that ``vmap`` cannot batch, for chains in worker processes."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        assert math.isfinite(self.w.sum().item())
+        return super().forward(z)
+
+
 @pytest.mark.slow
 def test_chains_in_worker_processes_give_the_exact_answer():
     """``mp_context="spawn"``: the chains in worker processes (one a CPU at most; on two CPUs, four
@@ -838,6 +883,19 @@ def test_chains_in_worker_processes_give_the_exact_answer():
     # with control variates the quadratic's gradient is exact: the discretised law of SGLD
     exact = quadratic_exact(H, looping.nbeta, gamma, looping.step_size)
     assert_exact(looping.llc, looping.std_error, exact, what="vmap-less module, processes")
+
+    # control variates dropped in the workers after the pilots (as in one process: see
+    # test_control_variates_are_dropped_where_they_do_not_pay_and_the_chain_stays_exact)
+    torch.manual_seed(3)
+    n, gamma, m = 1000, 50.0, 50
+    loader = quadratic_data(n, 4, m)
+    z = loader.dataset.tensors[0].mul_(8.0)
+    dropped = estimate_llc(LoopingScaledRows(H), loader, mean_output, reduction="mean", localization=gamma,
+                           num_chains=4, num_draws=6400, target_bias=0.05, sampler="sgld", mp_context="spawn",
+                           progress_bar=False)
+    assert dropped.diagnostics.processes == worker_count(4) and not dropped.diagnostics.control_variates
+    exact = scaled_rows_exact(dropped, z, m, gamma)
+    assert_exact(dropped.llc, dropped.std_error, exact, what="plain minibatches after the pilots, processes")
 
     class Local(Quadratic):  # defined in a function: spawned workers cannot unpickle it
         pass

@@ -111,11 +111,11 @@ class LocalEngine:
         for p, g in zip(self.objective.params, grads):
             p.grad = g
         self.sampler.step()
-        return values.to(torch.float64), point_virial
+        return values, point_virial
 
     def _diverged(self, values: Tensor) -> bool:
         excess = self.nbeta * (values - self.init_loss)
-        return not bool(torch.isfinite(values).all()) or bool((excess > self.limit).any())
+        return bool((~torch.isfinite(values) | (excess > self.limit)).any())
 
     def run(self, steps: int) -> ChainChunk:
         """``steps`` steps; at a divergence, stop and say why. Every ``SNAPSHOT`` steps (from the
@@ -135,10 +135,10 @@ class LocalEngine:
                 reason = f"step {k}: the loss left every plausible range"
                 break
             values.append(step_values)
-            virials.append(point_virial.double())
+            virials.append(point_virial)
         empty = torch.zeros(self.num_chains, 0, dtype=torch.float64)
-        return ChainChunk(torch.stack(values, 1) if values else empty, torch.stack(virials, 1) if virials else empty,
-                          reason)
+        return ChainChunk(torch.stack(values, 1).double() if values else empty,
+                          torch.stack(virials, 1).double() if virials else empty, reason)
 
     def _move_to(self, points: list[Tensor]) -> None:
         """The chains to ``points`` (broadcast), their momenta (BAOAB) drawn afresh."""

@@ -194,11 +194,14 @@ def virial(objective: ChainObjective, grads: list[Tensor], nbeta: float, localiz
     relaxed, which the loss trace alone does not show when they are slow and carry little of its
     variance (see :func:`expected_virial` for SGLD's own offset)."""
     chains = objective.num_chains
-    offsets = [p.detach() - a.detach() for p, a in zip(objective.params, objective.anchor_stack)]
-    total = nbeta * _chain_dot(offsets, grads, chains).double()
-    if localization:
-        total += localization * _chain_dot(offsets, offsets, chains).double()
-    return total
+    total = None
+    with torch.no_grad():  # (w - w*)·(g + (gamma / n beta)(w - w*)), one pass a tensor
+        for p, a, g in zip(objective.params, objective.anchor_stack, grads):
+            offset = p - a
+            force = torch.add(g, offset, alpha=localization / nbeta) if localization else g
+            piece = (offset * force).reshape(chains, -1).sum(1)
+            total = piece if total is None else total + piece
+    return nbeta * total.double()
 
 
 def expected_virial(step: ChainStep, scales: Scales, num_sampled: int, localization: float) -> float:
@@ -344,18 +347,29 @@ def choose_step(scales: Scales, llc: float | None, target_bias: float, *, baoab:
     return ChainStep(h, friction)
 
 
-def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bias: float) -> bool:
+def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bias: float, *,
+                 samplers: tuple[bool, ...] = (False,), localization: float = 0.0) -> bool:
     """Whether control variates pay for their work (``_CONTROL_COST`` plain steps a step) where
-    the chains are: whether they make SGLD's step for ``target_bias`` (:func:`choose_step`) that
-    many times larger, or the loss estimate's variance (white noise on the trace, which more
-    draws must average away) that many times smaller. ``controlled`` and ``plain``: the scales
-    measured with and without them at the same points."""
-    larger_step = choose_step(controlled, llc, target_bias).size / choose_step(plain, llc, target_bias).size
+    the chains are: whether, with them, the chains relax the slowest direction that many times
+    faster (the faster of the ``samplers`` that may run, ``True`` for BAOAB, ``False`` for SGLD,
+    each at its :func:`choose_step` for ``target_bias``; see :func:`prefer_baoab` for the
+    direction), or the loss estimate's variance (white noise on the trace, which more draws must
+    average away) is that many times smaller. For SGLD alone the first is the ratio of the steps;
+    BAOAB's step is set by the gradient noise where SGLD's is set by the curvature, so less noise
+    can pay through BAOAB only. ``controlled`` and ``plain``: the scales measured with and
+    without them at the same points."""
+    precision = _slowest_precision(controlled, llc, localization)
+
+    def fastest(scales: Scales) -> float:
+        return max(_flat_rate(choose_step(scales, llc, target_bias, baoab=baoab, localization=localization), precision)
+                   for baoab in samplers)
+
+    faster = fastest(controlled) / fastest(plain)
     if controlled.loss_noise > 0:
         quieter_loss = (plain.loss_noise / controlled.loss_noise) ** 2
     else:
         quieter_loss = math.inf if plain.loss_noise > 0 else 1.0
-    return max(larger_step, quieter_loss) >= _CONTROL_COST
+    return max(faster, quieter_loss) >= _CONTROL_COST
 
 
 def flat_variance_missing(step: ChainStep, localization: float, steps: int) -> float:
@@ -396,8 +410,14 @@ def prefer_baoab(sgld: ChainStep, baoab: ChainStep, scales: Scales, llc: float |
     gradient noise dominates, BAOAB's friction must be high to keep its heat down, and it is then
     SGLD (overdamped Langevin) at the same rate: SGLD is kept; with exact gradients near a
     quadratic minimum the momentum wins by the square root of the condition number."""
-    precision = localization if localization > 0 else max(_averaged(scales, llc)[0], 1e-30)
+    precision = _slowest_precision(scales, llc, localization)
     return _flat_rate(baoab, precision) >= 2 * _flat_rate(sgld, precision)
+
+
+def _slowest_precision(scales: Scales, llc: float | None, localization: float) -> float:
+    r"""The precision of the slowest direction the estimate counts: :math:`\gamma`, or without
+    localization the averaged curvature."""
+    return localization if localization > 0 else max(_averaged(scales, llc)[0], 1e-30)
 
 
 def _averaged(scales: Scales, llc: float | None) -> tuple[float, float]:

@@ -298,8 +298,9 @@ def estimate_llc(
         :math:`w^*` plus the full-data values there. Each step then also evaluates :math:`w^*` on the
         chains' minibatches, twice a plain step's work. Default: on minibatches, from :math:`w^*`
         through the pilot runs, and then kept only where they pay for that work where the pilots
-        took the chains (a step at least twice as large for the target bias, or a loss estimate
-        with at most half the variance; see :func:`~pyro_sgmcmc.slt._scales.control_pays`): far
+        took the chains (the slowest direction relaxing at least twice as fast at the step for the
+        target bias, with the sampler that may run, or a loss estimate with at most half the
+        variance; see :func:`~pyro_sgmcmc.slt._scales.control_pays`): far
         from :math:`w^*`, as in a network's flat directions, their noise is the plain estimates'.
         With a given ``step_size`` (no pilot runs) they are kept. ``diagnostics.control_variates``
         says which ran.
@@ -604,7 +605,7 @@ class _Chains:
         return self.trace()[:, start:]
 
     def _guess(self, start: int) -> float | None:
-        """The guess of :math:`\lambda` from the records since step ``start`` (at most ``d/2``;
+        r"""The guess of :math:`\lambda` from the records since step ``start`` (at most ``d/2``;
         ``None`` where not positive)."""
         llc = self.nbeta * (float(self.recent(start).mean()) - self.init_loss)
         return min(llc, self.engine.num_sampled / 2) if llc > 0 else None
@@ -715,7 +716,8 @@ class _Chains:
                 break
         if self.choose_control and rounds:
             plain = self.engine.measure(plain=True)
-            if not control_pays(scales, plain, llc, target_bias):
+            samplers = (False, True) if self.auto else (self.baoab,)
+            if not control_pays(scales, plain, llc, target_bias, samplers=samplers, localization=self.localization):
                 self.engine.drop_control_variates()
                 self.control_variates = False
                 scales, step = plain, self.choose(plain, llc, target_bias, friction)
