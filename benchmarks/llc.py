@@ -41,7 +41,7 @@ underestimates by 21-36% in 2000 draws), the same ``n beta`` and localization as
 loss as it computes it (the mean over 32 batches). Its estimate is computed as ``compute_llc`` does
 (every step averaged; these tests have no burn-in); its error bar is the Monte Carlo standard
 error of its loss trace computed by our code (its own ``llc_std`` is the spread of per-chain
-values, shown in brackets). Ours: ``pyro_sgmcmc.slt.estimate_llc`` with nothing tuned (step size
+values, shown in brackets, ours' too). Ours: ``pyro_sgmcmc.slt.estimate_llc`` with nothing tuned (step size
 from the target bias 0.02, ``sampler="auto"``: SGLD pilots, then BAOAB where it relaxes faster;
 ``--sampler sgld`` for SGLD throughout), the same number of chains and draws, its adaptation and
 burn-in included in its time. "speed-up" is devinterp's time over ours for the same draws; "at equal
@@ -335,7 +335,7 @@ def report(rows):
     """``rows``: for each case, the runs of it (one per repeat), each ``(name, true, exact, ours,
     ours_time, theirs)``."""
     repeated = any(len(runs) > 1 for runs in rows)
-    header = (f"{'case':<24} {'true':>6} {'exact':>6} | {'ours':>15} {'time':>7} {'bias':>5} | {'devinterp':>23} "
+    header = (f"{'case':<24} {'true':>6} {'exact':>6} | {'ours':>23} {'time':>7} {'bias':>5} | {'devinterp':>23} "
               f"{'time':>7} | {'|error| ours':>12} {'devinterp':>9} | {'speed-up':>8} {'at equal error':>14}")
     print(header)
     print("-" * len(header))
@@ -349,6 +349,7 @@ def report(rows):
         their_estimates = torch.tensor([run[5][0] for run in runs], dtype=torch.float64)
         their_se2 = sum(run[5][1] ** 2 for run in runs) / len(runs)
         spread = sum(run[5][2] for run in runs) / len(runs)
+        ours_spread = sum(float(run[3].per_chain.std()) for run in runs) / len(runs)
         their_time = sum(run[5][3] for run in runs) / len(runs)
         est, mean = float(their_estimates.mean()), float(estimates.mean())
         # the mean of K runs: its standard error from the runs' mean squared standard error
@@ -358,7 +359,7 @@ def report(rows):
         equal = their_time * their_se2 / (ours_time * ours_se2)
         bias = sum(run[3].diagnostics.step_bias for run in runs) / len(runs)
         print(f"{name:<24} {'' if true is None else f'{true:.3f}':>6} {'' if exact is None else f'{exact:.3f}':>6} | "
-              f"{f'{mean:.3f}±{ours_se:.3f}':>15} {ours_time:>6.1f}s {100 * bias:>4.1f}% | "
+              f"{f'{mean:.3f}±{ours_se:.3f} [{ours_spread:.3f}]':>23} {ours_time:>6.1f}s {100 * bias:>4.1f}% | "
               f"{f'{est:.3f}±{se:.3f} [{spread:.3f}]':>23} {their_time:>6.1f}s | {err_ours:>12} {err_theirs:>9} | "
               f"{their_time / ours_time:>7.1f}x {equal:>13.1f}x")
     if repeated:
