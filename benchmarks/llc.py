@@ -281,7 +281,7 @@ def mlp_setup(args):
 def mlp_case(args, same_step=False, relaxed=False):
     """``same_step``: ours as devinterp runs, for a like-for-like time and estimate: its step
     (``--mlp-lr``), no burn-in, no control variates (a plain minibatch gradient and loss).
-    ``relaxed``: one chain each; ours with ``num_burnin=--mlp-burnin``, devinterp at the step ours
+    ``relaxed``: ``--mlp-chains`` chains each; ours with ``num_burnin=--mlp-burnin``, devinterp at the step ours
     ended with and ``3 / (lr * localization)`` more steps left out of its estimate (the burn-in
     after which every direction is within 5% of its stationary variance)."""
     model, x, y, loss, nbeta, localization = mlp_setup(args)
@@ -367,6 +367,8 @@ def report(rows):
               "runs' estimates (their standard deviation), which it should match")
         for runs in rows:
             k = len(runs)
+            if k < 2:
+                continue
             ours = torch.tensor([run[3].llc for run in runs], dtype=torch.float64)
             theirs = torch.tensor([run[5][0] for run in runs], dtype=torch.float64)
             ours_se = math.sqrt(sum(run[3].std_error**2 for run in runs) / k)

@@ -348,23 +348,31 @@ def choose_step(scales: Scales, llc: float | None, target_bias: float, *, baoab:
 
 
 def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bias: float, *,
-                 samplers: tuple[bool, ...] = (False,), localization: float = 0.0) -> bool:
+                 sampler: str = "sgld", localization: float = 0.0, friction: float | None = None) -> bool:
     """Whether control variates pay for their work (``_CONTROL_COST`` plain steps a step) where
     the chains are: whether, with them, the chains relax the slowest direction that many times
-    faster (the faster of the ``samplers`` that may run, ``True`` for BAOAB, ``False`` for SGLD,
-    each at its :func:`choose_step` for ``target_bias``; see :func:`prefer_baoab` for the
-    direction), or the loss estimate's variance (white noise on the trace, which more draws must
-    average away) is that many times smaller. For SGLD alone the first is the ratio of the steps;
-    BAOAB's step is set by the gradient noise where SGLD's is set by the curvature, so less noise
-    can pay through BAOAB only. ``controlled`` and ``plain``: the scales measured with and
-    without them at the same points."""
+    faster (see :func:`prefer_baoab` for the direction), each with the step and chain that would
+    run (``sampler``: ``"sgld"``, ``"baoab"`` at ``friction`` if given, or ``"auto"``: BAOAB where
+    :func:`prefer_baoab` picks it from those scales), or the loss estimate's variance (white noise
+    on the trace, which more draws must average away) is that many times smaller. For SGLD the
+    first is the ratio of the steps; BAOAB's step is set by the gradient noise where SGLD's is
+    set by the curvature, so less noise can pay through BAOAB only. ``controlled`` and ``plain``:
+    the scales measured with and without them at the same points."""
     precision = _slowest_precision(controlled, llc, localization)
 
-    def fastest(scales: Scales) -> float:
-        return max(_flat_rate(choose_step(scales, llc, target_bias, baoab=baoab, localization=localization), precision)
-                   for baoab in samplers)
+    def rate(scales: Scales) -> float:
+        sgld = choose_step(scales, llc, target_bias)
+        if sampler == "sgld":
+            return _flat_rate(sgld, precision)
+        baoab = choose_step(scales, llc, target_bias, baoab=True, localization=localization)
+        if friction is not None:
+            baoab = ChainStep(baoab.size, friction)
+        if sampler == "auto" and not prefer_baoab(sgld, baoab, scales, llc, localization):
+            return _flat_rate(sgld, precision)
+        return _flat_rate(baoab, precision)
 
-    faster = fastest(controlled) / fastest(plain)
+    with_them, without = rate(controlled), rate(plain)
+    faster = with_them / without if without > 0 else (math.inf if with_them > 0 else 1.0)
     if controlled.loss_noise > 0:
         quieter_loss = (plain.loss_noise / controlled.loss_noise) ** 2
     else:
@@ -400,7 +408,9 @@ def _flat_rate(step: ChainStep, precision: float) -> float:
     if not step.baoab:
         return step.size * precision / 2
     c = step.friction
-    return step.size * (c - math.sqrt(max(c * c - 4 * precision, 0.0))) / 2
+    if c * c <= 4 * precision:
+        return step.size * c / 2
+    return step.size * 2 * precision / (c + math.sqrt(c * c - 4 * precision))  # h(C - root)/2, without cancellation
 
 
 def prefer_baoab(sgld: ChainStep, baoab: ChainStep, scales: Scales, llc: float | None, localization: float) -> bool:

@@ -716,8 +716,9 @@ class _Chains:
                 break
         if self.choose_control and rounds:
             plain = self.engine.measure(plain=True)
-            samplers = (False, True) if self.auto else (self.baoab,)
-            if not control_pays(scales, plain, llc, target_bias, samplers=samplers, localization=self.localization):
+            sampler = "auto" if self.auto else "baoab" if self.baoab else "sgld"
+            if not control_pays(scales, plain, llc, target_bias, sampler=sampler, localization=self.localization,
+                                friction=friction):
                 self.engine.drop_control_variates()
                 self.control_variates = False
                 scales, step = plain, self.choose(plain, llc, target_bias, friction)
