@@ -90,7 +90,7 @@ class _Rows(Dataset):
 def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, num_draws, batch_size, seed=100,
                   burn_in=0):
     """devinterp's own chain loop; returns (estimate, standard error, spread of chain values,
-    seconds). ``burn_in``: leading steps of each chain's ``num_draws`` left out of the estimate
+    seconds, the standard error's sources). ``burn_in``: leading steps of each chain's ``num_draws`` left out of the estimate
     (devinterp 2.x averages every step; its time includes them)."""
     from devinterp.optim import SGMCMC
     from devinterp.slt.sampler import sample_single_chain
@@ -128,7 +128,14 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     trace = torch.tensor(traces, dtype=torch.float64)[:, burn_in:]
     per_chain = nbeta * (trace.mean(1) - init_loss)
     summary = chain_mean(trace)
-    return nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds
+    return (nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds,
+            _error_sources(summary, nbeta))
+
+
+def _error_sources(summary, nbeta: float) -> str:
+    """The standard error's two estimates (``ChainMean``), in units of lambda."""
+    return (f"standard error from the autocorrelation {nbeta * summary.autocorrelation_std_error:.3g}, "
+            f"from the chains' spread {nbeta * summary.spread_std_error:.3g} (p = {summary.spread_p:.2g})")
 
 
 def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02,
@@ -384,6 +391,18 @@ def report(rows):
         d = ours.diagnostics
         print(f"{name:<24} ESS {d.ess:7.0f}  R-hat {d.r_hat:.3f}  step {ours.step_size:.2e}  excluded "
               f"{ours.num_excluded:5d}  restarts {d.restarts}")
+    print("\nthe standard errors' sources (the first run of each case; the larger is the one given: "
+          "pyro_sgmcmc.slt._stats.ChainMean)")
+    for runs in rows:
+        name, _, _, ours, _, theirs = runs[0]
+        print(f"{name:<24} ours: {_error_sources(chain_mean(ours.draws), ours.nbeta)}\n{'':<24} devinterp: {theirs[4]}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"Invalid repeats: {value} (a positive integer)")
+    return value
 
 
 def main():
@@ -396,7 +415,7 @@ def main():
     parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed: chains of each")
     parser.add_argument("--reference", action="store_true",
                         help="rrr: a long BAOAB run at a small step as the finite-n beta reference (about 40 s a case)")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--repeats", type=_positive, default=1,
                         help="polynomial, rrr: runs of each case, with other seeds (see the module docstring)")
     parser.add_argument("--sampler", default="auto", choices=["auto", "sgld", "baoab"],
                         help="ours' chain (estimate_llc's sampler)")

@@ -43,7 +43,7 @@ from pyro_sgmcmc.slt import (
     tempered_likelihood,
     wbic,
 )
-from pyro_sgmcmc.slt._engine import worker_count
+from pyro_sgmcmc.slt._engine import LocalEngine, ProcessEngine, WorkerSetup, worker_count
 from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps
 from pyro_sgmcmc.slt._stats import chain_mean
 
@@ -536,6 +536,55 @@ def test_the_standard_error_is_honest_across_independent_groups_of_chains(sample
     assert 0.43 < float((z_virial**2).mean()) < 1.85, z_virial
 
 
+def ar1_with_white_noise(replicates: int, chains: int, draws: int, slow: float, correlation_time: float,
+                         seed: int) -> torch.Tensor:
+    """``[replicates, chains, draws]``: unit white noise plus a stationary AR(1) component of
+    standard deviation ``slow`` and autocorrelation ``exp(-1/correlation_time)`` a draw."""
+    generator = torch.Generator().manual_seed(seed)
+    rho = math.exp(-1.0 / correlation_time)
+    state = slow * torch.randn(replicates, chains, generator=generator, dtype=torch.float64)
+    x = torch.empty(replicates, chains, draws, dtype=torch.float64)
+    for t in range(draws):
+        state = rho * state + math.sqrt(1 - rho**2) * slow * torch.randn(replicates, chains, generator=generator,
+                                                                         dtype=torch.float64)
+        x[:, :, t] = state + torch.randn(replicates, chains, generator=generator, dtype=torch.float64)
+    return x
+
+
+def ar1_mean_variance(chains: int, draws: int, slow: float, correlation_time: float) -> float:
+    """The exact variance of the mean of :func:`ar1_with_white_noise`'s draws."""
+    rho = math.exp(-1.0 / correlation_time)
+    lags = torch.arange(1, draws, dtype=torch.float64)
+    pairs = draws + 2 * float(((draws - lags) * rho**lags).sum())
+    return (1.0 / draws + slow**2 * pairs / draws**2) / chains
+
+
+@pytest.mark.parametrize("slow, correlation_time", [(0.0, 1.0), (0.1, 500.0), (0.1, 4500.0), (1.0, 50.0)])
+def test_the_standard_error_sees_a_slow_component_hidden_in_white_noise(slow, correlation_time):
+    # 4 chains of 500 draws: a slow component 10% of the per-draw noise shifts each chain's mean
+    # (its share of the mean's variance: 3-5 times the white noise's at 500 draws) while its
+    # autocorrelation is lost in the noise where Geyer's sum is cut
+    replicates, chains, draws = 300, 4, 500
+    x = ar1_with_white_noise(replicates, chains, draws, slow, correlation_time, seed=11)
+    exact = ar1_mean_variance(chains, draws, slow, correlation_time)
+    summaries = [chain_mean(x[r]) for r in range(replicates)]
+    squared = torch.tensor([s.std_error**2 for s in summaries]) / exact
+    autocorrelation = torch.tensor([s.autocorrelation_std_error**2 for s in summaries]) / exact
+    errors = ((x.mean((1, 2)) - 0.0) ** 2) / exact  # each replicate's squared error, in units of the exact variance
+    # the mean squared standard error is at least the mean squared error (honest) within 4 of its
+    # Monte Carlo errors, and at most 1.5 times (the larger of two estimates overstates a right one by
+    # ~1.32 in the square with 4 chains, ChainMean's docstring)
+    monte_carlo = math.sqrt(float(squared.var()) / replicates + float(errors.var()) / replicates)
+    assert float(squared.mean()) >= float(errors.mean()) - 4 * monte_carlo, (squared.mean(), errors.mean())
+    assert float(squared.mean()) <= 1.5 * max(float(errors.mean()), 1.0) + 4 * monte_carlo, squared.mean()
+    flagged = sum(s.spread_p < 0.01 for s in summaries)
+    if slow == 0.1:  # where the autocorrelation alone understates the error (to a quarter, in the square)
+        assert float(autocorrelation.mean()) < 0.5 * float(errors.mean()), autocorrelation.mean()
+        assert flagged > 0.2 * replicates, flagged
+    else:  # white noise, or a slow part the autocorrelation sees: the spread test fires at its 1% rate
+        assert flagged <= 0.01 * replicates + 4 * math.sqrt(0.01 * replicates), flagged
+
+
 def d_virial(result) -> float:
     """The exact mean virial of SGLD's stationary law on :class:`Quadratic` with :data:`H`:
     ``sum_i a_i var_i`` with ``var_i = (1 + step B_i / 4) / (a_i (1 - step a_i / 4))``, the curvature
@@ -909,6 +958,45 @@ def test_chains_in_worker_processes_give_the_exact_answer():
     with pytest.raises(ValueError, match="Invalid mp_context.*picklable"):
         estimate_llc(Local(H), quadratic_data(n, 4, 100), mean_output, num_chains=2, mp_context="spawn",
                      progress_bar=False)
+
+
+def test_the_divergence_check_does_not_overflow_in_half_precision():
+    from pyro_sgmcmc.slt.llc import _module_objective
+
+    objective = _module_objective(Quadratic(H), quadratic_data(100, 4, 10), None, None, mean_output, None, "mean",
+                                  None, None, False, num_chains=2)
+    engine = LocalEngine(objective, 1000.0, 1.0, None, 0.0)
+    engine.set_limit(1e6)
+    # n beta (L - L*) = 1e5: beyond float16's largest value (65504), within the limit
+    assert not engine._diverged(torch.tensor([100.0, 1.0], dtype=torch.float16))
+    assert engine._diverged(torch.tensor([2000.0, 1.0], dtype=torch.float16))
+    assert engine._diverged(torch.tensor([math.nan, 1.0], dtype=torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_worker_processes_drop_their_control_variates_when_told():
+    """The engine of worker processes switches every worker's gradient estimate: on
+    :class:`Quadratic` the control-variate estimate is exact (no noise) and the plain one is not,
+    so the measured noise tells which one the workers use."""
+    from pyro_sgmcmc.slt.llc import _module_objective
+
+    torch.manual_seed(5)
+    build = functools.partial(_module_objective, Quadratic(H), quadratic_data(1000, 4, 100), None, None, mean_output,
+                              None, "mean", None, None, False)
+    objective = build(num_chains=1)
+    init_loss, full_gradient = objective.full_loss(gradient=True)
+    setup = WorkerSetup(build, 1, 100.0, 50.0, init_loss, full_gradient, seed=0, threads=1)
+    engine = ProcessEngine(setup, 2, objective.num_sampled, objective.exact, "spawn", num_workers=2)
+    try:
+        controlled, plain = engine.measure(), engine.measure(plain=True)
+        engine.drop_control_variates()
+        dropped = engine.measure()
+    finally:
+        engine.close()
+    assert plain.noise_trace > 0 and controlled.noise_trace < 1e-9 * plain.noise_trace, (controlled, plain)
+    # the plain estimate's noise again (each measured from 8 minibatches a worker: ~14 degrees of
+    # freedom, a relative spread of ~0.4, so never 100 times smaller), not the control variates' 0
+    assert dropped.noise_trace > 0.01 * plain.noise_trace, (dropped, plain)
 
 
 def test_tempered_likelihood_scales_the_observed_sites_only():

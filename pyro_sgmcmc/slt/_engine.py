@@ -114,6 +114,8 @@ class LocalEngine:
         return values, point_virial
 
     def _diverged(self, values: Tensor) -> bool:
+        if values.dtype.itemsize < 4:  # half precision: n beta (L - L*) overflows to inf below the limit
+            values = values.float()
         excess = self.nbeta * (values - self.init_loss)
         return bool((~torch.isfinite(values) | (excess > self.limit)).any())
 

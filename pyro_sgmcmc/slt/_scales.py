@@ -347,6 +347,23 @@ def choose_step(scales: Scales, llc: float | None, target_bias: float, *, baoab:
     return ChainStep(h, friction)
 
 
+def chain_step(sampler: str, scales: Scales, llc: float | None, target_bias: float, *, localization: float = 0.0,
+               friction: float | None = None, largest: float = math.inf) -> ChainStep:
+    """The step the chains run for ``sampler`` (one of :data:`SAMPLERS`) from ``scales``:
+    :func:`choose_step`'s SGLD or BAOAB step (BAOAB's at ``friction`` if given), and under
+    ``"auto"`` BAOAB's where :func:`prefer_baoab` picks it over SGLD's, SGLD's otherwise."""
+    if sampler != "baoab":
+        sgld = choose_step(scales, llc, target_bias, largest=largest)
+        if sampler == "sgld":
+            return sgld
+    baoab = choose_step(scales, llc, target_bias, baoab=True, localization=localization, largest=largest)
+    if friction is not None:
+        baoab = ChainStep(baoab.size, friction)
+    if sampler == "auto" and not prefer_baoab(sgld, baoab, scales, llc, localization):
+        return sgld
+    return baoab
+
+
 def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bias: float, *,
                  sampler: str = "sgld", localization: float = 0.0, friction: float | None = None) -> bool:
     """Whether control variates pay for their work (``_CONTROL_COST`` plain steps a step) where
@@ -361,15 +378,8 @@ def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bi
     precision = _slowest_precision(controlled, llc, localization)
 
     def rate(scales: Scales) -> float:
-        sgld = choose_step(scales, llc, target_bias)
-        if sampler == "sgld":
-            return _flat_rate(sgld, precision)
-        baoab = choose_step(scales, llc, target_bias, baoab=True, localization=localization)
-        if friction is not None:
-            baoab = ChainStep(baoab.size, friction)
-        if sampler == "auto" and not prefer_baoab(sgld, baoab, scales, llc, localization):
-            return _flat_rate(sgld, precision)
-        return _flat_rate(baoab, precision)
+        return _flat_rate(chain_step(sampler, scales, llc, target_bias, localization=localization, friction=friction),
+                          precision)
 
     with_them, without = rate(controlled), rate(plain)
     faster = with_them / without if without > 0 else (math.inf if with_them > 0 else 1.0)

@@ -17,9 +17,9 @@ from .._validation import check_choice, check_flag, check_integer, check_mapping
 from ._data import REDUCTIONS, Minibatches
 from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
-from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, choose_step, control_pays,
-                      expected_virial, flat_variance_missing, prefer_baoab, relaxation_steps, step_bias)
-from ._stats import chain_mean
+from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, chain_step, control_pays,
+                      expected_virial, flat_variance_missing, relaxation_steps, step_bias)
+from ._stats import chain_mean, spread_warning
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
 
@@ -106,7 +106,8 @@ class LLCResult:
     """An LLC estimate.
 
     :param llc: :math:`\\hat\\lambda = n\\beta(\\bar L - L_n(w^*))`, the mean over every draw of every chain.
-    :param std_error: its Monte Carlo standard error (effective sample size across chains).
+    :param std_error: its Monte Carlo standard error (from the autocorrelation, or the chains'
+        spread where larger: :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
     :param per_chain: :math:`\\hat\\lambda` of each chain (``[chains]``).
     :param loss_trace: the estimate of :math:`L_n` at every step of every chain (``[chains, steps]``),
         the excluded steps first (after a restart, see ``diagnostics.restarts``, the steps of the last
@@ -421,6 +422,8 @@ def estimate_llc(
     std_error = nbeta * summary.std_error
     bias = step_bias(step, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
+    if spread := spread_warning(summary, nbeta, "loss (times nβ)"):
+        messages.append(spread)
     if not burn_in_given and localization > 0 and step.size > 0 and (
             missing := flat_variance_missing(step, localization, num_burnin)) > _MISSING_LIMIT:
         needed = relaxation_steps(step, localization)
@@ -541,7 +544,7 @@ class _Chains:
                  progress_bar: bool, planned: int, sampler: str = "sgld", control_variates: bool = False,
                  choose_control: bool = False):
         self.engine, self.nbeta, self.localization, self.init_loss = engine, nbeta, localization, init_loss
-        self.auto = sampler == "auto"
+        self.sampler = sampler  # as given: "auto" keeps choosing between SGLD and BAOAB
         self.control_variates = control_variates  # whether the chains use them now
         self.choose_control = choose_control and control_variates  # whether adapt() may drop them
         self._use(baoab=sampler == "baoab")
@@ -569,9 +572,9 @@ class _Chains:
 
     def choose(self, scales: Scales, llc: float | None, target_bias: float, friction: float | None = None,
                largest: float = math.inf) -> ChainStep:
-        """:func:`~pyro_sgmcmc.slt._scales.choose_step` for this sampler (with a given ``friction``, kept)."""
-        step = choose_step(scales, llc, target_bias, baoab=self.baoab, localization=self.localization, largest=largest)
-        return step if friction is None else ChainStep(step.size, friction)
+        """:func:`~pyro_sgmcmc.slt._scales.chain_step` for the sampler now running (with a given ``friction``, kept)."""
+        return chain_step("baoab" if self.baoab else "sgld", scales, llc, target_bias, localization=self.localization,
+                          friction=friction, largest=largest)
 
     def given_step(self, step_size: float, friction: float | None, target_bias: float) -> ChainStep:
         """The user's step; BAOAB's friction, if not given, chosen for it from the scales at :math:`w^*`."""
@@ -716,16 +719,15 @@ class _Chains:
                 break
         if self.choose_control and rounds:
             plain = self.engine.measure(plain=True)
-            sampler = "auto" if self.auto else "baoab" if self.baoab else "sgld"
-            if not control_pays(scales, plain, llc, target_bias, sampler=sampler, localization=self.localization,
+            if not control_pays(scales, plain, llc, target_bias, sampler=self.sampler, localization=self.localization,
                                 friction=friction):
                 self.engine.drop_control_variates()
                 self.control_variates = False
                 scales, step = plain, self.choose(plain, llc, target_bias, friction)
-        if self.auto and rounds:
-            alternative = choose_step(scales, llc, target_bias, baoab=True, localization=self.localization)
-            if prefer_baoab(step, alternative, scales, llc, self.localization):
-                step = self._baoab_pilot(alternative, step, pilot, llc, target_bias)
+        if self.sampler == "auto" and rounds:
+            candidate = chain_step("auto", scales, llc, target_bias, localization=self.localization)
+            if candidate.baoab:
+                step = self._baoab_pilot(candidate, step, pilot, llc, target_bias)
         return step, self._recorded - start
 
     def _pilot(self, step: ChainStep, steps: int) -> int | None:
@@ -753,10 +755,7 @@ class _Chains:
             self.engine.restore()
             self._use(baoab=False)
             return sgld_step
-        scales = self.engine.measure()
-        chosen = self.choose(scales, llc, target_bias)
-        sgld = choose_step(scales, llc, target_bias, localization=self.localization)
-        if prefer_baoab(sgld, chosen, scales, llc, self.localization):
-            return chosen
-        self._use(baoab=False)
-        return sgld
+        chosen = chain_step("auto", self.engine.measure(), llc, target_bias, localization=self.localization)
+        if not chosen.baoab:
+            self._use(baoab=False)
+        return chosen

@@ -17,7 +17,7 @@ from torch import Tensor
 from .._validation import check_callable, check_choice, check_flag, check_integer, check_mapping, check_number
 from ..infer.subsample import SubsampleControl
 from ._pyro import ModelLikelihood
-from ._stats import chain_mean
+from ._stats import chain_mean, spread_warning
 from .llc import R_HAT_LIMIT, LLCWarning
 
 __all__ = ["TemperedLikelihood", "WBICResult", "tempered_likelihood", "wbic"]
@@ -48,7 +48,8 @@ class WBICResult:
     """A WBIC estimate.
 
     :param wbic: :math:`\\mathrm{WBIC}`, the mean over every draw of every chain.
-    :param std_error: its Monte Carlo standard error (effective sample size across chains).
+    :param std_error: its Monte Carlo standard error (from the autocorrelation, or the chains'
+        spread where larger: :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
     :param llc: :math:`\\hat\\lambda = \\beta(\\mathrm{WBIC} - nL_n(w_0))`, from the same draws.
     :param llc_std_error: its standard error (:math:`\\beta` times ``std_error``).
     :param beta: the inverse temperature :math:`1/\\log n`.
@@ -206,6 +207,8 @@ def wbic(
     if not summary.r_hat <= R_HAT_LIMIT:
         messages.append(f"the chains did not equilibrate (split R-hat of the log likelihood {summary.r_hat:.3f} > "
                         f"{R_HAT_LIMIT}): give more warmup_steps and num_samples")
+    if spread := spread_warning(summary, 1.0, "negative log likelihood"):
+        messages.append(spread)
     if llc < -2 * beta * summary.std_error:
         messages.append("the draws fit the data better than w_star, which is not the MAP (or the chains are too cold)")
     for message in messages:
