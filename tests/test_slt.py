@@ -45,7 +45,7 @@ from pyro_sgmcmc.slt import (
 )
 from pyro_sgmcmc.slt._engine import LocalEngine, ProcessEngine, WorkerSetup, worker_count
 from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps
-from pyro_sgmcmc.slt._stats import chain_mean
+from pyro_sgmcmc.slt._stats import ChainMean, chain_mean, spread_warning
 
 
 def assert_exact(estimate: float, std_error: float, exact: float, bias: float = 0.0, what: str = "") -> None:
@@ -583,6 +583,14 @@ def test_the_standard_error_sees_a_slow_component_hidden_in_white_noise(slow, co
         assert flagged > 0.2 * replicates, flagged
     else:  # white noise, or a slow part the autocorrelation sees: the spread test fires at its 1% rate
         assert flagged <= 0.01 * replicates + 4 * math.sqrt(0.01 * replicates), flagged
+
+
+def test_chains_spread_beyond_their_autocorrelation_are_warned_about_with_the_remedy():
+    # how often the spread test fires is tested above; here, what the warning says
+    summary = ChainMean(1.0, 0.09, 170.0, 1.03, autocorrelation_std_error=0.03, spread_std_error=0.09, spread_p=1e-4)
+    message = spread_warning(summary, 2.0, "loss", "num_samples")
+    assert "num_chains" in message and "num_samples" in message and "0.18" in message and "0.06" in message
+    assert spread_warning(dataclasses.replace(summary, spread_p=0.02), 1.0, "loss", "num_samples") is None
 
 
 def d_virial(result) -> float:

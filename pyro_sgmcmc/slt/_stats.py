@@ -78,14 +78,14 @@ def chain_mean(draws: Tensor) -> ChainMean:
     return ChainMean(mean, max(autocorrelation, spread), ess, r_hat, autocorrelation, spread, p)
 
 
-def spread_warning(summary: ChainMean, scale: float, unit: str) -> str | None:
+def spread_warning(summary: ChainMean, scale: float, unit: str, draws: str) -> str | None:
     """The warning when the chains' means spread beyond what their autocorrelation accounts for
     (:attr:`ChainMean.spread_p` below :data:`SPREAD_P_LIMIT`), the errors shown times ``scale``, of
-    the quantity ``unit``; ``None`` otherwise."""
+    the quantity ``unit``, ``draws`` the caller's argument for draws per chain; ``None`` otherwise."""
     if not summary.spread_p < SPREAD_P_LIMIT:
         return None
     return (f"the chains' values of the {unit} spread more than their autocorrelation accounts for (standard error "
             f"{scale * summary.spread_std_error:.2g} from their spread, {scale * summary.autocorrelation_std_error:.2g} "
             f"from the autocorrelation; p = {summary.spread_p:.2g}): a direction slower than the draws resolve, so the "
             "standard error given is the spread's, with one degree of freedom fewer than the chains; give more "
-            "num_chains for a firmer error bar, more num_draws for a smaller one")
+            f"num_chains for a firmer error bar, more {draws} for a smaller one")

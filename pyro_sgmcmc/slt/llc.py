@@ -422,7 +422,7 @@ def estimate_llc(
     std_error = nbeta * summary.std_error
     bias = step_bias(step, scales, llc)
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
-    if spread := spread_warning(summary, nbeta, "loss (times nβ)"):
+    if spread := spread_warning(summary, nbeta, "loss (times nβ)", "num_draws"):
         messages.append(spread)
     if not burn_in_given and localization > 0 and step.size > 0 and (
             missing := flat_variance_missing(step, localization, num_burnin)) > _MISSING_LIMIT:

@@ -207,7 +207,7 @@ def wbic(
     if not summary.r_hat <= R_HAT_LIMIT:
         messages.append(f"the chains did not equilibrate (split R-hat of the log likelihood {summary.r_hat:.3f} > "
                         f"{R_HAT_LIMIT}): give more warmup_steps and num_samples")
-    if spread := spread_warning(summary, 1.0, "negative log likelihood"):
+    if spread := spread_warning(summary, 1.0, "negative log likelihood", "num_samples"):
         messages.append(spread)
     if llc < -2 * beta * summary.std_error:
         messages.append("the draws fit the data better than w_star, which is not the MAP (or the chains are too cold)")
