@@ -371,7 +371,8 @@ def report(rows):
               f"{their_time / ours_time:>7.1f}x {equal:>13.1f}x")
     if repeated:
         print("\nrepeats: the standard error of one run (root mean square over the runs) against the spread of the "
-              "runs' estimates (their standard deviation), which it should match")
+              "runs' estimates (their standard deviation), which it should match; the ratio at equal error with the "
+              "spreads as the errors (K - 1 degrees of freedom each)")
         for runs in rows:
             k = len(runs)
             if k < 2:
@@ -380,8 +381,11 @@ def report(rows):
             theirs = torch.tensor([run[5][0] for run in runs], dtype=torch.float64)
             ours_se = math.sqrt(sum(run[3].std_error**2 for run in runs) / k)
             their_se = math.sqrt(sum(run[5][1] ** 2 for run in runs) / k)
+            ours_time, their_time = sum(run[4] for run in runs) / k, sum(run[5][3] for run in runs) / k
+            by_spreads = their_time * float(theirs.var()) / (ours_time * float(ours.var()))
             print(f"{runs[0][0]:<24} {k} runs  ours: standard error {ours_se:.3f}, spread {float(ours.std()):.3f}  "
                   f"devinterp: standard error {their_se:.3f}, spread {float(theirs.std()):.3f}  "
+                  f"at equal error by the spreads {by_spreads:.1f}x  "
                   f"(ours {' '.join(f'{v:.3f}' for v in ours.tolist())}; devinterp "
                   f"{' '.join(f'{v:.3f}' for v in theirs.tolist())})")
     print("\nours, diagnostics: effective sample size, split R-hat, step size, steps before the draws (pilot + "

@@ -13,7 +13,8 @@ What every estimate here holds to (stated with the math in :func:`estimate_llc` 
 :func:`wbic`): :math:`n` is the size of the whole data set, never the batch size; :math:`n\\beta`
 defaults to :math:`n/\\log n`; adaptation and burn-in steps are never averaged into an estimate;
 :math:`L_n(w^*)` is exact; a loss's reduction is given or detected, never guessed; every estimate
-comes with a Monte Carlo standard error from the effective sample size across chains.
+comes with a Monte Carlo standard error that accounts for autocorrelation and chains (from the
+effective sample size across chains, or the spread of the chains' means where that is larger).
 
 This package sits above the other layers: it uses the samplers of :mod:`pyro_sgmcmc.samplers`
 for the LLC chains and the kernels of :mod:`pyro_sgmcmc.infer` for WBIC.

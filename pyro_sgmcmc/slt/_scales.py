@@ -347,11 +347,13 @@ def choose_step(scales: Scales, llc: float | None, target_bias: float, *, baoab:
     return ChainStep(h, friction)
 
 
-def chain_step(sampler: str, scales: Scales, llc: float | None, target_bias: float, *, localization: float = 0.0,
-               friction: float | None = None, largest: float = math.inf) -> ChainStep:
+def sampler_step(sampler: str, scales: Scales, llc: float | None, target_bias: float, *, localization: float = 0.0,
+                 friction: float | None = None, largest: float = math.inf) -> ChainStep:
     """The step the chains run for ``sampler`` (one of :data:`SAMPLERS`) from ``scales``:
     :func:`choose_step`'s SGLD or BAOAB step (BAOAB's at ``friction`` if given), and under
     ``"auto"`` BAOAB's where :func:`prefer_baoab` picks it over SGLD's, SGLD's otherwise."""
+    assert sampler in SAMPLERS, sampler  # validated by the callers' check_choice
+    sgld = None
     if sampler != "baoab":
         sgld = choose_step(scales, llc, target_bias, largest=largest)
         if sampler == "sgld":
@@ -378,7 +380,7 @@ def control_pays(controlled: Scales, plain: Scales, llc: float | None, target_bi
     precision = _slowest_precision(controlled, llc, localization)
 
     def rate(scales: Scales) -> float:
-        return _flat_rate(chain_step(sampler, scales, llc, target_bias, localization=localization, friction=friction),
+        return _flat_rate(sampler_step(sampler, scales, llc, target_bias, localization=localization, friction=friction),
                           precision)
 
     with_them, without = rate(controlled), rate(plain)

@@ -17,7 +17,7 @@ from .._validation import check_choice, check_flag, check_integer, check_mapping
 from ._data import REDUCTIONS, Minibatches
 from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
-from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, chain_step, control_pays,
+from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, sampler_step, control_pays,
                       expected_virial, flat_variance_missing, relaxation_steps, step_bias)
 from ._stats import chain_mean, spread_warning
 
@@ -58,6 +58,11 @@ class LLCDiagnostics:
     """How far the estimate can be trusted.
 
     :param ess: effective sample size of the loss draws, all chains together.
+    :param autocorrelation_std_error: the standard error of :math:`\\hat\\lambda` from ``ess``.
+    :param spread_std_error: the standard error of :math:`\\hat\\lambda` from the spread of the
+        chains' values (``nan`` for one chain); the estimate's ``std_error`` is the larger.
+    :param spread_p: the probability of a spread that large were the autocorrelation's error right
+        (below 0.01: warned about; see :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
     :param r_hat: split :math:`\\hat R` of the loss draws (above 1.05: not equilibrated).
     :param unrelaxed: about how many sampled directions had not relaxed from :math:`w^*` during
         the draws: the mean virial :math:`(w - w^*)\\cdot\\nabla U` short of its equilibrium value
@@ -84,6 +89,9 @@ class LLCDiagnostics:
     """
 
     ess: float
+    autocorrelation_std_error: float
+    spread_std_error: float
+    spread_p: float
     r_hat: float
     unrelaxed: float
     unrelaxed_std_error: float
@@ -228,13 +236,16 @@ def estimate_llc(
     model that later wanders into a region too stiff for that step makes the sampling phase start
     over from an earlier snapshot with a smaller step, so that every draw comes from one
     fixed-step chain. The standard error is the Monte Carlo standard error from Pyro's effective
-    sample size across chains.
+    sample size across chains, or from the spread of the chains' means where that is larger (see
+    :class:`~pyro_sgmcmc.slt._stats.ChainMean`: the first misses a slow direction whose part of the
+    loss is small against its minibatch noise; the second needs 2 chains, and 4 or more to be firm).
 
     Where this departs from devinterp (and why): :math:`n\beta` defaults to :math:`n/\log n` with the
     data set's :math:`n` (devinterp's ``default_nbeta`` uses the batch size); burn-in is excluded
     (devinterp 2.x averages every step); chains draw independent minibatches; the error bar is a
-    Monte Carlo standard error, not the spread of per-chain values; the step size is measured, not
-    hand-tuned.
+    Monte Carlo standard error of the mean over every chain, not the spread of per-chain values
+    (which enters it only divided by :math:`\sqrt{C}`, where it exceeds the autocorrelation's
+    error); the step size is measured, not hand-tuned.
 
     Two kinds of model:
 
@@ -403,11 +414,11 @@ def estimate_llc(
     driver = None
     try:
         driver = _Chains(engine, nbeta, localization, init_loss, progress_bar, num_draws, sampler, use_cv,
-                         choose_control=control_variates is None)
+                         choose_control=control_variates is None, friction=friction)
         if step_size is None:
-            step, adaptation_steps = driver.adapt(target_bias, num_draws, friction)
+            step, adaptation_steps = driver.adapt(target_bias, num_draws)
         else:
-            step, adaptation_steps = driver.given_step(step_size, friction, target_bias), 0
+            step, adaptation_steps = driver.given_step(step_size, target_bias), 0
         step, restarts, num_burnin = driver.sample(burn_in, num_draws, step, None if step_size is not None else target_bias)
         scales = engine.measure()
     finally:
@@ -424,6 +435,12 @@ def estimate_llc(
     messages = _warnings(llc, std_error, summary.r_hat, summary.ess, bias, target_bias, step_size is not None)
     if spread := spread_warning(summary, nbeta, "loss (times nβ)", "num_draws"):
         messages.append(spread)
+    if num_chains == 1 and localization > 0 and step.size > 0 and (
+            slowest := relaxation_steps(step, localization)) > num_draws:
+        messages.append(f"one chain cannot show the error of directions slower than its draws (those held only by "
+                        f"the localization decorrelate over about {slowest} steps at this step size, against "
+                        f"{num_draws} draws), and the standard error may understate it: give num_chains=4 or more, "
+                        "whose spread the standard error then includes")
     if not burn_in_given and localization > 0 and step.size > 0 and (
             missing := flat_variance_missing(step, localization, num_burnin)) > _MISSING_LIMIT:
         needed = relaxation_steps(step, localization)
@@ -452,7 +469,9 @@ def estimate_llc(
     for message in messages:
         warnings.warn(message, LLCWarning, stacklevel=2)
     diagnostics = LLCDiagnostics(
-        ess=summary.ess, r_hat=summary.r_hat, unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
+        ess=summary.ess, autocorrelation_std_error=nbeta * summary.autocorrelation_std_error,
+        spread_std_error=nbeta * summary.spread_std_error, spread_p=summary.spread_p, r_hat=summary.r_hat,
+        unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
         step_bias=bias, target_bias=None if step_size is not None else target_bias,
         scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts,
         sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized and not in_processes,
@@ -542,9 +561,10 @@ class _Chains:
 
     def __init__(self, engine: LocalEngine | ProcessEngine, nbeta: float, localization: float, init_loss: float,
                  progress_bar: bool, planned: int, sampler: str = "sgld", control_variates: bool = False,
-                 choose_control: bool = False):
+                 choose_control: bool = False, friction: float | None = None):
         self.engine, self.nbeta, self.localization, self.init_loss = engine, nbeta, localization, init_loss
         self.sampler = sampler  # as given: "auto" keeps choosing between SGLD and BAOAB
+        self.friction = friction  # BAOAB's, the user's: kept through every choice of the step
         self.control_variates = control_variates  # whether the chains use them now
         self.choose_control = choose_control and control_variates  # whether adapt() may drop them
         self._use(baoab=sampler == "baoab")
@@ -570,19 +590,17 @@ class _Chains:
         self.step = step
         self.engine.set_step(step)
 
-    def choose(self, scales: Scales, llc: float | None, target_bias: float, friction: float | None = None,
-               largest: float = math.inf) -> ChainStep:
-        """:func:`~pyro_sgmcmc.slt._scales.chain_step` for the sampler now running (with a given ``friction``, kept)."""
-        return chain_step("baoab" if self.baoab else "sgld", scales, llc, target_bias, localization=self.localization,
-                          friction=friction, largest=largest)
+    def choose(self, scales: Scales, llc: float | None, target_bias: float, largest: float = math.inf) -> ChainStep:
+        """:func:`~pyro_sgmcmc.slt._scales.sampler_step` for the sampler now running (BAOAB at the
+        user's friction, if given)."""
+        return sampler_step("baoab" if self.baoab else "sgld", scales, llc, target_bias, localization=self.localization,
+                            friction=self.friction, largest=largest)
 
-    def given_step(self, step_size: float, friction: float | None, target_bias: float) -> ChainStep:
+    def given_step(self, step_size: float, target_bias: float) -> ChainStep:
         """The user's step; BAOAB's friction, if not given, chosen for it from the scales at :math:`w^*`."""
         if not self.baoab:
             return ChainStep(step_size)
-        if friction is None:
-            friction = self.choose(self.start_scales, None, target_bias, largest=step_size).friction
-        return ChainStep(step_size, friction)
+        return ChainStep(step_size, self.choose(self.start_scales, None, target_bias, largest=step_size).friction)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -683,7 +701,7 @@ class _Chains:
             scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
 
-    def adapt(self, target_bias: float, num_draws: int, friction: float | None = None) -> tuple[ChainStep, int]:
+    def adapt(self, target_bias: float, num_draws: int) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
         are and a choice of the step (:func:`~pyro_sgmcmc.slt._scales.choose_step`, with the pilot's
         second half as the guess of :math:`\\lambda`). The first pilot runs at the largest stable
@@ -691,13 +709,13 @@ class _Chains:
         step chosen, until the choice changes by less than a factor of 1.5 (at most ``_MAX_ROUNDS``).
         A pilot that diverges is retried from :math:`w^*` with a 10x smaller step (at :math:`w^*` of
         a singular model the curvature can be 0, and gives no scale). BAOAB's step likewise, with
-        its friction (``friction``: the user's, kept). With ``sampler="auto"`` the pilots are
+        its friction (the user's, if given, kept). With ``sampler="auto"`` the pilots are
         SGLD's, and the chains go on with BAOAB if :func:`~pyro_sgmcmc.slt._scales.prefer_baoab`
         says so, before and after a BAOAB pilot (:meth:`_baoab_pilot`). With ``choose_control``
         the control variates are dropped after the pilots where, measured there,
         :func:`~pyro_sgmcmc.slt._scales.control_pays` says they do not pay for their work."""
         pilot = min(max(num_draws // 20, 50), 100)
-        step = self.choose(self.start_scales, None, 1.0, friction)  # the stability cap alone
+        step = self.choose(self.start_scales, None, 1.0)  # the stability cap alone
         start = self._recorded
         rounds = retries = 0
         while rounds < _MAX_ROUNDS:
@@ -712,7 +730,7 @@ class _Chains:
             rounds += 1
             llc = self.llc_guess = self._guess(before + pilot // 2)
             scales = self.engine.measure()
-            chosen = self.choose(scales, llc, target_bias, friction)
+            chosen = self.choose(scales, llc, target_bias)
             settled = rounds > 1 and 1 / 1.5 <= chosen.scale / step.scale <= 1.5
             step = chosen
             if settled:
@@ -720,12 +738,12 @@ class _Chains:
         if self.choose_control and rounds:
             plain = self.engine.measure(plain=True)
             if not control_pays(scales, plain, llc, target_bias, sampler=self.sampler, localization=self.localization,
-                                friction=friction):
+                                friction=self.friction):
                 self.engine.drop_control_variates()
                 self.control_variates = False
-                scales, step = plain, self.choose(plain, llc, target_bias, friction)
+                scales, step = plain, self.choose(plain, llc, target_bias)
         if self.sampler == "auto" and rounds:
-            candidate = chain_step("auto", scales, llc, target_bias, localization=self.localization)
+            candidate = sampler_step("auto", scales, llc, target_bias, localization=self.localization)
             if candidate.baoab:
                 step = self._baoab_pilot(candidate, step, pilot, llc, target_bias)
         return step, self._recorded - start
@@ -755,7 +773,7 @@ class _Chains:
             self.engine.restore()
             self._use(baoab=False)
             return sgld_step
-        chosen = chain_step("auto", self.engine.measure(), llc, target_bias, localization=self.localization)
+        chosen = sampler_step("auto", self.engine.measure(), llc, target_bias, localization=self.localization)
         if not chosen.baoab:
             self._use(baoab=False)
         return chosen
