@@ -8,6 +8,7 @@
     python benchmarks/llc.py --cases mlp-steps        # the MLP, one chain at a large then a small step
     python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
     python benchmarks/llc.py --cases rrr --repeats 5  # each case five times, other seeds: mean error bars
+    python benchmarks/llc.py --cases rrr --rrr-ours-chains 12  # ours with 12 batched chains, devinterp its 3
 
 Cases:
 
@@ -246,7 +247,8 @@ def rrr_case(shape, args, repeat=0):
     chains, draws = (3, 500) if args.quick else (3, 2000)  # devinterp's test: 3 x 2000
     loss = torch.nn.functional.mse_loss
     seed = _seeds(repeat)
-    ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=chains,
+    ours_chains = args.rrr_ours_chains or chains
+    ours, ours_time = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization, num_chains=ours_chains,
                                num_draws=draws, batch_size=n)
     theirs = run_devinterp(model, x, y, loss, lr=6e-4, nbeta=nbeta, localization=localization, num_chains=chains,
                            num_draws=draws, batch_size=n, seed=seed)
@@ -256,7 +258,8 @@ def rrr_case(shape, args, repeat=0):
                            batch_size=n, sampler="baoab", step_size=0.008, friction=4.0, num_burnin=3000)
         print(f"rrr {shape}: reference {long.llc:.3f} ± {long.std_error:.3f} (BAOAB, h = 0.008, 8 x 20000 draws)")
         reference = long.llc
-    return f"rrr (M,H,N)={shape}", aoyagi_watanabe(m, h, n_out), reference, ours, ours_time, theirs
+    label = f" ours x{ours_chains}" if ours_chains != chains else ""
+    return f"rrr (M,H,N)={shape}{label}", aoyagi_watanabe(m, h, n_out), reference, ours, ours_time, theirs
 
 
 def mlp_setup(args):
@@ -405,7 +408,7 @@ def report(rows):
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"Invalid repeats: {value} (a positive integer)")
+        raise argparse.ArgumentTypeError(f"Invalid value: {value} (a positive integer)")
     return value
 
 
@@ -417,6 +420,11 @@ def main():
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
     parser.add_argument("--mlp-burnin", type=int, default=1500, help="mlp-relaxed: ours' num_burnin")
     parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed: chains of each")
+    parser.add_argument("--rrr-ours-chains", type=_positive, default=None,
+                        help="rrr: ours runs this many chains (devinterp its test's 3): chains batched in one "
+                             "call cost less a draw, which the ratio at equal error shows")
+    parser.add_argument("--rrr-shapes", nargs="+", default=None,
+                        help="rrr: the cases to run, as M,H,N (default: devinterp's five)")
     parser.add_argument("--reference", action="store_true",
                         help="rrr: a long BAOAB run at a small step as the finite-n beta reference (about 40 s a case)")
     parser.add_argument("--repeats", type=_positive, default=1,
@@ -432,7 +440,10 @@ def main():
         for powers in ([1, 1], [1, 2], [2, 2]):
             rows.append([polynomial_case(powers, args, repeat) for repeat in range(args.repeats)])
     if "rrr" in args.cases:
-        for shape in ((5, 3, 5), (5, 4, 5), (4, 3, 8), (8, 3, 4), (3, 8, 4)):
+        shapes = ((5, 3, 5), (5, 4, 5), (4, 3, 8), (8, 3, 4), (3, 8, 4))
+        if args.rrr_shapes:
+            shapes = [tuple(int(k) for k in shape.split(",")) for shape in args.rrr_shapes]
+        for shape in shapes:
             rows.append([rrr_case(shape, args, repeat) for repeat in range(args.repeats)])
     if "mlp" in args.cases:
         rows.append([mlp_case(args)])
