@@ -91,8 +91,8 @@ class _Rows(Dataset):
 def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, num_draws, batch_size, seed=100,
                   burn_in=0):
     """devinterp's own chain loop; returns (estimate, standard error, spread of chain values,
-    seconds, the standard error's sources). ``burn_in``: leading steps of each chain's ``num_draws`` left out of the estimate
-    (devinterp 2.x averages every step; its time includes them)."""
+    seconds, the standard error's sources). ``burn_in``: leading steps of each chain's ``num_draws``
+    left out of the estimate (devinterp 2.x averages every step; its time includes them)."""
     from devinterp.optim import SGMCMC
     from devinterp.slt.sampler import sample_single_chain
 
@@ -130,13 +130,14 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     per_chain = nbeta * (trace.mean(1) - init_loss)
     summary = chain_mean(trace)
     return (nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds,
-            _error_sources(summary, nbeta))
+            _error_sources(nbeta * summary.autocorrelation_std_error, nbeta * summary.spread_std_error,
+                           summary.spread_p))
 
 
-def _error_sources(summary, nbeta: float) -> str:
-    """The standard error's two estimates (``ChainMean``), in units of lambda."""
-    return (f"standard error from the autocorrelation {nbeta * summary.autocorrelation_std_error:.3g}, "
-            f"from the chains' spread {nbeta * summary.spread_std_error:.3g} (p = {summary.spread_p:.2g})")
+def _error_sources(autocorrelation: float, spread: float, p: float) -> str:
+    """The standard error's two estimates (``ChainMean``), in units of lambda, and the spread's p-value."""
+    return (f"standard error from the autocorrelation {autocorrelation:.3g}, from the chains' spread {spread:.3g} "
+            f"(p = {p:.2g})")
 
 
 def run_ours(model, x, y, loss_fn, *, nbeta, localization, num_chains, num_draws, batch_size, target_bias=0.02,
@@ -402,7 +403,9 @@ def report(rows):
           "pyro_sgmcmc.slt._stats.ChainMean)")
     for runs in rows:
         name, _, _, ours, _, theirs = runs[0]
-        print(f"{name:<24} ours: {_error_sources(chain_mean(ours.draws), ours.nbeta)}\n{'':<24} devinterp: {theirs[4]}")
+        d = ours.diagnostics
+        sources = _error_sources(d.autocorrelation_std_error, d.spread_std_error, d.spread_p)
+        print(f"{name:<24} ours: {sources}\n{'':<24} devinterp: {theirs[4]}")
 
 
 def _positive(text: str) -> int:
