@@ -377,15 +377,13 @@ def test_control_variates_are_judged_by_the_sampler_that_may_run():
     assert control_pays(flat, noisier, llc, target, sampler="baoab", localization=0.0)
 
 
-def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monkeypatch):
-    """The pilots measure the scales near w*; a network's chains reach noisier regions only as their
-    flat directions relax. Simulated: from the burn-in on, the noise measured is 10 times the
-    chains' true noise. At the burn-in's end the pilots' step biases the estimate beyond twice the
-    target by those scales: it is chosen again, a burn-in for it runs on, and the draws are the
-    exact law of SGLD at the new step with the true noise (as in the test above)."""
+def inflate_noise_from_the_burn_in(monkeypatch) -> list[ChainStep]:
+    """From the burn-in on, every measurement of the scales says the gradient noise is 10 times what
+    it is (as where a network's chains reach noisier regions); returns the list that receives the
+    step each sampling phase starts with (the pilots' choice)."""
     from pyro_sgmcmc.slt import llc as module
 
-    original_measure, original_sample = module.LocalEngine.measure, module._Chains.sample
+    original_measure, original_sample, started = module.LocalEngine.measure, module._Chains.sample, []
 
     def measure(self, plain=False):
         scales = original_measure(self, plain)
@@ -393,10 +391,22 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
             return dataclasses.replace(scales, noise_trace=10 * scales.noise_trace, noise_max=10 * scales.noise_max)
         return scales
 
-    def sample(self, *args, **kwargs):
+    def sample(self, burn_in, num_draws, step, target_bias):
+        started.append(step)
         self.engine.inflated = True
-        return original_sample(self, *args, **kwargs)
+        return original_sample(self, burn_in, num_draws, step, target_bias)
 
+    monkeypatch.setattr(module.LocalEngine, "measure", measure)
+    monkeypatch.setattr(module._Chains, "sample", sample)
+    return started
+
+
+def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monkeypatch):
+    """The pilots measure the scales near w*; a network's chains reach noisier regions only as their
+    flat directions relax. Simulated: from the burn-in on, the noise measured is 10 times the
+    chains' true noise. At the burn-in's end the pilots' step biases the estimate beyond twice the
+    target by those scales: it is chosen again, a burn-in for it runs on, and the draws are the
+    exact law of SGLD at the new step with the true noise (as in the test above)."""
     def run():
         torch.manual_seed(4)
         n, m = 1000, 100
@@ -408,8 +418,7 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
         return result, linear_noise_exact(result, z, m, 50.0)
 
     pilots_step = run()[0].step_size  # the same pilots, no re-choice: the noise is what they measured
-    monkeypatch.setattr(module.LocalEngine, "measure", measure)
-    monkeypatch.setattr(module._Chains, "sample", sample)
+    inflate_noise_from_the_burn_in(monkeypatch)
     result, exact = run()
     assert result.step_size < pilots_step / 2
     assert result.diagnostics.burn_in > default_burn_in(result.step_size, 50.0, 2000)  # the pilots' step's too
@@ -421,23 +430,7 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
 def test_the_users_friction_is_kept_when_the_step_is_chosen_again(monkeypatch):
     """BAOAB at a given friction: the pilots' step, and the step chosen again at the burn-in's end
     (forced, as above, by noise measured 10 times larger from then on), both keep it."""
-    from pyro_sgmcmc.slt import llc as module
-
-    original_measure, original_sample, chosen = module.LocalEngine.measure, module._Chains.sample, []
-
-    def measure(self, plain=False):
-        scales = original_measure(self, plain)
-        if getattr(self, "inflated", False):
-            return dataclasses.replace(scales, noise_trace=10 * scales.noise_trace, noise_max=10 * scales.noise_max)
-        return scales
-
-    def sample(self, burn_in, num_draws, step, target_bias):
-        chosen.append(step)
-        self.engine.inflated = True
-        return original_sample(self, burn_in, num_draws, step, target_bias)
-
-    monkeypatch.setattr(module.LocalEngine, "measure", measure)
-    monkeypatch.setattr(module._Chains, "sample", sample)
+    chosen = inflate_noise_from_the_burn_in(monkeypatch)
     torch.manual_seed(4)
     result = estimate_llc(LinearNoise(H), quadratic_data(1000, 4, 100), mean_output, reduction="mean",
                           localization=50.0, num_chains=4, num_draws=400, control_variates=False, target_bias=0.05,
