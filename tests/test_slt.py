@@ -1016,9 +1016,9 @@ def test_chains_in_worker_processes_give_the_exact_answer():
     loader = quadratic_data(n, 4, m)
     z = loader.dataset.tensors[0].mul_(8.0)
     dropped = estimate_llc(LoopingScaledRows(H), loader, mean_output, reduction="mean", localization=gamma,
-                           num_chains=4, num_draws=6400, target_bias=0.05, sampler="sgld", mp_context="spawn",
+                           num_chains=8, num_draws=12800, target_bias=0.05, sampler="sgld", mp_context="spawn",
                            progress_bar=False)
-    assert dropped.diagnostics.processes == worker_count(4) and not dropped.diagnostics.control_variates
+    assert dropped.diagnostics.processes == worker_count(8) and not dropped.diagnostics.control_variates
     exact = scaled_rows_exact(dropped, z, m, gamma)
     assert_exact(dropped.llc, dropped.std_error, exact, what="plain minibatches after the pilots, processes")
 
