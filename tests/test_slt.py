@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import warnings
 
 import pyro
@@ -44,7 +45,9 @@ from pyro_sgmcmc.slt import (
     wbic,
 )
 from pyro_sgmcmc.slt._engine import LocalEngine, ProcessEngine, WorkerSetup, worker_count
-from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps
+from pyro_sgmcmc.slt._data import Minibatches
+from pyro_sgmcmc.slt._objective import ChainObjective, ModuleObjective
+from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps, virial
 from pyro_sgmcmc.slt._stats import ChainMean, chain_mean, spread_warning
 
 
@@ -736,6 +739,48 @@ def test_chains_one_by_one_are_the_vectorized_chains():
         assert result.diagnostics.vectorized == vectorize
         traces.append(result.loss_trace)
     torch.testing.assert_close(traces[0], traces[1], rtol=1e-5, atol=1e-7)  # the same draws, the same chains
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_vectorized_gradients_are_reverse_mode_through_the_chains_and_contiguous(exact):
+    """``ModuleObjective.gradients`` (``vmap(grad_and_value(...))``) against the base class's reverse
+    mode through the ``vmap``-ed losses, at w and at w* on the same minibatches, for a network
+    whose weight gradients reverse mode leaves transposed."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    x, y = torch.randn(64, 5), torch.randn(64, 2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64 if exact else 16)
+    objective = ModuleObjective(net, Minibatches.from_loader(loader), loss_fn=torch.nn.functional.mse_loss,
+                                evaluate=None, reduction=None, params=None, mask=None, num_chains=3, vectorize=True)
+    assert objective.vectorized and objective.exact == exact
+    with torch.no_grad():
+        for p in objective.params:
+            p.add_(0.1 * torch.randn_like(p))  # the chains apart from w* and from each other
+    batch = objective.draw()
+    for anchored in (False, True):
+        ours = objective.gradients(batch, anchored)
+        reverse = ChainObjective.gradients(objective, batch, anchored)
+        torch.testing.assert_close(ours.losses, reverse.losses)
+        for a, b in zip(ours.grads, reverse.grads):
+            assert a.is_contiguous()
+            torch.testing.assert_close(a, b)
+        if anchored:
+            torch.testing.assert_close(ours.anchor_losses, reverse.anchor_losses)
+            for a, b in zip(ours.anchor_grads, reverse.anchor_grads):
+                torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("size", [10, 70_000])  # below and above the size for one torch.dot a chain
+def test_the_virial_is_its_formula(size):
+    torch.manual_seed(4)
+    chains, nbeta, localization = 3, 20.0, 2.0
+    objective = types.SimpleNamespace(num_chains=chains, params=[torch.randn(chains, size), torch.randn(chains, 2)],
+                                      anchor_stack=[torch.randn(1, size).expand(chains, size),
+                                                    torch.randn(1, 2).expand(chains, 2)])
+    grads = [torch.randn(chains, size), torch.randn(chains, 2)]
+    expected = sum(((p - a).double() * (nbeta * g + localization * (p - a)).double()).sum(1)
+                   for p, a, g in zip(objective.params, objective.anchor_stack, grads))
+    torch.testing.assert_close(virial(objective, grads, nbeta, localization), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
