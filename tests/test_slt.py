@@ -420,11 +420,16 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
                               progress_bar=False)
         return result, linear_noise_exact(result, z, m, 50.0)
 
-    pilots_step = run()[0].step_size  # the same pilots, no re-choice: the noise is what they measured
+    plain = run()[0]  # the same pilots, no re-choice: the noise is what they measured
+    assert plain.diagnostics.rechoices == 0
+    pilots_step = plain.step_size
     inflate_noise_from_the_burn_in(monkeypatch)
     result, exact = run()
     assert result.step_size < pilots_step / 2
-    assert result.diagnostics.burn_in > default_burn_in(result.step_size, 50.0, 2000)  # the pilots' step's too
+    # the pilots' step's burn-in, then the new step's
+    assert result.diagnostics.rechoices == 1
+    assert result.diagnostics.burn_in == (default_burn_in(pilots_step, 50.0, 2000)
+                                          + default_burn_in(result.step_size, 50.0, 2000))
     assert result.diagnostics.step_bias <= 2 * result.diagnostics.target_bias
     assert_exact(result.llc, result.std_error, exact, what="at the step chosen again")
 
@@ -440,6 +445,31 @@ def test_the_users_friction_is_kept_when_the_step_is_chosen_again(monkeypatch):
                           sampler="baoab", friction=40.0, progress_bar=False)
     assert chosen[0].friction == 40.0 and result.friction == 40.0
     assert result.step_size < chosen[0].size  # chosen again
+
+
+def test_a_given_burn_in_too_short_for_a_step_chosen_again_is_warned_about(monkeypatch):
+    """A given ``num_burnin`` is the user's to size for the step they get; when the step is chosen
+    again at its end (forced as above), the same number of steps at the smaller step relaxes less,
+    and the chains come from a hotter phase: a burn-in that leaves a flat direction short of its
+    variance is then warned about, with the burn-in it needs. Without a re-choice it is not."""
+    def run():
+        torch.manual_seed(4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = estimate_llc(LinearNoise(H), quadratic_data(1000, 4, 100), mean_output, reduction="mean",
+                                  localization=50.0, num_chains=4, num_draws=400, num_burnin=10,
+                                  control_variates=False, target_bias=0.05, sampler="sgld", progress_bar=False)
+        return result, [str(w.message) for w in caught if issubclass(w.category, LLCWarning)]
+
+    result, messages = run()
+    assert result.diagnostics.rechoices == 0
+    assert not any("chosen again" in m for m in messages)
+    inflate_noise_from_the_burn_in(monkeypatch)
+    result, messages = run()
+    assert result.diagnostics.rechoices >= 1
+    needed = relaxation_steps(ChainStep(result.step_size), 50.0)
+    assert needed > 4 * 10  # the 10 steps at the new step leave most of a flat direction's variance missing
+    assert any("chosen again at the burn-in's end" in m and f"give num_burnin={needed}" in m for m in messages)
 
 
 def test_minibatches_are_uniform_distinct_rows_drawn_anew_at_every_step():

@@ -77,7 +77,10 @@ class LLCDiagnostics:
     :param scales: the curvature and gradient noise measured at the final points.
     :param adaptation_steps: steps of the pilot runs that chose the step (excluded).
     :param burn_in: steps of burn-in before the draws (excluded): at the chosen step, and before
-        it at any step chosen again at a burn-in's end (see ``estimate_llc``).
+        it at any step found too large at a burn-in's end (see ``rechoices``).
+    :param rechoices: how many times the step was chosen again at a burn-in's end, where the scales
+        measured where the chains had gone said it biased the estimate beyond twice the target
+        (see ``estimate_llc``); each new step got a burn-in of its own.
     :param restarts: how many times the sampling phase started over after a chain diverged, with a
         smaller step; the draws come from the last start only.
     :param sampler: the chains' sampler during the burn-in and draws: ``"sgld"`` or ``"baoab"``.
@@ -100,6 +103,7 @@ class LLCDiagnostics:
     scales: Scales
     adaptation_steps: int
     burn_in: int
+    rechoices: int
     restarts: int
     sampler: str
     vectorized: bool
@@ -232,7 +236,8 @@ def estimate_llc(
     averaged over the :math:`2\hat\lambda` directions that :math:`\hat\lambda` counts, so that the
     discretisation bias of :math:`\hat\lambda` is about ``target_bias``; the scales are measured
     again at the end of the burn-in, and where the step would bias the estimate by more than
-    twice the target there, it is chosen again and a burn-in for it runs on. A chain of a singular
+    twice the target there, it is chosen again and a burn-in for it runs on
+    (``diagnostics.rechoices``). A chain of a singular
     model that later wanders into a region too stiff for that step makes the sampling phase start
     over from an earlier snapshot with a smaller step, so that every draw comes from one
     fixed-step chain. The standard error is the Monte Carlo standard error from Pyro's effective
@@ -419,7 +424,8 @@ def estimate_llc(
             step, adaptation_steps = driver.adapt(target_bias, num_draws)
         else:
             step, adaptation_steps = driver.given_step(step_size, target_bias), 0
-        step, restarts, num_burnin = driver.sample(burn_in, num_draws, step, None if step_size is not None else target_bias)
+        sampled = driver.sample(burn_in, num_draws, step, None if step_size is not None else target_bias)
+        step = sampled.step
         scales = engine.measure()
     finally:
         if driver is not None:
@@ -441,15 +447,18 @@ def estimate_llc(
                         f"the localization decorrelate over about {slowest} steps at this step size, against "
                         f"{num_draws} draws), and the standard error may understate it: give num_chains=4 or more, "
                         "whose spread the standard error then includes")
-    if not burn_in_given and localization > 0 and step.size > 0 and (
-            missing := flat_variance_missing(step, localization, num_burnin)) > _MISSING_LIMIT:
+    if (not burn_in_given or sampled.rechoices) and localization > 0 and step.size > 0 and (
+            missing := flat_variance_missing(step, localization, sampled.burn_in_at_step)) > _MISSING_LIMIT:
         needed = relaxation_steps(step, localization)
+        cause = (f"the step was chosen again at the burn-in's end ({sampled.rechoices} time(s): the earlier one "
+                 f"biased the estimate where the chains went), and the {sampled.burn_in_at_step} steps of burn-in at "
+                 "the new one leave" if sampled.rechoices else
+                 f"the burn-in was capped at num_draws // 2 = {sampled.burn_in_at_step} steps, after which")
         messages.append(
-            f"the burn-in was capped at num_draws // 2 = {num_burnin} steps, after which a direction held only by "
-            f"the localization still lacks about {missing:.0%} of its variance (it needs {needed} steps at this "
-            "step size): if the model has such directions (a network's flat directions), the draws may not be at "
-            "equilibrium yet, and a slow drift that starts later shows in neither R-hat nor the virial check; give "
-            f"num_burnin={needed} (or more num_draws)")
+            f"{cause} a direction held only by the localization still lacks about {missing:.0%} of its variance "
+            f"(it needs {needed} steps at this step size): if the model has such directions (a network's flat "
+            "directions), the draws may not be at equilibrium yet, and a slow drift that starts later shows in "
+            f"neither R-hat nor the virial check; give num_burnin={needed} (or more num_draws)")
     virial_trace = driver.virial_trace()
     virials = chain_mean(virial_trace[:, excluded:])
     unrelaxed = expected_virial(step, scales, objective.num_sampled, localization) - virials.mean
@@ -473,7 +482,8 @@ def estimate_llc(
         spread_std_error=nbeta * summary.spread_std_error, spread_p=summary.spread_p, r_hat=summary.r_hat,
         unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
         step_bias=bias, target_bias=None if step_size is not None else target_bias,
-        scales=scales, adaptation_steps=adaptation_steps, burn_in=num_burnin, restarts=restarts,
+        scales=scales, adaptation_steps=adaptation_steps, burn_in=sampled.burn_in, rechoices=sampled.rechoices,
+        restarts=sampled.restarts,
         sampler="baoab" if step.baoab else "sgld", vectorized=objective.vectorized and not in_processes,
         processes=len(engine.shares) if in_processes else 0,
         control_variates=driver.control_variates, full_batch=objective.exact, warnings=tuple(messages))
@@ -552,6 +562,19 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
         messages.append(f"the estimate is negative ({llc:.4g} ± {std_error:.2g}): the chains found lower loss than at "
                         "w*, which is not a local minimum of L_n; train further, or localize more")
     return messages
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What ``_Chains.sample`` ran: the step of the draws, the restarts after a divergence, the
+    times the step was chosen again at a burn-in's end, the steps of burn-in in all, and those at
+    the draws' step."""
+
+    step: ChainStep
+    restarts: int
+    rechoices: int
+    burn_in: int
+    burn_in_at_step: int
 
 
 class _Chains:
@@ -650,16 +673,18 @@ class _Chains:
         return None
 
     def sample(self, burn_in: Callable[[ChainStep], int], num_draws: int, step: ChainStep,
-               target_bias: float | None) -> tuple[ChainStep, int, int]:
-        r"""The burn-in (``burn_in(step)`` steps) and the draws at ``step``: ``(the step used,
-        restarts, the steps of burn-in)``.
+               target_bias: float | None) -> Sampled:
+        r"""The burn-in (``burn_in(step)`` steps) and the draws at ``step``.
 
         With an automatic step (``target_bias`` given) the scales are measured again at the end of
-        the burn-in: the pilots are short, and a network's chains reach regions of larger gradient
-        noise and curvature only as their flat directions relax. Where the step would bias the
-        estimate by more than twice ``target_bias`` there, it is chosen again from those scales
-        (at most ``_MAX_RECHOICES`` times), and a burn-in for the new step runs on from where the
-        chains are, so that the draws come from a step that meets the target where they are.
+        the burn-in (:meth:`_burn_in`): the pilots are short, and a network's chains reach regions
+        of larger gradient noise and curvature only as their flat directions relax. Where the step
+        would bias the estimate by more than twice ``target_bias`` there, it is chosen again from
+        those scales (at most ``_MAX_RECHOICES`` times), and a whole burn-in for the new step runs
+        on from where the chains are, so that the draws come from a step that meets the target
+        where they are. The scales are measured at the burn-in's end, not earlier: midway, a
+        network's chains have not yet reached the regions that set the step, and a step chosen
+        there is still too large (on the benchmark MLP, three times).
 
         A chain of a singular model can wander along a flat direction into a region stiffer than
         any the pilot runs saw, where the step is unstable; with an automatic step the chains then
@@ -678,20 +703,16 @@ class _Chains:
             steps = burn_in(step)
             if self._bar is not None:
                 self._bar.total = self._bar.n + steps + num_draws
-            reason = self.run(steps, phase="burn-in")
-            if reason is None and target_bias is not None and rechoices < _MAX_RECHOICES:
-                if steps:
-                    self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
-                scales = self.engine.measure()
-                if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
-                    rechoices += 1
-                    burned += steps
-                    step = self.choose(scales, self.llc_guess, target_bias, largest=step.size)
-                    continue
+            reason, chosen = self._burn_in(steps, step, target_bias if rechoices < _MAX_RECHOICES else None)
+            if chosen is not None:
+                rechoices += 1
+                burned += self._recorded - start
+                step = chosen
+                continue
             if reason is None:
                 reason = self.run(num_draws, phase="sampling")
             if reason is None:
-                return step, restarts, burned + steps
+                return Sampled(step, restarts, rechoices, burned + steps, steps)
             if target_bias is None or restarts == _MAX_RESTARTS:
                 raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {step}; give a "
                                    "smaller step_size (or target_bias), or more localization")
@@ -700,6 +721,22 @@ class _Chains:
             self.engine.restore()
             scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
+
+    def _burn_in(self, steps: int, step: ChainStep, target_bias: float | None) -> tuple[str | None, ChainStep | None]:
+        """``steps`` of burn-in at ``step``: ``(why the chains diverged, None)``, or, with
+        ``target_bias``, ``(None, the step chosen again)`` where the scales measured at its end say
+        that ``step`` biases the estimate by more than twice ``target_bias``, with the second half
+        of the burn-in's mean as the guess of :math:`\lambda`."""
+        start = self._recorded
+        reason = self.run(steps, phase="burn-in")
+        if reason is not None or target_bias is None:
+            return reason, None
+        if steps:
+            self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
+        scales = self.engine.measure()
+        if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
+            return None, self.choose(scales, self.llc_guess, target_bias, largest=step.size)
+        return None, None
 
     def adapt(self, target_bias: float, num_draws: int) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
