@@ -648,7 +648,8 @@ def test_chains_spread_beyond_their_autocorrelation_are_warned_about_with_the_re
 
 @pytest.mark.filterwarnings("ignore:.*drifted during sampling")  # the WBIC run is short, on purpose
 def test_llc_and_wbic_warn_when_their_chains_spread_beyond_their_autocorrelation(monkeypatch):
-    """The warning is wired into both: ``chain_mean`` made to report a spread test at p = 1e-4."""
+    """The warning is wired into both: ``chain_mean`` made to report a spread test at p = 1e-4; and
+    both results carry the two errors and say which one they give."""
     import importlib
 
     llc_module = importlib.import_module("pyro_sgmcmc.slt.llc")
@@ -662,13 +663,19 @@ def test_llc_and_wbic_warn_when_their_chains_spread_beyond_their_autocorrelation
     spread(wbic_module)
     torch.manual_seed(0)
     with pytest.warns(LLCWarning, match="spread more than their autocorrelation.*num_draws"):
-        estimate_llc(Quadratic(H), quadratic_data(1000, 4, 100), mean_output, localization=50.0, num_chains=2,
-                     num_draws=200, progress_bar=False)
+        llc = estimate_llc(Quadratic(H), quadratic_data(1000, 4, 100), mean_output, localization=50.0,
+                           num_chains=2, num_draws=200, progress_bar=False)
     pyro.set_rng_seed(0)
     x, y = linear_regression_data(100, 2, 0.5, seed=0)
     with pytest.warns(LLCWarning, match="spread more than their autocorrelation.*num_samples"):
-        wbic(regression(x.float(), y.float(), 0.5, 1.0), (x.float(), y.float()), num_samples=50, warmup_steps=50,
-             num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True}, progress_bar=False)
+        evidence = wbic(regression(x.float(), y.float(), 0.5, 1.0), (x.float(), y.float()), num_samples=50,
+                        warmup_steps=50, num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True},
+                        progress_bar=False)
+    for result, errors in ((llc, llc.diagnostics), (evidence, evidence)):
+        assert result.std_error == pytest.approx(max(errors.autocorrelation_std_error, errors.spread_std_error))
+        spread = errors.spread_std_error > errors.autocorrelation_std_error
+        assert ("from the chains' spread" if spread else "from the autocorrelation") in str(result)
+    assert evidence.spread_p == 1e-4
 
 
 def d_virial(result) -> float:

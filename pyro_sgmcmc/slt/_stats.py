@@ -58,6 +58,11 @@ class ChainMean:
     spread_p: float = math.nan
 
 
+def error_source(autocorrelation_std_error: float, spread_std_error: float) -> str:
+    """Which of :class:`ChainMean`'s two estimates is the standard error given, in words."""
+    return "the chains' spread" if spread_std_error > autocorrelation_std_error else "the autocorrelation"
+
+
 def chain_mean(draws: Tensor) -> ChainMean:
     """:class:`ChainMean` of ``draws`` (``[chains, draws]``; with fewer than 4 draws a chain, or
     none varying, the draws are taken as independent for the first estimate)."""

@@ -19,7 +19,7 @@ from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
 from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, sampler_step, control_pays,
                       expected_virial, flat_variance_missing, relaxation_steps, step_bias)
-from ._stats import chain_mean, spread_warning
+from ._stats import chain_mean, error_source, spread_warning
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
 
@@ -165,7 +165,9 @@ class LLCResult:
 
     def __str__(self) -> str:
         d = self.diagnostics
-        return (f"LLC {self.llc:.4g} ± {self.std_error:.2g} (Monte Carlo standard error; {self.per_chain.numel()} "
+        source = error_source(d.autocorrelation_std_error, d.spread_std_error)
+        return (f"LLC {self.llc:.4g} ± {self.std_error:.2g} (Monte Carlo standard error, from {source}; "
+                f"{self.per_chain.numel()} "
                 f"chains, ESS {d.ess:.0f}, R-hat {d.r_hat:.3f}, step {ChainStep(self.step_size, self.friction)}, step bias "
                 f"{100 * d.step_bias:.2g}%, n = {self.n}, nβ = {self.nbeta:.4g}, γ = {self.localization:g})")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from .._validation import check_callable, check_choice, check_flag, check_integer, check_mapping, check_number
 from ..infer.subsample import SubsampleControl
 from ._pyro import ModelLikelihood
-from ._stats import chain_mean, spread_warning
+from ._stats import chain_mean, error_source, spread_warning
 from .llc import R_HAT_LIMIT, LLCWarning
 
 __all__ = ["TemperedLikelihood", "WBICResult", "tempered_likelihood", "wbic"]
@@ -59,6 +59,11 @@ class WBICResult:
     :param per_chain: WBIC of each chain.
     :param ess: effective sample size.
     :param r_hat: split :math:`\\hat R` of ``nll_draws``.
+    :param autocorrelation_std_error: the standard error of ``wbic`` from ``ess``.
+    :param spread_std_error: the standard error of ``wbic`` from the spread of the chains' values
+        (``nan`` for one chain); ``std_error`` is the larger.
+    :param spread_p: the probability of a spread that large were the autocorrelation's error right
+        (below 0.01: warned about; see :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
     :param bias_bound: a bound on the discretisation bias of ``wbic`` where the kernel states
         its ``target_bias`` (a relative bias of posterior variances, which move
         :math:`\\mathrm{WBIC} - nL_n(w_0)`), else ``None``.
@@ -79,12 +84,17 @@ class WBICResult:
     per_chain: Tensor
     ess: float
     r_hat: float
+    autocorrelation_std_error: float
+    spread_std_error: float
+    spread_p: float
     bias_bound: float | None
     kernel_diagnostics: tuple[dict[str, Any], ...]
     warnings: tuple[str, ...]
 
     def __str__(self) -> str:
-        return (f"WBIC {self.wbic:.6g} ± {self.std_error:.2g} (Monte Carlo standard error; {self.per_chain.numel()} "
+        source = error_source(self.autocorrelation_std_error, self.spread_std_error)
+        return (f"WBIC {self.wbic:.6g} ± {self.std_error:.2g} (Monte Carlo standard error, from {source}; "
+                f"{self.per_chain.numel()} "
                 f"chains, ESS {self.ess:.0f}, R-hat {self.r_hat:.3f}); LLC {self.llc:.4g} ± {self.llc_std_error:.2g}; "
                 f"n = {self.n}, beta = 1/log n = {self.beta:.4g}")
 
@@ -219,7 +229,8 @@ def wbic(
     return WBICResult(
         wbic=summary.mean, std_error=summary.std_error, llc=llc, llc_std_error=beta * summary.std_error, beta=beta,
         n=n, reference_nll=reference_nll, nll_draws=draws, per_chain=draws.mean(1), ess=summary.ess,
-        r_hat=summary.r_hat, bias_bound=bias_bound, kernel_diagnostics=tuple(diagnostics), warnings=tuple(messages))
+        r_hat=summary.r_hat, autocorrelation_std_error=summary.autocorrelation_std_error,
+        spread_std_error=summary.spread_std_error, spread_p=summary.spread_p, bias_bound=bias_bound, kernel_diagnostics=tuple(diagnostics), warnings=tuple(messages))
 
 
 @torch.no_grad()
