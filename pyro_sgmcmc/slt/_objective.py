@@ -221,6 +221,12 @@ class ModuleObjective(ChainObjective):
         in_batch = None if self.exact else 0
         return vmap(self._single, in_dims=(0, in_batch), randomness="different")(tuple(values), batch)
 
+    def _with_anchor(self, batch: Any) -> tuple[list[Tensor], Any]:
+        """The chains' weights with :math:`w^*` stacked after them (``2C`` chains), and ``batch``
+        doubled to match: one ``vmap``-ed call evaluates both on the same minibatches."""
+        values = [torch.cat([w, a]) for w, a in zip(self.params, self.anchor_stack)]
+        return values, map_batch(lambda t: torch.cat([t, t]), batch) if not self.exact else batch
+
     def _vmapped_gradients(self, values: list[Tensor], batch: Any) -> tuple[list[Tensor], Tensor]:
         """Each chain's gradient and loss by ``vmap(grad_and_value(...))``: each chain's backward is
         then an unbatched one, whose matrix products give the weights' gradients in the weights'
@@ -243,9 +249,7 @@ class ModuleObjective(ChainObjective):
         if self.vectorized:
             if not anchored:
                 return self._vmapped(self.params, batch), None
-            values = [torch.cat([w, a]) for w, a in zip(self.params, self.anchor_stack)]
-            both = map_batch(lambda t: torch.cat([t, t]), batch) if not self.exact else batch
-            losses = self._vmapped(values, both)
+            losses = self._vmapped(*self._with_anchor(batch))
             return losses[:chains], losses[chains:]
         pick = (lambda c: batch) if self.exact else (lambda c: batch[c])
         losses = torch.stack([self._single(tuple(w[c] for w in self.params), pick(c)) for c in range(chains)])
@@ -261,8 +265,8 @@ class ModuleObjective(ChainObjective):
             grads, losses = self._vmapped_gradients(self.params, batch)
             return Gradients(losses.detach(), grads)
         chains = self.num_chains
-        values = [torch.cat([w.detach(), a.detach()]) for w, a in zip(self.params, self.anchor_stack)]
-        both = map_batch(lambda t: torch.cat([t, t]), batch) if not self.exact else batch
+        with torch.no_grad():
+            values, both = self._with_anchor(batch)
         grads, losses = self._vmapped_gradients(values, both)
         return Gradients(losses[:chains].detach(), [g[:chains] for g in grads], losses[chains:].detach(),
                          [g[chains:] for g in grads])

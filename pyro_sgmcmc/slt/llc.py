@@ -679,7 +679,7 @@ class _Chains:
         r"""The burn-in (``burn_in(step)`` steps) and the draws at ``step``.
 
         With an automatic step (``target_bias`` given) the scales are measured again at the end of
-        the burn-in (:meth:`_burn_in`): the pilots are short, and a network's chains reach regions
+        the burn-in: the pilots are short, and a network's chains reach regions
         of larger gradient noise and curvature only as their flat directions relax. Where the step
         would bias the estimate by more than twice ``target_bias`` there, it is chosen again from
         those scales (at most ``_MAX_RECHOICES`` times), and a whole burn-in for the new step runs
@@ -705,12 +705,16 @@ class _Chains:
             steps = burn_in(step)
             if self._bar is not None:
                 self._bar.total = self._bar.n + steps + num_draws
-            reason, chosen = self._burn_in(steps, step, target_bias if rechoices < _MAX_RECHOICES else None)
-            if chosen is not None:
-                rechoices += 1
-                burned += self._recorded - start
-                step = chosen
-                continue
+            reason = self.run(steps, phase="burn-in")
+            if reason is None and target_bias is not None and rechoices < _MAX_RECHOICES:
+                if steps:
+                    self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
+                scales = self.engine.measure()
+                if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
+                    rechoices += 1
+                    burned += steps
+                    step = self.choose(scales, self.llc_guess, target_bias, largest=step.size)
+                    continue
             if reason is None:
                 reason = self.run(num_draws, phase="sampling")
             if reason is None:
@@ -723,22 +727,6 @@ class _Chains:
             self.engine.restore()
             scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
-
-    def _burn_in(self, steps: int, step: ChainStep, target_bias: float | None) -> tuple[str | None, ChainStep | None]:
-        """``steps`` of burn-in at ``step``: ``(why the chains diverged, None)``, or, with
-        ``target_bias``, ``(None, the step chosen again)`` where the scales measured at its end say
-        that ``step`` biases the estimate by more than twice ``target_bias``, with the second half
-        of the burn-in's mean as the guess of :math:`\lambda`."""
-        start = self._recorded
-        reason = self.run(steps, phase="burn-in")
-        if reason is not None or target_bias is None:
-            return reason, None
-        if steps:
-            self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
-        scales = self.engine.measure()
-        if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
-            return None, self.choose(scales, self.llc_guess, target_bias, largest=step.size)
-        return None, None
 
     def adapt(self, target_bias: float, num_draws: int) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains
