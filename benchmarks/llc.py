@@ -27,11 +27,11 @@ Cases:
 * ``mlp-same-step`` -- the same, ours run as devinterp runs: its step, no burn-in, no control
   variates, so that the estimates and times compare like for like.
 * ``mlp-relaxed`` -- the same, one chain each (``--mlp-chains``), relaxed: ours with ``num_burnin=--mlp-burnin``
-  (1500: the relaxation its default run's warning named at the pilots' step; its step is chosen
-  again at the burn-in's end where the chains have gone, and 1500 steps at the new one leave its
-  draws about 2% high: 3000 do not), devinterp at the step ours ended with, given
+  (1500: the relaxation its default run's warning names at the pilots' step; its step is chosen
+  again at the burn-in's end where the chains have gone, and the burn-in runs on at the new step
+  until the loss stops drifting), devinterp at the step ours ended with, given
   ``3 / (lr * localization)`` more steps that its estimate leaves out (the relaxation from
-  ``w*`` at that step, which ours' warning then names too).
+  ``w*`` at that step).
 * ``mlp-steps`` -- one SGLD chain (``pyro_sgmcmc.samplers.SGLD``, plain minibatch gradients) at
   step 2.26e-5 for 1500 steps, then 6000 at 2.26e-6: the mean of ``n beta (L_B - L_n(w*))`` over
   windows of 250 steps shows how much of the estimate at the larger step was its heat.

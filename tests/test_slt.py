@@ -48,7 +48,8 @@ from pyro_sgmcmc.slt._engine import LocalEngine, ProcessEngine, WorkerSetup, wor
 from pyro_sgmcmc.slt._data import Minibatches
 from pyro_sgmcmc.slt._objective import ChainObjective, ModuleObjective
 from pyro_sgmcmc.slt._scales import ChainStep, Scales, choose_step, control_pays, relaxation_steps, virial
-from pyro_sgmcmc.slt._stats import ChainMean, chain_mean, spread_warning
+from pyro_sgmcmc.slt._stats import ChainMean, chain_mean, paired_drift, spread_warning
+from pyro_sgmcmc.slt.llc import settle_window
 
 
 def assert_exact(estimate: float, std_error: float, exact: float, bias: float = 0.0, what: str = "") -> None:
@@ -426,10 +427,11 @@ def test_a_step_too_large_where_the_burn_in_took_the_chains_is_chosen_again(monk
     inflate_noise_from_the_burn_in(monkeypatch)
     result, exact = run()
     assert result.step_size < pilots_step / 2
-    # the pilots' step's burn-in, then the new step's
+    # the pilots' step's burn-in, then the new step's until the loss stopped drifting: whole windows
     assert result.diagnostics.rechoices == 1
-    assert result.diagnostics.burn_in == (default_burn_in(pilots_step, 50.0, 2000)
-                                          + default_burn_in(result.step_size, 50.0, 2000))
+    settled = result.diagnostics.burn_in - default_burn_in(pilots_step, 50.0, 2000)
+    window = settle_window(ChainStep(result.step_size), 50.0, 2000)
+    assert settled >= 2 * window and settled % window == 0
     assert result.diagnostics.step_bias <= 2 * result.diagnostics.target_bias
     assert_exact(result.llc, result.std_error, exact, what="at the step chosen again")
 
@@ -447,29 +449,168 @@ def test_the_users_friction_is_kept_when_the_step_is_chosen_again(monkeypatch):
     assert result.step_size < chosen[0].size  # chosen again
 
 
-def test_a_given_burn_in_too_short_for_a_step_chosen_again_is_warned_about(monkeypatch):
-    """A given ``num_burnin`` is the user's to size for the step they get; when the step is chosen
-    again at its end (forced as above), the same number of steps at the smaller step relaxes less,
-    and the chains come from a hotter phase: a burn-in that leaves a flat direction short of its
-    variance is then warned about, with the burn-in it needs. Without a re-choice it is not."""
-    def run():
+def test_a_flat_direction_relaxes_over_every_burn_in_when_the_step_is_chosen_again(monkeypatch):
+    """A given ``num_burnin`` is the user's to size for the pilots' step; when the step is chosen
+    again at its end (forced as above), the burn-in runs on at the new step until the loss stops
+    drifting, and a direction held only by the localization (whose variance hardly depends on the
+    step) counts its relaxation over both: too short a given burn-in is warned about, with the
+    burn-in it needs at the first step; that burn-in is not. Without a re-choice it is not either."""
+    def run(burn_in):
         torch.manual_seed(4)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = estimate_llc(LinearNoise(H), quadratic_data(1000, 4, 100), mean_output, reduction="mean",
-                                  localization=50.0, num_chains=4, num_draws=400, num_burnin=10,
+                                  localization=50.0, num_chains=4, num_draws=400, num_burnin=burn_in,
                                   control_variates=False, target_bias=0.05, sampler="sgld", progress_bar=False)
         return result, [str(w.message) for w in caught if issubclass(w.category, LLCWarning)]
 
-    result, messages = run()
+    result, messages = run(10)
     assert result.diagnostics.rechoices == 0
     assert not any("chosen again" in m for m in messages)
-    inflate_noise_from_the_burn_in(monkeypatch)
-    result, messages = run()
-    assert result.diagnostics.rechoices >= 1
-    needed = relaxation_steps(ChainStep(result.step_size), 50.0)
-    assert needed > 4 * 10  # the 10 steps at the new step leave most of a flat direction's variance missing
+    started = inflate_noise_from_the_burn_in(monkeypatch)
+    result, messages = run(10)
+    first = started[0]
+    assert result.diagnostics.rechoices == 1
+    settled = result.diagnostics.burn_in - 10
+    missing = math.exp(-50.0 * (first.size * 10 + result.step_size * settled))
+    assert missing > 0.25  # the premise: 10 steps at the first step, and the settling, leave it short
+    needed = relaxation_steps(first, 50.0)
     assert any("chosen again at the burn-in's end" in m and f"give num_burnin={needed}" in m for m in messages)
+    started.clear()
+    result, messages = run(needed)
+    assert started[0] == first and result.diagnostics.rechoices == 1
+    assert not any("lacking about" in m for m in messages)
+
+
+class DriftingEngine:
+    """An engine whose chains' loss (``n beta = 1``, ``L* = 0``) is ``level + excess e^{-t/decay}``
+    plus each chain's own lasting offset (sd ``offset``) and AR(1) noise (sd ``noise``, lag-one
+    correlation ``rho``): what ``_Chains._settle`` sees after a re-choice, with the answer known."""
+
+    def __init__(self, chains: int, excess: float, decay: float, seed: int, level: float = 100.0,
+                 offset: float = 20.0, noise: float = 5.0, rho: float = 0.9):
+        self.num_chains, self.num_sampled, self.exact = chains, 10, False
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = offset * torch.randn(chains, generator=self.generator, dtype=torch.float64)
+        self.state = noise * torch.randn(chains, generator=self.generator, dtype=torch.float64)
+        self.level, self.excess, self.decay, self.noise, self.rho, self.t = level, excess, decay, noise, rho, 0
+
+    def run(self, steps: int):
+        from pyro_sgmcmc.slt._engine import ChainChunk
+
+        values = []
+        for _ in range(steps):
+            kick = torch.randn(self.num_chains, generator=self.generator, dtype=torch.float64)
+            self.state = self.rho * self.state + math.sqrt(1 - self.rho**2) * self.noise * kick
+            values.append(self.level + self.excess * math.exp(-self.t / self.decay) + self.offsets + self.state)
+            self.t += 1
+        values = torch.stack(values, 1)
+        return ChainChunk(values, torch.zeros_like(values), None)
+
+    def measure(self, plain: bool = False) -> Scales:
+        return Scales(1.0, 1.0, 0.0, 0.0, 0.0)
+
+    def set_limit(self, limit: float) -> None:
+        pass
+
+    def use(self, baoab: bool) -> None:
+        pass
+
+    def set_step(self, step: ChainStep) -> None:
+        pass
+
+
+def settle(engine: DriftingEngine, target_bias: float = 0.02):
+    from pyro_sgmcmc.slt.llc import _Chains
+
+    chains = _Chains(engine, 1.0, 1.0, 0.0, False, 400)
+    step = ChainStep(1e-3)  # relaxation_steps 3000 at localization 1: windows of 100 steps
+    chains.set_step(step)
+    return chains._settle(step, 400, target_bias), settle_window(step, 1.0, 400)
+
+
+def test_the_burn_in_after_a_re_choice_runs_while_the_loss_drifts_and_stops_when_it_settles():
+    """Property, over 20 seeds, on synthetic chains (known drift, lasting per-chain offsets four
+    times the noise): the burn-in never stops while the drift between its last two windows is
+    above 4 standard errors of the check (an unpaired check, whose error the offsets would swell
+    to ~10, would stop at once), and stops within three windows of it falling below one; without
+    a drift it mostly stops at its first check (each check is a 2-standard-error test)."""
+    first_check = 0
+    for seed in range(20):
+        engine = DriftingEngine(8, excess=30.0, decay=300.0, seed=seed)
+        settling, window = settle(engine)
+        assert not settling.capped and settling.reason is None
+        # the check's standard error: two windows of 100 draws of AR(1) noise (integrated time
+        # (1 + rho)/(1 - rho) = 19), 8 chains: sqrt(2 * 25 * 19 / 100 / 8) = 1.09
+        error = 1.09
+        assert 0.7 * error <= settling.drift.std_error <= 1.5 * error, (seed, settling)
+
+        def drift_at(t):  # the expected change from the window ending at t - window to the one ending at t
+            return -30.0 * 300 / window * math.exp(-(t - 2 * window) / 300) * (1 - math.exp(-window / 300)) ** 2
+
+        assert abs(drift_at(settling.steps)) <= 4 * error, (seed, settling)
+        later = next(t for t in range(2 * window, 100 * window, window) if abs(drift_at(t)) < error)
+        assert settling.steps <= later + 3 * window, (seed, settling)
+        quiet, _ = settle(DriftingEngine(8, excess=0.0, decay=1.0, seed=seed))
+        first_check += quiet.steps == 2 * window
+    assert first_check >= 15
+
+
+def test_the_burn_in_after_a_re_choice_ends_at_its_cap_still_drifting():
+    engine = DriftingEngine(8, excess=1e4, decay=1e5, seed=0)  # 10 a window
+    settling, window = settle(engine)
+    assert settling.capped and settling.steps == 30 * window
+    assert settling.drift.change < -4 * settling.drift.std_error
+
+
+def test_the_paired_drift_error_is_calibrated_with_lasting_chain_offsets():
+    """Over 400 replicates without drift (8 AR(1) chains with lasting offsets four times their
+    noise), the paired change's spread matches its standard error: at most 10% below it (the
+    larger of two estimates leans high), and not far below it either, as the unpaired error
+    (about ten times too large here) or one that ignored the autocorrelation would be."""
+    ratios = []
+    for seed in range(400):
+        engine = DriftingEngine(8, excess=0.0, decay=1.0, seed=seed)
+        values = engine.run(400).values
+        drift = paired_drift(values[:, :200], values[:, 200:])
+        ratios.append(drift.change / drift.std_error)
+    spread = float(torch.tensor(ratios).std())
+    assert 0.75 <= spread <= 1.1, spread  # the spread of 400 ratios is itself within about 4%
+
+
+def test_the_drift_warning_says_which_way_the_estimate_is_off():
+    """Shared by the LLC and WBIC: a rise of the quantity (the loss, the negative log likelihood)
+    from the draws' first half to their second makes the estimate too low, a fall too high; a
+    change within 4 standard errors is not warned about."""
+    from pyro_sgmcmc.slt._stats import Drift, drift_warning
+
+    assert "too low" in drift_warning(Drift(5.0, 1.0), "loss", "give more num_burnin")
+    assert "too high" in drift_warning(Drift(-5.0, 1.0), "loss", "give more num_burnin")
+    assert drift_warning(Drift(3.9, 1.0), "loss", "give more num_burnin") is None
+
+
+def test_draws_that_still_drift_are_warned_about():
+    """From w* at a small given step with no burn-in (full batches: no minibatch noise on the loss),
+    every direction's variance is still growing
+    through the draws (along the stiffest, a = n beta h + gamma = 484, over 1/(eps a) = 207 steps;
+    the draws are 400): the loss's rise from their first half to their second is warned about and
+    said to make the estimate too low. After a burn-in that relaxes them (3/(eps gamma) = 6000
+    steps) it is not."""
+    def run(burn_in):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = estimate_llc(LinearNoise(H), quadratic_data(1000, 4, 1000), mean_output, reduction="mean",
+                                  localization=50.0, num_chains=64, num_draws=400, num_burnin=burn_in, step_size=1e-5,
+                                  control_variates=False, progress_bar=False)
+        return result, [str(w.message) for w in caught if issubclass(w.category, LLCWarning)]
+
+    result, messages = run(0)
+    assert result.diagnostics.drift > 4 * result.diagnostics.drift_std_error
+    assert any("still drifted during the draws" in m and "too low" in m for m in messages)
+    result, messages = run(6000)
+    assert abs(result.diagnostics.drift) <= 4 * result.diagnostics.drift_std_error
+    assert not any("drifted" in m for m in messages)
 
 
 def test_minibatches_are_uniform_distinct_rows_drawn_anew_at_every_step():
@@ -805,6 +946,27 @@ def test_vectorized_gradients_are_reverse_mode_through_the_chains_and_contiguous
             torch.testing.assert_close(ours.anchor_losses, reverse.anchor_losses)
             for a, b in zip(ours.anchor_grads, reverse.anchor_grads):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_sgmcmc.slt.LLCWarning")  # a short run, on purpose
+def test_a_module_without_functional_gradients_keeps_vectorized_chains_by_reverse_mode(monkeypatch):
+    """Where ``vmap(grad_and_value(...))`` fails at construction (an operation without functorch's
+    rule for ``grad``) while the batched forward works, the chains stay vectorized and their
+    gradients come by reverse mode through the ``vmap``-ed losses: the same chains, draw for draw."""
+    loader = quadratic_data(500, 4, 50)
+    traces = []
+    for functional in (True, False):
+        if not functional:
+            def fail(self, values, batch):
+                raise RuntimeError("no functorch rule")
+
+            monkeypatch.setattr(ModuleObjective, "_vmapped_gradients", fail)
+        torch.manual_seed(8)
+        result = estimate_llc(Quadratic(H), loader, mean_output, localization=50.0, num_chains=3, num_draws=30,
+                              step_size=2e-4, progress_bar=False)
+        assert result.diagnostics.vectorized
+        traces.append(result.loss_trace)
+    torch.testing.assert_close(traces[0], traces[1], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("size", [10, 70_000])  # below and above the size for one torch.dot a chain
@@ -1213,6 +1375,7 @@ def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
     assert result.n == n and result.beta == pytest.approx(beta)
     assert 4 * result.std_error < 1.0  # a tenth of d / (2 beta) = 9, the part of WBIC the chain estimates
     assert abs(result.wbic - exact) <= 4 * result.std_error + result.bias_bound, (result, exact)
+    assert abs(result.drift) <= 4 * result.drift_std_error and not any("drifted" in m for m in result.warnings)
     # the LLC from the same chain: d/2 for a regular model, up to the prior's O(1/n) pull
     assert abs(result.llc - d / 2) <= 4 * result.llc_std_error + 0.1
 

@@ -13,6 +13,9 @@ from torch import Tensor
 #: The chains' spread is said to exceed what their autocorrelation accounts for below this p-value
 #: (:attr:`ChainMean.spread_p`; with 4 chains, a spread twice the autocorrelation's standard error).
 SPREAD_P_LIMIT = 0.01
+#: Standard errors by which the draws' second half must differ from their first (each chain
+#: against itself, :func:`paired_drift`) before they are said to drift.
+DRIFT_LIMIT = 4.0
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,55 @@ def spread_warning(summary: ChainMean, scale: float, unit: str, draws: str) -> s
             "or chains that have not forgotten their start or sit in different modes; the standard error given is "
             f"the spread's, with one degree of freedom fewer than the chains: give more num_chains for a firmer "
             f"error bar, more {draws} for a smaller one")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How the chains' mean moved from one stretch of their draws to the next, and the standard
+    error of that change (see :func:`paired_drift`)."""
+
+    change: float
+    std_error: float
+
+    def settled(self, tolerance: float = 0.0, z: float = 2.0) -> bool:
+        """Whether the change is within ``z`` standard errors of 0, or within ``tolerance``."""
+        return abs(self.change) <= max(z * self.std_error, tolerance)
+
+
+def paired_drift(before: Tensor, after: Tensor) -> Drift:
+    r"""The change of the mean from ``before`` to ``after`` (``[chains, draws]`` each, the same
+    chains, ``after`` following ``before``), each chain compared with itself: the mean over chains
+    of :math:`\bar x_c^{after} - \bar x_c^{before}`. Pairing cancels what keeps a chain's level apart
+    from the others' for longer than the two stretches (a network's slow flat directions), which
+    the spread of unpaired means would count as noise. Its standard error is the larger of the
+    spread of the chains' changes over :math:`\sqrt C` (:math:`C \ge 2`) and the two stretches'
+    autocorrelation errors (:func:`chain_mean`, each chain centred on its own mean over both, so
+    that the lasting offsets stay out of it too) added in quadrature: the first alone has
+    :math:`C - 1` degrees of freedom, the second alone misses what the pairing leaves correlated."""
+    x, y = before.detach().to(torch.float64), after.detach().to(torch.float64)
+    changes = y.mean(1) - x.mean(1)
+    centre = torch.cat([x, y], 1).mean(1, keepdim=True)
+    first, second = chain_mean(x - centre), chain_mean(y - centre)
+    error = math.hypot(first.autocorrelation_std_error, second.autocorrelation_std_error)
+    if changes.numel() > 1:
+        error = max(error, float(changes.std()) / math.sqrt(changes.numel()))
+    return Drift(float(changes.mean()), error)
+
+
+def halves_drift(draws: Tensor) -> Drift:
+    """:func:`paired_drift` from the first half of ``draws`` (``[chains, draws]``) to the second (an
+    odd middle draw left out)."""
+    half = draws.shape[1] // 2
+    return paired_drift(draws[:, :half], draws[:, draws.shape[1] - half:])
+
+
+def drift_warning(drift: Drift, unit: str, remedy: str) -> str | None:
+    """The warning when the draws still drift (:func:`halves_drift` beyond :data:`DRIFT_LIMIT`
+    standard errors), of the quantity ``unit`` whose rise makes the estimate too low; ``None``
+    otherwise."""
+    if drift.settled(z=DRIFT_LIMIT):
+        return None
+    return (f"the chains still drifted during the draws: the {unit} moved by {drift.change:.3g} ± "
+            f"{drift.std_error:.2g} from their first half to their second (each chain against itself), so the "
+            f"burn-in ended before equilibrium and the estimate is likely too {'low' if drift.change > 0 else 'high'}; "
+            f"{remedy}")

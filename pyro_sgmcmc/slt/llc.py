@@ -19,7 +19,7 @@ from ._engine import SNAPSHOT, LocalEngine, ProcessEngine, WorkerSetup
 from ._objective import ChainObjective, ModuleObjective
 from ._scales import (SAMPLERS, ChainStep, ControlVariates, Scales, sampler_step, control_pays,
                       expected_virial, flat_variance_missing, relaxation_steps, step_bias)
-from ._stats import chain_mean, error_source, spread_warning
+from ._stats import Drift, chain_mean, drift_warning, error_source, halves_drift, paired_drift, spread_warning
 
 __all__ = ["LLCDiagnostics", "LLCResult", "LLCWarning", "default_burn_in", "estimate_llc"]
 
@@ -45,6 +45,8 @@ _HOT_LIMIT = 0.05
 _MAX_RESTARTS = 4
 #: How many times the step may be chosen again at the end of a burn-in (see ``_Chains.sample``).
 _MAX_RECHOICES = 2
+#: The burn-in after a re-choice runs at most this many of its windows (see ``settle_window``).
+_SETTLE_WINDOWS = 30
 #: The multiprocessing contexts ``mp_context`` takes.
 MP_CONTEXTS = ("spawn", "forkserver", "fork")
 
@@ -64,6 +66,10 @@ class LLCDiagnostics:
     :param spread_p: the probability of a spread that large were the autocorrelation's error right
         (below 0.01: warned about; see :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
     :param r_hat: split :math:`\\hat R` of the loss draws (above 1.05: not equilibrated).
+    :param drift: how far :math:`n\\beta L` moved from the first half of the draws to the second, each
+        chain against itself (:func:`~pyro_sgmcmc.slt._stats.paired_drift`): near 0 at equilibrium;
+        beyond 4 standard errors, warned about.
+    :param drift_std_error: its standard error.
     :param unrelaxed: about how many sampled directions had not relaxed from :math:`w^*` during
         the draws: the mean virial :math:`(w - w^*)\\cdot\\nabla U` short of its equilibrium value
         :math:`d` (plus SGLD's offset; see :func:`~pyro_sgmcmc.slt._scales.virial`). Near 0 at
@@ -80,7 +86,7 @@ class LLCDiagnostics:
         it at any step found too large at a burn-in's end (see ``rechoices``).
     :param rechoices: how many times the step was chosen again at a burn-in's end, where the scales
         measured where the chains had gone said it biased the estimate beyond twice the target
-        (see ``estimate_llc``); each new step got a burn-in of its own.
+        (see ``estimate_llc``); at each new step the burn-in ran on until the loss stopped drifting.
     :param restarts: how many times the sampling phase started over after a chain diverged, with a
         smaller step; the draws come from the last start only.
     :param sampler: the chains' sampler during the burn-in and draws: ``"sgld"`` or ``"baoab"``.
@@ -96,6 +102,8 @@ class LLCDiagnostics:
     spread_std_error: float
     spread_p: float
     r_hat: float
+    drift: float
+    drift_std_error: float
     unrelaxed: float
     unrelaxed_std_error: float
     step_bias: float
@@ -238,8 +246,8 @@ def estimate_llc(
     averaged over the :math:`2\hat\lambda` directions that :math:`\hat\lambda` counts, so that the
     discretisation bias of :math:`\hat\lambda` is about ``target_bias``; the scales are measured
     again at the end of the burn-in, and where the step would bias the estimate by more than
-    twice the target there, it is chosen again and a burn-in for it runs on
-    (``diagnostics.rechoices``). A chain of a singular
+    twice the target there, it is chosen again and the burn-in runs on at the new step until
+    the loss estimate stops drifting (``diagnostics.rechoices``; see ``_Chains._settle``). A chain of a singular
     model that later wanders into a region too stiff for that step makes the sampling phase start
     over from an earlier snapshot with a smaller step, so that every draw comes from one
     fixed-step chain. The standard error is the Monte Carlo standard error from Pyro's effective
@@ -296,7 +304,10 @@ def estimate_llc(
     :param num_draws: draws of each chain after burn-in.
     :param num_burnin: steps at the chosen step size before the draws; default
         :func:`default_burn_in` (at least ``num_draws // 10``, more with a small step or a weak
-        localization). The pilot runs that choose the step come first and are excluded too.
+        localization). The pilot runs that choose the step come first and are excluded too. Where
+        the step is chosen again at the burn-in's end, the burn-in runs on at the new step until the
+        loss stops drifting, whatever was given (the step the user sized it for is gone; a given
+        ``step_size`` is never chosen again).
     :param sampler: ``"sgld"``; ``"baoab"``: underdamped Langevin with the BAOAB splitting
         (:class:`pyro_sgmcmc.samplers.SGHMC` with ``splitting="baoab"``), exact on a quadratic
         potential with exact gradients, whose momentum relaxes the flat directions far sooner
@@ -449,18 +460,30 @@ def estimate_llc(
                         f"the localization decorrelate over about {slowest} steps at this step size, against "
                         f"{num_draws} draws), and the standard error may understate it: give num_chains=4 or more, "
                         "whose spread the standard error then includes")
-    if (not burn_in_given or sampled.rechoices) and localization > 0 and step.size > 0 and (
-            missing := flat_variance_missing(step, localization, sampled.burn_in_at_step)) > _MISSING_LIMIT:
-        needed = relaxation_steps(step, localization)
+    missing = math.prod(flat_variance_missing(b.step, localization, b.steps) for b in sampled.burn_ins)
+    if (not burn_in_given or sampled.rechoices) and localization > 0 and step.size > 0 and missing > _MISSING_LIMIT:
+        first = sampled.burn_ins[0]
+        needed = relaxation_steps(first.step, localization)
         cause = (f"the step was chosen again at the burn-in's end ({sampled.rechoices} time(s): the earlier one "
-                 f"biased the estimate where the chains went), and the {sampled.burn_in_at_step} steps of burn-in at "
-                 "the new one leave" if sampled.rechoices else
-                 f"the burn-in was capped at num_draws // 2 = {sampled.burn_in_at_step} steps, after which")
+                 f"biased the estimate where the chains went), and the {sampled.burn_in} steps of burn-in at the "
+                 "steps so far leave" if sampled.rechoices else
+                 f"the burn-in was capped at num_draws // 2 = {first.steps} steps, which leaves")
         messages.append(
-            f"{cause} a direction held only by the localization still lacks about {missing:.0%} of its variance "
-            f"(it needs {needed} steps at this step size): if the model has such directions (a network's flat "
-            "directions), the draws may not be at equilibrium yet, and a slow drift that starts later shows in "
-            f"neither R-hat nor the virial check; give num_burnin={needed} (or more num_draws)")
+            f"{cause} a direction held only by the localization lacking about {missing:.0%} of its variance "
+            f"(it needs {needed} steps at the {'first' if sampled.rechoices else 'chosen'} step size): if the model "
+            "has such directions (a network's flat directions), the draws may not be at equilibrium yet, and a slow "
+            f"drift that starts later shows in neither R-hat nor the virial check; give num_burnin={needed} (or more "
+            "num_draws)")
+    if sampled.capped:
+        messages.append(
+            f"the step was chosen again at the burn-in's end, and after {sampled.burn_in_at_step} steps at the new "
+            f"one (its cap) the loss still drifted: nβ·L moved by {sampled.drift.change:.3g} ± "
+            f"{sampled.drift.std_error:.2g} over the last {settle_window(step, localization, num_draws)} steps; the "
+            "draws may still be on their way to equilibrium: give more localization (every direction then relaxes "
+            "faster), or check with more num_draws")
+    drift = halves_drift(nbeta * draws)
+    if moving := drift_warning(drift, "loss (times nβ)", "give more num_burnin (or more localization)"):
+        messages.append(moving)
     virial_trace = driver.virial_trace()
     virials = chain_mean(virial_trace[:, excluded:])
     unrelaxed = expected_virial(step, scales, objective.num_sampled, localization) - virials.mean
@@ -482,6 +505,7 @@ def estimate_llc(
     diagnostics = LLCDiagnostics(
         ess=summary.ess, autocorrelation_std_error=nbeta * summary.autocorrelation_std_error,
         spread_std_error=nbeta * summary.spread_std_error, spread_p=summary.spread_p, r_hat=summary.r_hat,
+        drift=drift.change, drift_std_error=drift.std_error,
         unrelaxed=unrelaxed, unrelaxed_std_error=virials.std_error,
         step_bias=bias, target_bias=None if step_size is not None else target_bias,
         scales=scales, adaptation_steps=adaptation_steps, burn_in=sampled.burn_in, rechoices=sampled.rechoices,
@@ -567,16 +591,58 @@ def _warnings(llc: float, std_error: float, r_hat: float, ess: float, bias: floa
 
 
 @dataclass(frozen=True)
+class BurnIn:
+    """A stretch of burn-in: its step and its length."""
+
+    step: ChainStep
+    steps: int
+
+
+@dataclass(frozen=True)
 class Sampled:
     """What ``_Chains.sample`` ran: the step of the draws, the restarts after a divergence, the
-    times the step was chosen again at a burn-in's end, the steps of burn-in in all, and those at
-    the draws' step."""
+    times the step was chosen again at a burn-in's end, the stretches of burn-in in order (the
+    last at the draws' step), and, after a re-choice, the last drift of the loss the burn-in at the
+    new step measured (``None`` without a re-choice) and whether that burn-in ended at its cap
+    still drifting."""
 
     step: ChainStep
     restarts: int
     rechoices: int
-    burn_in: int
-    burn_in_at_step: int
+    burn_ins: tuple[BurnIn, ...]
+    drift: Drift | None = None
+    capped: bool = False
+
+    @property
+    def burn_in(self) -> int:
+        """Steps of burn-in in all."""
+        return sum(b.steps for b in self.burn_ins)
+
+    @property
+    def burn_in_at_step(self) -> int:
+        """Steps of burn-in at the draws' step."""
+        return self.burn_ins[-1].steps if self.burn_ins else 0
+
+
+@dataclass(frozen=True)
+class Settling:
+    """What ``_Chains._settle`` ran: its steps, why it stopped at a divergence (``None``: it did
+    not), the last drift it measured, and whether it ended at its cap still drifting."""
+
+    steps: int
+    reason: str | None
+    drift: Drift | None
+    capped: bool
+
+
+def settle_window(step: ChainStep, localization: float, num_draws: int) -> int:
+    """The window of ``_Chains._settle``'s drift check: a thirtieth of the flattest direction's
+    relaxation at ``step`` (:func:`~pyro_sgmcmc.slt._scales.relaxation_steps`; for SGLD
+    :math:`1/(10\\epsilon\\gamma)`, the heat's time along a direction of precision :math:`10\\gamma`),
+    and at least ``num_draws // 20`` and ``SNAPSHOT`` steps; so the check's cap, ``_SETTLE_WINDOWS``
+    windows, is about that relaxation."""
+    relaxation = relaxation_steps(step, localization) if localization > 0 and step.size > 0 else 0
+    return max(SNAPSHOT, math.ceil(relaxation / _SETTLE_WINDOWS), num_draws // 20)
 
 
 class _Chains:
@@ -682,9 +748,9 @@ class _Chains:
         the burn-in: the pilots are short, and a network's chains reach regions
         of larger gradient noise and curvature only as their flat directions relax. Where the step
         would bias the estimate by more than twice ``target_bias`` there, it is chosen again from
-        those scales (at most ``_MAX_RECHOICES`` times), and a whole burn-in for the new step runs
-        on from where the chains are, so that the draws come from a step that meets the target
-        where they are. The scales are measured at the burn-in's end, not earlier: midway, a
+        those scales (at most ``_MAX_RECHOICES`` times), and the burn-in runs on at the new step
+        from where the chains are until their loss stops drifting (:meth:`_settle`), so that the
+        draws come from a step that meets the target where they are. The scales are measured at the burn-in's end, not earlier: midway, a
         network's chains have not yet reached the regions that set the step, and a step chosen
         there is still too large (on the benchmark MLP, three times).
 
@@ -698,27 +764,35 @@ class _Chains:
         BAOAB at the same :attr:`~pyro_sgmcmc.slt._scales.ChainStep.scale` (:math:`\epsilon a < 4`,
         :math:`h^2 a < 4`), and the region that made BAOAB diverge is stiffer than any the pilots
         saw. A given step size is never changed: an error says so."""
-        restarts = rechoices = burned = 0
+        restarts = rechoices = 0
+        burn_ins: list[BurnIn] = []
+        settling: Settling | None = None
         while True:
             self.set_step(step)
             start = self._recorded
-            steps = burn_in(step)
-            if self._bar is not None:
-                self._bar.total = self._bar.n + steps + num_draws
-            reason = self.run(steps, phase="burn-in")
+            if rechoices:
+                settling = self._settle(step, num_draws, target_bias)
+                steps, reason = settling.steps, settling.reason
+            else:
+                steps = burn_in(step)
+                if self._bar is not None:
+                    self._bar.total = self._bar.n + steps + num_draws
+                reason = self.run(steps, phase="burn-in")
             if reason is None and target_bias is not None and rechoices < _MAX_RECHOICES:
                 if steps:
                     self.llc_guess = self._guess(start + steps // 2) or self.llc_guess
                 scales = self.engine.measure()
                 if step_bias(step, scales, self.llc_guess) > 2 * target_bias:
                     rechoices += 1
-                    burned += steps
+                    burn_ins.append(BurnIn(step, steps))
                     step = self.choose(scales, self.llc_guess, target_bias, largest=step.size)
                     continue
             if reason is None:
                 reason = self.run(num_draws, phase="sampling")
             if reason is None:
-                return Sampled(step, restarts, rechoices, burned + steps, steps)
+                return Sampled(step, restarts, rechoices, (*burn_ins, BurnIn(step, steps)),
+                               None if settling is None else settling.drift,
+                               settling is not None and settling.capped)
             if target_bias is None or restarts == _MAX_RESTARTS:
                 raise RuntimeError(f"An LLC chain diverged at sampling {reason}, with step size {step}; give a "
                                    "smaller step_size (or target_bias), or more localization")
@@ -727,6 +801,45 @@ class _Chains:
             self.engine.restore()
             scales = self.engine.measure()
             step = self.choose(scales, self.llc_guess, target_bias, largest=step.shrunk(2).size)
+
+    def _settle(self, step: ChainStep, num_draws: int, target_bias: float) -> Settling:
+        r"""The burn-in at a step chosen again: until the loss stops drifting, in windows of
+        :func:`settle_window` steps (two first, then one at a time), at most ``_SETTLE_WINDOWS`` of
+        them.
+
+        The chains come from a larger step, which kept every direction hotter by
+        :math:`\epsilon(a + B)/4` of its variance (module :mod:`~pyro_sgmcmc.slt._scales`); at the new
+        step that heat leaves a direction of precision :math:`a` as :math:`e^{-\epsilon a t}`. The
+        directions held only by the localization hardly keep any (their variance,
+        :math:`1/(\gamma(1 - \epsilon\gamma/4))`, barely depends on the step) and need not relax
+        again: the burn-in before the re-choice relaxed them (:func:`estimate_llc` counts every
+        stretch of burn-in toward them). What the heat's slowest part needs is not known before:
+        between the stiff directions (gone in a few steps) and the flat ones, the directions of a
+        network that carry it can take thousands of steps (on the benchmark's MLP, 2000-3000 at the
+        step chosen again, against 20,000 for its flattest direction). So it is measured: after
+        each window, the change of the loss estimate's mean (times :math:`n\beta`) from the window
+        before, each chain against itself (:func:`~pyro_sgmcmc.slt._stats.paired_drift`); the
+        burn-in ends when the change is within two standard errors of 0 or within a quarter of the
+        target bias of the estimate so far. A drift smaller than a window resolves is not
+        detected; the draws' own drift check (:func:`estimate_llc`'s warnings) sees what remains
+        at their resolution. Ending at the cap still drifting is warned about."""
+        window = settle_window(step, self.localization, num_draws)
+        steps, drift = 0, None
+        while True:
+            more = window if steps else 2 * window
+            if self._bar is not None:
+                self._bar.total = self._bar.n + more + num_draws
+            reason = self.run(more, phase="burn-in")
+            steps += more
+            if reason is not None:
+                return Settling(steps, reason, drift, False)
+            recent = self.nbeta * self.recent(self._recorded - 2 * window)
+            drift = paired_drift(recent[:, :window], recent[:, window:])
+            guess = self._guess(self._recorded - window)
+            if drift.settled(target_bias * guess / 4 if guess else 0.0):
+                return Settling(steps, None, drift, False)
+            if steps >= _SETTLE_WINDOWS * window:
+                return Settling(steps, None, drift, True)
 
     def adapt(self, target_bias: float, num_draws: int) -> tuple[ChainStep, int]:
         """Pilot runs from :math:`w^*`, each followed by a measurement of the scales where the chains

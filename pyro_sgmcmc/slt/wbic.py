@@ -17,7 +17,7 @@ from torch import Tensor
 from .._validation import check_callable, check_choice, check_flag, check_integer, check_mapping, check_number
 from ..infer.subsample import SubsampleControl
 from ._pyro import ModelLikelihood
-from ._stats import chain_mean, error_source, spread_warning
+from ._stats import chain_mean, drift_warning, error_source, halves_drift, spread_warning
 from .llc import R_HAT_LIMIT, LLCWarning
 
 __all__ = ["TemperedLikelihood", "WBICResult", "tempered_likelihood", "wbic"]
@@ -64,6 +64,10 @@ class WBICResult:
         (``nan`` for one chain); ``std_error`` is the larger.
     :param spread_p: the probability of a spread that large were the autocorrelation's error right
         (below 0.01: warned about; see :class:`~pyro_sgmcmc.slt._stats.ChainMean`).
+    :param drift: how far the negative log likelihood moved from the first half of the draws to
+        the second, each chain against itself (:func:`~pyro_sgmcmc.slt._stats.paired_drift`):
+        near 0 at equilibrium; beyond 4 standard errors, warned about.
+    :param drift_std_error: its standard error.
     :param bias_bound: a bound on the discretisation bias of ``wbic`` where the kernel states
         its ``target_bias`` (a relative bias of posterior variances, which move
         :math:`\\mathrm{WBIC} - nL_n(w_0)`), else ``None``.
@@ -87,6 +91,8 @@ class WBICResult:
     autocorrelation_std_error: float
     spread_std_error: float
     spread_p: float
+    drift: float
+    drift_std_error: float
     bias_bound: float | None
     kernel_diagnostics: tuple[dict[str, Any], ...]
     warnings: tuple[str, ...]
@@ -106,7 +112,7 @@ def wbic(
     model_kwargs: dict[str, Any] | None = None,
     num_samples: int = 1000,
     warmup_steps: int = 500,
-    num_chains: int = 2,
+    num_chains: int = 4,
     kernel: Callable[..., Any] | None = None,
     kernel_options: dict[str, Any] | None = None,
     w_star: dict[str, Tensor] | None = None,
@@ -147,7 +153,10 @@ def wbic(
     :param num_samples: draws per chain after warmup, as for :class:`pyro.infer.MCMC`.
     :param warmup_steps: warmup steps per chain (adaptation; left out).
     :param num_chains: chains: one after another (each a ``pyro.infer.MCMC`` run), or, with
-        ``mp_context``, side by side in worker processes.
+        ``mp_context``, side by side in worker processes. The standard error is the larger of the
+        autocorrelation's and the chains' spread's (:class:`~pyro_sgmcmc.slt._stats.ChainMean`),
+        which needs 2 chains and 4 or more to be firm: with 2 its single degree of freedom makes
+        the error bar itself uncertain by about 70%.
     :param kernel: a kernel class of :mod:`pyro_sgmcmc.infer` (default ``pyro_sgmcmc.infer.SGLD``) or
         any callable ``model -> MCMCKernel``, given the tempered model.
     :param kernel_options: its keyword arguments (e.g. ``{"full_mass": True}``).
@@ -159,8 +168,9 @@ def wbic(
         the kernel must then be picklable, e.g. a model defined at module level). Pyro runs the
         chains one after another when the machine has fewer than ``num_chains + 1`` CPUs.
     :param progress_bar: show Pyro's progress bar.
-    :returns: a :class:`WBICResult`; an :class:`LLCWarning` when the chains did not equilibrate or
-        the draws fit better than :math:`w_0`.
+    :returns: a :class:`WBICResult`; an :class:`LLCWarning` when the chains did not equilibrate
+        (split :math:`\hat R`, or a drift from the first half of the draws to the second), or the
+        draws fit better than :math:`w_0`.
     """
     num_samples = check_integer("num_samples", num_samples, low=4)
     warmup_steps = check_integer("warmup_steps", warmup_steps, low=0)
@@ -219,6 +229,9 @@ def wbic(
                         f"{R_HAT_LIMIT}): give more warmup_steps and num_samples")
     if spread := spread_warning(summary, 1.0, "negative log likelihood", "num_samples"):
         messages.append(spread)
+    drift = halves_drift(draws)
+    if moving := drift_warning(drift, "negative log likelihood", "give more warmup_steps"):
+        messages.append(moving)
     if llc < -2 * beta * summary.std_error:
         messages.append("the draws fit the data better than w_star, which is not the MAP (or the chains are too cold)")
     for message in messages:
@@ -230,7 +243,8 @@ def wbic(
         wbic=summary.mean, std_error=summary.std_error, llc=llc, llc_std_error=beta * summary.std_error, beta=beta,
         n=n, reference_nll=reference_nll, nll_draws=draws, per_chain=draws.mean(1), ess=summary.ess,
         r_hat=summary.r_hat, autocorrelation_std_error=summary.autocorrelation_std_error,
-        spread_std_error=summary.spread_std_error, spread_p=summary.spread_p, bias_bound=bias_bound, kernel_diagnostics=tuple(diagnostics), warnings=tuple(messages))
+        spread_std_error=summary.spread_std_error, spread_p=summary.spread_p,
+        drift=drift.change, drift_std_error=drift.std_error, bias_bound=bias_bound, kernel_diagnostics=tuple(diagnostics), warnings=tuple(messages))
 
 
 @torch.no_grad()
