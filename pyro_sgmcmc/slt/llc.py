@@ -47,8 +47,8 @@ _MAX_RESTARTS = 4
 _MAX_RECHOICES = 2
 #: The burn-in after a re-choice runs at most this many of its windows (see ``settle_window``).
 _SETTLE_WINDOWS = 30
-#: ... and checks first after this many (a fifth of the flattest direction's relaxation).
-_SETTLE_FIRST = 6
+#: ... and checks first after this many (a third of the flattest direction's relaxation).
+_SETTLE_FIRST = 10
 #: The multiprocessing contexts ``mp_context`` takes.
 MP_CONTEXTS = ("spawn", "forkserver", "fork")
 
@@ -827,10 +827,12 @@ class _Chains:
         :math:`n\beta L` over its last quarter is compared with that over the quarter before, each
         chain against itself (:func:`~pyro_sgmcmc.slt._stats.halves_drift`); the burn-in ends when
         they agree within two standard errors or a quarter of the target bias. The first
-        check comes after a fifth of the flattest direction's relaxation (``_SETTLE_FIRST``
-        windows), when the quarters compared are long enough to resolve the slow fall: checks
-        after four or five windows ended the MLP's burn-in 2% high. Ending at the cap still
-        drifting is warned about."""
+        check comes after a third of the flattest direction's relaxation (``_SETTLE_FIRST``
+        windows; :math:`1/(\epsilon\gamma)` steps for SGLD, over which a direction of
+        :math:`n\beta h = \gamma` keeps :math:`e^{-2}` of its heat): a fall of 2% of
+        :math:`\hat\lambda` over thousands of steps is within the noise of shorter quarters, and
+        checks after four to six windows ended the MLP's burn-in 2-4% high in some runs. Ending
+        at the cap still drifting is warned about."""
         window = settle_window(step, self.localization, num_draws)
         start, steps = self._recorded, 0
         while True:
