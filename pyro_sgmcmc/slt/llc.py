@@ -480,7 +480,8 @@ def estimate_llc(
         messages.append(
             f"the step was chosen again at the burn-in's end, and after {sampled.burn_in_at_step} steps at the new "
             f"one (its cap) the loss had not run clear of its transient: nβ·L moved by {sampled.drift.change:.3g} ± "
-            f"{sampled.drift.std_error:.2g} from their first half to their second; the "
+            f"{sampled.drift.std_error:.2g} from the third quarter of those steps to the fourth (each chain against "
+            "itself); the "
             "draws may still be on their way to equilibrium: give more localization (every direction then relaxes "
             "faster), or check with more num_draws")
     drift = halves_drift(nbeta * draws)
@@ -605,8 +606,8 @@ class Sampled:
     """What ``_Chains.sample`` ran: the step of the draws, the restarts after a divergence, the
     times the step was chosen again at a burn-in's end, the stretches of burn-in in order (the
     last at the draws' step), and, after a re-choice, the drift of the loss over the burn-in at the
-    new step, its first half to its second (``None`` without a re-choice), and whether that burn-in
-    ended at its cap short of equilibrium."""
+    new step, its third quarter to its fourth (``None`` without a re-choice), and whether that
+    burn-in ended at its cap short of equilibrium."""
 
     step: ChainStep
     restarts: int
@@ -629,7 +630,7 @@ class Sampled:
 @dataclass(frozen=True)
 class Settling:
     """What ``_Chains._settle`` ran: its steps, why it stopped at a divergence (``None``: it did
-    not), the drift of the loss over it (its first half to its second), and whether it ended at its
+    not), the drift of the loss over it (its third quarter to its fourth), and whether it ended at its
     cap short of equilibrium."""
 
     steps: int
