@@ -831,9 +831,8 @@ class _Chains:
         check comes after a third of the flattest direction's relaxation (``_SETTLE_FIRST``
         windows; :math:`1/(\epsilon\gamma)` steps for SGLD, over which a direction of
         :math:`n\beta h = \gamma` keeps :math:`e^{-2}` of its heat): a fall of 2% of
-        :math:`\hat\lambda` over thousands of steps is within the noise of shorter quarters, and
-        checks after four to six windows ended the MLP's burn-in 2-4% high in some runs. Ending
-        at the cap still drifting is warned about."""
+        :math:`\hat\lambda` over thousands of steps is within the noise of shorter quarters.
+        Ending at the cap still drifting is warned about."""
         window = settle_window(step, self.localization, num_draws)
         start, steps = self._recorded, 0
         while True:
