@@ -6,6 +6,8 @@
     python benchmarks/llc.py --cases mlp-same-step    # the MLP, ours at devinterp's step (like for like)
     python benchmarks/llc.py --cases mlp-relaxed      # the MLP, both relaxed, one chain each
     python benchmarks/llc.py --cases mlp-steps        # the MLP, one chain at a large then a small step
+    python benchmarks/llc.py --cases mlp-arrival --mlp-lr 1.58e-6 --mlp-chains 4  # from w*: when the loss arrives
+    python benchmarks/llc.py --cases mlp-relaxed --mlp-chains 8 --device cuda  # the MLP on a GPU
     python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
     python benchmarks/llc.py --cases rrr --repeats 5  # each case five times, other seeds: mean error bars
     python benchmarks/llc.py --cases rrr --rrr-ours-chains 12  # ours with 12 batched chains, devinterp its 3
@@ -32,6 +34,11 @@ Cases:
   until the loss stops drifting), devinterp at the step ours ended with, given
   ``3 / (lr * localization)`` more steps that its estimate leaves out (the relaxation from
   ``w*`` at that step).
+* ``mlp-arrival`` -- ours' SGLD at the fixed step ``--mlp-lr`` from ``w*``, as devinterp's chain runs
+  (no burn-in, no control variates), ``--mlp-chains`` chains of ``--arrival-steps`` steps: the mean
+  of ``n beta (L_B - L_n(w*))`` over windows of 500 steps, and the first window from which every
+  later one is within 1% (2%) of the last quarter's mean: the burn-in a chain started at ``w*`` needs at
+  that step, which devinterp's relaxed run is given as ``3 / (lr * localization)`` in ``mlp-relaxed``.
 * ``mlp-steps`` -- one SGLD chain (``pyro_sgmcmc.samplers.SGLD``, plain minibatch gradients) at
   step 2.26e-5 for 1500 steps, then 6000 at 2.26e-6: the mean of ``n beta (L_B - L_n(w*))`` over
   windows of 250 steps shows how much of the estimate at the larger step was its heat.
@@ -55,6 +62,8 @@ reports the mean estimate, the spread of the K estimates (which the mean standar
 match), mean times, and the ratio at equal error from the mean squared standard errors and the
 mean times. Times are wall-clock, in one process, one thread (on a shared machine, two
 threads contended for the cores and made every time 2-30x noisier; --threads changes it).
+``--device cuda`` runs the MLP cases' network, data and both samplers on that device (ours' chains
+batched in one call, devinterp's one after the other, as on the CPU).
 """
 
 from __future__ import annotations
@@ -90,7 +99,7 @@ class _Rows(Dataset):
 
 
 def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, num_draws, batch_size, seed=100,
-                  burn_in=0):
+                  burn_in=0, device="cpu"):
     """devinterp's own chain loop; returns (estimate, standard error, spread of chain values,
     seconds, the standard error's sources). ``burn_in``: leading steps of each chain's ``num_draws``
     left out of the estimate (devinterp 2.x averages every step; its time includes them)."""
@@ -124,7 +133,7 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
                 model, dataset, evaluate, {name: None for name, _ in model.named_parameters()}, num_draws=num_draws,
                 sampling_method=SGMCMC.sgld,
                 sampling_method_kwargs=dict(lr=lr, nbeta=nbeta, localization=localization),
-                chain=chain, seed=seed + chain, dataloader_seed=seed + chain, batch_size=batch_size,
+                chain=chain, seed=seed + chain, dataloader_seed=seed + chain, batch_size=batch_size, device=device,
                 micro_callback=lambda loss, chain, **_: traces[chain].append(float(loss.mean())))
     seconds = time.perf_counter() - start
     trace = torch.tensor(traces, dtype=torch.float64)[:, burn_in:]
@@ -287,7 +296,8 @@ def mlp_setup(args):
             optimizer.zero_grad()
             loss(model(xb), yb).backward()
             optimizer.step()
-    return model, x, y, loss, n / math.log(n), 100.0
+    device = torch.device(args.device)
+    return model.to(device), x.to(device), y.to(device), loss, n / math.log(n), 100.0
 
 
 def mlp_case(args, same_step=False, relaxed=False):
@@ -310,9 +320,36 @@ def mlp_case(args, same_step=False, relaxed=False):
     lr = ours.step_size if relaxed else args.mlp_lr
     burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
     theirs = run_devinterp(model, x, y, loss, lr=lr, nbeta=nbeta, localization=localization,
-                           num_chains=chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in)
+                           num_chains=chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in,
+                           device=args.device)
     label = ", same step" if same_step else f", relaxed, {chains} chain(s) (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
     return f"mlp 1.07M params{label}", None, None, ours, ours_time, theirs
+
+
+def mlp_arrival(args, window=500):
+    """Ours' SGLD from ``w*`` at ``--mlp-lr``, ``--mlp-chains`` chains of ``--arrival-steps`` steps, no
+    burn-in: window means of ``n beta (L_B - L_n(w*))`` (over the chains, and each chain's), and the
+    first window from which every later one is within 1% (and 2%, the default target bias) of the
+    last quarter's mean."""
+    model, x, y, loss, nbeta, localization = mlp_setup(args)
+    steps = 2000 if args.quick else args.arrival_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns, rightly, that its draws include the relaxation
+        result, seconds = run_ours(model, x, y, loss, nbeta=nbeta, localization=localization,
+                                   num_chains=args.mlp_chains, num_draws=steps, batch_size=256, step_size=args.mlp_lr,
+                                   num_burnin=0, control_variates=False, sampler="sgld")
+    trace = nbeta * (result.loss_trace.double() - result.init_loss)
+    starts = range(0, trace.shape[1] - window + 1, window)
+    means = [float(trace[:, s:s + window].mean()) for s in starts]
+    for s, mean in zip(starts, means):
+        chains = " ".join(f"{float(v):7.1f}" for v in trace[:, s:s + window].mean(1))
+        print(f"mlp-arrival: steps {s:6d}-{s + window:6d} at {args.mlp_lr:.3g}: {mean:7.1f}  (chains {chains})")
+    level = float(trace[:, 3 * trace.shape[1] // 4:].mean())
+    for within in (0.01, 0.02):
+        arrived = next(k for k in range(len(means) + 1) if all(abs(m - level) <= within * level for m in means[k:]))
+        print(f"mlp-arrival: every window from step {arrived * window} on is within {within:.0%} of the last "
+              f"quarter's mean {level:.1f}")
+    print(f"mlp-arrival: 3 / (lr * localization) = {math.ceil(3 / (args.mlp_lr * localization))} steps; {seconds:.0f} s")
 
 
 def mlp_steps(args, large=2.26e-5, small=2.26e-6, window=250):
@@ -423,7 +460,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
     parser.add_argument("--mlp-burnin", type=int, default=1500, help="mlp-relaxed: ours' num_burnin")
-    parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed: chains of each")
+    parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed, mlp-arrival: chains of each")
+    parser.add_argument("--arrival-steps", type=_positive, default=19_000, help="mlp-arrival: steps a chain")
+    parser.add_argument("--device", default="cpu", help="the MLP cases' device (e.g. cuda)")
     parser.add_argument("--rrr-ours-chains", type=_positive, default=None,
                         help="rrr: ours runs this many chains (devinterp its test's 3): chains batched in one "
                              "call cost less a draw, which the ratio at equal error shows")
@@ -457,6 +496,8 @@ def main():
         rows.append([mlp_case(args, relaxed=True)])
     if "mlp-steps" in args.cases:
         mlp_steps(args)
+    if "mlp-arrival" in args.cases:
+        mlp_arrival(args)
     if rows:
         report(rows)
 

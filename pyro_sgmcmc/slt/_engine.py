@@ -45,8 +45,8 @@ SNAPSHOT = 25
 @dataclass(frozen=True)
 class ChainChunk:
     """What :meth:`LocalEngine.run` returns: the loss estimates and virials of each chain at each
-    step run (``[C, k]``, float64) and, if the chains diverged at step ``k``, why (the steps
-    before it only)."""
+    step run (``[C, k]``, float64; the virials NaN where not computed) and, if the chains diverged
+    at step ``k``, why (the steps before it only)."""
 
     values: Tensor
     virials: Tensor
@@ -104,10 +104,10 @@ class LocalEngine:
         """From here on, plain minibatch estimates."""
         self.control = None
 
-    def _step(self) -> tuple[Tensor, Tensor]:
-        """One step: the loss estimates and the virials at the point it left."""
+    def _step(self, virials: bool) -> tuple[Tensor, Tensor | None]:
+        """One step: the loss estimates and (``virials``) the virials at the point it left."""
         grads, values = gradient_estimate(self.objective, self.objective.draw(), self.control)
-        point_virial = virial(self.objective, grads, self.nbeta, self.localization)
+        point_virial = virial(self.objective, grads, self.nbeta, self.localization) if virials else None
         for p, g in zip(self.objective.params, grads):
             p.grad = g
         self.sampler.step()
@@ -119,17 +119,19 @@ class LocalEngine:
         excess = self.nbeta * (values - self.init_loss)
         return bool((~torch.isfinite(values) | (excess > self.limit)).any())
 
-    def run(self, steps: int) -> ChainChunk:
+    def run(self, steps: int, virials: bool = True) -> ChainChunk:
         """``steps`` steps; at a divergence, stop and say why. Every ``SNAPSHOT`` steps (from the
-        call's first) the chains' points are kept, the two latest of them in :attr:`snapshots`."""
+        call's first) the chains' points are kept, the two latest of them in :attr:`snapshots`.
+        ``virials=False``: the chunk's virials are NaN, not computed (two passes over the weights
+        and one over the gradients a step: a tenth of a step of the benchmark's MLP)."""
         values: list[Tensor] = []
-        virials: list[Tensor] = []
+        point_virials: list[Tensor] = []
         reason = None
         for k in range(steps):
             if k % SNAPSHOT == 0:
                 self.snapshots = [self.snapshots[-1], [p.detach().clone() for p in self.objective.params]]
             try:
-                step_values, point_virial = self._step()
+                step_values, point_virial = self._step(virials)
             except NonFiniteError as error:
                 reason = f"step {k}: {error}"
                 break
@@ -137,10 +139,15 @@ class LocalEngine:
                 reason = f"step {k}: the loss left every plausible range"
                 break
             values.append(step_values)
-            virials.append(point_virial)
-        empty = torch.zeros(self.num_chains, 0, dtype=torch.float64)
-        return ChainChunk(torch.stack(values, 1).double() if values else empty,
-                          torch.stack(virials, 1).double() if virials else empty, reason)
+            if point_virial is not None:
+                point_virials.append(point_virial)
+        done = len(values)
+        recorded = torch.stack(values, 1).double() if values else torch.zeros(self.num_chains, 0, dtype=torch.float64)
+        if virials:
+            virial_values = torch.stack(point_virials, 1).double() if done else recorded
+        else:
+            virial_values = torch.full((self.num_chains, done), math.nan, dtype=torch.float64)
+        return ChainChunk(recorded, virial_values, reason)
 
     def _move_to(self, points: list[Tensor]) -> None:
         """The chains to ``points`` (broadcast), their momenta (BAOAB) drawn afresh."""
@@ -291,10 +298,10 @@ class ProcessEngine:
     def set_limit(self, limit: float) -> None:
         self._call("set_limit", limit)
 
-    def run(self, steps: int) -> ChainChunk:
+    def run(self, steps: int, virials: bool = True) -> ChainChunk:
         """Every chain runs ``steps`` steps; the chunk keeps the steps that all of them ran, and the
         first divergence's reason."""
-        chunks = self._call("run", steps)
+        chunks = self._call("run", steps, virials)
         kept = min(chunk.values.shape[1] for chunk in chunks)
         reason = next((f"worker {k}, {chunk.reason}" for k, chunk in enumerate(chunks) if chunk.reason), None)
         return ChainChunk(torch.cat([chunk.values[:, :kept] for chunk in chunks]),

@@ -136,7 +136,8 @@ class LLCResult:
         start only).
     :param virial_trace: :math:`(w - w^*)\\cdot\\nabla\\hat U` at the same steps (``[chains, steps]``),
         whose mean over the draws is about the number of sampled coordinates at equilibrium (see
-        ``diagnostics.unrelaxed``).
+        ``diagnostics.unrelaxed``); NaN at the excluded steps, where it is not computed (only its
+        mean over the draws is used, and on a large network it costs a tenth of a step).
     :param num_excluded: how many leading steps of ``loss_trace`` are adaptation and burn-in.
     :param init_loss: :math:`L_n(w^*)`, exact.
     :param n: the data set's size.
@@ -728,10 +729,11 @@ class _Chains:
 
     def run(self, steps: int, phase: str) -> str | None:
         """``steps`` steps, recorded, ``SNAPSHOT`` at a time (the engine keeps a snapshot at the
-        start of each); at a divergence, stop and say why (``None``: none)."""
+        start of each), the virials in the ``"sampling"`` phase only; at a divergence, stop and say
+        why (``None``: none)."""
         done = 0
         while done < steps:
-            chunk = self.engine.run(min(SNAPSHOT, steps - done))
+            chunk = self.engine.run(min(SNAPSHOT, steps - done), phase == "sampling")
             self._records.append(chunk.values)
             self._virials.append(chunk.virials)
             if chunk.reason is not None:
