@@ -122,8 +122,8 @@ class LocalEngine:
     def run(self, steps: int, virials: bool = True) -> ChainChunk:
         """``steps`` steps; at a divergence, stop and say why. Every ``SNAPSHOT`` steps (from the
         call's first) the chains' points are kept, the two latest of them in :attr:`snapshots`.
-        ``virials=False``: the chunk's virials are NaN, not computed (two passes over the weights
-        and one over the gradients a step: a tenth of a step of the benchmark's MLP)."""
+        ``virials=False``: the chunk's virials are NaN, not computed (they cost two passes over the
+        weights and one over the gradients a step)."""
         values: list[Tensor] = []
         point_virials: list[Tensor] = []
         reason = None
@@ -141,13 +141,13 @@ class LocalEngine:
             values.append(step_values)
             if point_virial is not None:
                 point_virials.append(point_virial)
-        done = len(values)
-        recorded = torch.stack(values, 1).double() if values else torch.zeros(self.num_chains, 0, dtype=torch.float64)
-        if virials:
-            virial_values = torch.stack(point_virials, 1).double() if done else recorded
-        else:
-            virial_values = torch.full((self.num_chains, done), math.nan, dtype=torch.float64)
-        return ChainChunk(recorded, virial_values, reason)
+
+        def stacked(points: list[Tensor], fill: float) -> Tensor:
+            if points:
+                return torch.stack(points, 1).double()
+            return torch.full((self.num_chains, len(values)), fill, dtype=torch.float64)
+
+        return ChainChunk(stacked(values, 0.0), stacked(point_virials, math.nan), reason)
 
     def _move_to(self, points: list[Tensor]) -> None:
         """The chains to ``points`` (broadcast), their momenta (BAOAB) drawn afresh."""

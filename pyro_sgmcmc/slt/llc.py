@@ -137,7 +137,7 @@ class LLCResult:
     :param virial_trace: :math:`(w - w^*)\\cdot\\nabla\\hat U` at the same steps (``[chains, steps]``),
         whose mean over the draws is about the number of sampled coordinates at equilibrium (see
         ``diagnostics.unrelaxed``); NaN at the excluded steps, where it is not computed (only its
-        mean over the draws is used, and on a large network it costs a tenth of a step).
+        mean over the draws is used, and it costs two passes over the weights a step).
     :param num_excluded: how many leading steps of ``loss_trace`` are adaptation and burn-in.
     :param init_loss: :math:`L_n(w^*)`, exact.
     :param n: the data set's size.
