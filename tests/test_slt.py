@@ -130,6 +130,24 @@ def test_quadratic_llc_with_baoab_is_the_target_itself_at_the_chosen_step():
     assert relaxation_steps(ChainStep(result.step_size, result.friction), gamma) < relaxation_steps(sgld, gamma) / 5
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows_on", ["cuda", "cpu"])
+@pytest.mark.parametrize("sampler", ["sgld", "baoab"])
+def test_on_cuda_the_quadratic_llc_is_the_exact_chain_wherever_the_rows_are(sampler, rows_on):
+    """The model on a CUDA device and its rows there or in host memory: the chains' law is the
+    exact one of the CPU tests above, and what the result holds is in host memory."""
+    torch.manual_seed(0)
+    n, gamma = 1000, 50.0
+    z, zeros = quadratic_data(n, 4, 100).dataset.tensors
+    loader = DataLoader(TensorDataset(z.to(rows_on), zeros.to(rows_on)), batch_size=100)
+    model = Quadratic(H.cuda()).cuda()
+    result = estimate_llc(model, loader, mean_output, localization=gamma, num_chains=32, num_draws=1000,
+                          sampler=sampler, progress_bar=False)
+    assert model.w.is_cuda and torch.equal(model.w.detach().cpu(), torch.zeros(len(H)))  # w* left as it was
+    assert not (result.per_chain.is_cuda or result.loss_trace.is_cuda or result.virial_trace.is_cuda)
+    assert_exact(result.llc, result.std_error, chain_exact(H, result, gamma), what=f"{sampler} on cuda")
+
 def test_auto_runs_baoab_where_the_noise_is_small_and_sgld_where_it_dominates():
     """``sampler="auto"``: on the quadratic with exact gradients (full batches, or minibatches with
     control variates, which leave it no noise) BAOAB relaxes the flattest direction many times

@@ -156,7 +156,7 @@ class Minibatches:
 
     def rows(self, index: Tensor) -> Any:
         if self.tensors is not None:
-            return tuple(t.index_select(0, index) for t in self.tensors)
+            return tuple(t.index_select(0, index.to(t.device)) for t in self.tensors)
         dataset = self.loader.dataset
         return self.loader.collate_fn([dataset[int(i)] for i in index])
 
@@ -172,7 +172,8 @@ class Minibatches:
         elif self.tensors is not None and stacked:
             index = self.indices(num_chains)
             flat = index.reshape(-1)  # index_select: advanced indexing by a 2-d index was 200x slower (measured)
-            return tuple(t.index_select(0, flat).view(*index.shape, *t.shape[1:]) for t in self.tensors)
+            on_device = {t.device: flat.to(t.device) for t in self.tensors}  # one copy a device
+            return tuple(t.index_select(0, on_device[t.device]).view(*index.shape, *t.shape[1:]) for t in self.tensors)
         else:
             batches = [self.rows(index) for index in self.indices(num_chains)]
         return stack_batches(batches) if stacked else batches

@@ -142,9 +142,9 @@ class LocalEngine:
             if point_virial is not None:
                 point_virials.append(point_virial)
 
-        def stacked(points: list[Tensor], fill: float) -> Tensor:
+        def stacked(points: list[Tensor], fill: float) -> Tensor:  # on the host: the records are statistics
             if points:
-                return torch.stack(points, 1).double()
+                return torch.stack(points, 1).double().cpu()
             return torch.full((self.num_chains, len(values)), fill, dtype=torch.float64)
 
         return ChainChunk(stacked(values, 0.0), stacked(point_virials, math.nan), reason)

@@ -268,7 +268,7 @@ def measure(objective: ChainObjective, nbeta: float, localization: float, contro
         return masked([nbeta * h for h in out])
 
     v = masked([torch.randn_like(p) for p in params])
-    largest = torch.zeros(chains, dtype=torch.float64)
+    largest = torch.zeros(chains, dtype=torch.float64, device=params[0].device)
     for _ in range(power_iterations):
         norm = _chain_dot(v, v, chains).sqrt().clamp(min=1e-30)
         v = [x / norm.view(-1, *[1] * (x.dim() - 1)) for x in v]
@@ -277,7 +277,7 @@ def measure(objective: ChainObjective, nbeta: float, localization: float, contro
         if not bool(torch.isfinite(largest).all()):
             break
         v = w
-    trace = torch.zeros(chains, dtype=torch.float64)
+    trace = torch.zeros(chains, dtype=torch.float64, device=params[0].device)
     for _ in range(probes):
         r = masked([torch.randint(0, 2, p.shape, device=p.device).to(p.dtype) * 2 - 1 for p in params])
         trace += _chain_dot(r, hvp(r), chains).double().detach() / probes
