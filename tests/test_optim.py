@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pyro_sgmcmc.functional import NUM_STREAMS, NoisePlan, NoisePlanCache, NonFiniteError, sgld
+from pyro_sgmcmc.functional import DEVICE_CHUNK_NUMEL, NUM_STREAMS, NoisePlan, NoisePlanCache, NonFiniteError, sgld
 from pyro_sgmcmc.samplers import SAMPLERS
 from pyro_sgmcmc.samplers import SGLD
 from pyro_sgmcmc.samplers import SGNHT
@@ -591,6 +591,18 @@ def test_noise_buffer_is_bounded_for_large_models():
     assert [b.numel() for b in plan.buffers] == [1 << 20] * 3
     # and the noise has the right size: sqrt(lr) per entry
     assert float(big.detach().std()) == pytest.approx(1e-2, rel=1e-2)
+
+
+def test_noise_chunks_off_the_cpu_are_large_and_still_bounded():
+    """Off the CPU (a meta device stands in for a GPU: its tensors have shapes, no storage), a
+    chunk holds up to ``DEVICE_CHUNK_NUMEL`` elements in one pair of buffers; the CPU's stay small."""
+    sizes = [3 << 20, 5]
+    plan = NoisePlan([torch.empty(n, device="meta") for n in sizes])
+    assert len(plan.chunks) == 1 and [b.numel() for b in plan.buffers] == [(3 << 20) + 5]
+    assert len(NoisePlan([torch.empty(n) for n in sizes]).chunks) == 4  # 1 << 20 on the CPU
+    plan = NoisePlan([torch.empty(DEVICE_CHUNK_NUMEL + 1, device="meta")])
+    assert [c.span for c in plan.chunks] == [(0, DEVICE_CHUNK_NUMEL), (DEVICE_CHUNK_NUMEL, DEVICE_CHUNK_NUMEL + 1)]
+    assert [b.numel() for b in plan.buffers] == [DEVICE_CHUNK_NUMEL]
 
 
 def test_functional_sgld_runs_without_an_optimizer():

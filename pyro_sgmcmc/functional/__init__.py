@@ -7,7 +7,7 @@ functions.
 """
 
 from ._common import Diagnostics, NonFiniteError, check_finite
-from ._noise import DEFAULT_CHUNK_NUMEL, NUM_STREAMS, NoisePlan, NoisePlanCache, NoiseSource
+from ._noise import DEFAULT_CHUNK_NUMEL, DEVICE_CHUNK_NUMEL, NUM_STREAMS, NoisePlan, NoisePlanCache, NoiseSource
 from .control_variates import control_variate_gradient_
 from .mala import mala_log_acceptance
 from .psgld import psgld
@@ -17,6 +17,7 @@ from .sgnht import sgnht
 
 __all__ = [
     "DEFAULT_CHUNK_NUMEL",
+    "DEVICE_CHUNK_NUMEL",
     "Diagnostics",
     "NoisePlan",
     "NoisePlanCache",
