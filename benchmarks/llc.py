@@ -8,6 +8,7 @@
     python benchmarks/llc.py --cases mlp-steps        # the MLP, one chain at a large then a small step
     python benchmarks/llc.py --cases mlp-arrival --mlp-lr 1.58e-6 --mlp-chains 4  # from w*: when the loss arrives
     python benchmarks/llc.py --cases mlp-relaxed --mlp-chains 8 --device cuda  # the MLP on a GPU
+    python benchmarks/llc.py --cases mlp-relaxed --mlp-chains 8 --devinterp-chains 2 --device cuda  # devinterp's time from 2
     python benchmarks/llc.py --cases rrr --reference  # with a long run's finite-n beta value for each
     python benchmarks/llc.py --cases rrr --repeats 5  # each case five times, other seeds: mean error bars
     python benchmarks/llc.py --cases rrr --rrr-ours-chains 12  # ours with 12 batched chains, devinterp its 3
@@ -62,8 +63,13 @@ reports the mean estimate, the spread of the K estimates (which the mean standar
 match), mean times, and the ratio at equal error from the mean squared standard errors and the
 mean times. Times are wall-clock, in one process, one thread (on a shared machine, two
 threads contended for the cores and made every time 2-30x noisier; --threads changes it).
-``--device cuda`` runs the MLP cases' network, data and both samplers on that device (ours' chains
-batched in one call, devinterp's one after the other, as on the CPU).
+``--device cuda`` runs the MLP cases' network and both samplers on that device (ours' chains
+batched in one call, devinterp's one after the other, as on the CPU); ours' ``TensorDataset`` holds
+the rows on the device (estimate_llc indexes them there), devinterp's loader reads them a row at a
+time from host memory, as its loop expects (it moves each batch's inputs to the device; a row read
+on the device would be a device operation a row). ``--devinterp-chains K`` runs K of devinterp's chains and scales its time to
+``--mlp-chains`` (they run one after the other, each the same number of steps); its estimate and
+error bar are then its K chains'.
 """
 
 from __future__ import annotations
@@ -106,10 +112,13 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     from devinterp.optim import SGMCMC
     from devinterp.slt.sampler import sample_single_chain
 
-    dataset = _Rows(x, y)
+    # its loader reads a row at a time, from host memory: its loop moves each batch's inputs to the
+    # device, evaluate moves the targets
+    dataset = _Rows(x.cpu(), y.cpu())
 
     def evaluate(m, data):
-        return loss_fn(m(data["input_ids"]), data["target"]), {}
+        device = next(m.parameters()).device
+        return loss_fn(m(data["input_ids"].to(device)), data["target"].to(device)), {}
 
     start = time.perf_counter()
     # init loss as devinterp computes it: the mean loss over 32 batches of a shuffled loader
@@ -129,17 +138,22 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for chain in range(num_chains):
+            chain_start = time.perf_counter()
             sample_single_chain(
                 model, dataset, evaluate, {name: None for name, _ in model.named_parameters()}, num_draws=num_draws,
                 sampling_method=SGMCMC.sgld,
                 sampling_method_kwargs=dict(lr=lr, nbeta=nbeta, localization=localization),
                 chain=chain, seed=seed + chain, dataloader_seed=seed + chain, batch_size=batch_size, device=device,
                 micro_callback=lambda loss, chain, **_: traces[chain].append(float(loss.mean())))
+            value = nbeta * (sum(traces[chain][burn_in:]) / max(len(traces[chain]) - burn_in, 1) - init_loss)
+            print(f"devinterp chain {chain}: {time.perf_counter() - chain_start:.1f} s, {len(traces[chain])} steps, "
+                  f"lambda-hat {value:.4g}", flush=True)
     seconds = time.perf_counter() - start
     trace = torch.tensor(traces, dtype=torch.float64)[:, burn_in:]
     per_chain = nbeta * (trace.mean(1) - init_loss)
     summary = chain_mean(trace)
-    return (nbeta * (summary.mean - init_loss), nbeta * summary.std_error, float(per_chain.std()), seconds,
+    spread = float(per_chain.std()) if num_chains > 1 else math.nan
+    return (nbeta * (summary.mean - init_loss), nbeta * summary.std_error, spread, seconds,
             _error_sources(nbeta * summary.autocorrelation_std_error, nbeta * summary.spread_std_error,
                            summary.spread_p))
 
@@ -317,12 +331,20 @@ def mlp_case(args, same_step=False, relaxed=False):
                                    num_draws=draws, batch_size=256, **options)
     for warning in caught:
         print(f"ours ({'devinterp step' if same_step else 'default'}) warned: {warning.message}")
+    print(f"ours: {ours.llc:.4g} +- {ours.std_error:.3g} in {ours_time:.1f} s (step {ours.step_size:.3g}, "
+          f"{ours.num_excluded} steps before the draws)", flush=True)
     lr = ours.step_size if relaxed else args.mlp_lr
     burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
+    their_chains = args.devinterp_chains or chains if relaxed else chains
     theirs = run_devinterp(model, x, y, loss, lr=lr, nbeta=nbeta, localization=localization,
-                           num_chains=chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in,
+                           num_chains=their_chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in,
                            device=args.device)
+    if their_chains != chains:  # its chains run one after the other: its time for ours' number of them
+        print(f"devinterp ran {their_chains} chains in {theirs[3]:.1f} s; its time below is for {chains}")
+        theirs = (*theirs[:3], theirs[3] * chains / their_chains, theirs[4])
     label = ", same step" if same_step else f", relaxed, {chains} chain(s) (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
+    if their_chains != chains:
+        label += f", devinterp's time from {their_chains} chain(s)"
     return f"mlp 1.07M params{label}", None, None, ours, ours_time, theirs
 
 
@@ -461,6 +483,10 @@ def main():
     parser.add_argument("--mlp-lr", type=float, default=1e-5, help="devinterp's step size on the MLP")
     parser.add_argument("--mlp-burnin", type=int, default=1500, help="mlp-relaxed: ours' num_burnin")
     parser.add_argument("--mlp-chains", type=int, default=1, help="mlp-relaxed, mlp-arrival: chains of each")
+    parser.add_argument("--devinterp-chains", type=_positive, default=None,
+                        help="mlp-relaxed: devinterp runs this many chains (default --mlp-chains); its time is "
+                             "scaled to --mlp-chains (its chains run one after the other), its estimate and error "
+                             "bar are its chains'")
     parser.add_argument("--arrival-steps", type=_positive, default=19_000, help="mlp-arrival: steps a chain")
     parser.add_argument("--device", default="cpu", help="the MLP cases' device (e.g. cuda)")
     parser.add_argument("--rrr-ours-chains", type=_positive, default=None,
