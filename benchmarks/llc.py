@@ -331,8 +331,8 @@ def mlp_case(args, same_step=False, relaxed=False):
                                    num_draws=draws, batch_size=256, **options)
     for warning in caught:
         print(f"ours ({'devinterp step' if same_step else 'default'}) warned: {warning.message}")
-    print(f"ours: {ours.llc:.4g} +- {ours.std_error:.3g} in {ours_time:.1f} s (step {ours.step_size:.3g}, "
-          f"{ours.num_excluded} steps before the draws)", flush=True)
+    print(f"ours: {ours.llc:.4g} +- {ours.std_error:.3g} in {ours_time:.1f} s ({ours.diagnostics.sampler}, "
+          f"step {ours.step_size:.3g}, {ours.num_excluded} steps before the draws)", flush=True)
     lr = ours.step_size if relaxed else args.mlp_lr
     burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
     their_chains = args.devinterp_chains or chains if relaxed else chains
@@ -452,12 +452,12 @@ def report(rows):
                   f"at equal error by the spreads {by_spreads:.1f}x  "
                   f"(ours {' '.join(f'{v:.3f}' for v in ours.tolist())}; devinterp "
                   f"{' '.join(f'{v:.3f}' for v in theirs.tolist())})")
-    print("\nours, diagnostics: effective sample size, split R-hat, step size, steps before the draws (pilot + "
+    print("\nours, diagnostics: effective sample size, split R-hat, sampler and step size, steps before the draws (pilot + "
           "burn-in), restarts (the first run of each case)")
     for runs in rows:
         name, _, _, ours, _, _ = runs[0]
         d = ours.diagnostics
-        print(f"{name:<24} ESS {d.ess:7.0f}  R-hat {d.r_hat:.3f}  step {ours.step_size:.2e}  excluded "
+        print(f"{name:<24} ESS {d.ess:7.0f}  R-hat {d.r_hat:.3f}  {d.sampler}, step {ours.step_size:.2e}  excluded "
               f"{ours.num_excluded:5d}  restarts {d.restarts}")
     print("\nthe standard errors' sources (the first run of each case; the larger is the one given: "
           "pyro_sgmcmc.slt._stats.ChainMean)")

@@ -26,9 +26,9 @@ numbers do not depend on how many threads draw them. The streams fill their buff
 pool (torch ops release the GIL) and each chunk's update is applied right there, while the noise
 is still in cache. The streams' states are part of the sampler's state, so a saved chain resumes
 exactly. On other devices the root generator fills the chunks in order: there, drawing noise is
-cheap, and the chunks are large (a GPU's chunk costs kernel launches and a host synchronisation
-for its finite check, and the cache it would stay in is not the point there). How a step uses all this (checked first, drawn and applied after) is
-:func:`pyro_sgmcmc.functional._step.execute`.
+cheap, and the chunks are large (each chunk on a GPU costs kernel launches and a host
+synchronisation for its finite check, and no cache is to be kept warm). How a step uses all this
+(checked first, drawn and applied after) is :func:`pyro_sgmcmc.functional._step.execute`.
 
 Noise drawn ahead (:meth:`NoiseSource.draw_ahead`): the noise of a step does not depend on the
 gradient, so right after a step the noise threads can draw the next step's, while the caller runs
