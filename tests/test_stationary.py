@@ -52,23 +52,23 @@ SGHMC_FRICTION_TIMES_STEP = 0.08
 
 
 def run(sampler_cls, target, *, chains=CHAINS, steps=STEPS, burn_in=BURN_IN, seed=0, start=None, after_burn_in=None,
-        **options):
-    """Run ``chains`` independent chains (rows of one parameter) and return [steps, chains, d].
-    ``after_burn_in(sampler)`` runs once between burn-in and sampling."""
+        device="cpu", **options):
+    """Run ``chains`` independent chains (rows of one parameter, on ``device``) and return [steps,
+    chains, d] (in host memory). ``after_burn_in(sampler)`` runs once between burn-in and sampling."""
     torch.manual_seed(seed)
     d = target.mean.numel()
     if start is None:
         start = target.mean.expand(chains, d)
-    theta = torch.nn.Parameter(start.clone().to(torch.float32))
+    theta = torch.nn.Parameter(start.clone().to(device=device, dtype=torch.float32))
     sampler = sampler_cls([theta], **options)
     samples = torch.empty(steps, chains, d)
     for t in range(burn_in + steps):
-        theta.grad = target.grad(theta.detach().double()).float()
+        theta.grad = target.grad(theta.detach().double().cpu()).float().to(device)
         sampler.step()
         if t == burn_in - 1 and after_burn_in is not None:
             after_burn_in(sampler)
         if t >= burn_in:
-            samples[t - burn_in] = theta.detach()
+            samples[t - burn_in] = theta.detach().cpu()
     return samples, sampler
 
 
@@ -113,7 +113,7 @@ def setup(name, prec, lr):
         return SGHMC, dict(lr=lr, friction=friction), None, lambda s: sghmc_stationary_cov(prec, lr, friction)
 
     def psgld_cov(sampler):
-        square_avg = sampler.state[sampler.param_groups[0]["params"][0]]["square_avg"][0].double()
+        square_avg = sampler.state[sampler.param_groups[0]["params"][0]]["square_avg"][0].double().cpu()
         return preconditioned_sgld_stationary_cov(prec, lr, 1.0 / (square_avg.sqrt() + sampler.defaults["eps"]))
 
     return PSGLD, dict(lr=lr), share_and_freeze_preconditioner, psgld_cov
@@ -165,6 +165,14 @@ def check_paper_noise_is_excluded(est_cov, prec, lr, friction, label=""):
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 4.0])
 def test_gaussian_stationary(name, target, temperature):
     check_sampler(name, target, temperature=temperature)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["SGLD", "SGNHT", "SGHMC", "PSGLD"])
+def test_gaussian_stationary_on_cuda(name):
+    """The same exact law with the chains on a CUDA device: the noise from its generator, drawn
+    by the eager step's device plans."""
+    check_sampler(name, CORRELATED, device="cuda")
 
 
 @pytest.mark.parametrize("name", ["SGLD", "SGNHT", "SGHMC", "PSGLD"])
