@@ -52,6 +52,11 @@ from pyro_sgmcmc.slt._stats import ChainMean, chain_mean, paired_drift, spread_w
 from pyro_sgmcmc.slt.llc import settle_window
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: where a test's model and data live: the CPU, and a CUDA device where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
 def assert_exact(estimate: float, std_error: float, exact: float, bias: float = 0.0, what: str = "") -> None:
     """Within 4 standard errors plus the stated bias of ``exact``, and able to see a 10% error."""
     assert 4 * std_error < 0.1 * abs(exact), f"{what}: the run is too noisy to test ({std_error:.3g} vs {exact:.4g})"
@@ -131,7 +136,7 @@ def test_quadratic_llc_with_baoab_is_the_target_itself_at_the_chosen_step():
 
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("rows_on", ["cuda", "cpu"])
 @pytest.mark.parametrize("sampler", ["sgld", "baoab"])
 def test_on_cuda_the_quadratic_llc_is_the_exact_chain_wherever_the_rows_are(sampler, rows_on):
@@ -1216,11 +1221,12 @@ def test_plot_shows_every_chain_and_the_estimate():
 
 
 def _regression_model(x, y, *, sigma: float | None, prior_scale: float | None, batch: int | None):
+    # the prior and the parameters where the data are (a model on a GPU keeps its latents there)
     scale = prior_scale if prior_scale is not None else pyro.param(
-        "prior_scale", torch.tensor(0.3), constraint=constraints.positive)
+        "prior_scale", torch.tensor(0.3, device=x.device), constraint=constraints.positive)
     if sigma is None:
-        sigma = pyro.param("noise", torch.tensor(1.0), constraint=constraints.positive)
-    w = pyro.sample("w", dist.Normal(0.0, scale).expand([x.shape[1]]).to_event(1))
+        sigma = pyro.param("noise", torch.tensor(1.0, device=x.device), constraint=constraints.positive)
+    w = pyro.sample("w", dist.Normal(x.new_zeros(()), scale).expand([x.shape[1]]).to_event(1))
     with pyro.plate("data", len(y), subsample_size=batch) as i:
         pyro.sample("y", dist.Normal(x[i] @ w, sigma), obs=y[i])
 
@@ -1356,17 +1362,22 @@ def test_tempered_likelihood_scales_the_observed_sites_only():
         tempered_likelihood(model, -1)
 
 
-def test_pyro_model_init_loss_is_exact_and_n_is_the_plate_size():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pyro_model_init_loss_is_exact_and_n_is_the_plate_size(device):
+    """On a GPU too: the walk's weights live with Pyro's plate indices (on the CPU), the log
+    densities with the data; a ``w_star`` given in host memory goes to its site's device."""
     from pyro_sgmcmc.slt._pyro import ModelLikelihood
 
     torch.manual_seed(13)
     n, sigma = 300, 0.5
     x, y = torch.randn(n, 2), torch.randn(n)
-    likelihood = ModelLikelihood(regression(x, y, sigma, 1.0, batch=32), (x, y), {})
+    likelihood = ModelLikelihood(regression(x.to(device), y.to(device), sigma, 1.0, batch=32),
+                                 (x.to(device), y.to(device)), {})
     assert likelihood.n == n and likelihood.plate.subsample_size == 32
     w = torch.tensor([0.3, -0.7])
     exact = float(dist.Normal(x @ w, sigma).log_prob(y).sum())
-    assert float(likelihood.full_log_density({"w": w})) == pytest.approx(exact, rel=1e-5)
+    assert float(likelihood.full_log_density(likelihood.on_site_devices({"w": w}))) == pytest.approx(exact, rel=1e-5)
+    assert likelihood.unconstrained({"w": w})["w"].device.type == device
     with pytest.raises(ValueError, match="Invalid n: 32 .*never the batch size"):
         ModelLikelihood(regression(x, y, sigma, 1.0, batch=32), (x, y), {}, n=32)
 
@@ -1392,13 +1403,15 @@ def linear_regression_wbic(x: torch.Tensor, y: torch.Tensor, sigma: float, alpha
     return n / 2 * math.log(2 * math.pi * sigma**2) + float(residual) / (2 * sigma**2)
 
 
-def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form():
+@pytest.mark.parametrize("device", DEVICES)
+def test_wbic_of_a_bayesian_linear_regression_is_its_closed_form(device):
     pyro.set_rng_seed(14)
     n, d, sigma, alpha = 400, 3, 0.5, 1.0
     x, y = linear_regression_data(n, d, sigma, seed=14)
     beta = 1 / math.log(n)
     exact = linear_regression_wbic(x, y, sigma, alpha)
-    result = wbic(regression(x.float(), y.float(), sigma, alpha**-0.5), (x.float(), y.float()), num_samples=500,
+    x, y = x.float().to(device), y.float().to(device)
+    result = wbic(regression(x, y, sigma, alpha**-0.5), (x, y), num_samples=500,
                   warmup_steps=200, num_chains=2, kernel_options={"full_mass": True, "exact_gaussian": True},
                   progress_bar=False)
     assert result.n == n and result.beta == pytest.approx(beta)
@@ -1503,13 +1516,16 @@ def test_marglik_finds_the_evidence_maximising_prior_scale():
 
 
 @pytest.mark.slow
-def test_llc_of_a_pyro_regression_on_minibatches_is_the_exact_discretised_chain():
+@pytest.mark.parametrize("device", DEVICES)
+def test_llc_of_a_pyro_regression_on_minibatches_is_the_exact_discretised_chain(device):
+    """On a GPU too, with ``w_star`` given in host memory."""
     pyro.set_rng_seed(16)
     n, d, sigma, gamma = 400, 10, 1.0, 20.0
     x, y = linear_regression_data(n, d, sigma, seed=16, orthogonal=True)  # H = X^T X / (n sigma^2) = I
     w_star = torch.linalg.solve(x.T @ x, x.T @ y)  # the minimum of L_n
-    model = regression(x.float(), y.float(), sigma, 10.0, batch=40)
-    result = estimate_llc(model, (x.float(), y.float()), w_star={"w": w_star.float()}, localization=gamma,
+    x, y = x.float().to(device), y.float().to(device)
+    model = regression(x, y, sigma, 10.0, batch=40)
+    result = estimate_llc(model, (x, y), w_star={"w": w_star.float()}, localization=gamma,
                           num_chains=4, num_draws=800, target_bias=0.1, progress_bar=False)
     assert result.n == n and result.diagnostics.control_variates and not result.diagnostics.vectorized
     # the Gaussian log likelihood is quadratic: the exact law of the chain, as for the torch module,

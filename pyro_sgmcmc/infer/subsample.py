@@ -88,8 +88,12 @@ class SubsampleControl(Messenger):
         for frame in msg["cond_indep_stack"]:
             weight = self.weights.get(frame.name)
             if weight is not None:
-                # the plate multiplied the scale by N/m (this handler runs after it): undo that
+                # the plate multiplied the scale by N/m (this handler runs after it): undo that.
+                # The weights live with the plate's indices (Pyro's are on the CPU unless the plate
+                # names a device); an observed site's log density on its data's device
                 shape = (weight.shape[0],) + (1,) * (-frame.dim - 1)
+                if isinstance(msg["value"], torch.Tensor):
+                    weight = weight.to(msg["value"].device)
                 msg["scale"] = msg["scale"] * (frame.size / frame.full_size) * weight.reshape(shape)
                 return
         if not self.keep_outside:

@@ -64,6 +64,7 @@ class ModelLikelihood:
         self.model, self.args, self.kwargs = model, args, kwargs
         trace = poutine.trace(model).get_trace(*args, **kwargs)
         self.transforms: dict[str, Any] = {}  # unconstrained -> constrained
+        self.devices: dict[str, torch.device] = {}  # where each latent site's value lives
         self.observed: list[str] = []
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -73,6 +74,7 @@ class ModelLikelihood:
             else:
                 check_latent_site(name, site)
                 self.transforms[name] = biject_to(site["fn"].support)
+                self.devices[name] = torch.as_tensor(site["value"]).device
         if not self.observed:
             raise ValueError("Invalid model: it has no observed sites (no likelihood to temper or to measure)")
         if not self.transforms:
@@ -107,11 +109,17 @@ class ModelLikelihood:
     def constrained(self, unconstrained: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: self.transforms[name](value) for name, value in unconstrained.items()}
 
+    def on_site_devices(self, values: dict[str, Any]) -> dict[str, Tensor]:
+        """Given values of latent sites (e.g. a user's ``w_star``) as tensors on their sites'
+        devices (dtypes as given)."""
+        return {name: torch.as_tensor(v, device=self.devices.get(name)).detach() for name, v in values.items()}
+
     def unconstrained(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         missing = set(self.transforms) - set(values)
         if missing:
             raise ValueError(f"Invalid w_star: it misses the latent sites {sorted(missing)}")
-        return {name: self.transforms[name].inv(torch.as_tensor(values[name])).detach() for name in self.transforms}
+        values = self.on_site_devices({name: values[name] for name in self.transforms})
+        return {name: self.transforms[name].inv(values[name]).detach() for name in self.transforms}
 
     def log_density(self, values: dict[str, Tensor], control: SubsampleControl | None = None,
                     prior: bool = False) -> Tensor:
@@ -178,7 +186,7 @@ class PyroObjective(ChainObjective):
         self.num_chains = num_chains
         self.exact = likelihood.plate is None
         values = likelihood.find_map() if w_star is None else w_star
-        self.w_star = {name: torch.as_tensor(v).detach() for name, v in values.items()}
+        self.w_star = likelihood.on_site_devices(values)
         unconstrained = likelihood.unconstrained(self.w_star)
         self.names = list(unconstrained) if params is None else list(params)
         unknown = [name for name in self.names if name not in unconstrained]

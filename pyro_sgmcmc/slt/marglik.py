@@ -258,5 +258,6 @@ def marglik_hyperparameters(
         flat = kept.reshape(kept.shape[0], -1)
         summaries = [chain_mean(flat[:, j].unsqueeze(0)) for j in range(flat.shape[1])]
         estimates[name] = kept.mean(0).to(values.dtype)
-        errors[name] = torch.tensor([s.std_error for s in summaries], dtype=values.dtype).reshape(values.shape[1:])
+        errors[name] = torch.tensor([s.std_error for s in summaries], dtype=values.dtype,
+                                    device=values.device).reshape(values.shape[1:])
     return MarglikResult(hyperparameters=estimates, std_error=errors, trace=stacked, step_size=lr)

@@ -192,7 +192,7 @@ def wbic(
     beta = 1.0 / math.log(n)
     if kernel is None:
         from ..infer import SGLD as kernel
-    reference = likelihood.find_map() if w_star is None else {k: torch.as_tensor(v) for k, v in w_star.items()}
+    reference = likelihood.find_map() if w_star is None else likelihood.on_site_devices(w_star)
     likelihood.unconstrained(reference)  # every latent site given
     with torch.no_grad():
         reference_nll = -float(likelihood.full_log_density(reference))
