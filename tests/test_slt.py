@@ -1382,6 +1382,20 @@ def test_pyro_model_init_loss_is_exact_and_n_is_the_plate_size(device):
         ModelLikelihood(regression(x, y, sigma, 1.0, batch=32), (x, y), {}, n=32)
 
 
+def test_the_pyro_full_data_walk_and_a_given_w_star_follow_the_data_device():
+    """A meta device stands in for a GPU here (its tensors have shapes and a device, no values, and
+    an op mixing them with host tensors raises as on CUDA): the walk's row weights, made with
+    Pyro's plate indices in host memory, and a ``w_star`` given in host memory follow the data."""
+    from pyro_sgmcmc.slt._pyro import ModelLikelihood
+
+    x, y = torch.randn(200, 3, device="meta"), torch.randn(200, device="meta")
+    with pyro.validation_enabled(False):
+        likelihood = ModelLikelihood(regression(x, y, 0.5, 1.0, batch=20), (x, y), {})
+        assert likelihood.plate.device.type == "cpu"
+        w_star = likelihood.on_site_devices({"w": torch.zeros(3)})
+        assert w_star["w"].is_meta and likelihood.full_log_density(w_star).is_meta
+
+
 def linear_regression_data(n: int, d: int, sigma: float, seed: int, orthogonal: bool = False):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=generator, dtype=torch.float64)
