@@ -135,7 +135,6 @@ def test_quadratic_llc_with_baoab_is_the_target_itself_at_the_chosen_step():
     assert relaxation_steps(ChainStep(result.step_size, result.friction), gamma) < relaxation_steps(sgld, gamma) / 5
 
 
-
 @needs_cuda
 @pytest.mark.parametrize("rows_on", ["cuda", "cpu"])
 @pytest.mark.parametrize("sampler", ["sgld", "baoab"])
@@ -152,6 +151,7 @@ def test_on_cuda_the_quadratic_llc_is_the_exact_chain_wherever_the_rows_are(samp
     assert model.w.is_cuda and torch.equal(model.w.detach().cpu(), torch.zeros(len(H)))  # w* left as it was
     assert not (result.per_chain.is_cuda or result.loss_trace.is_cuda or result.virial_trace.is_cuda)
     assert_exact(result.llc, result.std_error, chain_exact(H, result, gamma), what=f"{sampler} on cuda")
+
 
 def test_auto_runs_baoab_where_the_noise_is_small_and_sgld_where_it_dominates():
     """``sampler="auto"``: on the quadratic with exact gradients (full batches, or minibatches with
