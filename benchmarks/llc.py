@@ -67,9 +67,9 @@ threads contended for the cores and made every time 2-30x noisier; --threads cha
 batched in one call, devinterp's one after the other, as on the CPU); ours' ``TensorDataset`` holds
 the rows on the device (estimate_llc indexes them there), devinterp's loader reads them a row at a
 time from host memory, as its loop expects (it moves each batch's inputs to the device; a row read
-on the device would be a device operation a row). ``--devinterp-chains K`` runs K of devinterp's chains and scales its time to
-``--mlp-chains`` (they run one after the other, each the same number of steps); its estimate and
-error bar are then its K chains'.
+on the device would be a device operation a row). ``--devinterp-chains K`` runs K of devinterp's
+chains and scales its time to ``--mlp-chains`` (they run one after the other, each the same number
+of steps); its estimate and error bar are then its K chains'.
 """
 
 from __future__ import annotations
@@ -104,6 +104,17 @@ class _Rows(Dataset):
         return {"input_ids": self.x[i], "target": self.y[i]}
 
 
+def devinterp_data(x, y, loss_fn):
+    """devinterp's data set and ``evaluate`` for ``(x, y)``: its loader reads a row at a time, from
+    host memory; its loop moves each batch's inputs to the model's device, ``evaluate`` the targets."""
+
+    def evaluate(m, data):
+        device = next(m.parameters()).device
+        return loss_fn(m(data["input_ids"].to(device)), data["target"].to(device)), {}
+
+    return _Rows(x.cpu(), y.cpu()), evaluate
+
+
 def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, num_draws, batch_size, seed=100,
                   burn_in=0, device="cpu"):
     """devinterp's own chain loop; returns (estimate, standard error, spread of chain values,
@@ -112,13 +123,7 @@ def run_devinterp(model, x, y, loss_fn, *, lr, nbeta, localization, num_chains, 
     from devinterp.optim import SGMCMC
     from devinterp.slt.sampler import sample_single_chain
 
-    # its loader reads a row at a time, from host memory: its loop moves each batch's inputs to the
-    # device, evaluate moves the targets
-    dataset = _Rows(x.cpu(), y.cpu())
-
-    def evaluate(m, data):
-        device = next(m.parameters()).device
-        return loss_fn(m(data["input_ids"].to(device)), data["target"].to(device)), {}
+    dataset, evaluate = devinterp_data(x, y, loss_fn)
 
     start = time.perf_counter()
     # init loss as devinterp computes it: the mean loss over 32 batches of a shuffled loader
@@ -335,15 +340,14 @@ def mlp_case(args, same_step=False, relaxed=False):
           f"step {ours.step_size:.3g}, {ours.num_excluded} steps before the draws)", flush=True)
     lr = ours.step_size if relaxed else args.mlp_lr
     burn_in = math.ceil(3 / (lr * localization)) if relaxed else 0
-    their_chains = args.devinterp_chains or chains if relaxed else chains
+    their_chains = (args.devinterp_chains or chains) if relaxed else chains
     theirs = run_devinterp(model, x, y, loss, lr=lr, nbeta=nbeta, localization=localization,
                            num_chains=their_chains, num_draws=draws + burn_in, batch_size=256, burn_in=burn_in,
                            device=args.device)
+    label = ", same step" if same_step else f", relaxed, {chains} chain(s) (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
     if their_chains != chains:  # its chains run one after the other: its time for ours' number of them
         print(f"devinterp ran {their_chains} chains in {theirs[3]:.1f} s; its time below is for {chains}")
         theirs = (*theirs[:3], theirs[3] * chains / their_chains, theirs[4])
-    label = ", same step" if same_step else f", relaxed, {chains} chain(s) (devinterp lr {lr:.3g}, burn-in {burn_in})" if relaxed else ""
-    if their_chains != chains:
         label += f", devinterp's time from {their_chains} chain(s)"
     return f"mlp 1.07M params{label}", None, None, ours, ours_time, theirs
 

@@ -82,11 +82,7 @@ def main() -> None:
     from devinterp.optim import SGMCMC
     from devinterp.slt.sampler import sample_single_chain
 
-    rows = bench._Rows(x.cpu(), y.cpu())
-
-    def evaluate(m, data):
-        device = next(m.parameters()).device
-        return loss(m(data["input_ids"].to(device)), data["target"].to(device)), {}
+    rows, evaluate = bench.devinterp_data(x, y, loss)
 
     times = []
     for draws in (20, 20 + args.steps):

@@ -156,7 +156,8 @@ class Minibatches:
 
     def rows(self, index: Tensor) -> Any:
         if self.tensors is not None:
-            return tuple(t.index_select(0, index.to(t.device)) for t in self.tensors)
+            on_device = {t.device: index.to(t.device) for t in self.tensors}  # one copy a device
+            return tuple(t.index_select(0, on_device[t.device]) for t in self.tensors)
         dataset = self.loader.dataset
         return self.loader.collate_fn([dataset[int(i)] for i in index])
 
@@ -171,9 +172,8 @@ class Minibatches:
             batches = list(islice(self._stream(), num_chains))
         elif self.tensors is not None and stacked:
             index = self.indices(num_chains)
-            flat = index.reshape(-1)  # index_select: advanced indexing by a 2-d index was 200x slower (measured)
-            on_device = {t.device: flat.to(t.device) for t in self.tensors}  # one copy a device
-            return tuple(t.index_select(0, on_device[t.device]).view(*index.shape, *t.shape[1:]) for t in self.tensors)
+            # index_select of the flat index: advanced indexing by a 2-d index was 200x slower (measured)
+            return tuple(r.view(*index.shape, *r.shape[1:]) for r in self.rows(index.reshape(-1)))
         else:
             batches = [self.rows(index) for index in self.indices(num_chains)]
         return stack_batches(batches) if stacked else batches
