@@ -56,9 +56,9 @@ from torch import Tensor
 DEFAULT_CHUNK_NUMEL = 1 << 20
 
 #: Elements per noise chunk on devices other than the CPU: a GPU gains nothing from cache-sized
-#: chunks and pays each chunk's launches and the host synchronisation of its check (measured on
-#: an H200: 8 batched LLC chains of a 1.07M-weight MLP, 8.5M entries, 1.37 ms a chain-step in 1M
-#: chunks, 0.56 in one). Its two buffers then take at most 128 MiB of float32.
+#: chunks and pays each chunk's launches and the host synchronisation of its check (1M chunks
+#: made a step 2.5x slower: ``benchmarks/llc_chain_step.py``). Its two buffers take at most
+#: 128 MiB of float32.
 DEVICE_CHUNK_NUMEL = 1 << 24
 
 #: Independent CPU noise streams: the most threads that can draw noise at once.
